@@ -1,0 +1,45 @@
+# The two commands a new user needs: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REPO ?= model_repository
+CHECKPOINTS ?= checkpoints
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DEFAULT_MODELS := digits-cnn charlm-lstm seq2seq-math
+
+.PHONY: serve test bench install install-dev models clean lint-docker
+
+# torch is pinned and installed first so that nothing pulls another (multi-GB CUDA) build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[train,serve]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Trains (only if the checkpoint is missing) and exports (only if the artifact is missing) the defaults.
+models: install
+	$(PY) -m deepserve.cli defaults --checkpoints $(CHECKPOINTS) --repository $(REPO)
+
+serve: models
+	$(PY) -m deepserve.cli serve --repository $(REPO) --host $(HOST) --port $(PORT)
+
+test: install-dev
+	$(PY) -m pytest -q tests
+
+bench: install-dev
+	$(PY) -m benchmarks.run --out benchmarks/results
+
+lint-docker:
+	hadolint Dockerfile
+
+clean:
+	rm -rf $(VENV) build *.egg-info
