@@ -1,0 +1,76 @@
+"""``deepserve defaults``: make sure the small default models exist as artifacts (used by ``make serve``).
+
+For each default, an existing artifact is kept; otherwise an existing checkpoint is exported; otherwise the
+model is trained from its preset first. Warm re-runs therefore neither retrain nor re-export.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    name: str
+    """Serving name (directory in the model repository)."""
+    family: str
+    """Training family: classifier | charlm | seq2seq."""
+    preset: str
+    """Bundled preset in deepserve/train/presets."""
+    budget: str
+    """What training costs on 2 CPU cores, for the message before it starts."""
+
+
+DEFAULT_MODELS = (
+    DefaultModel("digits-cnn", "classifier", "digits-cnn", "about 1 minute"),
+    DefaultModel("charlm-lstm", "charlm", "charlm-lstm", "about 3 minutes"),
+    DefaultModel("seq2seq-math", "seq2seq", "seq2seq-math", "about 5 minutes"),
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "defaults",
+        help="train (if missing) and export (if missing) the small default models",
+        description=__doc__,
+    )
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="checkpoint directory")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="model repository")
+    parser.add_argument("--only", action="append", choices=[m.name for m in DEFAULT_MODELS],
+                        help="limit to these defaults (repeatable)")
+    parser.set_defaults(func=run)
+
+
+def has_artifact(repository: Path, name: str) -> bool:
+    return any((repository / name).glob("*/manifest.json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepserve.cli import CLIError
+
+    chosen = [m for m in DEFAULT_MODELS if not args.only or m.name in args.only]
+    for model in chosen:
+        checkpoint = args.checkpoints / f"{model.name}.pt"
+        if has_artifact(args.repository, model.name):
+            print(f"[defaults] {model.name}: artifact present in {args.repository / model.name}, nothing to do")
+            continue
+        if not checkpoint.exists():
+            print(f"[defaults] {model.name}: training preset {model.preset!r} ({model.budget} on 2 CPU cores)")
+            from deepserve.train.config import apply_overrides, build_config, load_yaml
+            from deepserve.train.loop import run_training
+            from deepserve.train.task import family_classes
+            from deepserve.train.cli import PRESET_DIR
+
+            config_cls, _ = family_classes(model.family)
+            config = build_config(config_cls, apply_overrides(load_yaml(PRESET_DIR / f"{model.preset}.yaml"), []))
+            run_training(model.family, config, out_path=checkpoint)
+        try:
+            from deepserve.export import export_checkpoint
+        except ImportError:
+            raise CLIError("the exporter is not available in this build; trained checkpoints are in "
+                           f"{args.checkpoints}") from None
+        print(f"[defaults] {model.name}: exporting {checkpoint} to {args.repository}")
+        export_checkpoint(checkpoint, repository=args.repository, name=model.name)
+    return 0
