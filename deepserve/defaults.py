@@ -48,7 +48,7 @@ def has_artifact(repository: Path, name: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepserve.cli import CLIError
+    from deepserve.errors import CLIError
 
     chosen = [m for m in DEFAULT_MODELS if not args.only or m.name in args.only]
     for model in chosen:

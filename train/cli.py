@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    from deepserve.cli import CLIError
+    from deepserve.errors import CLIError
     from deepserve.train.config import ConfigError, apply_overrides, build_config, load_yaml
     from deepserve.train.task import family_classes
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from deepserve.cli import CLIError
+    from deepserve.errors import CLIError
     from deepserve.train.checkpoint import CheckpointError
     from deepserve.train.config import ConfigError
     from deepserve.train.loop import run_training

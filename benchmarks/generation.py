@@ -1,0 +1,178 @@
+"""Scenario 3: generation (char-LM and seq2seq) through the server, and the seq2seq engine in process.
+
+Every request generates exactly ``N`` tokens (``min_new_tokens = max_new_tokens = N``), so tokens/s compare
+like with like. Each model is served twice, or three times: ``<model>-cb`` with the default continuous
+batching (``max_running_rows`` 64) and ``<model>-one`` / ``<model>-one4`` with room for one request's row
+group only (``max_running_rows`` 1 for greedy and sampling, 4 for beam 4). Greedy and sampling use
+``/generate_stream`` (server-sent events: time to first token, time per output token); beam 4 uses
+``/generate`` (beam hypotheses settle only at the end, so there is no meaningful first token).
+
+In process: ``GenerationServable`` (the server's engine, no HTTP) decodes 32 concurrent seq2seq requests of 32
+source tokens with beam 4; target tokens/s = tokens of the returned sequences / wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Plan, backends, measure
+from benchmarks.loadgen import Request, Response, json_request
+from benchmarks.models import MODELS, corpus_lines, manifest, serving_repository
+from benchmarks.results import Plot, Report, Table
+from benchmarks.servers import ServerProcess
+
+MODES: dict[str, dict[str, Any]] = {
+    "greedy": {"temperature": 0.0},
+    "sample": {"temperature": 0.8, "top_p": 0.95},
+    "beam4": {"num_beams": 4},
+}
+
+
+def prompts(model: str, n: int = 8, source_tokens: int = 32) -> list[str]:
+    """Char-LM: short English openings. Seq2seq: English lines cut to ``source_tokens`` BPE pieces."""
+    lines = corpus_lines(200)
+    if model == "charlm":
+        return [line[:24] for line in lines[:n]]
+    return [_cut(line, source_tokens) for line in lines[:n]]
+
+
+_SPM: Any = None
+
+
+def set_tokenizer(model_file: Path) -> None:
+    global _SPM
+    import sentencepiece as spm
+
+    _SPM = spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+def _cut(text: str, tokens: int) -> str:
+    """``text`` cut to its first ``tokens`` pieces (repeated when too short)."""
+    if _SPM is None:
+        return text
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += _SPM.encode(text + " ")
+    return _SPM.decode(ids[:tokens])
+
+
+def token_counter(n: int):
+    """Tokens in one answer: the server's ``usage.completion_tokens`` when given, else the forced ``n``."""
+
+    def count(response: Response) -> int:
+        if response.events:
+            return n  # streams: every request generates exactly n (min_new_tokens = max_new_tokens)
+        try:
+            return int(json.loads(response.body)["usage"]["completion_tokens"])
+        except (ValueError, KeyError, TypeError):
+            return n
+
+    return count
+
+
+def requests_for(route: str, texts: list[str], mode: str, n: int) -> list[Request]:
+    stream = mode != "beam4"
+    path = f"/v2/models/{route}/generate_stream" if stream else f"/v2/models/{route}/generate"
+    params = {"max_new_tokens": n, "min_new_tokens": n, **MODES[mode]}
+    out = []
+    for i, text in enumerate(texts):
+        p = dict(params)
+        if mode == "sample":
+            p["seed"] = i
+        out.append(json_request(path, {"text_input": text, "parameters": p}))
+    return out
+
+
+def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dict[str, Any]:
+    section = report.section("Scenario 3 — generation")
+    section.blocks.append(__doc__.split("\n\n")[1].replace("\n", " ") + f" N = {p.gen_tokens}.")
+    results: dict[tuple, dict[str, Any]] = {}
+    if "seq2seq" in names:
+        set_tokenizer(source / "seq2seq" / "1" / manifest(source, "seq2seq").tokenizer["file"])
+    for name in names:
+        variants = {f"{name}-cb": (name, {}), f"{name}-one": (name, {"max_running_rows": 1}),
+                    f"{name}-one4": (name, {"max_running_rows": 4})}
+        repository = serving_repository(source, variants)
+        texts = prompts(name)
+        table = Table(["mode", "batching", "concurrency", "tokens/s", "req/s", "p50 ms", "p99 ms", "TTFT p50 ms",
+                       "TPOT p50 ms", "errors", "CPU % srv / gen"], title=MODELS[name].describe)
+        with ServerProcess("deepserve", repository=repository, device=p.device) as server:
+            for mode in MODES:
+                for batching in ("continuous", "one-at-a-time"):
+                    route = f"{name}-cb" if batching == "continuous" else f"{name}-one4" if mode == "beam4" else f"{name}-one"
+                    reqs = requests_for(route, texts, mode, p.gen_tokens)
+                    for c in p.gen_concurrency:
+                        cell = measure(server.port, reqs, c, p, server_pid=server.pid, stream=mode != "beam4",
+                                       count_tokens=token_counter(p.gen_tokens), warmup=min(c, 8))
+                        s = cell.row()
+                        results[(name, mode, batching, c)] = s
+                        table.add(mode, batching, c, s["tokens_per_s"], s["rps"], s["p50_ms"], s["p99_ms"],
+                                  s["ttft_p50_ms"], s["tpot_p50_ms"], s["errors"],
+                                  f"{s['server_cpu_pct']:.0f} / {s['generator_cpu_pct']:.0f}")
+        section.blocks.append(table)
+        section.blocks.append(Plot(
+            f"{name}-tokens", f"{name}: output tokens/s vs concurrency",
+            {f"{m} {b}": (list(p.gen_concurrency), [results[(name, m, b, c)]["tokens_per_s"] for c in p.gen_concurrency])
+             for m in MODES for b in ("continuous", "one-at-a-time")}, "concurrency", "tokens/s", logy=True))
+    report.data["generation"] = {" / ".join(map(str, k)): v for k, v in results.items()}
+    c = max(p.gen_concurrency)
+    if "charlm" in names:
+        for mode in ("greedy", "sample"):
+            cb, one = results[("charlm", mode, "continuous", c)], results[("charlm", mode, "one-at-a-time", c)]
+            ratio = cb["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else None
+            report.target(f"char-LM {mode}: continuous / one-at-a-time tokens/s at c={c}", ">= 10", ratio,
+                          None if ratio is None else ratio >= 10,
+                          f"{cb['tokens_per_s']:.0f} vs {one['tokens_per_s']:.0f} tokens/s")
+    return {"http": results}
+
+
+async def _engine_run(directory: Path, requests: int, source_tokens: int, new_tokens: int, device: str,
+                      backend: str) -> dict[str, Any]:
+    from deepserve.manifest import load_manifest
+    from deepserve.serve.generation.engine import GenerationServable
+    from deepserve.serve.settings import ModelSettings
+
+    m = load_manifest(directory, verify=False)
+    settings = ModelSettings(backend=backend, max_running_rows=max(64, 4 * requests))
+    servable = GenerationServable(m, directory, settings, device)
+    await servable.start()
+    await servable.warmup()
+    texts = [_cut(t, source_tokens) for t in corpus_lines(requests)]
+    params = {"num_beams": 4, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    try:
+        await asyncio.gather(*(servable.generate(t, params) for t in texts[:4]))  # warm the batch shapes
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(servable.generate(t, params) for t in texts))
+        wall = time.perf_counter() - t0
+    finally:
+        await servable.stop()
+    tokens = sum(r.completion_tokens for r in results)
+    prompt = sum(r.prompt_tokens for r in results)
+    return {"backend": backend, "requests": requests, "source_tokens_mean": prompt / len(results),
+            "target_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def run_engine(report: Report, source: Path, p: Plan) -> dict[str, Any]:
+    """The in-process seq2seq engine target (beam 4, 32 concurrent requests of 32 source tokens)."""
+    section = report.section("Scenario 3b — seq2seq engine in process (beam 4)")
+    set_tokenizer(source / "seq2seq" / "1" / manifest(source, "seq2seq").tokenizer["file"])
+    table = Table(["backend", "requests", "source tokens (mean)", "target tokens", "wall s", "target tokens/s"])
+    runs = {}
+    for backend in backends(p.device):
+        run = asyncio.run(_engine_run(source / "seq2seq" / "1", 32, 32, p.gen_tokens, p.device, backend))
+        runs[backend] = run
+        table.add(backend, run["requests"], run["source_tokens_mean"], run["target_tokens"], run["wall_s"],
+                  run["tokens_per_s"])
+    section.blocks.append(f"{MODELS['seq2seq'].describe}; every request generates {p.gen_tokens} target tokens "
+                          "(min_new_tokens = max_new_tokens), 4 beams each, all 32 submitted at once.")
+    section.blocks.append(table)
+    best = max(runs.values(), key=lambda r: r["tokens_per_s"])
+    report.target("seq2seq engine in process, beam 4, 32 x 32-token sources: target tokens/s",
+                  ">= 2000 (C++-engine class)", best["tokens_per_s"], best["tokens_per_s"] >= 2000,
+                  f"best backend {best['backend']}")
+    report.data["engine"] = runs
+    return runs

@@ -1,0 +1,105 @@
+"""Run the benchmark suite and write ``<out>/<date>-<machine>.md`` (+ .json and PNG plots).
+
+    python -m benchmarks.run --out benchmarks/results            # everything (make bench), ~10 min on 2 cores
+    python -m benchmarks.run --quick                             # everything, shorter and narrower, ~2 min
+    python -m benchmarks.run --only classification --only model  # some scenarios
+
+Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
+and seq2seq through the server), engine (3b: the seq2seq engine in process), model (4: eager / TorchScript /
+ONNX Runtime latency). Models have fixed random weights and are exported into a temporary repository
+(``--cache DIR`` keeps it between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCENARIOS = ("classification", "generation", "engine", "model")
+NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
+         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
+    parser.add_argument("--quick", action="store_true", help="short cells and fewer concurrencies (~2 minutes)")
+    parser.add_argument("--only", action="append", choices=SCENARIOS, metavar="SCENARIO",
+                        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for servers and runtimes")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep checkpoints and exported artifacts here and reuse them")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of the servers")
+    parser.add_argument("--name", default=None, help="results file stem instead of <date>-<machine>")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from benchmarks.common import plan
+    from benchmarks.results import Report
+
+    chosen = [s for s in SCENARIOS if not args.only or s in args.only]
+    p = plan(args.quick, args.device)
+    if args.device == "cuda":
+        from benchmarks.results import gpu_name
+
+        if gpu_name() is None:
+            print("error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+            return 2
+    report = Report("deepserve benchmarks", settings={**p.settings(), "scenarios": ",".join(chosen)})
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    cache = args.cache or work
+    repository, checkpoints = cache / "repository", cache / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    from benchmarks import models
+
+    names = sorted({n for s in chosen for n in NEEDS[s]}, key=list(models.MODELS).index)
+    notes = models.prepare(repository, checkpoints, names, log=lambda m: print(m, flush=True))
+    section = report.section("Models")
+    section.blocks.append("\n".join(f"- `{n}`: {models.MODELS[n].describe}" + (f" — {notes[n]}" if n in notes else "")
+                                    for n in names))
+    print(f"[bench] models ready in {time.perf_counter() - started:.0f} s", flush=True)
+    failures = []
+    for scenario in chosen:
+        t0 = time.perf_counter()
+        print(f"[bench] scenario {scenario} ...", flush=True)
+        try:
+            if scenario == "classification":
+                from benchmarks.classification import run_scenario
+
+                run_scenario(report, repository, p, NEEDS[scenario], profile=not args.no_profile)
+            elif scenario == "generation":
+                from benchmarks.generation import run_scenario as run_generation
+
+                run_generation(report, repository, p, NEEDS[scenario])
+            elif scenario == "engine":
+                from benchmarks.generation import run_engine
+
+                run_engine(report, repository, p)
+            else:
+                from benchmarks.modellevel import run_scenario as run_model_level
+
+                run_model_level(report, repository, checkpoints, p, NEEDS[scenario])
+        except (ImportError, RuntimeError, OSError, ValueError, KeyError) as e:  # keep the other scenarios' numbers
+            failures.append(scenario)
+            report.section(f"Scenario {scenario} — failed").blocks.append(f"`{type(e).__name__}: {e}`")
+            print(f"[bench] scenario {scenario} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"[bench] scenario {scenario} took {time.perf_counter() - t0:.0f} s", flush=True)
+    report.settings["total_s"] = round(time.perf_counter() - started)
+    path = report.write(args.out, args.name)
+    print(f"[bench] wrote {path} in {time.perf_counter() - started:.0f} s")
+    for t in report.targets:
+        state = "n/a" if t.met is None else "met" if t.met else "MISSED"
+        print(f"  [{state}] {t.name}: {t.measured if t.measured is None else round(t.measured, 3)} ({t.target})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

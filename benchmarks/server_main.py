@@ -1,0 +1,64 @@
+"""Subprocess entry point for a server under test: ``python -m benchmarks.server_main --fd N {deepserve,echo}``.
+
+The parent binds 127.0.0.1:0 and passes the listening socket (so the port is known before the child starts
+and no connection is lost while it boots). Both apps run under the same uvicorn settings (``uvicorn_config``);
+after uvicorn's startup (the app's lifespan, where deepserve loads and warms its models) the child writes
+``READY`` on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+READY = "READY"
+
+
+def uvicorn_config(app: Any) -> uvicorn.Config:
+    """One uvicorn configuration for every app under test, so the echo ceiling is comparable."""
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=120,
+                          backlog=2048)
+
+
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            print(READY, flush=True)
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    if args.app == "echo":
+        from benchmarks.echo import create_echo_app
+
+        return create_echo_app()
+    from deepserve.serve.app import create_app
+
+    accepted = inspect.signature(create_app).parameters
+    kwargs = {k: v for k, v in (("device", args.device),) if k in accepted and v is not None}
+    return create_app(Path(args.repository), **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server_main", description=__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    parser.add_argument("app", choices=["deepserve", "echo"])
+    parser.add_argument("--repository", help="model repository (deepserve only)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (deepserve only)")
+    args = parser.parse_args(argv)
+    if args.app == "deepserve" and not args.repository:
+        parser.error("--repository is required for the deepserve app")
+    sock = socket.socket(fileno=args.fd)
+    server = _Server(uvicorn_config(build_app(args)))
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

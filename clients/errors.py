@@ -1,0 +1,109 @@
+"""Errors raised by the deepserve client SDK.
+
+Every error is a ``DeepserveError`` carrying ``status_code`` (the HTTP status, or ``None`` when no response
+came back) and ``message`` (the server's ``{"error": "..."}`` text, or a description of what went wrong)::
+
+    DeepserveError
+    ├── BadRequestError      400, 413, 415, 422 and any other 4xx below: the request is wrong; never retried
+    ├── NotFoundError        404: unknown model or version; never retried
+    ├── OverloadedError      429 (queue full) and 503 (not ready / shutting down): retried, honouring
+    │                        ``retry_after`` (seconds, from the Retry-After header) until max_retries
+    ├── RequestTimeoutError  504 (the server's deadline passed) or the client's own timeout (status None)
+    ├── ServerError          500 and any other 5xx: the server failed
+    └── APIConnectionError   the server could not be reached (status None): retried until max_retries
+
+Only ``OverloadedError`` and ``APIConnectionError`` are retried, with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class DeepserveError(Exception):
+    """Base class of every error the SDK raises."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message if status_code is None else f"{status_code}: {message}")
+        self.message = message
+        """The server's error message, or what went wrong on the client side."""
+        self.status_code = status_code
+        """The HTTP status, or ``None`` when no response was received."""
+        self.retry_after = retry_after
+        """Seconds the server asked to wait (``Retry-After``), if it said."""
+
+
+class BadRequestError(DeepserveError):
+    """400/413/415/422 (and other 4xx): malformed input, wrong tensor, bad parameter, payload too large."""
+
+
+class NotFoundError(DeepserveError):
+    """404: unknown model or version."""
+
+
+class OverloadedError(DeepserveError):
+    """429 or 503: the server is busy, the model is not ready, or the server is shutting down."""
+
+
+class RequestTimeoutError(DeepserveError):
+    """504 from the server, or the client's timeout expired (``status_code`` is then ``None``)."""
+
+
+class ServerError(DeepserveError):
+    """500 and other 5xx: the server failed while handling the request."""
+
+
+class APIConnectionError(DeepserveError):
+    """The server could not be reached (refused, reset, DNS failure)."""
+
+
+RETRYABLE_STATUSES = frozenset({429, 503})
+
+
+def error_class(status: int) -> type[DeepserveError]:
+    """The exception class for an HTTP error status."""
+    if status == 404:
+        return NotFoundError
+    if status in RETRYABLE_STATUSES:
+        return OverloadedError
+    if status == 504:
+        return RequestTimeoutError
+    if 400 <= status < 500:
+        return BadRequestError
+    return ServerError
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form only); ``None`` when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None  # an HTTP date: rare from an API server, fall back to our own backoff
+    return max(0.0, seconds)
+
+
+def error_message(body: bytes, reason: str) -> str:
+    """The server's message from a ``{"error": "..."}`` body, else the body text, else the reason phrase."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:500] or reason
+    if isinstance(payload, dict):
+        err = payload.get("error", payload.get("detail"))
+        if isinstance(err, str):
+            return err
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])  # OpenAI-style {"error": {"message": ...}}
+        if err is not None:
+            return json.dumps(err)
+    return text[:500] or reason
+
+
+def error_from_response(status: int, body: bytes, reason: str, retry_after: str | None) -> DeepserveError:
+    """Map an HTTP error response to the exception the SDK raises."""
+    return error_class(status)(
+        error_message(body, reason), status_code=status, retry_after=parse_retry_after(retry_after)
+    )

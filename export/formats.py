@@ -1,0 +1,143 @@
+"""Writing graphs in each format and opening them again for parity checks.
+
+A *runner* is the common shape every graph takes for checking: ``run(feeds: {input name: ndarray}) ->
+{output name: ndarray}``; the eager model, a TorchScript file and an ONNX file each give one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepserve.export.errors import ExportError
+from deepserve.export.graphs import GraphDef
+
+OPSET = 17
+"""Pinned ONNX opset."""
+FORMATS = ("torchscript", "onnx")
+"""Formats a user can ask for; the int8 / fp16 variants derive from the ONNX file."""
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "onnx-int8": ".int8.onnx", "onnx-fp16": ".fp16.onnx"}
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def file_name(graph: str, variant: str) -> str:
+    return graph + SUFFIX[variant]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Tracing and the ONNX exporter warn about every Python-side shape read; parity is the real check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def export_torchscript(graph: GraphDef, path: Path) -> None:
+    """Trace, freeze and save ``graph.module``."""
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(graph.module.eval(), graph.example, check_trace=False)
+        frozen = torch.jit.freeze(traced.eval())
+        torch.jit.save(frozen, str(path))
+
+
+def export_onnx(graph: GraphDef, path: Path) -> None:
+    """Export with the TorchScript-based exporter at the pinned opset and run the ONNX checker."""
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            graph.module.eval(),
+            graph.example,
+            str(path),
+            input_names=graph.input_names,
+            output_names=graph.output_names,
+            dynamic_axes=graph.dynamic_axes(),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    check_onnx(path, graph.name)
+
+
+def check_onnx(path: Path, graph_name: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"graph {graph_name!r}: {path.name} fails onnx.checker: {e}") from None
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization of weights (activations quantized at run time) for CPU."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint at WARNING
+    try:
+        with _quiet():
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().setLevel(level)
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and arithmetic for GPU; inputs and outputs stay float32 so the graph spec is unchanged."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with _quiet():
+        model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+        model.topological_sort()  # the converter appends its input casts after their consumers
+    onnx.save(model.model, str(dst))
+
+
+# ---------------------------------------------------------------------------------------------- runners
+
+
+def module_runner(module: torch.nn.Module, input_names: list[str], output_names: list[str]) -> Runner:
+    """Run a torch module (eager wrapper or loaded TorchScript) on numpy feeds."""
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.detach().cpu().numpy() for n, o in zip(output_names, out)}
+
+    return run
+
+
+def torchscript_runner(path: Path, input_names: list[str], output_names: list[str]) -> Runner:
+    with _quiet():  # torch.jit.load warns that TorchScript is deprecated; it is still the format serve loads
+        module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    return module_runner(module, input_names, output_names)
+
+
+def onnx_runner(path: Path, output_names: list[str]) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # parity runs beside other work on few cores; tiny graphs gain nothing
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(output_names, session.run(output_names, feeds)))
+
+    return run
+
+
+def open_runner(variant: str, path: Path, graph_inputs: list[str], graph_outputs: list[str]) -> Runner:
+    if variant == "torchscript":
+        return torchscript_runner(path, graph_inputs, graph_outputs)
+    return onnx_runner(path, graph_outputs)

@@ -1,0 +1,255 @@
+"""The graphs each task exports: thin wrapper modules with the fixed I/O names of docs/ARCHITECTURE.md, their
+tensor specs (dynamic axes as names), example inputs for tracing, and the architecture facts serve needs.
+
+Facts are read from the model by probing its documented interface (state shapes, cache shapes, logits), not
+from its ``Args`` field names, so the export does not depend on how each model names its hyperparameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from deepserve.export.errors import ExportError
+from deepserve.manifest import TensorSpec
+
+# model type -> task it must come with
+MODEL_TASKS = {
+    "mlp": "image-classification",
+    "cnn": "image-classification",
+    "resnet": "image-classification",
+    "lstm": "char-lm",
+    "gru": "char-lm",
+    "transformer": "seq2seq",
+}
+
+
+@dataclass
+class GraphDef:
+    """One graph to export."""
+
+    name: str
+    """Graph name in the manifest (``model``, ``step``, ``encode``, ``decode_step``)."""
+    module: nn.Module
+    """Wrapper whose ``forward`` takes the inputs in order and returns the outputs in order."""
+    inputs: list[TensorSpec]
+    """Inputs in call order; string axes are dynamic."""
+    outputs: list[TensorSpec]
+    """Outputs in return order."""
+    example: tuple[torch.Tensor, ...]
+    """Example inputs used for tracing and ONNX export."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        specs = [*self.inputs, *self.outputs]
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in specs}
+
+
+def _spec(name: str, dtype: str, *shape: int | str) -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+
+class ClassifierGraph(nn.Module):
+    """images[B,C,H,W] -> logits[B,K]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)  # (B, K)
+
+
+class LSTMStep(nn.Module):
+    """(tokens[B,T], h[L,B,H], c[L,B,H]) -> (logits[B,T,V], h_out, c_out)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        logits, state = self.model(tokens, (h, c))
+        return logits, state[0], state[1]
+
+
+class GRUStep(nn.Module):
+    """(tokens[B,T], h[L,B,H]) -> (logits[B,T,V], h_out)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor):
+        logits, state = self.model(tokens, (h,))
+        return logits, state[0]
+
+
+class Encode(nn.Module):
+    """(src[B,S], src_pad_mask[B,S]) -> (memory[B,S,D], cross_k[L,B,H,S,Dh], cross_v)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: torch.Tensor, src_pad_mask: torch.Tensor):
+        return self.model.encode(src, src_pad_mask)
+
+
+class DecodeStep(nn.Module):
+    """One decoder step with a KV cache; see ``Seq2SeqTransformer.decode_step``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, cross_k, cross_v, src_pad_mask, past_k, past_v, past_pad_mask):
+        return self.model.decode_step(tokens, positions, cross_k, cross_v, src_pad_mask, past_k, past_v, past_pad_mask)
+
+
+# ---------------------------------------------------------------------------------------------- per task
+
+
+@dataclass
+class TaskGraphs:
+    """Everything the exporter needs to know about one model."""
+
+    graphs: dict[str, GraphDef]
+    model_facts: dict[str, Any]
+    """Manifest ``model`` section."""
+
+
+def build_graphs(task: str, model_type: str, model: nn.Module, data: dict[str, Any], where: str) -> TaskGraphs:
+    """Wrap ``model`` (eval mode, CPU) into the task's graphs. ``where`` names the checkpoint in errors."""
+    if model_type not in MODEL_TASKS:
+        raise ExportError(f"{where}: unknown model type {model_type!r}; known: {', '.join(MODEL_TASKS)}")
+    if MODEL_TASKS[model_type] != task:
+        raise ExportError(f"{where}: model type {model_type!r} cannot be a {task!r} model")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if task == "image-classification":
+            return _classifier(model_type, model, data, where, gen)
+        if task == "char-lm":
+            return _charlm(model_type, model, data, where, gen)
+        return _seq2seq(model_type, model, data, where, gen)
+
+
+def _require(data: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ExportError(f"{where}: checkpoint data is missing {missing}")
+
+
+def _classifier(model_type: str, model: nn.Module, data: dict, where: str, gen: torch.Generator) -> TaskGraphs:
+    _require(data, ("labels", "channels", "height", "width", "mean", "std"), where)
+    c, h, w, k = int(data["channels"]), int(data["height"]), int(data["width"]), len(data["labels"])
+    example = torch.randn(2, c, h, w, generator=gen)
+    logits = model(example)
+    if tuple(logits.shape) != (2, k):
+        raise ExportError(f"{where}: model returns logits of shape {tuple(logits.shape)}, expected (2, {k}) for {k} labels")
+    graph = GraphDef(
+        name="model",
+        module=ClassifierGraph(model),
+        inputs=[_spec("images", "float32", "batch", c, h, w)],
+        outputs=[_spec("logits", "float32", "batch", k)],
+        example=(example,),
+    )
+    facts = {"type": model_type, "num_classes": k, "input_shape": [c, h, w]}
+    return TaskGraphs({"model": graph}, facts)
+
+
+def _charlm(model_type: str, model: nn.Module, data: dict, where: str, gen: torch.Generator) -> TaskGraphs:
+    _require(data, ("vocab",), where)
+    vocab_size = len(data["vocab"])
+    state = tuple(model.init_state(2))
+    cell = {2: "lstm", 1: "gru"}.get(len(state))
+    if cell is None or cell != model_type:
+        raise ExportError(f"{where}: model type {model_type!r} but init_state returns {len(state)} tensors")
+    layers, _, hidden = state[0].shape
+    tokens = torch.randint(0, vocab_size, (2, 3), generator=gen)
+    state = tuple(0.1 * torch.randn(s.shape, generator=gen) for s in state)
+    logits, _ = model(tokens, state)
+    if logits.shape[-1] != vocab_size:
+        raise ExportError(f"{where}: model has {logits.shape[-1]} outputs but the vocabulary has {vocab_size} entries")
+    state_axes = (layers, "batch", hidden)
+    names = ["h", "c"][: len(state)]
+    graph = GraphDef(
+        name="step",
+        module=LSTMStep(model) if cell == "lstm" else GRUStep(model),
+        inputs=[_spec("tokens", "int64", "batch", "time")] + [_spec(n, "float32", *state_axes) for n in names],
+        outputs=[_spec("logits", "float32", "batch", "time", vocab_size)]
+        + [_spec(f"{n}_out", "float32", *state_axes) for n in names],
+        example=(tokens, *state),
+    )
+    facts = {"type": model_type, "cell": cell, "num_layers": int(layers), "hidden_size": int(hidden), "vocab_size": vocab_size}
+    return TaskGraphs({"step": graph}, facts)
+
+
+def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: torch.Generator) -> TaskGraphs:
+    _require(data, ("spm_model", "pad_id", "bos_id", "eos_id", "max_source_length", "max_target_length"), where)
+    src = torch.randint(4, 12, (2, 5), generator=gen)
+    src_mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    memory, cross_k, cross_v = model.encode(src, src_mask)
+    layers, _, heads, _, head_dim = cross_k.shape
+    d_model = memory.shape[-1]
+    # the example decode step: row 0 at position 3 with a full cache, row 1 at position 1 (left-padded)
+    past_k = 0.1 * torch.randn(layers, 2, heads, 3, head_dim, generator=gen)
+    past_v = 0.1 * torch.randn(layers, 2, heads, 3, head_dim, generator=gen)
+    past_mask = torch.tensor([[False, False, False], [True, True, False]])
+    tokens = torch.randint(4, 12, (2, 1), generator=gen)
+    positions = torch.tensor([3, 1])
+    logits, present_k, _ = model.decode_step(tokens, positions, cross_k, cross_v, src_mask, past_k, past_v, past_mask)
+    vocab_size = logits.shape[-1]
+    if tuple(present_k.shape) != (layers, 2, heads, 4, head_dim):
+        raise ExportError(f"{where}: decode_step returns present_k of shape {tuple(present_k.shape)}, expected "
+                          f"{(layers, 2, heads, 4, head_dim)}")
+    kv_src = (layers, "batch", heads, "src_len", head_dim)
+    encode = GraphDef(
+        name="encode",
+        module=Encode(model),
+        inputs=[_spec("src", "int64", "batch", "src_len"), _spec("src_pad_mask", "bool", "batch", "src_len")],
+        outputs=[_spec("memory", "float32", "batch", "src_len", d_model),
+                 _spec("cross_k", "float32", *kv_src), _spec("cross_v", "float32", *kv_src)],
+        example=(src, src_mask),
+    )
+    decode = GraphDef(
+        name="decode_step",
+        module=DecodeStep(model),
+        inputs=[
+            _spec("tokens", "int64", "batch", 1),
+            _spec("positions", "int64", "batch"),
+            _spec("cross_k", "float32", *kv_src),
+            _spec("cross_v", "float32", *kv_src),
+            _spec("src_pad_mask", "bool", "batch", "src_len"),
+            _spec("past_k", "float32", layers, "batch", heads, "past_len", head_dim),
+            _spec("past_v", "float32", layers, "batch", heads, "past_len", head_dim),
+            _spec("past_pad_mask", "bool", "batch", "past_len"),
+        ],
+        outputs=[
+            _spec("logits", "float32", "batch", vocab_size),
+            _spec("present_k", "float32", layers, "batch", heads, "present_len", head_dim),
+            _spec("present_v", "float32", layers, "batch", heads, "present_len", head_dim),
+        ],
+        example=(tokens, positions, cross_k, cross_v, src_mask, past_k, past_v, past_mask),
+    )
+    facts = {
+        "type": model_type,
+        "n_decoder_layers": int(layers),
+        "n_heads": int(heads),
+        "head_dim": int(head_dim),
+        "d_model": int(d_model),
+        "vocab_size": int(vocab_size),
+    }
+    return TaskGraphs({"encode": encode, "decode_step": decode}, facts)

@@ -1,0 +1,285 @@
+"""Parity: exported graphs against the eager model.
+
+At export time ``build_reference`` draws random valid inputs and records the eager model's answers; the
+reference travels with the artifact (``parity.npz``, hashed like every file) so that ``--verify`` can replay
+the same checks without the checkpoint. Checks, per task:
+
+- ``random-inputs`` (every graph): three or more batch sizes / lengths, max abs difference of every output.
+- ``cached-decoding`` (generators): step-by-step decoding through the exported cache reproduces the eager
+  full-sequence (teacher-forcing) logits. For seq2seq one row joins mid-way, left-padded, at its own position.
+- ``greedy`` (generators): greedy decoding with the exported graphs gives exactly the eager tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from deepserve.export.formats import Runner
+from deepserve.export.graphs import TaskGraphs
+
+TOLERANCE = 1e-4
+"""Max abs difference allowed between fp32 exported graphs and the eager model."""
+GREEDY_STEPS = 12
+
+Reference = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def build_reference(task: str, model: nn.Module, tg: TaskGraphs, data: dict[str, Any], seed: int = 0) -> Reference:
+    """Random valid inputs and the eager outputs for every check of ``task``."""
+    gen = torch.Generator().manual_seed(seed)
+    ref: Reference = {}
+    with torch.no_grad():
+        if task == "image-classification":
+            c, h, w = tg.model_facts["input_shape"]
+            for i, b in enumerate((1, 3, 8)):
+                _record(ref, tg, "model", i, (torch.randn(b, c, h, w, generator=gen),))
+        elif task == "char-lm":
+            _charlm_reference(ref, model, tg, gen)
+        else:
+            _seq2seq_reference(ref, model, tg, data, gen)
+    return ref
+
+
+def _record(ref: Reference, tg: TaskGraphs, graph: str, case: int, inputs: tuple[torch.Tensor, ...]) -> None:
+    g = tg.graphs[graph]
+    out = g.module(*inputs)
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    for spec, t in zip(g.inputs, inputs):
+        ref[f"{graph}/{case}/in/{spec.name}"] = t.numpy()
+    for spec, t in zip(g.outputs, out):
+        ref[f"{graph}/{case}/out/{spec.name}"] = t.numpy()
+
+
+def _charlm_reference(ref: Reference, model: nn.Module, tg: TaskGraphs, gen: torch.Generator) -> None:
+    vocab = tg.model_facts["vocab_size"]
+    for i, (b, t) in enumerate(((1, 1), (2, 4), (5, 9))):
+        state = tuple(0.5 * torch.randn(s.shape, generator=gen) for s in model.init_state(b))
+        _record(ref, tg, "step", i, (torch.randint(0, vocab, (b, t), generator=gen), *state))
+    # teacher forcing from the initial state
+    tokens = torch.randint(0, vocab, (2, 12), generator=gen)
+    state = tuple(model.init_state(2))
+    ref["cached/tokens"] = tokens.numpy()
+    for name, s in zip("hc", state):
+        ref[f"cached/{name}"] = s.numpy()
+    ref["cached/logits"] = model(tokens, state)[0].numpy()
+    # greedy: the eager side re-reads the whole sequence every step (no cache)
+    seq = torch.randint(1, vocab, (3, 4), generator=gen)
+    ref["greedy/prompt"] = seq.numpy()
+    for name, s in zip("hc", model.init_state(3)):
+        ref[f"greedy/{name}"] = s.numpy()
+    for _ in range(GREEDY_STEPS):
+        logits = model(seq, tuple(model.init_state(seq.shape[0])))[0][:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    ref["greedy/tokens"] = seq[:, 4:].numpy()
+
+
+def _src_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s = max(len(r) for r in rows)
+    src = torch.full((len(rows), s), pad_id, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        src[i, : len(r)] = torch.tensor(r)
+    return src, src == pad_id
+
+
+def _random_src(b: int, s: int, vocab: int, pad_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [torch.randint(4, vocab, (max(1, s - (i % 3)),), generator=gen).tolist() for i in range(b)]
+    return _src_batch(rows, pad_id)
+
+
+def held_out_sources(data: dict[str, Any]) -> list[list[int]]:
+    """A few arithmetic lines through the checkpoint's own tokenizer (the default seq2seq task is maths)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=data["spm_model"])
+    lines = ["12+7", "3*(4+5)", "81-19*2"]
+    limit = int(data["max_source_length"])
+    return [(sp.encode(line) + [int(data["eos_id"])])[:limit] for line in lines]
+
+
+def _seq2seq_reference(ref: Reference, model: nn.Module, tg: TaskGraphs, data: dict, gen: torch.Generator) -> None:
+    vocab, pad, bos = tg.model_facts["vocab_size"], int(data["pad_id"]), int(data["bos_id"])
+    facts = tg.model_facts
+    for i, (b, s) in enumerate(((1, 3), (2, 7), (4, 12))):
+        _record(ref, tg, "encode", i, _random_src(b, s, vocab, pad, gen))
+    for i, (b, s, p) in enumerate(((1, 3, 0), (2, 5, 3), (3, 7, 6))):
+        src, src_mask = _random_src(b, s, vocab, pad, gen)
+        _, cross_k, cross_v = model.encode(src, src_mask)
+        kv = (facts["n_decoder_layers"], b, facts["n_heads"], p, facts["head_dim"])
+        empty = [min(r, p) for r in range(b)]  # row r has r empty (left-padded) slots
+        past_mask = torch.tensor([[j < e for j in range(p)] for e in empty], dtype=torch.bool).reshape(b, p)
+        inputs = (
+            torch.randint(4, vocab, (b, 1), generator=gen),
+            torch.tensor([p - e for e in empty], dtype=torch.int64),
+            cross_k, cross_v, src_mask,
+            0.5 * torch.randn(kv, generator=gen), 0.5 * torch.randn(kv, generator=gen), past_mask,
+        )
+        _record(ref, tg, "decode_step", i, inputs)
+    # cached decoding: row a decodes alone for 4 steps, then row b joins (left-padded) for 6 steps
+    src, src_mask = _random_src(2, 9, vocab, pad, gen)
+    tgt_a = torch.cat([torch.tensor([[bos]]), torch.randint(4, vocab, (1, 9), generator=gen)], dim=1)
+    tgt_b = torch.cat([torch.tensor([[bos]]), torch.randint(4, vocab, (1, 5), generator=gen)], dim=1)
+    ref.update({"cached/src": src.numpy(), "cached/src_pad_mask": src_mask.numpy(),
+                "cached/tgt_a": tgt_a.numpy(), "cached/tgt_b": tgt_b.numpy()})
+    ref["cached/logits_a"] = model(src[:1], tgt_a)[0].numpy()
+    ref["cached/logits_b"] = model(src[1:], tgt_b)[0].numpy()
+    # greedy on held-out sources; the eager side re-reads the whole prefix every step (no cache)
+    src, src_mask = _src_batch(held_out_sources(data), pad)
+    ys = torch.full((src.shape[0], 1), bos, dtype=torch.int64)
+    for _ in range(GREEDY_STEPS):
+        logits = model(src, ys)[:, -1]
+        ys = torch.cat([ys, _greedy_pick(logits.numpy(), pad)[:, None]], dim=1)
+    ref.update({"greedy/src": src.numpy(), "greedy/src_pad_mask": src_mask.numpy(), "greedy/tokens": ys[:, 1:].numpy()})
+
+
+def _greedy_pick(logits: np.ndarray, pad_id: int | None = None) -> torch.Tensor:
+    """argmax; seq2seq never picks pad (a pad inside the target would be masked by the eager forward)."""
+    logits = np.array(logits, dtype=np.float32)
+    if pad_id is not None:
+        logits[:, pad_id] = -np.inf
+    return torch.from_numpy(logits.argmax(-1).astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def run_checks(task: str, ref: Reference, runners: dict[str, Runner], data_ids: dict[str, int]) -> list[dict[str, Any]]:
+    """Replay every check of ``task`` on ``runners`` (graph name -> runner). Returns one result per check:
+    ``{"check", "graph", "cases", "max_abs_diff"}`` plus ``tokens_equal`` / ``token_agreement`` for greedy."""
+    results = [_random_inputs(graph, ref, runner) for graph, runner in runners.items()]
+    if task == "char-lm":
+        results.append(_charlm_cached(ref, runners["step"]))
+        results.append(_charlm_greedy(ref, runners["step"]))
+    elif task == "seq2seq":
+        results.append(_seq2seq_cached(ref, runners["encode"], runners["decode_step"]))
+        results.append(_seq2seq_greedy(ref, runners["encode"], runners["decode_step"], data_ids))
+    return results
+
+
+def passed(result: dict[str, Any], tolerance: float = TOLERANCE) -> bool:
+    if result.get("tokens_equal") is False:
+        return False
+    diff = result.get("max_abs_diff")
+    return diff is None or (np.isfinite(diff) and diff <= tolerance)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def _random_inputs(graph: str, ref: Reference, run: Runner) -> dict[str, Any]:
+    cases = sorted({int(k.split("/")[1]) for k in ref if k.startswith(f"{graph}/")})
+    worst, worst_case, names = 0.0, "", []
+    for i in cases:
+        feeds = {k.rsplit("/", 1)[1]: v for k, v in ref.items() if k.startswith(f"{graph}/{i}/in/")}
+        expected = {k.rsplit("/", 1)[1]: v for k, v in ref.items() if k.startswith(f"{graph}/{i}/out/")}
+        out = run(feeds)
+        case = ",".join(f"{n}{list(v.shape)}" for n, v in feeds.items() if n in ("images", "tokens", "src", "past_k"))
+        names.append(case)
+        for name, value in expected.items():
+            d = _diff(out[name], value)
+            if not np.isfinite(d) or d > worst:
+                worst, worst_case = d, f"{case} output {name}"
+    return {"check": "random-inputs", "graph": graph, "cases": names, "max_abs_diff": worst, "worst": worst_case}
+
+
+def _charlm_state(ref: Reference, prefix: str) -> dict[str, np.ndarray]:
+    return {n: ref[f"{prefix}/{n}"] for n in "hc" if f"{prefix}/{n}" in ref}
+
+
+def _charlm_feed(run: Runner, tokens: np.ndarray, state: dict[str, np.ndarray]):
+    out = run({"tokens": tokens, **state})
+    return out["logits"], {n: out[f"{n}_out"] for n in state}
+
+
+def _charlm_cached(ref: Reference, run: Runner) -> dict[str, Any]:
+    tokens, state = ref["cached/tokens"], _charlm_state(ref, "cached")
+    logits, state = _charlm_feed(run, tokens[:, :5], state)  # prefill
+    steps = [logits]
+    for t in range(5, tokens.shape[1]):
+        logits, state = _charlm_feed(run, tokens[:, t : t + 1], state)
+        steps.append(logits)
+    got = np.concatenate(steps, axis=1)
+    return {"check": "cached-decoding", "graph": "step", "cases": [f"tokens{list(tokens.shape)} prefill 5"],
+            "max_abs_diff": _diff(got, ref["cached/logits"])}
+
+
+def _charlm_greedy(ref: Reference, run: Runner) -> dict[str, Any]:
+    prompt = ref["greedy/prompt"]
+    logits, state = _charlm_feed(run, prompt, _charlm_state(ref, "greedy"))
+    tokens = []
+    for _ in range(GREEDY_STEPS):
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        tokens.append(nxt)
+        logits, state = _charlm_feed(run, nxt, state)
+    return _greedy_result("step", np.concatenate(tokens, axis=1), ref["greedy/tokens"])
+
+
+def _greedy_result(graph: str, got: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
+    return {"check": "greedy", "graph": graph, "cases": [f"{expected.shape[0]} inputs x {expected.shape[1]} steps"],
+            "max_abs_diff": None, "tokens_equal": bool(np.array_equal(got, expected)),
+            "token_agreement": float(np.mean(got == expected)) if got.shape == expected.shape else 0.0}
+
+
+def _empty_past(cross_k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    layers, b, heads, _, dh = cross_k.shape
+    past = np.zeros((layers, b, heads, 0, dh), dtype=np.float32)
+    return past, past.copy(), np.zeros((b, 0), dtype=bool)
+
+
+def _step(run: Runner, tokens, positions, cross_k, cross_v, src_mask, past_k, past_v, past_mask):
+    out = run({"tokens": tokens, "positions": positions, "cross_k": cross_k, "cross_v": cross_v,
+               "src_pad_mask": src_mask, "past_k": past_k, "past_v": past_v, "past_pad_mask": past_mask})
+    b = tokens.shape[0]
+    past_mask = np.concatenate([past_mask, np.zeros((b, 1), dtype=bool)], axis=1)
+    return out["logits"], out["present_k"], out["present_v"], past_mask
+
+
+def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner) -> dict[str, Any]:
+    src, src_mask = ref["cached/src"], ref["cached/src_pad_mask"]
+    tgt_a, tgt_b = ref["cached/tgt_a"], ref["cached/tgt_b"]
+    enc = encode({"src": src, "src_pad_mask": src_mask})
+    ck, cv = enc["cross_k"], enc["cross_v"]
+    join = tgt_a.shape[1] - tgt_b.shape[1]
+    pk, pv, pm = _empty_past(ck[:, :1])
+    got_a, got_b = [], []
+    for t in range(join):  # row a alone
+        logits, pk, pv, pm = _step(decode, tgt_a[:, t : t + 1], np.array([t]), ck[:, :1], cv[:, :1], src_mask[:1], pk, pv, pm)
+        got_a.append(logits[0])
+    # row b joins with `join` empty slots on the left
+    pk = np.concatenate([pk, np.zeros_like(pk)], axis=1)
+    pv = np.concatenate([pv, np.zeros_like(pv)], axis=1)
+    pm = np.concatenate([pm, np.ones_like(pm)], axis=0)
+    for t in range(tgt_b.shape[1]):
+        tokens = np.array([[tgt_a[0, join + t]], [tgt_b[0, t]]], dtype=np.int64)
+        logits, pk, pv, pm = _step(decode, tokens, np.array([join + t, t]), ck, cv, src_mask, pk, pv, pm)
+        got_a.append(logits[0])
+        got_b.append(logits[1])
+    diff = max(_diff(np.stack(got_a), ref["cached/logits_a"]), _diff(np.stack(got_b), ref["cached/logits_b"]))
+    return {"check": "cached-decoding", "graph": "encode+decode_step", "max_abs_diff": diff,
+            "cases": [f"row a {tgt_a.shape[1]} steps, row b joins at step {join} for {tgt_b.shape[1]} steps"]}
+
+
+def _seq2seq_greedy(ref: Reference, encode: Runner, decode: Runner, ids: dict[str, int]) -> dict[str, Any]:
+    src, src_mask = ref["greedy/src"], ref["greedy/src_pad_mask"]
+    enc = encode({"src": src, "src_pad_mask": src_mask})
+    b = src.shape[0]
+    pk, pv, pm = _empty_past(enc["cross_k"])
+    tokens = np.full((b, 1), ids["bos"], dtype=np.int64)
+    out = []
+    for t in range(ref["greedy/tokens"].shape[1]):
+        logits, pk, pv, pm = _step(decode, tokens, np.full(b, t, dtype=np.int64), enc["cross_k"], enc["cross_v"],
+                                   src_mask, pk, pv, pm)
+        tokens = _greedy_pick(logits, ids["pad"]).numpy()[:, None]
+        out.append(tokens)
+    return _greedy_result("encode+decode_step", np.concatenate(out, axis=1), ref["greedy/tokens"])

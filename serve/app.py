@@ -1,0 +1,117 @@
+"""The FastAPI application: v2 routes, TorchServe-style predictions, generation routes (when that package is
+present), ``/metrics`` and ``/docs``. Errors of every kind answer ``{"error": "..."}``.
+
+The lifespan loads and warms up every model (``/v2/health/ready`` is 503 until then) and, on shutdown,
+drains the batchers: uvicorn first stops accepting and waits for the requests in flight, whose queued work
+the batchers finish.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import deepserve
+from deepserve.serve.errors import ServeError
+from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES
+from deepserve.serve.metrics import RequestMetricsMiddleware
+from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
+from deepserve.serve.repository import ModelRepository
+
+log = logging.getLogger("deepserve.serve")
+
+OPTIONAL_ROUTERS = ("deepserve.serve.generation.routes",)
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in ("query", "path", "header", "body", "cookie"):
+        return f"{parts[0]} parameter {'.'.join(parts[1:])}"
+    return ".".join(parts) or "request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+            problems.append(f"{_field(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}{value}")
+        return JSONResponse({"error": "; ".join(problems) or "invalid request"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(
+    repository: ModelRepository | Path | str,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> FastAPI:
+    """The app serving ``repository`` (a path, scanned now, or a ready-made ``ModelRepository``).
+
+    ``settings`` overrides ``ModelSettings`` fields for every model (CLI flags); ``device`` is auto|cpu|cuda.
+    """
+    if not isinstance(repository, ModelRepository):
+        repository = ModelRepository(repository, overrides=settings, device=device, max_pixels=max_pixels)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await app.state.repository.start()
+        try:
+            yield
+        finally:
+            await app.state.repository.stop()
+
+    app = FastAPI(
+        title="deepserve",
+        version=deepserve.__version__,
+        description="Image classifiers over KServe v2 (Triton-compatible) and TorchServe-style predictions; "
+                    "char-LM and seq2seq generation.",
+        lifespan=lifespan,
+    )
+    app.state.repository = repository
+    app.state.max_body_bytes = max_body_bytes
+    install_error_handlers(app)
+
+    from deepserve.serve import predictions, v2
+
+    app.include_router(v2.router)
+    app.include_router(predictions.router)
+    for name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("deepserve.serve.generation"):  # not built yet
+                log.info("optional routes %s are not available (%s)", name, e)
+                continue
+            raise
+        app.include_router(module.router)
+
+    metrics = repository.metrics
+
+    @app.get("/metrics", name="metrics", tags=["observability"])
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

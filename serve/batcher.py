@@ -1,0 +1,219 @@
+"""Dynamic batching: one batcher per model instance.
+
+Requests (each a dict of arrays whose first axis is rows) wait in a bounded queue. The batcher takes the
+first waiting request, then gathers more until the batch holds ``max_batch_size`` rows or
+``max_queue_delay_ms`` has passed since that first request arrived (monotonic clock; it sleeps on an
+``asyncio.Event`` with a timeout, never polls). It runs them as one batch (a sync function in the instance's
+executor, off the event loop, or an async one awaited) and hands each request its own rows, as views.
+
+A request is never split across batches unless it alone holds more than ``max_batch_size`` rows; then it is
+queued as consecutive chunks and the results concatenated. Expired requests are dropped before they run
+(504); a failing batch fails exactly the requests in it, and the batcher keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Union
+
+import numpy as np
+
+from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServeError, ShuttingDown
+
+log = logging.getLogger("deepserve.serve.batcher")
+
+Tensors = dict[str, np.ndarray]
+BatchFn = Callable[[Tensors], Union[Tensors, Awaitable[Tensors]]]
+
+
+@dataclass(eq=False)
+class _Item:
+    inputs: Tensors
+    rows: int
+    deadline: float | None
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Gathers requests into batches for ``fn`` (``inputs -> outputs``, both keyed by tensor name)."""
+
+    def __init__(
+        self,
+        fn: BatchFn,
+        *,
+        max_batch_size: int = 32,
+        max_queue_delay_ms: float = 2.0,
+        max_queue_size: int = 1024,
+        executor: Executor | None = None,
+        name: str = "batcher",
+        on_batch: Callable[[int, float], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.is_async = asyncio.iscoroutinefunction(fn)
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.executor = executor
+        self.name = name
+        self.on_batch = on_batch
+        self.on_queue = on_queue
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.in_flight = 0
+        """Rows of the batch running now (0 when idle)."""
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch in flight)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish every queued and in-flight one, then end the loop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def submit(self, inputs: Tensors, *, deadline: float | None = None) -> Tensors:
+        """Queue one request and wait for its rows. ``deadline`` is a ``time.monotonic()`` instant."""
+        if self._closing:
+            raise ShuttingDown()
+        rows = len(next(iter(inputs.values())))
+        if rows <= self.max_batch_size:
+            chunks = [inputs]
+        else:  # too big for one batch: consecutive chunks, queued together
+            chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
+                      for i in range(0, rows, self.max_batch_size)]
+        if len(self._queue) + len(chunks) > self.max_queue_size:
+            raise Overloaded(f"model {self.name} is overloaded: {len(self._queue)} requests queued "
+                             f"(max_queue_size {self.max_queue_size}); retry later", retry_after_s=1.0)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"request deadline passed before it was queued for {self.name}")
+        loop = asyncio.get_running_loop()
+        items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future()) for c in chunks]
+        self._queue.extend(items)
+        if self.on_queue is not None:
+            self.on_queue(len(self._queue))
+        self._wakeup.set()
+        futures = [item.future for item in items]
+        waiter = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+        try:
+            if deadline is None:
+                result = await waiter
+            else:
+                result = await asyncio.wait_for(waiter, deadline - now)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"request deadline exceeded while waiting for {self.name}") from None
+        finally:
+            for item in items:  # a timeout, a disconnect or a failed chunk: what is still queued need not run
+                item.future.cancel()
+                if item.future.cancelled():
+                    try:
+                        self._queue.remove(item)  # frees its queue slot now (rare path, O(queue))
+                    except ValueError:
+                        pass  # already taken by the batcher, which skips cancelled items
+        if len(futures) == 1:
+            return result
+        return {k: np.concatenate([r[k] for r in result]) for k in result[0]}
+
+    async def _next_batch(self) -> list[_Item]:
+        """Wait for requests and gather one batch; ``[]`` means closing with nothing left."""
+        batch: list[_Item] = []
+        rows = 0
+        flush_at = 0.0
+        while True:
+            while self._queue:
+                item = self._queue[0]
+                if item.future.done():  # its waiter gave up (deadline, disconnect): drop it
+                    self._queue.popleft()
+                    continue
+                if batch and rows + item.rows > self.max_batch_size:
+                    return batch  # it opens the next batch
+                self._queue.popleft()
+                if not batch:
+                    flush_at = item.enqueued + self.max_queue_delay
+                batch.append(item)
+                rows += item.rows
+                if rows >= self.max_batch_size:
+                    return batch
+            if self._closing:
+                return batch  # nothing more can arrive
+            timeout = None
+            if batch:
+                timeout = flush_at - time.monotonic()
+                if timeout <= 0:
+                    return batch
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if self.on_queue is not None:
+                self.on_queue(len(self._queue))
+            if not batch:
+                return
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.future.done():
+                    continue
+                if item.deadline is not None and item.deadline <= now:
+                    item.future.set_exception(DeadlineExceeded(f"request deadline exceeded in the queue of {self.name}"))
+                    continue
+                live.append(item)
+            if live:
+                await self._run_batch(loop, live)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        total = sum(item.rows for item in batch)
+        self.in_flight = total
+        start = time.perf_counter()
+        try:
+            if len(batch) == 1:
+                inputs = batch[0].inputs  # no copy for a lone request
+            else:
+                inputs = {k: np.concatenate([item.inputs[k] for item in batch]) for k in batch[0].inputs}
+            if self.is_async:
+                outputs = await self.fn(inputs)  # type: ignore[misc]
+            else:
+                outputs = await loop.run_in_executor(self.executor, self.fn, inputs)
+            for k, v in outputs.items():
+                if len(v) != total:
+                    raise InferenceFailed(f"model output {k!r} has {len(v)} rows for a batch of {total}")
+        except Exception as e:  # the batch's requests get the error; the loop goes on
+            if not isinstance(e, ServeError):
+                log.exception("batch of %d rows failed in %s", total, self.name)
+                e = InferenceFailed(f"inference failed in {self.name}: {type(e).__name__}: {e}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        finally:
+            self.in_flight = 0
+        if self.on_batch is not None:
+            self.on_batch(total, time.perf_counter() - start)
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result({k: v[offset : offset + item.rows] for k, v in outputs.items()})
+            offset += item.rows

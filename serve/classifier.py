@@ -1,0 +1,205 @@
+"""The image-classification servable: instances of one graph runtime, each behind its own batcher.
+
+``infer`` takes named tensors (the v2 protocol), validated against the manifest's graph spec; an ``images``
+input of BYTES holds encoded images and is decoded and preprocessed like ``classify``'s. ``classify``
+(TorchServe-style predictions) decodes images in the shared preprocessing pool, runs them as one request
+and returns the top-k labels with softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from deepserve.manifest import GraphSpec, Manifest, TensorSpec
+from deepserve.serve.backends import DeviceName, cpu_threads
+from deepserve.serve.batcher import Batcher
+from deepserve.serve.errors import BadRequest, NotReady
+from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS, ImagePreprocessor
+from deepserve.serve.runtime import GraphRuntime, open_runtime
+from deepserve.serve.servable import V2_DATATYPES, Servable
+from deepserve.serve.settings import ModelSettings
+
+Tensors = dict[str, np.ndarray]
+RuntimeFactory = Callable[[GraphSpec, Path, ModelSettings, DeviceName, int], GraphRuntime]
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def preprocess_pool() -> ThreadPoolExecutor:
+    """The thread pool shared by every model for image decoding (Pillow releases the GIL while decoding)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="deepserve-decode")
+    return _pool
+
+
+def default_runtime_factory(graph: GraphSpec, directory: Path, settings: ModelSettings, device: DeviceName,
+                            threads: int) -> GraphRuntime:
+    return open_runtime(graph, directory, backend=settings.backend, device=device, precision=settings.precision,
+                        threads=threads)
+
+
+def spec_text(spec: TensorSpec) -> str:
+    return f"{V2_DATATYPES[spec.dtype]} {spec.v2_shape}"
+
+
+class ClassificationServable(Servable):
+    def __init__(
+        self,
+        manifest: Manifest,
+        directory: Path,
+        settings: ModelSettings,
+        device: DeviceName,
+        *,
+        runtime_factory: RuntimeFactory = default_runtime_factory,
+        metrics: Any = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.manifest = manifest
+        self.directory = Path(directory)
+        self.settings = settings
+        self.device = device
+        self.ready = False
+        self.reason = "not started"
+        self.runtime_factory = runtime_factory
+        self.metrics = metrics
+        self.graph = manifest.graphs["model"]
+        self.input_spec = {t.name: t for t in self.graph.inputs}
+        self.image_input = self.graph.inputs[0].name
+        self.labels = list(manifest.labels)
+        self.preprocessor = ImagePreprocessor.from_manifest(manifest.preprocessing, max_pixels=max_pixels)
+        self.runtimes: list[GraphRuntime] = []
+        self.batchers: list[Batcher] = []
+        self._executors: list[ThreadPoolExecutor] = []
+
+    @property
+    def platform(self) -> str:
+        return self.runtimes[0].platform if self.runtimes else "deepserve"
+
+    @property
+    def name(self) -> str:
+        return f"{self.manifest.name}/{self.manifest.version}"
+
+    async def start(self) -> None:
+        s = self.settings
+        threads = cpu_threads(s.instances)
+        for i in range(s.instances):
+            # One worker thread per instance: its batches run there, one at a time, off the event loop.
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deepserve-{self.manifest.name}-{i}")
+            self._executors.append(executor)
+            runtime = await asyncio.get_running_loop().run_in_executor(
+                executor, self.runtime_factory, self.graph, self.directory, s, self.device, threads)
+            self.runtimes.append(runtime)
+            on_batch = on_queue = None
+            if self.metrics is not None:
+                on_batch, on_queue = self.metrics.batch_hooks(self.manifest.name, str(self.manifest.version))
+            batcher = Batcher(runtime.run, max_batch_size=s.max_batch_size, max_queue_delay_ms=s.max_queue_delay_ms,
+                              max_queue_size=s.max_queue_size, executor=executor, name=self.name,
+                              on_batch=on_batch, on_queue=on_queue)
+            batcher.start()
+            self.batchers.append(batcher)
+
+    async def warmup(self) -> None:
+        dummy = {t.name: np.zeros([1] + [d if isinstance(d, int) else 1 for d in t.shape[1:]], dtype=t.dtype)
+                 for t in self.graph.inputs}
+        for batcher in self.batchers:
+            await batcher.submit(dummy)
+        self.ready, self.reason = True, None
+
+    async def stop(self) -> None:
+        self.ready, self.reason = False, "stopped"
+        await asyncio.gather(*(b.stop() for b in self.batchers))
+        for executor in self._executors:
+            executor.shutdown(wait=False)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata()
+        meta["parameters"]["labels"] = len(self.labels)
+        return meta
+
+    def _deadline(self, deadline: float | None) -> float:
+        return deadline if deadline is not None else time.monotonic() + self.settings.request_timeout_s
+
+    async def _submit(self, inputs: Tensors, deadline: float | None) -> Tensors:
+        if not self.ready and self.batchers and self.reason == "stopped":
+            raise NotReady(f"model {self.name} is stopping")
+        # Least loaded instance: fewest waiting requests, idle ones first.
+        batcher = min(self.batchers, key=lambda b: (b.depth, b.in_flight > 0))
+        return await batcher.submit(inputs, deadline=self._deadline(deadline))
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        expected = ", ".join(f"{t.name} ({spec_text(t)})" for t in self.graph.inputs)
+        for name in inputs:
+            if name not in self.input_spec:
+                raise BadRequest(f"unknown input {name!r} for model {self.manifest.name}; expected {expected}")
+        for spec in self.graph.inputs:
+            if spec.name not in inputs:
+                raise BadRequest(f"missing input {spec.name!r} for model {self.manifest.name}; expected {expected}")
+            array = inputs[spec.name]
+            if array.dtype != np.dtype(spec.dtype):
+                raise BadRequest(f"input {spec.name!r}: datatype {_v2_name(array.dtype)} does not match the expected "
+                                 f"{spec_text(spec)}")
+            shape_ok = array.ndim == len(spec.shape) and array.shape[0] >= 1 and all(
+                not isinstance(d, int) or d == a for d, a in zip(spec.shape, array.shape))
+            if not shape_ok:
+                raise BadRequest(f"input {spec.name!r}: shape {list(array.shape)} does not match the expected "
+                                 f"{spec_text(spec)}")
+        rows = {inputs[s.name].shape[0] for s in self.graph.inputs}
+        if len(rows) > 1:
+            raise BadRequest(f"inputs disagree on the batch size: {sorted(rows)}")
+
+    async def decode_images(self, images: list[bytes]) -> np.ndarray:
+        """Encoded images -> ``[N, C, H, W]`` float32, decoded in the preprocessing pool (one hop)."""
+        if not images:
+            raise BadRequest("no image given")
+
+        def work() -> np.ndarray:
+            return np.stack([self.preprocessor(data) for data in images])
+
+        return await asyncio.get_running_loop().run_in_executor(preprocess_pool(), work)
+
+    async def infer(self, inputs: dict[str, np.ndarray], *, deadline: float | None = None) -> Tensors:
+        """Named tensors in, named tensors out; an ``images`` input of BYTES holds encoded images."""
+        encoded = inputs.get(self.image_input)
+        if encoded is not None and encoded.dtype == object:
+            if encoded.ndim == 2 and encoded.shape[1] == 1:
+                encoded = encoded[:, 0]
+            if encoded.ndim != 1:
+                raise BadRequest(f"input {self.image_input!r}: BYTES images need shape [N] or [N, 1], "
+                                 f"got {list(encoded.shape)}")
+            inputs = dict(inputs)
+            inputs[self.image_input] = await self.decode_images(list(encoded))
+        self._check_inputs(inputs)
+        return await self._submit(inputs, deadline)
+
+    async def classify(self, images: list[bytes], top_k: int = 5, deadline: float | None = None
+                       ) -> list[list[dict[str, Any]]]:
+        """Top-k ``{label, probability}`` for each encoded image, most probable first."""
+        pixels = await self.decode_images(images)
+        logits = (await self._submit({self.image_input: pixels}, deadline))[self.graph.outputs[0].name]
+        return top_k_labels(logits, self.labels, top_k)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k_labels(logits: np.ndarray, labels: list[str], k: int) -> list[list[dict[str, Any]]]:
+    probs = softmax(logits)
+    k = min(k, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [[{"label": labels[i] if i < len(labels) else str(i), "probability": float(row[i])} for i in idx]
+            for row, idx in zip(probs, order)]
+
+
+def _v2_name(dtype: np.dtype) -> str:
+    return V2_DATATYPES.get(np.dtype(dtype).name, np.dtype(dtype).name.upper())

@@ -1,0 +1,92 @@
+"""``deepserve serve``: FastAPI on uvicorn over a model repository.
+
+Only argparse at module level: ``deepserve`` builds every subcommand's parser, and serving must stay free of
+training code. SIGTERM/SIGINT are handled by uvicorn gracefully: stop accepting, let the requests in flight
+(and so everything queued in the batchers) finish, then the app's lifespan drains and releases the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_SETTING_FLAGS = (
+    # flag, ModelSettings field, type, help
+    ("--max-batch-size", "max_batch_size", int, "most rows per batch (default 32)"),
+    ("--max-queue-delay-ms", "max_queue_delay_ms", float, "how long a batch waits to fill (default 2.0)"),
+    ("--max-queue-size", "max_queue_size", int, "requests queued per instance before 429 (default 1024)"),
+    ("--request-timeout-s", "request_timeout_s", float, "deadline of requests that bring none (default 30)"),
+    ("--instances", "instances", int, "model instances, each with its own batcher (default 1)"),
+    ("--precision", "precision", str, "graph variant: fp32 | int8 | fp16 (default fp32)"),
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over HTTP (KServe v2, TorchServe-style predictions, generation)",
+        description="Load every model and version under --repository and serve them. Per-model settings come "
+                    "from <repository>/<model>/config.json (or .yaml), then DEEPSERVE_<SETTING> environment "
+                    "variables, then these flags, which apply to every model.",
+    )
+    p.add_argument("--repository", required=True, help="model repository: <repository>/<model>/<version>/")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
+    p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default=None,
+                   help="runtime preference (default auto: ONNX Runtime on CPU, TorchScript on CUDA)")
+    for flag, field, kind, text in _SETTING_FLAGS:
+        p.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (default 64)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest decoded image (width x height); bigger ones are refused (default 40M)")
+    p.add_argument("--graceful-timeout-s", type=float, default=30.0,
+                   help="on SIGTERM, how long to wait for requests in flight (default 30)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
+
+
+def example_requests(base: str, models: list[str]) -> str:
+    model = models[0] if models else "MODEL"
+    return "\n".join([
+        "Try:",
+        f"  curl {base}/v2/health/ready",
+        f"  curl {base}/v2/models",
+        f"  curl {base}/v2/models/{model}",
+        f"  curl -T cat.jpg '{base}/predictions/{model}?top_k=3'",
+        f"  curl -F data=@cat.jpg {base}/predictions/{model}",
+        f"  curl {base}/metrics",
+        f"  open {base}/docs",
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from deepserve.cli import CLIError
+    from deepserve.serve.app import create_app
+    from deepserve.serve.backends import BackendUnavailable, resolve_device
+    from deepserve.serve.repository import ModelRepository
+    from deepserve.serve.settings import SettingsError, resolve_settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {field: getattr(args, field) for _, field, _, _ in _SETTING_FLAGS}
+    overrides["backend"] = args.backend
+    try:
+        device = resolve_device(args.device)
+        resolve_settings(None, {k: v for k, v in overrides.items() if v is not None})  # flags alone must be valid
+        repository = ModelRepository(args.repository, overrides=overrides, device=device,
+                                     max_pixels=args.max_image_pixels)
+    except (FileNotFoundError, SettingsError, BackendUnavailable) as e:
+        raise CLIError(str(e)) from None
+    app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"deepserve: serving {args.repository} on http://{host}:{args.port} (device {device}); "
+          f"models: {', '.join(repository.models) or 'none'}", flush=True)
+    print(example_requests(f"http://{host}:{args.port}", list(repository.models)), flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout_s, access_log=False)
+    server = uvicorn.Server(config)
+    server.run()  # installs SIGTERM/SIGINT handlers: graceful shutdown, then the lifespan drains
+    return 0 if server.started else 1

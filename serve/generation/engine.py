@@ -1,0 +1,186 @@
+"""``GenerationServable``: a char-LM or seq2seq artifact behind a continuous-batching scheduler.
+
+The HTTP layers (``routes.py``, ``openai_api.py``) call ``submit`` to turn text and parameters into a
+``Job`` (validated against the caps, tokenized, queued), then read its events: ``generate`` waits for the
+result, ``events`` yields streaming deltas. ``cancel`` frees a job's rows at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from deepserve.manifest import Manifest
+from deepserve.serve import backends
+from deepserve.serve.errors import BadRequest, DeadlineExceeded, NotReady, ShuttingDown
+from deepserve.serve.generation.jobs import Event, Job, Result
+from deepserve.serve.generation.params import GenerationParams, Limits
+from deepserve.serve.generation.processors import build_processors
+from deepserve.serve.generation.scheduler import Scheduler
+from deepserve.serve.generation.step_models import StepModel, open_step_model
+from deepserve.serve.generation.strategies import BeamSearch, Greedy, Sampling, Strategy
+from deepserve.serve.generation.tokenizers import Tokenizer, load_tokenizer
+from deepserve.serve.servable import Servable
+
+
+class GenerationServable(Servable):
+    """One char-lm / seq2seq model version. ``step_model`` and ``tokenizer`` may be given ready-made (tests
+    with toy models); otherwise ``start`` opens them from the artifact."""
+
+    def __init__(self, manifest: Manifest, directory: Path, settings: Any, device: str, *,
+                 step_model: StepModel | None = None, tokenizer: Tokenizer | None = None) -> None:
+        self.manifest = manifest
+        self.directory = Path(directory)
+        self.settings = settings
+        self.device = device
+        self.ready = False
+        self.reason: str | None = "not started"
+        self.model = step_model
+        self.tokenizer = tokenizer
+        self.scheduler: Scheduler | None = None
+        self.is_seq2seq = manifest.task == "seq2seq"
+        self.limits = Limits(
+            max_prompt_length=min(settings.max_prompt_length,
+                                  int(manifest.limits.get("max_source_length") or settings.max_prompt_length))
+            if self.is_seq2seq else settings.max_prompt_length,
+            max_new_tokens=settings.max_new_tokens,
+            max_beams_x_n=settings.max_beams_x_n,
+            max_running_rows=settings.max_running_rows,
+        )
+
+    # ---- Servable ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.manifest.task not in ("char-lm", "seq2seq"):
+            raise ValueError(f"task {self.manifest.task!r} is not a generation task")
+        if self.tokenizer is None:
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.manifest, self.directory)
+        if self.model is None:
+            self.model = await asyncio.to_thread(
+                open_step_model, self.manifest, self.directory, backend=self.settings.backend,
+                device=self.device, precision=getattr(self.settings, "precision", "fp32"),
+                threads=backends.cpu_threads(1),
+            )
+        self.scheduler = Scheduler(self.model, self.tokenizer, max_running_rows=self.settings.max_running_rows,
+                                   max_waiting=self.settings.max_waiting, name=self.manifest.name,
+                                   version=str(self.manifest.version))
+        self.scheduler.start()
+        self.reason = "warming up"
+
+    async def warmup(self) -> None:
+        """Greedy and beam search once each, so the first request pays for nothing."""
+        n = min(2, self.limits.max_new_tokens)
+        await self.generate("a", GenerationParams(max_new_tokens=n, temperature=0.0), ready_check=False)
+        if self.limits.max_beams_x_n >= 2 and self.limits.max_running_rows >= 2:
+            await self.generate("a", GenerationParams(max_new_tokens=n, num_beams=2), ready_check=False)
+        self.ready, self.reason = True, None
+
+    async def stop(self) -> None:
+        self.ready, self.reason = False, "stopped"
+        if self.scheduler is not None and self.scheduler.thread is not None:
+            self.scheduler.close()
+            await asyncio.to_thread(self.scheduler.thread.join)
+
+    @property
+    def platform(self) -> str:
+        return self.model.platform if self.model is not None else "deepserve"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.manifest.name,
+            "versions": [str(self.manifest.version)],
+            "platform": self.platform,
+            "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+            "parameters": {"task": self.manifest.task, "endpoints": ["generate", "generate_stream"]},
+        }
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        assert tok is not None
+        ids = tok.encode(text)
+        if not ids and not self.is_seq2seq:  # a language model needs a first token to condition on
+            start = tok.encode("\n")
+            ids = start if start and start[0] != tok.unk_id else [tok.unk_id]
+        self.limits.check_prompt(len(ids), "prompt")
+        return ids
+
+    def make_strategy(self, params: GenerationParams, max_new: int) -> tuple[Strategy, Any]:
+        if params.strategy == "beam":
+            beam = BeamSearch(num_beams=params.num_beams, max_new_tokens=max_new,
+                              length_penalty=params.length_penalty, early_stopping=params.early_stopping,
+                              eos_id=self.model.eos_id, logprobs=params.logprobs)
+            return beam, beam
+        if params.strategy == "sample":
+            return Sampling(params, params.num_return_sequences), None
+        return Greedy(), None
+
+    def submit(self, text: str, params: GenerationParams | dict | None, *, stream: bool = False,
+               timeout_s: float | None = None, ready_check: bool = True) -> Job:
+        """Validate, tokenize and queue one request. Raises ``BadRequest`` / ``Overloaded`` / ``NotReady``."""
+        if ready_check and not self.ready:
+            raise NotReady(f"model {self.manifest.name!r} is not ready: {self.reason}")
+        if self.scheduler is None or self.model is None:
+            raise NotReady(f"model {self.manifest.name!r} is not started")
+        if not isinstance(text, str):
+            raise BadRequest(f"prompt must be a string, got {type(text).__name__}")
+        if not isinstance(params, GenerationParams):
+            params = GenerationParams.from_dict(params)
+        max_new = self.limits.apply(params)
+        prompt = self.encode_prompt(text)
+        strategy, beam = self.make_strategy(params, max_new)
+        timeout = timeout_s if timeout_s is not None else self.settings.request_timeout_s
+        job = Job(params, prompt, max_new, strategy=strategy,
+                  processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
+                  stream=stream, deadline=time.monotonic() + timeout, loop=asyncio.get_running_loop(),
+                  history_includes_prompt=not self.is_seq2seq)
+        if beam is not None and params.stop:
+            beam.ends_with_stop = job.ends_with_stop
+        self.scheduler.submit(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        if self.scheduler is not None and not job.finished:
+            self.scheduler.cancel(job)
+
+    async def next_event(self, job: Job) -> Event:
+        """The job's next event; a deadline that passes while waiting cancels it and raises."""
+        remaining = job.deadline - time.monotonic()
+        try:
+            # a grace second over the deadline: the scheduler normally reports it itself, between steps
+            return await asyncio.wait_for(job.events.get(), timeout=max(0.0, remaining) + 1.0)
+        except asyncio.TimeoutError:
+            self.cancel(job)
+            raise DeadlineExceeded("the request's deadline passed during generation") from None
+
+    async def events(self, job: Job) -> AsyncIterator[Event]:
+        """Stream a job's events until ``done``; errors raise. Leaving early (client gone) cancels the job."""
+        try:
+            while True:
+                event = await self.next_event(job)
+                if event.kind == "error":
+                    assert event.error is not None
+                    raise event.error
+                yield event
+                if event.kind == "done":
+                    return
+        finally:
+            if not job.finished:
+                self.cancel(job)
+
+    async def wait(self, job: Job) -> Result:
+        async for event in self.events(job):
+            if event.kind == "done":
+                assert event.result is not None
+                return event.result
+        raise ShuttingDown()  # pragma: no cover - events always end with done or an error
+
+    async def generate(self, text: str, params: GenerationParams | dict | None = None, *,
+                       timeout_s: float | None = None, ready_check: bool = True) -> Result:
+        job = self.submit(text, params, timeout_s=timeout_s, ready_check=ready_check)
+        return await self.wait(job)
+

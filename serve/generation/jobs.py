@@ -1,0 +1,225 @@
+"""One generation request inside the scheduler: its sequences, text bookkeeping and the events it sends back
+to the asyncio side (text deltas while streaming, then the result or an error)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepserve.serve.generation.params import GenerationParams
+from deepserve.serve.generation.processors import Processor
+from deepserve.serve.generation.strategies import BeamSearch, Strategy
+from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
+
+_ids = itertools.count()
+
+
+@dataclass
+class Output:
+    """One returned sequence."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """length | eos | stop"""
+    score: float | None = None
+    """Beam search: the length-penalised hypothesis score."""
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class Result:
+    outputs: list[Output]
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)
+
+
+class SeqState:
+    """A greedy or sampled sequence (one batch row while it runs)."""
+
+    __slots__ = ("index", "tokens", "text", "emitted", "finish_reason", "logprobs", "top_logprobs")
+
+    def __init__(self, index: int, want_logprobs: bool) -> None:
+        self.index = index
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list[float] | None = [] if want_logprobs else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = [] if want_logprobs else None
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int:
+    """Position of the earliest stop string starting at or after ``start`` (-1 if none)."""
+    hits = [p for p in (text.find(s, start) for s in stops) if p >= 0]
+    return min(hits) if hits else -1
+
+
+def holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that could begin a stop string (not yet safe to stream)."""
+    longest = min(max((len(s) for s in stops), default=1) - 1, len(text))
+    for n in range(longest, 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stops):
+            return n
+    return 0
+
+
+class Job:
+    """A request: parameters, prompt ids, strategy, and a queue of events for the asyncio side."""
+
+    def __init__(self, params: GenerationParams, prompt_ids: list[int], max_new_tokens: int, *,
+                 strategy: Strategy, processors: list[Processor], tokenizer: Tokenizer, stream: bool,
+                 deadline: float, loop: asyncio.AbstractEventLoop | None, history_includes_prompt: bool) -> None:
+        self.id = next(_ids)
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.strategy = strategy
+        self.processors = processors
+        self.needs_history = any(p.needs_history for p in processors)
+        self.history_prefix = prompt_ids if history_includes_prompt else []
+        self.tokenizer = tokenizer
+        self.stream = stream
+        self.deadline = deadline
+        self.loop = loop
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.cancelled = False
+        self.finished = False
+        self.stops = params.stop
+        self.track_text = stream or bool(self.stops)
+        self.is_beam = isinstance(strategy, BeamSearch)
+        self.reserve = params.rows
+        """Rows reserved while running (beam search starts narrower but may widen to num_beams)."""
+        n = 1 if self.is_beam else params.num_return_sequences
+        want_lp = params.logprobs is not None
+        self.seqs = [SeqState(i, want_lp) for i in range(n)]
+        self.live: list[SeqState] = list(self.seqs) if not self.is_beam else []
+        """Row strategies: the sequence behind each of the request's rows, in row order."""
+        self.row_seqs: list[SeqState] = []
+        """Row strategies: ``live`` as it was at the start of the current step."""
+        self.beam_out: tuple = ()
+        """Beam search: (parents, tokens) of the current step."""
+        self.generated = 0
+        self.streamed_beam_text = ""
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.start = 0
+        """First row of the request in the running batch."""
+
+    @property
+    def rows(self) -> int:
+        return self.strategy.rows if self.is_beam else len(self.live)
+
+    # ---- text ----------------------------------------------------------------------------------------------
+
+    def update_text(self, seq: SeqState, token: int, char_level: bool) -> None:
+        """Advance ``seq.text``; on a stop string cut it there and mark the sequence finished."""
+        before = len(seq.text)
+        if char_level:
+            seq.text += self.tokenizer.decode([token])
+        else:
+            seq.text = stable_text(self.tokenizer, seq.tokens)
+        if self.stops and self.generated >= self.params.min_new_tokens:
+            width = max(len(s) for s in self.stops)
+            pos = find_stop(seq.text, self.stops, max(0, before - width + 1))
+            if pos >= 0:
+                seq.text = seq.text[:pos]
+                seq.finish_reason = "stop"
+
+    def ends_with_stop(self, tokens: list[int]) -> bool:
+        """Beam candidates: whether the last token completes a stop string."""
+        if len(tokens) < max(1, self.params.min_new_tokens):
+            return False
+        text = stable_text(self.tokenizer, tokens)
+        prev = stable_text(self.tokenizer, tokens[:-1])
+        width = max(len(s) for s in self.stops)
+        return find_stop(text, self.stops, max(0, len(prev) - width + 1)) >= 0
+
+    def delta(self, seq: SeqState) -> str:
+        """Streamable new text of ``seq`` (all of it once finished)."""
+        end = len(seq.text) if seq.finish_reason else len(seq.text) - holdback(seq.text, self.stops)
+        if end <= seq.emitted:
+            return ""
+        out = seq.text[seq.emitted:end]
+        seq.emitted = end
+        return out
+
+    def beam_delta(self) -> str:
+        """Beam search: new text of the prefix every live beam and every kept hypothesis shares."""
+        beam = self.strategy
+        assert isinstance(beam, BeamSearch)
+        seqs = beam.live_sequences() + [h.tokens for h in beam.hyps]
+        if not seqs:
+            return ""
+        first = seqs[0]
+        n = min(len(s) for s in seqs)
+        for s in seqs[1:]:
+            i = 0
+            while i < n and s[i] == first[i]:
+                i += 1
+            n = i
+        text = stable_text(self.tokenizer, first[:n])
+        if self.stops:
+            text = text[: len(text) - holdback(text, self.stops)]
+            pos = find_stop(text, self.stops, 0) if self.generated >= self.params.min_new_tokens else -1
+            text = text[:pos] if pos >= 0 else text
+        if len(text) <= len(self.streamed_beam_text) or not text.startswith(self.streamed_beam_text):
+            return ""
+        out = text[len(self.streamed_beam_text):]
+        self.streamed_beam_text = text
+        return out
+
+    # ---- results -------------------------------------------------------------------------------------------
+
+    def result(self) -> Result:
+        outs: list[Output] = []
+        if self.is_beam:
+            beam = self.strategy
+            assert isinstance(beam, BeamSearch)
+            for i, h in enumerate(beam.best(self.params.num_return_sequences)):
+                text = self.tokenizer.decode(h.tokens)
+                if h.finish_reason == "stop":
+                    pos = find_stop(text, self.stops, 0)
+                    text = text[:pos] if pos >= 0 else text
+                outs.append(Output(i, text, h.tokens, h.finish_reason, h.score, h.logprobs, h.top_logprobs))
+        else:
+            for seq in self.seqs:
+                text = seq.text if seq.finish_reason == "stop" else self.tokenizer.decode(seq.tokens)
+                outs.append(Output(seq.index, text, seq.tokens, seq.finish_reason or "length", None,
+                                   seq.logprobs, seq.top_logprobs))
+        return Result(outs, len(self.prompt_ids))
+
+    def histories(self) -> list[list[int]]:
+        """Token history of each row (for processors that need it)."""
+        if self.is_beam:
+            beam = self.strategy
+            assert isinstance(beam, BeamSearch)
+            return [self.history_prefix + s for s in beam.live_sequences()]
+        return [self.history_prefix + s.tokens for s in self.live]
+
+    def remaining_text(self, index: int, text: str) -> str:
+        """What a stream still owes for output ``index`` once the final text is known."""
+        sent = self.streamed_beam_text if self.is_beam else self.seqs[index].text[: self.seqs[index].emitted]
+        # the streamed text is a prefix of the final text by construction (hold-back of stop prefixes and of
+        # half characters); should a tokenizer break that, the client still gets everything after it
+        return text[len(sent):]
+
+
+@dataclass
+class Event:
+    kind: str
+    """delta | done | error"""
+    index: int = 0
+    text: str = ""
+    result: Result | None = None
+    error: Exception | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

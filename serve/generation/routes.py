@@ -1,0 +1,126 @@
+"""Triton's generate extension over HTTP, plus the OpenAI-compatible routes (``openai_api.py``).
+
+    POST /v2/models/{model}[/versions/{version}]/generate          -> one JSON answer
+    POST /v2/models/{model}[/versions/{version}]/generate_stream   -> server-sent events
+
+Body ``{"text_input": "...", "parameters": {...GenerationParams...}}``; answer ``{"model_name",
+"model_version", "text_output", "finish_reason", "usage", ...}``. Client errors raise ``ServeError``s, which
+the app turns into ``{"error": "..."}`` with the right status.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from deepserve.serve.errors import BadRequest, ServeError
+from deepserve.serve.generation.engine import GenerationServable
+from deepserve.serve.generation.http_common import (
+    SSE_HEADERS, generation_servable, read_json, run_to_result, sse,
+)
+from deepserve.serve.generation.jobs import Output
+from deepserve.serve.generation.openai_api import router as openai_router
+from deepserve.serve.generation.params import GenerationParams
+
+router = APIRouter(tags=["generation"])
+
+def output_json(o: Output, tokenizer: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": o.index, "text_output": o.text, "finish_reason": o.finish_reason,
+                           "num_tokens": len(o.token_ids)}
+    if o.score is not None:
+        out["score"] = o.score
+    if o.logprobs is not None:
+        out["tokens"] = [tokenizer.token_text(t) for t in o.token_ids[: len(o.logprobs)]]
+        out["logprobs"] = o.logprobs
+        if o.top_logprobs and any(o.top_logprobs):
+            out["top_logprobs"] = [{tokenizer.token_text(t): lp for t, lp in tops} for tops in o.top_logprobs]
+    return out
+
+
+def _triton_request(body: dict[str, Any]) -> tuple[str, GenerationParams]:
+    unknown = sorted(set(body) - {"text_input", "parameters", "id"})
+    if unknown:
+        raise BadRequest(f"unknown field(s) {unknown}; the generate body has text_input and parameters")
+    text = body.get("text_input")
+    if isinstance(text, list) and len(text) == 1:
+        text = text[0]
+    if not isinstance(text, str):
+        raise BadRequest(f"text_input must be a string, got {text!r}")
+    params = dict(body.get("parameters") or {}) if isinstance(body.get("parameters"), dict) else body.get("parameters")
+    if isinstance(params, dict):
+        params.pop("stream", None)  # Triton clients send it; the endpoint decides
+    return text, GenerationParams.from_dict(params)
+
+
+def _head(servable: GenerationServable) -> dict[str, Any]:
+    return {"model_name": servable.manifest.name, "model_version": str(servable.manifest.version)}
+
+
+async def _generate(request: Request, model: str, version: str | None) -> dict[str, Any]:
+    body = await read_json(request)
+    servable = generation_servable(request, model, version)
+    text, params = _triton_request(body)
+    job = servable.submit(text, params)
+    result = await run_to_result(request, servable, job)
+    best = result.outputs[0]
+    answer = {**_head(servable), "text_output": best.text, "finish_reason": best.finish_reason,
+              "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}}
+    if "id" in body:
+        answer["id"] = body["id"]
+    if best.score is not None:
+        answer["score"] = best.score
+    if len(result.outputs) > 1 or params.logprobs is not None:
+        answer["sequences"] = [output_json(o, servable.tokenizer) for o in result.outputs]
+    return answer
+
+
+async def _generate_stream(request: Request, model: str, version: str | None) -> StreamingResponse:
+    body = await read_json(request)
+    servable = generation_servable(request, model, version)
+    text, params = _triton_request(body)
+    job = servable.submit(text, params, stream=True)  # errors here are plain HTTP errors
+    head = _head(servable)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for event in servable.events(job):
+                if event.kind == "delta":
+                    indices = range(params.num_return_sequences) if event.index < 0 else [event.index]
+                    for i in indices:
+                        yield sse({**head, "index": i, "text_output": event.text,
+                                   "finish_reason": event.extra.get("finish_reason")})
+                elif event.result is not None:
+                    for o in event.result.outputs:
+                        rest = job.remaining_text(o.index, o.text)
+                        if job.is_beam or rest:
+                            yield sse({**head, "index": o.index, "text_output": rest,
+                                       "finish_reason": o.finish_reason})
+        except ServeError as e:
+            yield sse({"error": e.message, "status": e.status})
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)")
+async def generate(request: Request, model: str) -> dict[str, Any]:
+    return await _generate(request, model, None)
+
+
+@router.post("/v2/models/{model}/versions/{version}/generate", summary="Generate text with a given version")
+async def generate_version(request: Request, model: str, version: str) -> dict[str, Any]:
+    return await _generate(request, model, version)
+
+
+@router.post("/v2/models/{model}/generate_stream", summary="Generate text as server-sent events")
+async def generate_stream(request: Request, model: str) -> StreamingResponse:
+    return await _generate_stream(request, model, None)
+
+
+@router.post("/v2/models/{model}/versions/{version}/generate_stream", summary="Stream a given version")
+async def generate_stream_version(request: Request, model: str, version: str) -> StreamingResponse:
+    return await _generate_stream(request, model, version)
+
+
+router.include_router(openai_router)

@@ -1,0 +1,381 @@
+"""Continuous batching: one loop per model instance, on its own thread.
+
+Each iteration: admit waiting requests that fit (their rows join the batch: prefill or one batched encoder
+call), run one model step over every running row, pick the next tokens (all greedy rows in one argmax, all
+sampled rows in one vectorised sampler, beam requests one by one), then drop the rows of finished,
+cancelled or expired requests and follow beam back-pointers with a single state gather. The asyncio side
+gets its events through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a
+``threading.Event`` when idle: no polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from deepserve.serve.generation import metrics as gm
+from deepserve.serve.generation.jobs import Event, Job
+from deepserve.serve.generation.step_models import StepModel
+from deepserve.serve.generation.strategies import (
+    BeamSearch, Sampling, _tops, greedy_tokens, log_softmax, sample_tokens,
+)
+from deepserve.serve.generation.tokenizers import CharTokenizer
+
+log = logging.getLogger("deepserve.serve.generation")
+
+
+class Scheduler:
+    def __init__(self, model: StepModel, tokenizer, *, max_running_rows: int, max_waiting: int,
+                 name: str = "model", version: str = "1") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.char_level = isinstance(tokenizer, CharTokenizer)
+        self.max_running_rows = max_running_rows
+        self.max_waiting = max_waiting
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.reserved = 0
+        self.tokens = np.zeros(0, np.int64)  # next input token of each row
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.rows_changed = threading.Condition()
+        self.closing = False
+        self.thread: threading.Thread | None = None
+        self.metrics = gm.model_metrics(name, version)
+        self._plan: tuple | None = None  # row groups by strategy, rebuilt when the batch changes
+        self.steps = 0
+
+    # ---- asyncio side --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="generation-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.closing:
+                raise ShuttingDown()
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} generation requests are already waiting "
+                                 f"(max_waiting={self.max_waiting})", retry_after_s=1.0)
+            self.waiting.append(job)
+            self.metrics.waiting.set(len(self.waiting))
+            self.wake.set()
+
+    def cancel(self, job: Job) -> None:
+        """Free the request's rows at the next step boundary (client gone, or deadline)."""
+        job.cancelled = True
+        self.wake.set()
+
+    def close(self) -> None:
+        """Refuse new work; the loop exits once everything queued and running has finished."""
+        with self.lock:
+            self.closing = True
+            self.wake.set()
+
+    def wait_rows(self, rows: int, timeout: float) -> bool:
+        """Block until at most ``rows`` rows run and none wait (tests, drain)."""
+        return self.wait_until(lambda: self.model.rows <= rows and not self.waiting, timeout)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds at a step boundary (checked whenever the batch may have changed)."""
+        with self.rows_changed:
+            return self.rows_changed.wait_for(predicate, timeout)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if not self.running and not self.waiting:
+                    if self.closing:
+                        return
+                    self.wake.clear()
+            if not self.running and not self.waiting:
+                self.wake.wait()
+                continue
+            try:
+                self._iteration()
+            except Exception as e:  # a failing graph fails the requests in the batch, not the server
+                log.exception("generation step failed")
+                self._fail_all(InferenceFailed(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _iteration(self) -> None:
+        outbox: list[tuple[Job, Event]] = []
+        self._expire(outbox)
+        self._admit(outbox)
+        self._notify()
+        if self.running:
+            self._step(outbox)
+        self._deliver(outbox)
+        self._notify()
+
+    def _notify(self) -> None:
+        with self.rows_changed:
+            self.rows_changed.notify_all()
+
+    def _expire(self, outbox: list) -> None:
+        """Remove cancelled and expired requests before the step (their rows are freed right away)."""
+        now = time.monotonic()
+        gone = [j for j in self.running if j.cancelled or j.deadline < now]
+        if gone:
+            for j in gone:
+                if not j.cancelled:
+                    outbox.append((j, Event("error", error=DeadlineExceeded(
+                        "the request's deadline passed during generation"))))
+                j.finished = True
+            self._compact(keep_jobs=[j for j in self.running if not j.finished])
+
+    def _admit(self, outbox: list) -> None:
+        joining: list[Job] = []
+        now = time.monotonic()
+        with self.lock:
+            while self.waiting:
+                job = self.waiting[0]
+                if job.cancelled or job.deadline < now:
+                    self.waiting.popleft()
+                    if not job.cancelled:
+                        outbox.append((job, Event("error", error=DeadlineExceeded(
+                            "the request's deadline passed while it waited for a decoding slot"))))
+                    continue
+                if self.reserved + job.reserve > self.max_running_rows:
+                    break
+                self.waiting.popleft()
+                self.reserved += job.reserve
+                joining.append(job)
+            self.metrics.waiting.set(len(self.waiting))
+        if not joining:
+            return
+        copies = [j.rows for j in joining]
+        first = self.model.join([j.prompt_ids for j in joining], copies)
+        start = len(self.tokens)
+        for j in joining:
+            j.start = start
+            start += j.rows
+        self.running.extend(joining)
+        self.tokens = np.concatenate([self.tokens, first])
+        self._plan = None
+        self.metrics.running.set(self.model.rows)
+
+    def _plan_rows(self) -> tuple:
+        """Index arrays of greedy rows and sampled rows with their settings, and the beam requests."""
+        greedy, sample, temp, topk, topp, samplers, beams = [], [], [], [], [], [], []
+        for j in self.running:
+            rows = range(j.start, j.start + j.rows)
+            if j.is_beam:
+                beams.append(j)
+            elif isinstance(j.strategy, Sampling):
+                s = j.strategy
+                sample.extend(rows)
+                temp.extend([s.temperature] * j.rows)
+                topk.extend([s.top_k] * j.rows)
+                topp.extend([s.top_p] * j.rows)
+                samplers.append(j)
+            else:
+                greedy.extend(rows)
+        B = self.model.rows
+        all_greedy = len(greedy) == B
+        return (slice(None) if all_greedy else np.asarray(greedy, np.int64), bool(greedy),
+                np.asarray(sample, np.int64), np.asarray(temp, np.float32), np.asarray(topk, np.int64),
+                np.asarray(topp, np.float64), samplers, beams,
+                [j for j in self.running if j.processors], [j for j in self.running if j.params.logprobs is not None])
+
+    def _step(self, outbox: list) -> None:
+        t0 = time.perf_counter()
+        logits = self.model.step(self.tokens)  # (B,V)
+        self.steps += 1
+        if self._plan is None:
+            self._plan = self._plan_rows()
+        greedy, any_greedy, sample, temp, topk, topp, samplers, beams, proc_jobs, lp_jobs = self._plan
+        raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in lp_jobs if not j.is_beam}
+        for j in proc_jobs:
+            if not j.is_beam:
+                block = logits[j.start: j.start + j.rows]
+                hist = j.histories() if j.needs_history else []
+                for p in j.processors:
+                    p(block, hist, j.generated)
+        B = len(self.tokens)
+        chosen = np.empty(B, np.int64)
+        if any_greedy:
+            chosen[greedy] = greedy_tokens(logits[greedy])
+        if len(sample):
+            u = np.concatenate([j.strategy.draw(j.rows) for j in samplers])
+            chosen[sample] = sample_tokens(logits[sample], temp, topk, topp, u)
+        index_parts: list[np.ndarray] = []
+        token_parts: list[np.ndarray] = []
+        keep: list[Job] = []
+        regroup = False
+        n_new = 0
+        now = time.perf_counter()
+        eos = self.model.eos_id
+        chosen_list = chosen.tolist()
+        if beams:
+            self._beams_fast(beams, logits)
+        for j in self.running:
+            rows_before = j.rows
+            if j.t_first is None:
+                j.t_first = now
+                self.metrics.ttft.observe(now - j.t_submit)
+            j.generated += 1
+            if j.is_beam:
+                n_new += 1
+                self._beam_step(j, logits[j.start: j.start + rows_before], outbox)
+                parents, toks = j.beam_out
+                j.beam_out = ()
+                if not j.finished:
+                    index_parts.append(parents + j.start)
+                    token_parts.append(toks)
+            else:
+                n_new += rows_before
+                self._row_step(j, chosen_list, raw_lp.get(j.id), eos, outbox)
+                if not j.finished and len(j.live) == rows_before:
+                    index_parts.append(np.arange(j.start, j.start + rows_before))
+                    token_parts.append(chosen[j.start: j.start + rows_before])
+                elif not j.finished:
+                    keep_rows = [j.start + r for r, s in enumerate(j.row_seqs) if s.finish_reason is None]
+                    index_parts.append(np.asarray(keep_rows, np.int64))
+                    token_parts.append(chosen[keep_rows])
+            if j.finished:
+                regroup = True
+                self.reserved -= j.reserve
+            else:
+                regroup |= j.rows != rows_before
+                keep.append(j)
+        self.metrics.tokens.inc(n_new)
+        index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
+        self.tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.int64)
+        if regroup or beams:
+            self.model.reorder(index, regroup=regroup)
+        if regroup:
+            start = 0
+            for j in keep:
+                j.start = start
+                start += j.rows
+            self.running = keep
+            self._plan = None
+            self.metrics.running.set(self.model.rows)
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+
+    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None,
+                  outbox: list) -> None:
+        j.row_seqs = list(j.live)
+        for r, seq in enumerate(j.row_seqs):
+            tok = chosen[j.start + r]
+            if raw_lp is not None:
+                if tok != eos:
+                    seq.logprobs.append(float(raw_lp[r, tok]))
+                    seq.top_logprobs.append(_tops(raw_lp[r], j.params.logprobs))
+            if tok == eos:
+                seq.finish_reason = "eos"
+            else:
+                seq.tokens.append(tok)
+                if j.track_text:
+                    j.update_text(seq, tok, self.char_level)
+                if seq.finish_reason is None and j.generated >= j.max_new_tokens:
+                    seq.finish_reason = "length"
+            if j.stream:
+                text = j.delta(seq)
+                if text or seq.finish_reason:
+                    outbox.append((j, Event("delta", index=seq.index, text=text,
+                                            extra={"finish_reason": seq.finish_reason})))
+            if seq.finish_reason:
+                self.metrics.finished(seq.finish_reason)
+        j.live = [s for s in j.row_seqs if s.finish_reason is None]
+        if not j.live:
+            self._finish(j, outbox)
+
+    def _beams_fast(self, beams: list[Job], logits: np.ndarray) -> None:
+        """Beam requests at full width without processors, stops or logprobs: one vectorised selection per
+        beam width (``BeamSearch.select_many``); the others are left to ``_beam_step``."""
+        groups: dict[int, list[Job]] = {}
+        for j in beams:
+            k = j.params.num_beams
+            if j.strategy.rows == k and not j.processors and not j.stops and j.params.logprobs is None:
+                groups.setdefault(k, []).append(j)
+        for k, jobs in groups.items():
+            rows = np.concatenate([np.arange(j.start, j.start + k) for j in jobs])
+            scores = log_softmax(logits[rows]).reshape(len(jobs), k, -1)
+            for j, (toks, parents) in zip(jobs, BeamSearch.select_many([j.strategy for j in jobs], scores)):
+                j.beam_out = (parents, toks)
+
+    def _beam_step(self, j: Job, logits: np.ndarray, outbox: list) -> None:
+        beam = j.strategy
+        assert isinstance(beam, BeamSearch)
+        if not j.beam_out:  # not already selected by the vectorised path
+            scores = log_softmax(logits)
+            if j.processors:
+                hist = j.histories() if j.needs_history else []
+                for p in j.processors:
+                    p(scores, hist, j.generated - 1)
+            toks, parents = beam.select(scores)
+            j.beam_out = (parents, toks)
+        if j.stream:
+            text = j.beam_delta()
+            if text:
+                outbox.append((j, Event("delta", index=-1, text=text)))
+        if beam.done:
+            for h in beam.best(j.params.num_return_sequences):
+                self.metrics.finished(h.finish_reason)
+            self._finish(j, outbox)
+
+    def _finish(self, j: Job, outbox: list) -> None:
+        j.finished = True
+        result = j.result()
+        if j.t_first is not None and result.completion_tokens > 1:
+            per = (time.perf_counter() - j.t_first) / max(1, j.generated - 1)
+            self.metrics.tpot.observe(per)
+        outbox.append((j, Event("done", result=result)))
+
+    def _compact(self, keep_jobs: list[Job]) -> None:
+        index = np.concatenate([np.arange(j.start, j.start + j.rows) for j in keep_jobs]) if keep_jobs \
+            else np.zeros(0, np.int64)
+        self.reserved = sum(j.reserve for j in keep_jobs)
+        self.model.reorder(index, regroup=True)
+        self.tokens = self.tokens[index]
+        start = 0
+        for j in keep_jobs:
+            j.start = start
+            start += j.rows
+        self.running = keep_jobs
+        self._plan = None
+        self.metrics.running.set(self.model.rows)
+
+    def _fail_all(self, error: Exception) -> None:
+        outbox = [(j, Event("error", error=error)) for j in self.running]
+        for j in self.running:
+            j.finished = True
+        try:
+            self._compact([])
+        except Exception:  # the model state itself is broken: start from an empty batch
+            log.exception("resetting the generation state failed")
+        self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
+        self._deliver(outbox)
+
+    def _deliver(self, outbox: list[tuple[Job, Event]]) -> None:
+        """Hand events to each request's event loop: one thread-safe call per loop."""
+        if not outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[Job, Event]]] = {}
+        for job, event in outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, items in by_loop.items():
+            if loop is None:
+                _put_all(items)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_put_all, items)
+                except RuntimeError:  # that loop is closed: nobody is listening any more
+                    pass
+
+
+def _put_all(items: list[tuple[Job, Event]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
+

@@ -1,0 +1,310 @@
+"""Step runners: the batched model state of a continuous batch and one decoding step over it.
+
+A ``StepModel`` owns the recurrent / key-value state of every running row, in batch order. The scheduler
+drives it with four calls:
+
+- ``join(prompts, copies)``: append rows for new requests (char-LM: prefill all prompt tokens but the last;
+  seq2seq: one batched encoder call). Returns the first input token of each new row.
+- ``step(tokens)``: feed one token per row, return next-token logits ``[B, V]`` (float32 numpy).
+- ``reorder(index, regroup)``: keep rows ``index`` in that order (finished rows leave, beams follow their
+  back-pointers). ``regroup=False`` promises that rows only moved within a request, whose rows share one
+  source, so the seq2seq cross-attention state is left alone.
+
+Graphs come from ``serve/backends.py``: ONNX Runtime sessions fed numpy arrays (the state stays numpy), or
+TorchScript modules (the state stays torch tensors on the module's device). ``Graph`` hides the difference.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from deepserve.manifest import GraphSpec, Manifest
+from deepserve.serve import backends
+
+Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
+
+
+class Graph:
+    """One exported graph: ``run(*inputs) -> outputs`` in the manifest's order, plus the array ops the state
+    needs (so that TorchScript state never leaves torch and ONNX Runtime state never leaves numpy)."""
+
+    def __init__(self, fn: Callable[..., list[Array]], output_names: list[str], *, torch_device: str | None = None,
+                 platform: str = "custom") -> None:
+        self._fn = fn
+        self.output_names = output_names
+        self.torch_device = torch_device
+        self.platform = platform
+        if torch_device is not None:
+            import torch
+
+            self._torch = torch
+
+    @classmethod
+    def open(cls, spec: GraphSpec, directory: Path, *, backend: str, device: str, precision: str = "fp32",
+             threads: int | None = None) -> Graph:
+        choice = backends.choose_graph(spec.files, directory, backend=backend, device=device,  # type: ignore[arg-type]
+                                       precision=precision)
+        names = [t.name for t in spec.outputs]
+        if choice.backend == "onnx":
+            session = backends.onnx_session(choice.file, device, threads=threads)  # type: ignore[arg-type]
+            in_names = [i.name for i in session.get_inputs()]
+
+            def run_onnx(*arrays: np.ndarray) -> list[np.ndarray]:
+                return session.run(None, dict(zip(in_names, arrays)))
+
+            return cls(run_onnx, names, platform="onnxruntime_onnx")
+        import torch
+
+        module = backends.torchscript_module(choice.file, device, threads=threads)  # type: ignore[arg-type]
+
+        def run_torch(*tensors: torch.Tensor) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                out = module(*tensors)
+            return list(out) if isinstance(out, (tuple, list)) else [out]
+
+        return cls(run_torch, names, torch_device=device, platform="pytorch_libtorch")
+
+    def __call__(self, *inputs: Array) -> list[Array]:
+        return self._fn(*inputs)
+
+    # ---- array ops on the graph's native arrays ---------------------------------------------------------
+
+    def asarray(self, a: np.ndarray) -> Array:
+        if self.torch_device is None:
+            return a
+        return self._torch.from_numpy(np.ascontiguousarray(a)).to(self.torch_device)
+
+    def numpy(self, x: Array) -> np.ndarray:
+        if self.torch_device is None:
+            return x
+        return x.detach().float().cpu().numpy()
+
+    def take(self, x: Array, index: np.ndarray, axis: int) -> Array:
+        if self.torch_device is None:
+            return np.take(x, index, axis=axis)
+        return x.index_select(axis, self._torch.from_numpy(index).to(x.device))
+
+    def cat(self, xs: list[Array], axis: int) -> Array:
+        if self.torch_device is None:
+            return np.concatenate(xs, axis=axis)
+        return self._torch.cat(xs, dim=axis)
+
+    def full(self, shape: tuple[int, ...], value: Any, like: Array) -> Array:
+        if self.torch_device is None:
+            return np.full(shape, value, dtype=like.dtype)
+        return self._torch.full(shape, value, dtype=like.dtype, device=like.device)
+
+
+class StepModel(ABC):
+    vocab_size: int
+    eos_id: int | None
+    rows: int = 0
+
+    @abstractmethod
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        """Append ``copies[i]`` rows for prompt i (in order); return their first input tokens (int64)."""
+
+    @abstractmethod
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (B,) int64 -> logits (B, V) float32; advances every row by one token."""
+
+    @abstractmethod
+    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        """Keep rows ``index`` (int64, may repeat) in that order."""
+
+    @property
+    def platform(self) -> str:
+        return "custom"
+
+
+def _expand(copies: list[int]) -> np.ndarray:
+    return np.repeat(np.arange(len(copies)), copies)
+
+
+class CharLMStepModel(StepModel):
+    """Char-LSTM / GRU ``step`` graph: tokens (B,T), h (and c) (L,B,H) -> logits (B,T,V), h_out (, c_out)."""
+
+    def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int) -> None:
+        self.graph = graph
+        self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
+        self.vocab_size = vocab_size
+        self.eos_id = None
+        self.rows = 0
+        self.state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,B,H)
+
+    @property
+    def platform(self) -> str:
+        return self.graph.platform
+
+    def _zeros(self, batch: int) -> Array:
+        return self.graph.asarray(np.zeros((self.num_layers, batch, self.hidden_size), np.float32))
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        g = self.graph
+        new_state = [self._zeros(len(prompts)) for _ in range(self.n_state)]  # (L,N,H)
+        # prefill all but the last prompt token, one graph call per distinct length (no padding: an RNN
+        # has no mask, so rows of different lengths cannot share a call)
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            if len(p) > 1:
+                by_length[len(p) - 1].append(i)
+        for length, members in by_length.items():
+            idx = np.asarray(members, np.int64)
+            tokens = g.asarray(np.asarray([prompts[i][:-1] for i in members], np.int64))  # (n,T)
+            state = [g.take(s, idx, 1) for s in new_state]
+            out = g(tokens, *state)
+            for k in range(self.n_state):
+                if g.torch_device is None:
+                    new_state[k][:, idx] = out[1 + k]
+                else:
+                    new_state[k][:, g.asarray(idx)] = out[1 + k]
+        rep = _expand(copies)
+        new_state = [g.take(s, rep, 1) for s in new_state]
+        self.state = [g.cat([old, new], 1) for old, new in zip(self.state, new_state)]
+        self.rows += len(rep)
+        return np.asarray([prompts[i][-1] for i in rep], np.int64)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        g = self.graph
+        out = g(g.asarray(tokens.reshape(-1, 1)), *self.state)
+        self.state = out[1:]
+        return g.numpy(out[0])[:, 0, :]  # (B,V)
+
+    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        self.state = [self.graph.take(s, index, 1) for s in self.state]
+        self.rows = len(index)
+
+
+class Seq2SeqStepModel(StepModel):
+    """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md)."""
+
+    def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
+                 pad_id: int, bos_id: int, eos_id: int) -> None:
+        self.encode, self.decode = encode, decode
+        self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
+        self.rows = 0
+        g = decode
+        self.cross_k = g.asarray(np.zeros((layers, 0, heads, 0, head_dim), np.float32))  # (L,B,H,S,Dh)
+        self.cross_v = self.cross_k
+        self.src_pad = g.asarray(np.zeros((0, 0), bool))  # (B,S) True = pad
+        self.past_k = self.cross_k  # (L,B,H,P,Dh)
+        self.past_v = self.cross_k
+        self.past_pad = np.zeros((0, 0), bool)  # (B,P) True = empty slot; numpy, converted per step
+        self.positions = np.zeros(0, np.int64)  # (B,)
+
+    @property
+    def platform(self) -> str:
+        return self.decode.platform
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        g = self.decode
+        n, s = len(prompts), max(len(p) for p in prompts)
+        src = np.full((n, s), self.pad_id, np.int64)
+        for i, p in enumerate(prompts):
+            src[i, : len(p)] = p
+        src_pad = src == self.pad_id
+        # both graphs come from the same backend and device, so encoder outputs feed the decoder as they are
+        _, ck, cv = self.encode(g.asarray(src), g.asarray(src_pad))  # (L,n,H,s,Dh)
+        src_pad_t = g.asarray(src_pad)
+        rep = _expand(copies)
+        if not (len(rep) == n and np.all(rep == np.arange(n))):
+            ck, cv, src_pad_t = g.take(ck, rep, 1), g.take(cv, rep, 1), g.take(src_pad_t, rep, 0)
+        m = len(rep)
+        s_old = self.cross_k.shape[3]
+        S = max(s, s_old)
+        self.cross_k = self._pad_src(self.cross_k, S, 3, 0.0)
+        self.cross_v = self._pad_src(self.cross_v, S, 3, 0.0)
+        self.src_pad = self._pad_src(self.src_pad, S, 1, True)
+        self.cross_k = g.cat([self.cross_k, self._pad_src(ck, S, 3, 0.0)], 1)
+        self.cross_v = g.cat([self.cross_v, self._pad_src(cv, S, 3, 0.0)], 1)
+        self.src_pad = g.cat([self.src_pad, self._pad_src(src_pad_t, S, 1, True)], 0)
+        # new rows have no history: all P cache slots are empty (left padding)
+        P = self.past_k.shape[3]
+        shape = (self.layers, m, self.heads, P, self.head_dim)
+        self.past_k = g.cat([self.past_k, g.full(shape, 0.0, self.past_k)], 1)
+        self.past_v = g.cat([self.past_v, g.full(shape, 0.0, self.past_v)], 1)
+        self.past_pad = np.concatenate([self.past_pad, np.ones((m, P), bool)], 0)
+        self.positions = np.concatenate([self.positions, np.zeros(m, np.int64)])
+        self.rows += m
+        return np.full(m, self.bos_id, np.int64)
+
+    def _pad_src(self, x: Array, S: int, axis: int, value: Any) -> Array:
+        """Right-pad the source axis to S (cross-attention masks the padding)."""
+        have = x.shape[axis]
+        if have == S:
+            return x
+        shape = list(x.shape)
+        shape[axis] = S - have
+        return self.decode.cat([x, self.decode.full(tuple(shape), value, x)], axis)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        g = self.decode
+        logits, self.past_k, self.past_v = g(
+            g.asarray(tokens.reshape(-1, 1)), g.asarray(self.positions), self.cross_k, self.cross_v, self.src_pad,
+            self.past_k, self.past_v, g.asarray(self.past_pad),
+        )
+        B = len(tokens)
+        self.past_pad = np.concatenate([self.past_pad, np.zeros((B, 1), bool)], 1)
+        self.positions = self.positions + 1
+        logits = g.numpy(logits)
+        logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
+        return logits
+
+    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        g = self.decode
+        pad = self.past_pad[index]
+        # drop cache columns that no remaining row uses (the oldest rows may have left)
+        used = ~pad.all(axis=0)
+        first = int(np.argmax(used)) if used.any() else pad.shape[1]
+        if first:
+            self.past_k, self.past_v, pad = self.past_k[:, :, :, first:], self.past_v[:, :, :, first:], pad[:, first:]
+        self.past_k = g.take(self.past_k, index, 1)
+        self.past_v = g.take(self.past_v, index, 1)
+        self.past_pad = pad
+        self.positions = self.positions[index]
+        if regroup:
+            src_pad = g.take(self.src_pad, index, 0)
+            keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
+            self.src_pad = src_pad[:, :keep]
+            self.cross_k = g.take(self.cross_k[:, :, :, :keep], index, 1)
+            self.cross_v = g.take(self.cross_v[:, :, :, :keep], index, 1)
+        self.rows = len(index)
+
+
+def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device: str, precision: str = "fp32",
+                    threads: int | None = None, eos_id: int | None = None) -> StepModel:
+    """The step runner for a char-lm or seq2seq artifact."""
+    facts = manifest.model
+    kw = dict(backend=backend, device=device, precision=precision, threads=threads)
+    if manifest.task == "char-lm":
+        spec = manifest.graphs["step"]
+        graph = Graph.open(spec, directory, **kw)
+        n_state = len(spec.inputs) - 1
+        h = spec.inputs[1].shape
+        layers = int(facts.get("num_layers", h[0]))
+        hidden = int(facts.get("hidden_size", h[2]))
+        vocab = int(facts.get("vocab_size", spec.outputs[0].shape[-1]))
+        return CharLMStepModel(graph, layers, hidden, n_state, vocab)
+    if manifest.task == "seq2seq":
+        special = manifest.tokenizer.get("special_ids") or {}
+        spec = manifest.graphs["decode_step"]
+        past = next(t for t in spec.inputs if t.name == "past_k").shape  # (L,B,H,P,Dh)
+        return Seq2SeqStepModel(
+            Graph.open(manifest.graphs["encode"], directory, **kw),
+            Graph.open(spec, directory, **kw),
+            layers=int(facts.get("n_decoder_layers", past[0])),
+            heads=int(facts.get("n_heads", past[2])),
+            head_dim=int(facts.get("head_dim", past[4])),
+            vocab_size=int(facts.get("vocab_size", spec.outputs[0].shape[-1])),
+            pad_id=int(special.get("pad", 0)),
+            bos_id=int(special.get("bos", 2)),
+            eos_id=int(special.get("eos", 3) if eos_id is None else eos_id),
+        )
+    raise ValueError(f"task {manifest.task!r} is not a generation task")

@@ -1,0 +1,294 @@
+"""Decoding strategies behind one small interface: ``select(scores[rows, V]) -> (tokens, parents)``.
+
+``parents[i]`` is the row (within the request's block) whose state row i continues; ``None`` means rows keep
+their places (greedy, sampling). Greedy and sampling are row-wise, so the scheduler runs every such row of
+the batch through ``greedy_tokens`` / ``sample_tokens`` at once; ``Greedy.select`` / ``Sampling.select`` are
+those same functions on one request's block, which is what makes batched and lone results identical.
+Row-wise also means numerically row-independent: a row's result never depends on the other rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from deepserve.serve.generation.params import GenerationParams
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (R, V) float32."""
+    m = x.max(axis=1, keepdims=True)
+    z = x - m
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def greedy_tokens(logits: np.ndarray) -> np.ndarray:
+    """(R, V) -> (R,) int64, the first maximum of each row."""
+    return logits.argmax(axis=1)
+
+
+def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Index of the first cumulative probability >= (1 - u) * total, per row; (1 - u) in (0, 1] never picks a
+    zero-probability token."""
+    cdf = np.cumsum(probs, axis=1)
+    threshold = (1.0 - u)[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < threshold).sum(axis=1), probs.shape[1] - 1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sample_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+                  u: np.ndarray) -> np.ndarray:
+    """Sample one token per row with its own temperature / top-k / top-p and uniform draw ``u`` in [0, 1).
+
+    Rows with filtering go through a sorted path, the others through a plain softmax: each row's arithmetic
+    depends only on its own settings, never on which other rows share the batch."""
+    out = np.empty(len(logits), np.int64)
+    x = logits / temperature[:, None].astype(np.float32)
+    filtered = (top_k > 0) | (top_p < 1.0)
+    plain = ~filtered
+    if plain.any():
+        idx = np.flatnonzero(plain) if not plain.all() else slice(None)
+        out[idx] = _inverse_cdf(_softmax(x[idx]), u[idx])
+    if filtered.any():
+        idx = np.flatnonzero(filtered)
+        xs = x[idx]
+        order = np.argsort(-xs, axis=1, kind="stable")  # (r, V) descending, ties by lower id
+        xs = np.take_along_axis(xs, order, axis=1)
+        V = xs.shape[1]
+        k = top_k[idx]
+        drop = (np.arange(V)[None, :] >= np.where(k > 0, k, V)[:, None])
+        xs[drop] = -np.inf
+        p = _softmax(xs)
+        # nucleus: drop a token once the mass before it already reaches top_p (the first is always kept)
+        before = np.cumsum(p, axis=1) - p
+        xs[before >= top_p[idx][:, None]] = -np.inf
+        pick = _inverse_cdf(_softmax(xs), u[idx])
+        out[idx] = order[np.arange(len(idx)), pick]
+    return out
+
+
+class Strategy(ABC):
+    """How one request picks its next tokens."""
+
+    rows: int
+    """Rows of the batch the request occupies now."""
+
+    @abstractmethod
+    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """scores (rows, V) after processors -> next tokens (rows',), parents (rows',) or None for identity."""
+
+
+class Greedy(Strategy):
+    def __init__(self, rows: int = 1) -> None:
+        self.rows = rows
+
+    def select(self, scores: np.ndarray) -> tuple[np.ndarray, None]:
+        return greedy_tokens(scores), None
+
+
+class Sampling(Strategy):
+    """Temperature / top-k / top-p sampling from the request's own generator (one uniform per row per step)."""
+
+    def __init__(self, params: GenerationParams, rows: int) -> None:
+        self.rows = rows
+        self.rng = np.random.Generator(np.random.PCG64(params.seed))
+        self.temperature, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
+
+    def draw(self, n: int) -> np.ndarray:
+        """One uniform per live row, in row order."""
+        return self.rng.random(n)
+
+    def select(self, scores: np.ndarray) -> tuple[np.ndarray, None]:
+        n = len(scores)
+        full = np.full
+        return sample_tokens(scores, full(n, self.temperature, np.float32), full(n, self.top_k),
+                             full(n, self.top_p), self.draw(n)), None
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    score: float
+    """Length-penalised: sum of log-probs / generated_length ** length_penalty."""
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class BeamSearch(Strategy):
+    """Beam search as a flattened top-k over (live beams x vocab), with Hugging Face's BeamHypotheses rules:
+    the 2 x num_beams best candidates are scanned in order; an EOS (or stop-string) candidate ranked below
+    num_beams is dropped, one ranked within becomes a finished hypothesis; the others fill the next beams.
+    The generated length in the length penalty counts the EOS token. Beams start as one row and widen as
+    candidates allow (no duplicate dummy beams)."""
+
+    num_beams: int
+    max_new_tokens: int
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    eos_id: int | None = None
+    logprobs: int | None = None
+    ends_with_stop: Callable[[list[int]], bool] | None = None
+    """Given a candidate sequence, whether it completes a stop string (only when the request has stops)."""
+    rows: int = 1
+    done: bool = False
+    seqs: np.ndarray = field(init=False)  # (rows, t) generated tokens of the live beams
+    scores: np.ndarray = field(init=False)  # (rows,) sum of log-probs
+    hyps: list[Hypothesis] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.seqs = np.zeros((1, 0), np.int64)
+        self.scores = np.zeros(1, np.float64)
+        self.token_lp = np.zeros((1, 0), np.float64)
+        self.top_lp: list[list[list[tuple[int, float]]]] = [[]]
+
+    @property
+    def generated(self) -> int:
+        return self.seqs.shape[1]
+
+    def _penalised(self, sum_logprobs: float, length: int) -> float:
+        return sum_logprobs / (length ** self.length_penalty)
+
+    def _worst(self) -> float:
+        return min(h.score for h in self.hyps)
+
+    def _add(self, tokens: list[int], sum_logprobs: float, length: int, reason: str, beam: int,
+             lp: float | None, tops: list[tuple[int, float]] | None) -> None:
+        score = self._penalised(sum_logprobs, length)
+        if len(self.hyps) >= self.num_beams and score <= self._worst():
+            return
+        hyp = Hypothesis(tokens, score, reason)
+        if self.logprobs is not None:
+            hyp.logprobs = self.token_lp[beam].tolist() + ([lp] if lp is not None else [])
+            hyp.top_logprobs = list(self.top_lp[beam]) + ([tops] if tops is not None else [])
+        self.hyps.append(hyp)
+        if len(self.hyps) > self.num_beams:
+            self.hyps.remove(min(self.hyps, key=lambda h: h.score))
+
+    def _is_done(self, best_sum: float, length: int) -> bool:
+        if len(self.hyps) < self.num_beams:
+            return False
+        if self.early_stopping is True:
+            return True
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best = self._penalised(best_sum, self.max_new_tokens)  # the best a live beam could reach at the end
+        else:
+            best = self._penalised(best_sum, length)
+        return self._worst() >= best
+
+    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """scores: log-probs (rows, V) after processors. Returns the next beams' tokens and parents; sets
+        ``done`` (then ``rows`` is 0) when the search is over."""
+        k, V = scores.shape
+        cand = (self.scores[:, None] + scores).ravel()  # (k*V,)
+        m = min(2 * self.num_beams, cand.size)
+        top = np.argpartition(-cand, m - 1)[:m] if m < cand.size else np.arange(cand.size)
+        top = top[np.lexsort((top, -cand[top]))]  # by score, ties by (beam, token) order
+        t = self.generated
+        length = t + 1  # generated tokens including this one
+        want_lp = self.logprobs is not None
+        next_beams: list[int] = []
+        next_tokens: list[int] = []
+        next_sums: list[float] = []
+        for rank, f in enumerate(top.tolist()):
+            s = float(cand[f])
+            if s == -np.inf:
+                break
+            beam, tok = divmod(f, V)
+            ended = tok == self.eos_id
+            reason = "eos"
+            if not ended and self.ends_with_stop is not None:
+                ended = self.ends_with_stop(self.seqs[beam].tolist() + [tok])
+                reason = "stop"
+            if ended:
+                if rank >= self.num_beams:
+                    continue
+                tokens = self.seqs[beam].tolist() + ([] if reason == "eos" else [tok])
+                lp = float(scores[beam, tok]) if want_lp and reason == "stop" else None
+                tops = _tops(scores[beam], self.logprobs) if lp is not None else None
+                self._add(tokens, s, length, reason, beam, lp, tops)
+            else:
+                next_beams.append(beam)
+                next_tokens.append(tok)
+                next_sums.append(s)
+                if len(next_beams) == self.num_beams:
+                    break
+        parents = np.asarray(next_beams, np.int64)
+        tokens = np.asarray(next_tokens, np.int64)
+        if want_lp:
+            self.token_lp = np.concatenate([self.token_lp[parents], scores[parents, tokens][:, None]], axis=1)
+            self.top_lp = [self.top_lp[b] + [_tops(scores[b], self.logprobs)] for b in next_beams]
+        self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
+        self.scores = np.asarray(next_sums, np.float64)
+        best_sum = float(cand[top[0]]) if len(top) else -np.inf
+        if not next_beams or self._is_done(best_sum, length):
+            self.done = True
+        elif length >= self.max_new_tokens:
+            for b in range(len(next_beams)):  # finalize: the live beams compete as they are
+                self._add(self.seqs[b].tolist(), float(self.scores[b]), length, "length", b, None, None)
+            self.done = True
+        self.rows = 0 if self.done else len(next_beams)
+        return tokens, parents
+
+    def _after_step(self, parents: np.ndarray, tokens: np.ndarray, sums: np.ndarray, best_sum: float) -> None:
+        """The fast path's bookkeeping: no candidate ended, the next beams are the top num_beams."""
+        self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
+        self.scores = sums
+        length = self.seqs.shape[1]
+        if self._is_done(best_sum, length):
+            self.done = True
+        elif length >= self.max_new_tokens:
+            for b in range(len(tokens)):
+                self._add(self.seqs[b].tolist(), float(sums[b]), length, "length", b, None, None)
+            self.done = True
+        self.rows = 0 if self.done else len(tokens)
+
+    @staticmethod
+    def select_many(beams: list[BeamSearch], scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``select`` for J requests at once: scores (J, k, V) log-probs, every request with k = num_beams live
+        beams, no stop strings and no logprobs. Requests whose top k candidates hold an EOS go through
+        ``select``; the others take the top k directly: the same arithmetic and tie-breaks as ``select``."""
+        J, k, V = scores.shape
+        sums = np.stack([b.scores for b in beams])  # (J,k)
+        cand = (sums[:, :, None] + scores).reshape(J, k * V)
+        m = min(2 * k, k * V)
+        top = np.argpartition(-cand, m - 1, axis=1)[:, :m] if m < k * V else np.broadcast_to(np.arange(k * V), (J, m))
+        vals = np.take_along_axis(cand, top, axis=1)
+        order = np.lexsort((top, -vals), axis=-1)
+        top = np.take_along_axis(top, order, axis=1)
+        vals = np.take_along_axis(vals, order, axis=1)
+        parents, tokens = np.divmod(top[:, :k], V)
+        eos = beams[0].eos_id
+        slow = (tokens == eos).any(axis=1) | ~np.isfinite(vals[:, :k]).all(axis=1) if eos is not None \
+            else ~np.isfinite(vals[:, :k]).all(axis=1)
+        out = []
+        for j, beam in enumerate(beams):
+            if slow[j]:
+                out.append(beam.select(scores[j]))
+            else:
+                beam._after_step(parents[j], tokens[j], vals[j, :k].astype(np.float64), float(vals[j, 0]))
+                out.append((tokens[j], parents[j]))
+        return out
+
+    def best(self, n: int) -> list[Hypothesis]:
+        """The n best finished hypotheses, best first."""
+        return sorted(self.hyps, key=lambda h: -h.score)[:n]
+
+    def live_sequences(self) -> list[list[int]]:
+        return self.seqs.tolist()
+
+
+def _tops(logprobs_row: np.ndarray, n: int | None) -> list[tuple[int, float]]:
+    if not n:
+        return []
+    idx = np.argpartition(-logprobs_row, n - 1)[:n]
+    idx = idx[np.argsort(-logprobs_row[idx], kind="stable")]
+    return [(int(i), float(logprobs_row[i])) for i in idx]

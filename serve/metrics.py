@@ -1,0 +1,90 @@
+"""Prometheus metrics, one registry per repository (so several apps in one process do not collide).
+
+Requests are counted by a small pure-ASGI middleware that reads the matched route and its ``model`` path
+parameter after routing; batchers report queue depth, batch sizes and inference time through hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("deepserve_requests", "HTTP requests by model, endpoint and status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.latency = Histogram("deepserve_request_latency_seconds", "HTTP request latency",
+                                 ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("deepserve_queue_depth", "Requests waiting in a model's batchers",
+                                 ["model", "version"], registry=r)
+        self.batch_size = Histogram("deepserve_batch_size", "Rows per executed batch", ["model", "version"],
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.inference = Histogram("deepserve_inference_seconds", "Time to run one batch", ["model", "version"],
+                                   buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_ready = Gauge("deepserve_model_ready", "1 when the model version is ready", ["model", "version"],
+                                 registry=r)
+        self._request_children: dict[tuple[str, str, str], tuple] = {}
+
+    def batch_hooks(self, model: str, version: str) -> tuple[Callable[[int, float], None], Callable[[int], None]]:
+        """``(on_batch(rows, seconds), on_queue(depth))`` for one batcher."""
+        size, seconds = self.batch_size.labels(model, version), self.inference.labels(model, version)
+        depth = self.queue_depth.labels(model, version)
+
+        def on_batch(rows: int, elapsed: float) -> None:
+            size.observe(rows)
+            seconds.observe(elapsed)
+
+        return on_batch, depth.set
+
+    def set_ready(self, model: str, version: str, ready: bool) -> None:
+        self.model_ready.labels(model, version).set(1.0 if ready else 0.0)
+
+    def observe_request(self, model: str, endpoint: str, status: int, elapsed: float) -> None:
+        key = (model, endpoint, str(status))
+        children = self._request_children.get(key)
+        if children is None:  # label lookups take a lock: do each once
+            children = (self.requests.labels(*key), self.latency.labels(model, endpoint))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetricsMiddleware:
+    """Counts every routed request by ``(model path parameter, route name, status)`` and times it."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "name", None) or "unmatched"
+            if endpoint != "metrics":
+                model = (scope.get("path_params") or {}).get("model", "")
+                self.metrics.observe_request(str(model), endpoint, status, time.perf_counter() - start)

@@ -1,0 +1,104 @@
+"""Image preprocessing as the manifest records it: decode, convert mode, resize, scale to [0, 1], normalise.
+
+Decoding is CPU work, so callers run ``ImagePreprocessor.__call__`` in a thread pool. Every way a client's
+bytes can be wrong ends in a 4xx naming the problem: not an image, truncated, an unsupported format (415)
+or more pixels than ``max_pixels`` (a decompression bomb).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from deepserve.serve.errors import BadRequest, UnsupportedMediaType
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+DEFAULT_MAX_PIXELS = 40_000_000
+_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}  # PIL.Image.Resampling
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """Turns encoded image bytes into one normalised ``[C, H, W]`` float32 array."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "bilinear"
+    """Resampling filter used to resize to ``height x width``."""
+    color_mode: str = "RGB"
+    """Pillow mode the image is converted to: ``L`` (1 channel) or ``RGB`` (3 channels)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest width x height decoded; bigger images are refused as decompression bombs."""
+
+    @classmethod
+    def from_manifest(cls, preprocessing: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImagePreprocessor:
+        """Build from a manifest's ``preprocessing``; raises ``ValueError`` naming the bad key."""
+        p = preprocessing
+        channels = int(p["channels"])
+        color_mode = p.get("color_mode") or ("L" if channels == 1 else "RGB")
+        if (color_mode, channels) not in (("L", 1), ("RGB", 3)):
+            raise ValueError(f"preprocessing.color_mode {color_mode!r} does not fit channels={channels}")
+        resize = str(p.get("resize") or "bilinear").lower()
+        if resize not in _FILTERS:
+            raise ValueError(f"preprocessing.resize must be one of {sorted(_FILTERS)}, got {resize!r}")
+        mean, std = tuple(float(m) for m in p["mean"]), tuple(float(s) for s in p["std"])
+        if len(mean) != channels or len(std) != channels or not all(s > 0 for s in std):
+            raise ValueError(f"preprocessing.mean/std need {channels} values (std > 0), got {mean} / {std}")
+        return cls(channels, int(p["height"]), int(p["width"]), mean, std, resize, color_mode, max_pixels)
+
+    def __post_init__(self) -> None:
+        # x_norm = (x / 255 - mean) / std = x * scale + offset, per channel, broadcast over [H, W, C].
+        std = np.asarray(self.std, dtype=np.float32)
+        object.__setattr__(self, "_scale", (1.0 / (255.0 * std)).astype(np.float32))
+        object.__setattr__(self, "_offset", (-np.asarray(self.mean, dtype=np.float32) / std).astype(np.float32))
+
+    def decode(self, data: bytes):  # -> PIL.Image.Image, loaded
+        from PIL import Image, UnidentifiedImageError
+
+        if not data:
+            raise BadRequest("image is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise BadRequest(f"not a decodable image ({len(data)} bytes); send one of {', '.join(FORMATS)}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadRequest(f"image refused as a decompression bomb: {e}") from None
+        if image.format not in FORMATS:
+            raise UnsupportedMediaType(f"image format {image.format} is not supported; send one of {', '.join(FORMATS)}")
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise BadRequest(f"image refused as a decompression bomb: {width}x{height} = {width * height} pixels "
+                             f"exceeds the limit of {self.max_pixels}")
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's ways of saying the data is cut or corrupt
+            raise BadRequest(f"{image.format} image is truncated or corrupt: {e}") from None
+        return image
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """Encoded bytes -> ``[C, H, W]`` float32, ready for the model."""
+        from PIL import Image
+
+        image = self.decode(data)
+        if image.mode != self.color_mode:
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = image.convert("RGBA")  # composite transparency over white, not black
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, image)
+            image = image.convert(self.color_mode)
+        if image.size != (self.width, self.height):
+            image = image.resize((self.width, self.height), resample=_FILTERS[self.resize])
+        pixels = np.asarray(image, dtype=np.float32)  # (H, W) or (H, W, C)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        pixels = pixels * self._scale + self._offset  # type: ignore[attr-defined]
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (C, H, W)

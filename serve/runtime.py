@@ -1,0 +1,111 @@
+"""Graph runtimes behind one small interface: ``run(inputs) -> outputs``, numpy in and out, keyed by the
+graph's tensor names. Called from a model instance's worker thread, never on the event loop.
+
+ONNX Runtime and TorchScript sessions are opened by ``serve/backends.py`` (device and thread choices live
+there). On CUDA, TorchScript inputs are staged through pinned host buffers that are reused across batches,
+so a batch crosses to the device once, asynchronously; the only synchronisation is reading the outputs back,
+once per batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import numpy as np
+
+from deepserve.manifest import GraphSpec
+from deepserve.serve.backends import (
+    BackendUnavailable,
+    DeviceName,
+    GraphChoice,
+    choose_graph,
+    onnx_session,
+    torchscript_module,
+)
+
+Tensors = dict[str, np.ndarray]
+
+
+class GraphRuntime(abc.ABC):
+    """One opened graph on one device."""
+
+    platform: str = ""
+    """Triton's platform name for metadata (onnxruntime_onnx, pytorch_libtorch)."""
+
+    def __init__(self, graph: GraphSpec, choice: GraphChoice, device: DeviceName) -> None:
+        self.graph = graph
+        self.choice = choice
+        self.device = device
+        self.input_names = [t.name for t in graph.inputs]
+        self.output_names = [t.name for t in graph.outputs]
+
+    @abc.abstractmethod
+    def run(self, inputs: Tensors) -> Tensors:
+        """Run one batch; every input and output has the batch as its first axis."""
+
+
+class OnnxRuntime(GraphRuntime):
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, graph: GraphSpec, choice: GraphChoice, device: DeviceName, threads: int | None) -> None:
+        super().__init__(graph, choice, device)
+        self.session = onnx_session(choice.file, device, threads=threads)
+        have = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in self.input_names if n not in have]
+        if missing:
+            raise BackendUnavailable(f"{choice.file.name}: graph has no inputs {missing} (it has {sorted(have)})")
+
+    def run(self, inputs: Tensors) -> Tensors:
+        outputs = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+class TorchScriptRuntime(GraphRuntime):
+    platform = "pytorch_libtorch"
+
+    def __init__(self, graph: GraphSpec, choice: GraphChoice, device: DeviceName, threads: int | None) -> None:
+        super().__init__(graph, choice, device)
+        import torch
+
+        self.torch = torch
+        self.module = torchscript_module(choice.file, device, threads=threads)
+        self._pinned: dict[str, "torch.Tensor"] = {}  # input name -> reusable pinned staging buffer
+
+    def _to_device(self, name: str, array: np.ndarray):
+        torch = self.torch
+        if self.device == "cpu":
+            if not array.flags.writeable:  # a view of a request body: torch wants writable memory
+                array = array.copy()
+            return torch.from_numpy(np.ascontiguousarray(array))  # a view, no copy
+        buffer = self._pinned.get(name)
+        if buffer is None or buffer.numel() < array.size or buffer.numpy().dtype != array.dtype:
+            buffer = torch.from_numpy(np.empty(max(array.size, 1), dtype=array.dtype)).pin_memory()
+            self._pinned[name] = buffer
+        staged = buffer[: array.size].view(array.shape)
+        staged.numpy()[...] = array  # one host copy into pinned memory, then an async copy to the device
+        return staged.to(self.device, non_blocking=True)
+
+    def run(self, inputs: Tensors) -> Tensors:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [self._to_device(n, inputs[n]) for n in self.input_names]
+            result = self.module(*args)
+            if isinstance(result, torch.Tensor):
+                result = (result,)
+            flat: list = []
+            for r in result:  # char-LM style (logits, (h, c)) nests its state
+                flat.extend(r if isinstance(r, (tuple, list)) else [r])
+            # .cpu() waits for the device once per output; the copies are queued back to back.
+            return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
+
+
+def open_runtime(
+    graph: GraphSpec, directory: Path, *, backend: str, device: DeviceName, precision: str = "fp32",
+    threads: int | None = None,
+) -> GraphRuntime:
+    """Open ``graph`` from ``directory`` with the preferred backend; raises ``BackendUnavailable``."""
+    choice = choose_graph(graph.files, directory, backend=backend, device=device, precision=precision)
+    if choice.backend == "onnx":
+        return OnnxRuntime(graph, choice, device, threads)
+    return TorchScriptRuntime(graph, choice, device, threads)

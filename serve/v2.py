@@ -1,0 +1,287 @@
+"""KServe v2 / Open Inference Protocol: the tensor codec (JSON and the binary tensor extension) and routes.
+
+The infer body is parsed by hand (``json.loads`` + ``np.frombuffer`` views for binary tensors), never by
+pydantic models, so large tensors cost one pass. BYTES elements are base64 strings in JSON (Triton's
+convention for binary content) and 4-byte little-endian length-prefixed in binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+import deepserve
+from deepserve.serve.errors import BadRequest, UnsupportedMediaType
+from deepserve.serve.http_util import deadline_from, media_type, read_body
+
+HEADER_LENGTH = "inference-header-content-length"
+DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+}
+NP_TO_V2 = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+
+
+def v2_datatype(array: np.ndarray) -> str:
+    return "BYTES" if array.dtype == object else NP_TO_V2[array.dtype.name]
+
+
+def _bytes_from_binary(buf: memoryview, name: str) -> list[bytes]:
+    out, i = [], 0
+    while i < len(buf):
+        if i + 4 > len(buf):
+            raise BadRequest(f"input {name!r}: truncated BYTES element length at byte {i}")
+        (n,) = struct.unpack_from("<I", buf, i)
+        if i + 4 + n > len(buf):
+            raise BadRequest(f"input {name!r}: BYTES element of {n} bytes runs past the tensor's data")
+        out.append(bytes(buf[i + 4 : i + 4 + n]))
+        i += 4 + n
+    return out
+
+
+def _bytes_from_json(data: Any, name: str) -> list[bytes]:
+    out = []
+    for element in _flatten(data):
+        if not isinstance(element, str):
+            raise BadRequest(f"input {name!r}: BYTES elements must be base64 strings in JSON, got {type(element).__name__}")
+        try:
+            out.append(base64.b64decode(element, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"input {name!r}: BYTES element is not valid base64") from None
+    return out
+
+
+def _flatten(data: Any) -> list:
+    if not isinstance(data, list) or not data or not isinstance(data[0], list):
+        return data if isinstance(data, list) else [data]
+    return [x for d in data for x in _flatten(d)]
+
+
+def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Parse an infer request into its JSON header and ``{input name: array}``."""
+    binary = memoryview(b"")
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+        if not 0 < n <= len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+        binary, body = memoryview(body)[n:], body[:n]
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON body: {e}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, spec in enumerate(request["inputs"]):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest(f"inputs[{i}] must be an object with a string name")
+        name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
+        if name in inputs:
+            raise BadRequest(f"input {name!r} is given twice")
+        if datatype not in DTYPES:
+            raise BadRequest(f"input {name!r}: datatype must be one of {sorted(DTYPES)}, got {datatype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        count = math.prod(shape)
+        params = spec.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the body's binary data")
+            buf = binary[offset : offset + size]
+            offset += size
+            if datatype == "BYTES":
+                elements: Any = _bytes_from_binary(buf, name)
+            else:
+                dtype = np.dtype(DTYPES[datatype])
+                if size != count * dtype.itemsize:
+                    raise BadRequest(f"input {name!r}: {size} bytes of binary data for shape {shape} of {datatype} "
+                                     f"(needs {count * dtype.itemsize})")
+                inputs[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)  # a view of the body
+                continue
+        elif "data" in spec:
+            if datatype == "BYTES":
+                elements = _bytes_from_json(spec["data"], name)
+            else:
+                try:
+                    array = np.asarray(spec["data"], dtype=DTYPES[datatype])
+                except (ValueError, TypeError, OverflowError) as e:
+                    raise BadRequest(f"input {name!r}: data does not hold {datatype} values ({e})") from None
+                if array.size != count:
+                    raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} (needs {count})")
+                inputs[name] = array.reshape(shape)
+                continue
+        else:
+            raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
+        if len(elements) != count:
+            raise BadRequest(f"input {name!r}: {len(elements)} BYTES elements for shape {shape} (needs {count})")
+        array = np.empty(count, dtype=object)
+        array[:] = elements
+        inputs[name] = array.reshape(shape)
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data follow the inputs but no input claims them")
+    return request, inputs
+
+
+def _classification(logits: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification extension: the top ``k`` as ``b"value:index:label"``, shape [B, k]."""
+    k = min(k, logits.shape[-1])
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    out = np.empty(order.shape, dtype=object)
+    for r, idx in enumerate(order):
+        out[r] = [f"{logits[r, i]:f}:{i}:{labels[i] if i < len(labels) else i}".encode() for i in idx]
+    return out
+
+
+def encode_response(request: dict[str, Any], outputs: dict[str, np.ndarray], model: str, version: str,
+                    labels: list[str]) -> Response:
+    params = request.get("parameters") or {}
+    default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    wanted = request.get("outputs")
+    if wanted is None:
+        wanted = [{"name": n} for n in outputs]
+    if not isinstance(wanted, list):
+        raise BadRequest('"outputs" must be a list of {"name": ...} objects')
+    header_outputs, blobs = [], []
+    for i, out in enumerate(wanted):
+        if not isinstance(out, dict) or out.get("name") not in outputs:
+            got = out.get("name") if isinstance(out, dict) else out
+            raise BadRequest(f"outputs[{i}]: unknown output {got!r}; model {model} has {sorted(outputs)}")
+        oparams = out.get("parameters") or {}
+        array = outputs[out["name"]]
+        k = oparams.get("classification")
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise BadRequest(f"outputs[{i}].parameters.classification must be an integer >= 1, got {k!r}")
+            array = _classification(array, k, labels)
+        entry: dict[str, Any] = {"name": out["name"], "datatype": v2_datatype(array), "shape": list(array.shape)}
+        if oparams.get("binary_data", default_binary):
+            if array.dtype == object:
+                blob = b"".join(struct.pack("<I", len(b)) + b for b in array.ravel())
+            else:
+                blob = np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif array.dtype == object:
+            entry["data"] = [b.decode("utf-8", "replace") for b in array.ravel()]
+        else:
+            entry["data"] = array.ravel().tolist()
+        header_outputs.append(entry)
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": header_outputs}
+    if "id" in request:
+        response["id"] = request["id"]
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(b"".join([header, *blobs]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+router = APIRouter(tags=["v2 (KServe / Triton)"])
+
+_INFER_DOC = {
+    "requestBody": {"content": {"application/json": {"schema": {
+        "type": "object", "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "inputs": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "datatype": {"type": "string"},
+                "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array", "items": {}}}}},
+            "outputs": {"type": "array", "items": {"type": "object"}},
+            "parameters": {"type": "object"},
+        }}}}},
+    "description": "JSON tensors, or the binary tensor extension (Inference-Header-Content-Length header). "
+                   "BYTES inputs named like the image input hold encoded images (base64 in JSON).",
+}
+_UNSUPPORTED_PREFIXES = ("multipart/", "image/", "audio/", "video/", "text/html")
+
+
+@router.get("/v2", name="server_metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "deepserve", "version": deepserve.__version__,
+            "extensions": ["binary_tensor_data", "classification", "model_repository"]}
+
+
+@router.get("/v2/health/live", name="live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", name="ready")
+async def ready(request: Request) -> JSONResponse:
+    ok = request.app.state.repository.ready
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/v2/models", name="models_index")
+async def models_index(request: Request) -> dict[str, Any]:
+    return request.app.state.repository.index()
+
+
+@router.post("/v2/repository/index", name="repository_index")
+async def repository_index(request: Request) -> list[dict[str, Any]]:
+    return request.app.state.repository.triton_index()
+
+
+@router.get("/v2/models/{model}", name="model_metadata")
+@router.get("/v2/models/{model}/versions/{version}", name="model_metadata")
+async def model_metadata(request: Request, model: str, version: str | None = None) -> dict[str, Any]:
+    repo = request.app.state.repository
+    meta = repo.get(model, version).metadata()
+    meta["versions"] = [str(v) for v in repo.model(model).versions]
+    return meta
+
+
+@router.get("/v2/models/{model}/config", name="model_config")
+@router.get("/v2/models/{model}/versions/{version}/config", name="model_config")
+async def model_config(request: Request, model: str, version: str | None = None) -> dict[str, Any]:
+    servable = request.app.state.repository.get(model, version)
+    meta = servable.metadata()
+    settings = getattr(servable, "settings", None) or request.app.state.repository.model(model).settings
+    return {"name": model, "platform": meta["platform"], "max_batch_size": settings.max_batch_size,
+            "input": meta["inputs"], "output": meta["outputs"],
+            "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
+            "instance_group": [{"count": settings.instances}]}
+
+
+@router.get("/v2/models/{model}/ready", name="model_ready")
+@router.get("/v2/models/{model}/versions/{version}/ready", name="model_ready")
+async def model_ready(request: Request, model: str, version: str | None = None) -> JSONResponse:
+    repo = request.app.state.repository
+    entry = repo.resolve(model, version) if version else None  # 404 for an unknown version
+    ok = repo.is_ready(model, version) if entry is None else entry.ready
+    return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+
+
+@router.post("/v2/models/{model}/infer", name="infer", openapi_extra=_INFER_DOC)
+@router.post("/v2/models/{model}/versions/{version}/infer", name="infer", openapi_extra=_INFER_DOC)
+async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    servable = request.app.state.repository.get(model, version)
+    if not hasattr(servable, "infer"):
+        raise BadRequest(f"model {model!r} ({servable.manifest.task}) does not take tensor infer requests; "
+                         "use its generate endpoint")
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is None and media_type(request).startswith(_UNSUPPORTED_PREFIXES):
+        raise UnsupportedMediaType(f"infer takes application/json or the binary tensor extension "
+                                   f"(application/octet-stream), not {media_type(request)}")
+    body = await read_body(request)
+    payload, inputs = decode_request(body, header_length)
+    params = payload.get("parameters") or {}
+    deadline = deadline_from(request, params.get("timeout") if isinstance(params, dict) else None)
+    outputs = await servable.infer(inputs, deadline=deadline)
+    return encode_response(payload, outputs, model, str(servable.manifest.version),
+                           getattr(servable, "labels", []))

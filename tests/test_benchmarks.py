@@ -1,0 +1,134 @@
+"""Smoke tests of the benchmark suite's load generator and result writer (no timing assertions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.loadgen import LoadError, LoadSpec, Request, Response, json_request, percentile, run_load
+from benchmarks.results import Plot, Report, Table, fmt
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: list[bytes]) -> None:
+    """A minimal keep-alive HTTP/1.1 server: /ok (JSON), /fail (503), /stream (chunked server-sent events)."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            body = await reader.readexactly(length)
+            seen.append(body)
+            path = head.split(b" ")[1]
+            if path == b"/fail":
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno")
+            elif path == b"/stream":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n")
+                for i in range(3):
+                    event = f"data: {json.dumps({'text_output': str(i)})}\n\n".encode()
+                    writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                    await writer.drain()
+                writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+            else:
+                answer = json.dumps({"usage": {"completion_tokens": 5}}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+async def _load(requests: list[Request], *, stream: bool = False, max_requests: int = 40, concurrency: int = 4,
+                count=None):
+    seen: list[bytes] = []
+    server = await asyncio.start_server(lambda r, w: _serve(r, w, seen), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        spec = LoadSpec("127.0.0.1", port, tuple(requests), concurrency, duration_s=30.0, max_requests=max_requests,
+                        warmup_requests=3, stream=stream)
+        return await run_load(spec, count), seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_loadgen_stops_at_the_request_bound_and_counts_tokens() -> None:
+    def tokens(response: Response) -> int:
+        return json.loads(response.body)["usage"]["completion_tokens"]
+
+    result, seen = asyncio.run(_load([json_request("/ok", {"x": 1}), json_request("/ok", {"x": 2})], count=tokens))
+    assert result.ok == 40 and not result.errors
+    assert len(seen) == 43  # 3 warm-up requests + the 40 measured ones, then it stopped by itself
+    assert {json.loads(b)["x"] for b in seen} == {1, 2}  # round-robin over the pre-encoded requests
+    assert result.tokens == 200
+    summary = result.summary()
+    assert summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"]
+    assert summary["rps"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_loadgen_reports_errors_by_status() -> None:
+    result, _ = asyncio.run(_load([Request("POST", "/fail", b"{}"), Request("POST", "/ok", b"{}")], max_requests=10,
+                                  concurrency=1))
+    assert result.ok == 5
+    assert result.errors == {"503": 5}
+    assert result.summary()["errors"] == {"503": 5}
+
+
+def test_loadgen_streams_record_first_token_and_time_per_token() -> None:
+    result, _ = asyncio.run(_load([Request("POST", "/stream", b"{}")], stream=True, max_requests=6,
+                                  count=lambda r: len(r.events)))
+    assert result.ok == 6
+    assert result.tokens == 18  # 3 events each; [DONE] is not a token
+    assert len(result.ttft_s) == 6 and len(result.tpot_s) == 6
+    assert all(t >= 0 for t in result.ttft_s + result.tpot_s)
+
+
+def test_loadgen_refuses_non_loopback_targets_and_bad_values() -> None:
+    with pytest.raises(LoadError, match="host must be a loopback address"):
+        LoadSpec("example.com", 80, (Request("GET", "/"),), 1, 1.0, 1)
+    with pytest.raises(LoadError, match="concurrency must be >= 1, got 0"):
+        LoadSpec("127.0.0.1", 80, (Request("GET", "/"),), 0, 1.0, 1)
+    with pytest.raises(LoadError, match="path must start with '/'"):
+        Request("GET", "nope")
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+
+
+def test_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
+    report = Report("bench smoke", settings={"plan": "quick"})
+    report.target("digits CNN: server / echo", ">= 0.70", 0.81, True, "fine")
+    report.target("char-LM: cb / one", ">= 10", 4.2, False, "profile: 40% step")
+    section = report.section("Scenario X")
+    table = Table(["backend", "req/s", "errors"], title="digits")
+    table.add("onnx", 1234.5, {"503": 2})
+    table.add("torchscript", None, {})
+    with pytest.raises(ValueError, match="2 cells, the header 3"):
+        table.add("x", 1)
+    section.blocks += [table, Plot("rps", "req/s", {"onnx": ([1, 16, 64], [10.0, 50.0, None])}, "concurrency",
+                                   "req/s"),
+                       Plot("bars", "by protocol", {"on": (["json", "binary"], [1.0, 2.0])}, "protocol", "req/s",
+                            kind="bar"),
+                       Plot("empty", "nothing", {"x": ([1], [None])}, "x", "y")]
+    report.data["raw"] = {"a": 1}
+    path = report.write(tmp_path, "run")
+    text = path.read_text()
+    assert path.name == "run.md"
+    assert "Hardware:" in text and "cores available" in text
+    assert "| digits CNN: server / echo | 0.81 | >= 0.70 | **met** | fine |" in text
+    assert "**missed**" in text
+    assert "| onnx | 1234 | 503: 2 |" in text and "| torchscript | — | 0 |" in text
+    assert (tmp_path / "run-rps.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "run-bars.png").is_file()
+    assert not (tmp_path / "run-empty.png").exists() and "nothing" not in text  # nothing to draw: no image link
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["data"] == {"raw": {"a": 1}} and saved["targets"][1]["met"] is False
+
+
+def test_fmt() -> None:
+    assert fmt(None) == "—" and fmt(True) == "yes" and fmt(1234.56) == "1235" and fmt(12.34) == "12.3"
+    assert fmt(0.01234) == "0.012" and fmt("a|b") == "a\\|b"

@@ -1,0 +1,240 @@
+"""Export of each family (tiny random-weight models) in both formats: files, manifest, ONNX checker, parity
+numbers, and independent runs of the exported graphs against the eager model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from deepserve.manifest import load_manifest, sha256_file
+from deepserve.train.checkpoint import load_checkpoint, restore_model
+from tests.artifacts import (
+    CHARLM_VOCAB,
+    make_charlm_checkpoint,
+    make_classifier_checkpoint,
+    make_seq2seq_checkpoint,
+)
+
+from deepserve.export import export_checkpoint, verify_artifact
+
+
+def _export(ckpt: Path, repo: Path, name: str, **kw) -> Path:
+    return export_checkpoint(ckpt, repository=repo, name=name, log=lambda s: None, **kw)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _check_common(directory: Path, ckpt: Path, graphs: tuple[str, ...]) -> dict:
+    manifest = load_manifest(directory)  # verifies every sha256
+    raw = json.loads((directory / "manifest.json").read_text())
+    assert raw["format_version"] == 1
+    assert set(manifest.graphs) == set(graphs)
+    for name, graph in manifest.graphs.items():
+        assert set(graph.files) == {"torchscript", "onnx", "onnx-int8"}
+        for variant in ("onnx", "onnx-int8"):
+            onnx.checker.check_model(str(directory / graph.files[variant]), full_check=True)
+        model = onnx.load(str(directory / graph.files["onnx"]))
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+        assert [i.name for i in model.graph.input] == [t.name for t in graph.inputs]
+        assert [o.name for o in model.graph.output] == [t.name for t in graph.outputs]
+        assert "batch" in graph.inputs[0].shape
+    assert set(manifest.files) == {p.name for p in directory.iterdir() if p.name != "manifest.json"}
+    parity = manifest.parity
+    assert parity["passed"] is True and parity["tolerance"] == 1e-4
+    assert 0 <= parity["max_abs_diff"] <= 1e-4
+    formats = {c["format"] for c in parity["checks"]}
+    assert formats == {"torchscript", "onnx"}
+    for check in parity["checks"]:
+        assert check["passed"]
+        if check["check"] == "random-inputs":
+            assert len(check["cases"]) >= 3
+    prov = manifest.provenance
+    assert prov["checkpoint_sha256"] == sha256_file(ckpt)
+    assert {"torch", "onnx", "onnxruntime"} <= set(prov["libraries"]) and prov["exported_at"]
+    assert prov["metrics"]
+    assert "onnx-int8" in manifest.variants
+    return raw
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+# ---------------------------------------------------------------------------------------------- classifier
+
+
+def test_classifier_artifact(work: Path) -> None:
+    ckpt = make_classifier_checkpoint(work / "cnn.pt", labels=["cat", "dog", "owl"], channels=3, size=8)
+    directory = _export(ckpt, work / "repo", "cnn")
+    assert directory == work / "repo" / "cnn" / "1"
+    raw = _check_common(directory, ckpt, ("model",))
+    graph = raw["graphs"]["model"]
+    assert graph["inputs"] == [{"name": "images", "dtype": "float32", "shape": ["batch", 3, 8, 8]}]
+    assert graph["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 3]}]
+    assert raw["labels"] == ["cat", "dog", "owl"]
+    assert (directory / "labels.txt").read_text() == "cat\ndog\nowl\n"
+    pre = raw["preprocessing"]
+    assert (pre["channels"], pre["height"], pre["width"], pre["mean"], pre["std"]) == (3, 8, 8, [0.25] * 3, [0.3] * 3)
+    assert pre["resize"] and pre["color_mode"] == "RGB"
+    int8 = raw["variants"]["onnx-int8"]
+    assert int8["metric"] == "top1_agreement_with_fp32" and "random" in int8["dataset"]
+    assert 0.5 <= int8["top1_agreement"] <= 1.0
+
+    # independent of the parity module: the exported graphs against the eager model at new batch sizes
+    model = restore_model(load_checkpoint(ckpt))
+    sess = _session(directory / "model.onnx")
+    script = torch.jit.load(str(directory / "model.pt"))
+    for b in (1, 6, 17):
+        x = torch.randn(b, 3, 8, 8)
+        with torch.no_grad():
+            eager, ts = model(x).numpy(), script(x).numpy()
+        (got,) = sess.run(["logits"], {"images": x.numpy()})
+        assert np.abs(got - eager).max() <= 1e-4 and np.abs(ts - eager).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+def test_other_classifiers_export_with_parity(work: Path, arch: str) -> None:
+    ckpt = make_classifier_checkpoint(work / f"{arch}.pt", arch=arch, size=8)
+    directory = _export(ckpt, work / "repo", arch, formats=("onnx",), quantize=False)
+    manifest = load_manifest(directory)
+    assert manifest.model["type"] == arch and set(manifest.graphs["model"].files) == {"onnx"}
+    assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] <= 1e-4
+    assert not manifest.variants
+
+
+def test_int8_accuracy_on_digits_test_split(work: Path) -> None:
+    ckpt = make_classifier_checkpoint(work / "digits.pt", dataset="digits")
+    directory = _export(ckpt, work / "repo", "digits", formats=("onnx",))
+    int8 = load_manifest(directory).variants["onnx-int8"]
+    assert int8["metric"] == "accuracy" and int8["dataset"] == "digits test split"
+    assert int8["samples"] == 359  # 20% of the 1797 images, as training carves it
+    assert int8["accuracy_delta"] == pytest.approx(int8["accuracy"] - int8["accuracy_fp32"])
+
+
+# ---------------------------------------------------------------------------------------------- char-LM
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_charlm_artifact(work: Path, cell: str) -> None:
+    ckpt = make_charlm_checkpoint(work / f"{cell}.pt", cell=cell)
+    directory = _export(ckpt, work / "repo", f"char-{cell}")
+    raw = _check_common(directory, ckpt, ("step",))
+    state = ["h", "c"] if cell == "lstm" else ["h"]
+    graph = raw["graphs"]["step"]
+    assert [t["name"] for t in graph["inputs"]] == ["tokens", *state]
+    assert [t["name"] for t in graph["outputs"]] == ["logits", *[f"{s}_out" for s in state]]
+    assert graph["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["batch", "time"]}
+    assert graph["inputs"][1]["shape"] == [2, "batch", 16]
+    assert graph["outputs"][0]["shape"] == ["batch", "time", len(CHARLM_VOCAB)]
+    assert raw["model"] == {"type": cell, "cell": cell, "num_layers": 2, "hidden_size": 16, "vocab_size": len(CHARLM_VOCAB)}
+    assert raw["tokenizer"] == {"type": "char", "file": "vocab.json", "special_ids": {"unk": 0}}
+    assert json.loads((directory / "vocab.json").read_text()) == CHARLM_VOCAB
+    checks = {(c["format"], c["check"]): c for c in raw["parity"]["checks"]}
+    for fmt in ("torchscript", "onnx"):
+        assert checks[(fmt, "cached-decoding")]["max_abs_diff"] <= 1e-4
+        assert checks[(fmt, "greedy")]["tokens_equal"] is True
+
+    # prefill a prompt, then single steps, through ONNX Runtime == eager full sequence
+    model = restore_model(load_checkpoint(ckpt))
+    tokens = torch.randint(0, len(CHARLM_VOCAB), (3, 7))
+    with torch.no_grad():
+        eager, _ = model(tokens, model.init_state(3))
+    sess = _session(directory / "step.onnx")
+    feeds = {n: s.numpy() for n, s in zip(state, model.init_state(3))}
+    out = sess.run(None, {"tokens": tokens[:, :4].numpy(), **feeds})
+    logits = [out[0]]
+    for t in range(4, 7):
+        feeds = dict(zip(state, out[1:]))
+        out = sess.run(None, {"tokens": tokens[:, t : t + 1].numpy(), **feeds})
+        logits.append(out[0])
+    assert np.abs(np.concatenate(logits, axis=1) - eager.numpy()).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- seq2seq
+
+
+def test_seq2seq_artifact(work: Path) -> None:
+    from deepserve.train.models.seq2seq import greedy_decode
+
+    ckpt = make_seq2seq_checkpoint(work / "s2s.pt")
+    payload = load_checkpoint(ckpt)
+    directory = _export(ckpt, work / "repo", "s2s")
+    raw = _check_common(directory, ckpt, ("encode", "decode_step"))
+    assert [t["name"] for t in raw["graphs"]["encode"]["outputs"]] == ["memory", "cross_k", "cross_v"]
+    dec = raw["graphs"]["decode_step"]
+    assert [t["name"] for t in dec["inputs"]] == [
+        "tokens", "positions", "cross_k", "cross_v", "src_pad_mask", "past_k", "past_v", "past_pad_mask"]
+    assert dec["inputs"][5]["shape"] == [2, "batch", 2, "past_len", 8]
+    assert dec["inputs"][7]["dtype"] == "bool"
+    vocab = payload["model"]["args"]["vocab_size"]
+    assert raw["model"] == {"type": "transformer", "n_decoder_layers": 2, "n_heads": 2, "head_dim": 8, "d_model": 16,
+                            "vocab_size": vocab}
+    assert raw["tokenizer"]["file"] == "tokenizer.model" and raw["tokenizer"]["type"] == "sentencepiece"
+    assert raw["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+    assert raw["limits"] == {"vocab_size": vocab, "max_source_length": 24, "max_target_length": 16}
+    assert (directory / "tokenizer.model").read_bytes() == payload["data"]["spm_model"]
+    checks = {(c["format"], c["check"]): c for c in raw["parity"]["checks"]}
+    for fmt in ("torchscript", "onnx"):
+        assert checks[(fmt, "cached-decoding")]["max_abs_diff"] <= 1e-4
+        assert checks[(fmt, "greedy")]["tokens_equal"] is True
+    assert "greedy_token_agreement" in raw["variants"]["onnx-int8"]
+
+    # greedy decoding through ONNX Runtime (empty cache first) == the model's own cached greedy decoding
+    model = restore_model(payload)
+    src = torch.tensor([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0]])
+    expected = greedy_decode(model, src, max_len=8, bos=2, eos=3)
+    enc, decode = _session(directory / "encode.onnx"), _session(directory / "decode_step.onnx")
+    mask = (src == 0).numpy()
+    _, ck, cv = enc.run(None, {"src": src.numpy(), "src_pad_mask": mask})
+    past_k = np.zeros((2, 2, 2, 0, 8), np.float32)
+    past_v, past_mask = past_k.copy(), np.zeros((2, 0), bool)
+    tokens, rows = np.full((2, 1), 2, np.int64), [[], []]
+    for step in range(9):
+        logits, past_k, past_v = decode.run(None, {
+            "tokens": tokens, "positions": np.full(2, step, np.int64), "cross_k": ck, "cross_v": cv,
+            "src_pad_mask": mask, "past_k": past_k, "past_v": past_v, "past_pad_mask": past_mask})
+        past_mask = np.concatenate([past_mask, np.zeros((2, 1), bool)], axis=1)
+        tokens = logits.argmax(-1)[:, None]
+        for r in range(2):
+            rows[r].append(int(tokens[r, 0]))
+    got = [(row[: row.index(3)] if 3 in row else row)[:8] for row in rows]
+    assert got == expected
+
+
+def test_fp16_variant(work: Path) -> None:
+    ckpt = make_classifier_checkpoint(work / "fp16.pt", seed=3)
+    directory = _export(ckpt, work / "repo", "fp16", formats=("onnx",), quantize=False, fp16=True)
+    manifest = load_manifest(directory)
+    assert manifest.graphs["model"].files["onnx-fp16"] == "model.fp16.onnx"
+    model = onnx.load(str(directory / "model.fp16.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # io stays float32
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    fp16 = manifest.variants["onnx-fp16"]
+    assert 0 < fp16["max_abs_diff_vs_eager"]["model/random-inputs"] < 0.1 and fp16["top1_agreement"] > 0.9
+
+
+def test_fp16_is_not_made_for_char_lm(work: Path) -> None:
+    ckpt = make_charlm_checkpoint(work / "fp16-rnn.pt", cell="gru")
+    notes: list[str] = []
+    directory = export_checkpoint(ckpt, repository=work / "repo", name="fp16-rnn", formats=("onnx",), quantize=False,
+                                  fp16=True, log=notes.append)
+    assert "onnx-fp16" not in load_manifest(directory).graphs["step"].files
+    assert any("no fp16 variant" in n for n in notes)
+
+
+def test_verify_accepts_an_untouched_artifact(work: Path) -> None:
+    ckpt = make_charlm_checkpoint(work / "v.pt")
+    directory = _export(ckpt, work / "repo", "verify-me")
+    report = verify_artifact(directory)
+    assert report["passed"] and report["files_checked"] == len(load_manifest(directory).files)
+    assert {c["format"] for c in report["checks"]} == {"torchscript", "onnx"}

@@ -1,0 +1,392 @@
+"""Decoding, parameters and continuous batching on toy step models whose logits the tests control."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from deepserve.manifest import GraphSpec, Manifest, TensorSpec
+from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
+from deepserve.serve.generation.engine import GenerationServable
+from deepserve.serve.generation.params import GenerationParams, Limits
+from deepserve.serve.generation.step_models import StepModel
+from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
+from deepserve.serve.generation.tokenizers import CharTokenizer
+
+# ---------------------------------------------------------------------------------------------- toy models
+
+
+class TableModel(StepModel):
+    """Logits are a fixed pseudo-random function of a row's whole history (prompt + fed tokens), so beams
+    matter and every result can be recomputed by brute force. ``gate``, when set, blocks each step until the
+    test releases it."""
+
+    def __init__(self, vocab_size: int = 4, eos_id: int | None = 3, scale: float = 2.0, seed: int = 0) -> None:
+        self.vocab_size, self.eos_id, self.scale, self.seed = vocab_size, eos_id, scale, seed
+        self.histories: list[tuple[int, ...]] = []
+        self.rows = 0
+        self.gate: threading.Semaphore | None = None
+
+    def logits_for(self, history: tuple[int, ...]) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, len(history), *history])
+        return (self.scale * rng.standard_normal(self.vocab_size)).astype(np.float32)
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        first = []
+        for p, c in zip(prompts, copies):
+            for _ in range(c):
+                self.histories.append(tuple(p[:-1]))
+                first.append(p[-1])
+        self.rows = len(self.histories)
+        return np.asarray(first, np.int64)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.acquire()
+        self.histories = [h + (int(t),) for h, t in zip(self.histories, tokens)]
+        return np.stack([self.logits_for(h) for h in self.histories]) if self.histories else \
+            np.zeros((0, self.vocab_size), np.float32)
+
+    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        self.histories = [self.histories[i] for i in index]
+        self.rows = len(self.histories)
+
+
+VOCAB = ["<unk>", "a", "b", "c"]  # with TableModel(eos_id=3), id 3 is EOS
+
+
+def toy_settings(**kw) -> SimpleNamespace:
+    base = dict(max_running_rows=64, max_waiting=256, max_prompt_length=64, max_new_tokens=64, max_beams_x_n=16,
+                request_timeout_s=30.0, backend="auto", precision="fp32")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def toy_manifest(task: str = "char-lm") -> Manifest:
+    spec = GraphSpec(inputs=(TensorSpec("tokens", "int64", ("batch", "time")),),
+                     outputs=(TensorSpec("logits", "float32", ("batch", "time", 4)),), files={"onnx": "x.onnx"})
+    graphs = {"step": spec} if task == "char-lm" else {"encode": spec, "decode_step": spec}
+    return Manifest(name="toy", version=1, task=task, graphs=graphs, files={"x.onnx": "0"},
+                    tokenizer={"type": "char", "file": "vocab.json"})
+
+
+async def started(model: StepModel, vocab=VOCAB, task: str = "char-lm", **settings) -> GenerationServable:
+    s = GenerationServable(toy_manifest(task), "/nonexistent", toy_settings(**settings), "cpu", step_model=model,
+                           tokenizer=CharTokenizer(vocab))
+    await s.start()
+    s.ready = True  # no warmup: tests count steps and rows exactly
+    return s
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_new_tokens", 0), ("max_new_tokens", "10"), ("min_new_tokens", -1), ("temperature", -0.5),
+    ("temperature", True), ("top_k", -3), ("top_k", 1.5), ("top_p", 0.0), ("top_p", 1.5),
+    ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1), ("seed", -7), ("seed", "abc"), ("stop", [""]),
+    ("stop", 5), ("num_beams", 0), ("length_penalty", "long"), ("early_stopping", "sometimes"),
+    ("num_return_sequences", 0), ("logprobs", 9), ("logprobs", "yes"),
+])
+def test_every_parameter_error_names_its_field_and_value(field, value):
+    with pytest.raises(BadRequest) as err:
+        GenerationParams.from_dict({field: value})
+    assert err.value.message.startswith(field) and repr(value) in err.value.message, err.value.message
+
+
+def test_parameter_combinations_and_caps_name_the_field():
+    with pytest.raises(BadRequest, match="^num_return_sequences .*num_beams"):
+        GenerationParams(num_beams=2, num_return_sequences=3)
+    with pytest.raises(BadRequest, match="^num_return_sequences .*greedy"):
+        GenerationParams(temperature=0, num_return_sequences=2)
+    with pytest.raises(BadRequest, match="^min_new_tokens"):
+        GenerationParams(max_new_tokens=2, min_new_tokens=5)
+    with pytest.raises(BadRequest, match="unknown parameter.*'topk'"):
+        GenerationParams.from_dict({"topk": 3})
+    limits = Limits(max_prompt_length=8, max_new_tokens=32, max_beams_x_n=8, max_running_rows=64)
+    with pytest.raises(BadRequest, match="^max_new_tokens .*cap of 32.*33"):
+        limits.apply(GenerationParams(max_new_tokens=33))
+    with pytest.raises(BadRequest, match="^num_beams .*max_beams_x_n=8"):
+        limits.apply(GenerationParams(num_beams=4, num_return_sequences=3))
+    with pytest.raises(BadRequest, match="^prompt .*max_prompt_length=8"):
+        limits.check_prompt(9)
+    assert limits.apply(GenerationParams()) == 32  # the default is lowered to the cap
+
+
+def test_defaults_do_not_depend_on_a_parameters_object():
+    assert GenerationParams.from_dict(None) == GenerationParams.from_dict({}) == GenerationParams()
+    assert GenerationParams(stop="x").stop == ["x"] and GenerationParams(logprobs=True).logprobs == 0
+
+
+# ---------------------------------------------------------------------------------------------- beam search
+
+
+def drive_beam(model: TableModel, prompt: tuple[int, ...], beam: BeamSearch) -> None:
+    """Run a BeamSearch directly against the toy model's logits (the history includes the fed tokens)."""
+    seqs = [()]
+    while not beam.done:
+        logits = np.stack([model.logits_for(prompt + s) for s in seqs])
+        toks, parents = beam.select(log_softmax(logits))
+        seqs = [seqs[p] + (int(t),) for p, t in zip(parents, toks)]
+
+
+def exhaustive(model: TableModel, prompt: tuple[int, ...], max_len: int, length_penalty: float):
+    """Every finished sequence (EOS at any step, or max_len tokens) with its score, best first."""
+    V, eos = model.vocab_size, model.eos_id
+    out = []
+    for L in range(1, max_len + 1):
+        for seq in itertools.product(range(V), repeat=L):
+            if eos in seq[:-1] or (L < max_len and seq[-1] != eos):
+                continue
+            lp = sum(float(log_softmax(model.logits_for(prompt + seq[:i])[None])[0, t]) for i, t in enumerate(seq))
+            tokens = list(seq[:-1]) if seq[-1] == eos else list(seq)
+            out.append((lp / L ** length_penalty, tokens))
+    return sorted(out, key=lambda x: -x[0])
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_wide_beam_finds_the_exhaustive_optimum_and_n_best_order(length_penalty):
+    model, prompt, L = TableModel(vocab_size=4, eos_id=3, seed=1), (1,), 3
+    beam = BeamSearch(num_beams=4 ** L, max_new_tokens=L, length_penalty=length_penalty, eos_id=3)
+    drive_beam(model, prompt, beam)
+    truth = exhaustive(model, prompt, L, length_penalty)
+    got = beam.best(10)
+    assert [h.tokens for h in got] == [t for _, t in truth[:10]]
+    np.testing.assert_allclose([h.score for h in got], [s for s, _ in truth[:10]], rtol=1e-5)
+
+
+def test_wide_beam_through_the_engine_returns_the_same_n_best():
+    model = TableModel(vocab_size=4, eos_id=3, seed=2)
+
+    async def main():
+        s = await started(model, max_beams_x_n=1024, max_running_rows=64)
+        try:
+            return await s.generate("a", GenerationParams(num_beams=64, num_return_sequences=5, max_new_tokens=3))
+        finally:
+            await s.stop()
+
+    result = run(main())
+    truth = exhaustive_from_first(model, 1, 3)  # prompt "a" (id 1) is the first token fed
+    assert [o.token_ids for o in result.outputs] == [t for _, t in truth[:5]]
+    assert [o.finish_reason for o in result.outputs] == ["length" if len(t) == 3 else "eos" for _, t in truth[:5]]
+
+
+def exhaustive_from_first(model: TableModel, first: int, max_len: int):
+    """``exhaustive`` for a char-LM prompt of one token: the first logits come after feeding it."""
+    V, eos = model.vocab_size, model.eos_id
+    out = []
+    for L in range(1, max_len + 1):
+        for seq in itertools.product(range(V), repeat=L):
+            if eos in seq[:-1] or (L < max_len and seq[-1] != eos):
+                continue
+            fed = (first,) + seq
+            lp = sum(float(log_softmax(model.logits_for(fed[: i + 1])[None])[0, t]) for i, t in enumerate(seq))
+            out.append((lp / L, list(seq[:-1]) if seq[-1] == eos else list(seq)))
+    return sorted(out, key=lambda x: -x[0])
+
+
+def greedy_reference(model: TableModel, prompt: tuple[int, ...], max_len: int) -> list[int]:
+    seq: tuple[int, ...] = ()
+    for _ in range(max_len):
+        t = int(model.logits_for(prompt + seq).argmax())
+        if t == model.eos_id:
+            break
+        seq += (t,)
+    return list(seq)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_of_one_equals_greedy(seed):
+    model = TableModel(vocab_size=5, eos_id=4, seed=seed, scale=1.0)
+    beam = BeamSearch(num_beams=1, max_new_tokens=8, eos_id=4)
+    drive_beam(model, (1, 2), beam)
+    assert beam.best(1)[0].tokens == greedy_reference(model, (1, 2), 8)
+
+
+def test_early_stopping_true_stops_once_enough_hypotheses_finished():
+    model = TableModel(vocab_size=4, eos_id=3, seed=3, scale=0.5)
+    eager = BeamSearch(num_beams=2, max_new_tokens=30, eos_id=3, early_stopping=True)
+    never = BeamSearch(num_beams=2, max_new_tokens=30, eos_id=3, early_stopping="never")
+    drive_beam(model, (1,), eager)
+    drive_beam(model, (1,), never)
+    assert len(eager.hyps) == 2 and eager.generated <= never.generated
+    assert never.best(1)[0].score >= eager.best(1)[0].score
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_top_k_one_sampling_equals_greedy_and_seeds_reproduce():
+    model = TableModel(vocab_size=4, eos_id=None, seed=5, scale=1.0)
+
+    async def main():
+        s = await started(model)
+        try:
+            g = await s.generate("ab", {"temperature": 0, "max_new_tokens": 12})
+            k1 = await s.generate("ab", {"temperature": 1.3, "top_k": 1, "seed": 9, "max_new_tokens": 12})
+            a = await s.generate("ab", {"seed": 7, "max_new_tokens": 12, "num_return_sequences": 2})
+            b = await s.generate("ab", {"seed": 7, "max_new_tokens": 12, "num_return_sequences": 2})
+            c = await s.generate("ab", {"seed": 8, "max_new_tokens": 12, "num_return_sequences": 2})
+            return g, k1, a, b, c
+        finally:
+            await s.stop()
+
+    g, k1, a, b, c = run(main())
+    assert k1.outputs[0].token_ids == g.outputs[0].token_ids == greedy_reference(model, (1, 2), 12)
+    assert [o.text for o in a.outputs] == [o.text for o in b.outputs]
+    assert [o.text for o in a.outputs] != [o.text for o in c.outputs]
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in a.outputs)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8),
+                                                       (1.3, 4, 0.9)])
+def test_sampled_distribution_matches_the_model(temperature, top_k, top_p):
+    logits = np.array([1.5, 0.2, -0.3, 1.1, 0.0, -1.0], np.float32)
+    x = logits / temperature
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros_like(x, bool)
+    keep[order[: top_k or len(x)]] = True
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    p /= p.sum()
+    mass = 0.0
+    for i in order:  # nucleus: keep tokens until the mass before them reaches top_p
+        if mass >= top_p:
+            keep[i] = False
+        mass += p[i]
+    expected = np.where(keep, p, 0.0)
+    expected /= expected.sum()
+    n = 20000
+    rng = np.random.Generator(np.random.PCG64(0))
+    tokens = sample_tokens(np.tile(logits, (n, 1)), np.full(n, temperature, np.float32), np.full(n, top_k),
+                           np.full(n, top_p), rng.random(n))
+    counts = np.bincount(tokens, minlength=len(logits))
+    assert np.all(counts[expected == 0] == 0)
+    nz = expected > 0
+    stat = float((((counts[nz] - n * expected[nz]) ** 2) / (n * expected[nz])).sum())
+    dof = int(nz.sum()) - 1
+    try:
+        from scipy.stats import chi2
+
+        critical = float(chi2.ppf(0.999, dof)) if dof > 0 else 0.0
+    except ImportError:  # chi-square 0.999 quantiles for 0..5 degrees of freedom
+        critical = [0.0, 10.83, 13.82, 16.27, 18.47, 20.52][dof]
+    assert stat <= critical, (stat, critical, counts, expected)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def test_continuous_batching_does_not_change_greedy_beam_or_seeded_results():
+    model = TableModel(vocab_size=4, eos_id=3, seed=11, scale=1.5)
+    probes = [("ab", {"temperature": 0, "max_new_tokens": 10}),
+              ("ba", {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 8}),
+              ("a", {"seed": 3, "max_new_tokens": 10, "num_return_sequences": 2, "top_p": 0.9})]
+
+    def others(i: int):
+        kinds = [{"temperature": 0, "max_new_tokens": 3 + i % 7}, {"num_beams": 2, "max_new_tokens": 5},
+                 {"seed": i, "max_new_tokens": 9, "top_k": 2}, {"temperature": 0.5, "max_new_tokens": 2}]
+        return "abc"[: 1 + i % 3] * (1 + i % 4), kinds[i % 4]
+
+    async def main():
+        s = await started(model, max_running_rows=64)
+        try:
+            alone = [await s.generate(t, p) for t, p in probes]
+            crowd = [s.generate(*others(i)) for i in range(31 - len(probes) + 1)]
+            together = await asyncio.gather(*[s.generate(t, p) for t, p in probes], *crowd)
+            staggered = []  # probes joining a batch already mid-way
+            first = [asyncio.ensure_future(s.generate(*others(i))) for i in range(10)]
+            await asyncio.sleep(0)
+            staggered = await asyncio.gather(*[s.generate(t, p) for t, p in probes])
+            await asyncio.gather(*first)
+            return alone, together[: len(probes)], staggered
+        finally:
+            await s.stop()
+
+    alone, together, staggered = run(main())
+    key = [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in alone]
+    assert [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in together] == key
+    assert [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in staggered] == key
+
+
+def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
+    model = TableModel(vocab_size=4, eos_id=None, seed=1)
+    model.gate = threading.Semaphore(0)
+
+    async def main():
+        s = await started(model, max_running_rows=4, max_waiting=1)
+        try:
+            job = s.submit("ab", {"temperature": 0, "max_new_tokens": 50}, stream=True)
+            model.gate.release()
+            stream = s.events(job)
+            first = await stream.__anext__()
+            assert first.kind == "delta" and s.scheduler.model.rows == 1
+            blocker = s.submit("a", {"num_beams": 4, "max_new_tokens": 3})  # needs all 4 rows: waits
+            with pytest.raises(Overloaded) as over:
+                s.submit("a", {"temperature": 0})
+            assert over.value.status == 429 and "Retry-After" in over.value.headers
+            await stream.aclose()  # the client goes away
+            model.gate.release()  # at most one more step: the cancelled rows are gone before the next
+            assert await asyncio.to_thread(s.scheduler.wait_until, lambda: job not in s.scheduler.running, 10.0)
+            model.gate.release(3)  # the beam request's three steps
+            result = await s.wait(blocker)
+            assert result.outputs[0].finish_reason == "length"
+            # a request whose deadline passes while running ends with DeadlineExceeded
+            late = s.submit("ab", {"temperature": 0, "max_new_tokens": 50})
+            model.gate.release()
+            late.deadline = time.monotonic() - 1.0
+            for _ in range(3):
+                model.gate.release()
+            with pytest.raises(DeadlineExceeded):
+                await s.wait(late)
+            assert await asyncio.to_thread(s.scheduler.wait_rows, 0, 10.0)
+        finally:
+            gate, model.gate = model.gate, None
+            gate.release(100)
+            await s.stop()
+
+    run(main())
+
+
+def test_stop_strings_processors_and_streaming_text():
+    model = TableModel(vocab_size=4, eos_id=None, seed=4, scale=1.0)
+
+    async def main():
+        s = await started(model)
+        try:
+            plain = await s.generate("a", {"temperature": 0, "max_new_tokens": 20})
+            text = plain.outputs[0].text
+            stop = text[5:7]
+            cut = await s.generate("a", {"temperature": 0, "max_new_tokens": 20, "stop": [stop, "zz"]})
+            job = s.submit("a", {"temperature": 0, "max_new_tokens": 20, "stop": [stop]}, stream=True)
+            pieces = [e async for e in s.events(job)]
+            nrep = await s.generate("a", {"temperature": 0, "max_new_tokens": 6, "no_repeat_ngram_size": 2})
+            rep = await s.generate("a", {"temperature": 0, "max_new_tokens": 20, "repetition_penalty": 5.0})
+            beam_job = s.submit("b", {"num_beams": 3, "max_new_tokens": 6}, stream=True)
+            beam_pieces = [e async for e in s.events(beam_job)]
+            empty = await s.generate("", {"temperature": 0, "max_new_tokens": 3})
+            odd = await s.generate("x\ud800é", {"temperature": 0, "max_new_tokens": 3})
+            return text, stop, cut, pieces, nrep, rep, beam_job, beam_pieces, empty, odd
+        finally:
+            await s.stop()
+
+    text, stop, cut, pieces, nrep, rep, beam_job, beam_pieces, empty, odd = run(main())
+    assert cut.outputs[0].text == text[: text.index(stop)] and cut.outputs[0].finish_reason == "stop"
+    streamed = "".join(e.text for e in pieces if e.kind == "delta")
+    assert streamed == cut.outputs[0].text and pieces[-1].kind == "done"
+    seq = [1] + nrep.outputs[0].token_ids  # the char-LM history includes the prompt
+    grams = [tuple(seq[i: i + 2]) for i in range(len(seq) - 1)]
+    assert len(grams) == 6 and len(grams) == len(set(grams))
+    assert rep.outputs[0].text != text
+    final = beam_pieces[-1].result.outputs[0].text
+    prefix = "".join(e.text for e in beam_pieces if e.kind == "delta")
+    assert final.startswith(prefix)
+    assert len(empty.outputs[0].token_ids) == 3 and len(odd.outputs[0].token_ids) == 3

@@ -1,0 +1,161 @@
+"""The dynamic batcher, driven with plain functions (no model needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from deepserve.serve.batcher import Batcher
+from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def _double(inputs):
+    return {"y": inputs["x"] * 2}
+
+
+def _request(i: int, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.arange(i * 100, i * 100 + rows, dtype=np.float32)[:, None]}
+
+
+class Gate:
+    """A batch function that blocks until released, recording every batch it saw."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[np.ndarray] = []
+
+    def __call__(self, inputs):
+        self.batches.append(inputs["x"].copy())
+        self.entered.set()
+        self.release.wait(10)
+        return {"y": inputs["x"] + 1}
+
+
+async def _wait_thread_event(event: threading.Event) -> None:
+    await asyncio.to_thread(event.wait, 10)
+
+
+async def test_batched_results_match_unbatched_in_order():
+    sizes: list[int] = []
+
+    def fn(inputs):
+        sizes.append(len(inputs["x"]))
+        return _double(inputs)
+
+    b = Batcher(fn, max_batch_size=8, max_queue_delay_ms=50, name="t")
+    b.start()
+    rows = [1 + i % 3 for i in range(64)]
+    results = await asyncio.gather(*(b.submit(_request(i, r)) for i, r in enumerate(rows)))
+    await b.stop()
+    for i, (r, out) in enumerate(zip(rows, results)):
+        np.testing.assert_array_equal(out["y"], _double(_request(i, r))["y"])
+    assert max(sizes) <= 8 and sum(sizes) == sum(rows)
+    assert len(sizes) < 64, "requests were not batched together"
+
+
+async def test_request_rows_never_split_unless_too_big():
+    seen: list[np.ndarray] = []
+
+    async def fn(inputs):  # async batch functions are awaited directly
+        seen.append(inputs["x"][:, 0].copy())
+        return _double(inputs)
+
+    b = Batcher(fn, max_batch_size=4, max_queue_delay_ms=20, name="t")
+    b.start()
+    a, big, c = await asyncio.gather(b.submit(_request(1, 3)), b.submit(_request(2, 10)), b.submit(_request(3, 2)))
+    await b.stop()
+    np.testing.assert_array_equal(big["y"], _request(2, 10)["x"] * 2)
+    np.testing.assert_array_equal(a["y"], _request(1, 3)["x"] * 2)
+    np.testing.assert_array_equal(c["y"], _request(3, 2)["x"] * 2)
+    assert all(len(s) <= 4 for s in seen)
+    for start, rows in ((100, 3), (300, 2)):  # each small request sits whole inside one batch
+        assert any(np.array_equal(s[i : i + rows], np.arange(start, start + rows)) for s in seen for i in range(len(s)))
+
+
+async def test_queue_overflow_and_sync_fn_runs_off_loop():
+    gate = Gate()
+    loop_thread = threading.get_ident()
+    threads = []
+
+    def fn(inputs):
+        threads.append(threading.get_ident())
+        return gate(inputs)
+
+    b = Batcher(fn, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2, name="m")
+    b.start()
+    first = asyncio.ensure_future(b.submit(_request(0)))
+    await _wait_thread_event(gate.entered)  # first is in flight; the queue is empty
+    queued = [asyncio.ensure_future(b.submit(_request(i))) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as err:
+        await b.submit(_request(3))
+    assert err.value.status == 429 and "Retry-After" in err.value.headers
+    gate.release.set()
+    outs = await asyncio.gather(first, *queued)
+    assert [o["y"][0, 0] for o in outs] == [1, 101, 201]
+    await b.stop()
+    assert threads and loop_thread not in threads
+
+
+async def test_deadline_expired_requests_are_dropped_before_running():
+    gate = Gate()
+    b = Batcher(gate, max_batch_size=1, max_queue_delay_ms=0, name="m")
+    b.start()
+    first = asyncio.ensure_future(b.submit(_request(0)))
+    await _wait_thread_event(gate.entered)
+    with pytest.raises(DeadlineExceeded):
+        await b.submit(_request(7), deadline=time.monotonic() + 0.05)
+    with pytest.raises(DeadlineExceeded):  # already expired: refused at once
+        await b.submit(_request(8), deadline=time.monotonic() - 1)
+    gate.release.set()
+    await first
+    await b.stop()
+    assert [int(x[0, 0]) for x in gate.batches] == [0], "an expired request reached the model"
+
+
+async def test_failing_batch_fails_only_its_requests():
+    calls = 0
+
+    def fn(inputs):
+        nonlocal calls
+        calls += 1
+        if (inputs["x"] == 500).any():
+            raise RuntimeError("boom")
+        return _double(inputs)
+
+    b = Batcher(fn, max_batch_size=2, max_queue_delay_ms=30, name="m")
+    b.start()
+    results = await asyncio.gather(*(b.submit(_request(i)) for i in (4, 5, 6, 7)), return_exceptions=True)
+    assert isinstance(results[1], InferenceFailed) and "boom" in str(results[1])
+    assert not isinstance(results[2], Exception) and not isinstance(results[3], Exception)
+    after = await b.submit(_request(9))  # the batcher keeps running
+    np.testing.assert_array_equal(after["y"], _request(9)["x"] * 2)
+    await b.stop()
+
+
+async def test_stop_drains_queue_then_refuses():
+    gate = Gate()
+    b = Batcher(gate, max_batch_size=1, max_queue_delay_ms=0, name="m")
+    b.start()
+    pending = [asyncio.ensure_future(b.submit(_request(i))) for i in range(3)]
+    await _wait_thread_event(gate.entered)
+    stopping = asyncio.ensure_future(b.stop())
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        await b.submit(_request(9))
+    gate.release.set()
+    outs = await asyncio.gather(*pending)
+    await stopping
+    assert [o["y"][0, 0] for o in outs] == [1, 101, 201]

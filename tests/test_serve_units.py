@@ -1,0 +1,174 @@
+"""Serving pieces without a model: settings, image preprocessing, the v2 tensor codec."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepserve.serve.errors import BadRequest, UnsupportedMediaType
+from deepserve.serve.preprocess import ImagePreprocessor
+from deepserve.serve.settings import ModelSettings, SettingsError, env_overrides, resolve_settings
+from deepserve.serve.v2 import decode_request, encode_response
+
+# ------------------------------------------------------------------------------------------------- settings
+
+
+def test_settings_layers_defaults_file_then_overrides(tmp_path):
+    assert ModelSettings().max_batch_size == 32 and ModelSettings().default_version is None
+    (tmp_path / "config.json").write_text(json.dumps({"max_batch_size": 8, "backend": "torchscript",
+                                                      "default_version": 2}))
+    s = resolve_settings(tmp_path, {"max_batch_size": 4, "max_queue_delay_ms": None})
+    assert (s.max_batch_size, s.backend, s.default_version, s.max_queue_delay_ms) == (4, "torchscript", 2, 2.0)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.yaml").write_text("instances: 2\nmax_queue_delay_ms: 5\n")
+    s = resolve_settings(tmp_path, {})
+    assert s.instances == 2 and s.max_queue_delay_ms == 5.0
+
+
+def test_settings_env_overrides_are_typed():
+    env = {"DEEPSERVE_MAX_BATCH_SIZE": "16", "DEEPSERVE_MAX_QUEUE_DELAY_MS": "0.5", "DEEPSERVE_DEFAULT_VERSION": "3",
+           "UNRELATED": "x"}
+    assert env_overrides(env) == {"max_batch_size": 16, "max_queue_delay_ms": 0.5, "default_version": 3}
+    with pytest.raises(SettingsError, match="DEEPSERVE_INSTANCES.*'two'"):
+        env_overrides({"DEEPSERVE_INSTANCES": "two"})
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"max_batch_size": 0}, "max_batch_size"), ({"backend": "tensorrt"}, "backend"),
+    ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"), ({"default_version": 0}, "default_version"),
+    ({"precision": "int4"}, "precision"), ({"request_timeout_s": 0}, "request_timeout_s"),
+])
+def test_settings_validation_names_field_and_value(bad, field):
+    with pytest.raises(SettingsError, match=field) as err:
+        ModelSettings(**bad)
+    assert repr(next(iter(bad.values()))) in str(err.value)
+
+
+def test_settings_file_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"max_batch_sise": 4}')
+    with pytest.raises(SettingsError, match=r"config\.json.*max_batch_sise"):
+        resolve_settings(tmp_path, {})
+    (tmp_path / "config.json").write_text("{nope")
+    with pytest.raises(SettingsError, match=r"config\.json: cannot parse"):
+        resolve_settings(tmp_path, {})
+
+
+# ------------------------------------------------------------------------------------------------- preprocess
+
+
+def encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = ImagePreprocessor(3, 4, 6, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0), "nearest", "RGB")
+GRAY = ImagePreprocessor(1, 4, 4, (0.5,), (0.5,), "bilinear", "L", max_pixels=10_000)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "GIF", "WEBP"])
+def test_lossless_formats_decode_convert_and_normalise_exactly(fmt):
+    pixels = np.zeros((4, 6, 3), dtype=np.uint8)
+    pixels[..., 0], pixels[..., 1] = 255, 64
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = RGB(encode(pixels, fmt, **kw))
+    assert out.shape == (3, 4, 6) and out.dtype == np.float32
+    expected = [(1.0 - 0.5) / 0.5, (64 / 255 - 0.25) / 0.25, 0.0]
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), expected, atol=1e-5)
+
+
+def test_jpeg_rgb_to_gray_and_resize():
+    pixels = np.full((32, 16, 3), 255, dtype=np.uint8)
+    out = GRAY(encode(pixels, "JPEG", quality=95))
+    assert out.shape == (1, 4, 4)
+    np.testing.assert_allclose(out, 1.0, atol=0.02)  # white -> (1 - 0.5) / 0.5
+
+
+def test_transparent_pixels_become_white():
+    pixels = np.zeros((4, 4, 4), dtype=np.uint8)  # fully transparent black
+    out = GRAY(encode(pixels, "PNG"))
+    np.testing.assert_allclose(out, 1.0, atol=1e-5)
+
+
+def test_bad_images_are_client_errors_naming_the_problem():
+    png = encode(np.zeros((8, 8), dtype=np.uint8), "PNG")
+    with pytest.raises(BadRequest, match="not a decodable image"):
+        GRAY(b"definitely not an image")
+    with pytest.raises(BadRequest, match="truncated or corrupt"):
+        GRAY(encode(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), "PNG")[:-200])
+    with pytest.raises(BadRequest, match="decompression bomb.*200x200"):
+        GRAY(encode(np.zeros((200, 200), dtype=np.uint8), "PNG"))
+    with pytest.raises(UnsupportedMediaType, match="TIFF"):
+        GRAY(encode(np.zeros((8, 8), dtype=np.uint8), "TIFF"))
+    with pytest.raises(BadRequest, match="empty"):
+        GRAY(b"")
+    assert GRAY(png).shape == (1, 4, 4)
+
+
+def test_preprocessor_from_manifest_rejects_inconsistent_specs():
+    base = {"channels": 1, "height": 8, "width": 8, "mean": [0.5], "std": [0.5], "resize": "bilinear"}
+    assert ImagePreprocessor.from_manifest(base).color_mode == "L"
+    with pytest.raises(ValueError, match="resize"):
+        ImagePreprocessor.from_manifest({**base, "resize": "magic"})
+    with pytest.raises(ValueError, match="color_mode"):
+        ImagePreprocessor.from_manifest({**base, "color_mode": "RGB"})
+
+
+# ------------------------------------------------------------------------------------------------- v2 codec
+
+
+def test_decode_json_and_binary_tensors():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    header, inputs = decode_request(json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [3, 4], "data": x.ravel().tolist()},
+        {"name": "b", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(b"\x00img").decode()]},
+    ]}).encode(), None)
+    np.testing.assert_array_equal(inputs["a"], x)
+    assert inputs["b"].tolist() == [b"\x00img"]
+
+    head = json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [3, 4], "parameters": {"binary_data_size": 48}},
+        {"name": "b", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 13}},
+    ]}).encode()
+    blob = x.tobytes() + struct.pack("<I", 5) + b"hello" + struct.pack("<I", 0)
+    _, inputs = decode_request(head + blob, str(len(head)))
+    np.testing.assert_array_equal(inputs["a"], x)
+    assert inputs["b"].tolist() == [b"hello", b""]
+
+
+_BINARY_HEAD = b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]}'
+
+
+@pytest.mark.parametrize("body, header, message", [
+    (b"{not json", None, "malformed JSON"),
+    (b'{"inputs": []}', None, "non-empty"),
+    (b'{"inputs": [{"name": "a", "datatype": "FP99", "shape": [1], "data": [1]}]}', None, "datatype"),
+    (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [2], "data": [1]}]}', None, "1 values for shape"),
+    (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [-1], "data": [1]}]}', None, "shape"),
+    (b'{"inputs": [{"name": "a", "datatype": "BYTES", "shape": [1], "data": ["@@"]}]}', None, "base64"),
+    (_BINARY_HEAD + b"xx", str(len(_BINARY_HEAD)), "runs past"),
+    (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}]}', "999", "does not fit"),
+])
+def test_decode_errors_are_bad_requests(body, header, message):
+    with pytest.raises(BadRequest, match=message):
+        decode_request(body, header)
+
+
+def test_encode_binary_and_classification_outputs():
+    logits = np.array([[0.1, 2.0, -1.0]], dtype=np.float32)
+    request = {"id": "7", "outputs": [{"name": "logits", "parameters": {"binary_data": True}},
+                                      {"name": "logits", "parameters": {"classification": 2}}]}
+    response = encode_response(request, {"logits": logits}, "m", "1", ["a", "b", "c"])
+    n = int(response.headers["inference-header-content-length"])
+    header = json.loads(response.body[:n])
+    assert header["id"] == "7" and header["outputs"][0]["parameters"] == {"binary_data_size": 12}
+    np.testing.assert_array_equal(np.frombuffer(response.body[n:], np.float32), logits.ravel())
+    assert header["outputs"][1]["data"] == ["2.000000:1:b", "0.100000:0:a"]
+    with pytest.raises(BadRequest, match="unknown output 'probs'"):
+        encode_response({"outputs": [{"name": "probs"}]}, {"logits": logits}, "m", "1", [])
