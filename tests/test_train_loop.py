@@ -134,3 +134,9 @@ def test_lr_schedule_warms_up_then_decays() -> None:
 def test_bad_config_names_the_field(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_config(ToyRunConfig, raw)
+
+
+def test_partial_section_keeps_the_family_defaults_of_that_section() -> None:
+    config = build_config(ToyRunConfig, {"train": {"lr": "3e-3"}})
+    assert config.train.lr == 0.003  # YAML 1.1 reads 3e-3 as a string
+    assert config.train.epochs == 3 and config.train.warmup_steps == 2  # ToyRunConfig's, not TrainConfig's

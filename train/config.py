@@ -73,6 +73,11 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path} must be a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -90,15 +95,44 @@ def build_config(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {
-        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in raw.items()
-    }
+    defaults = _section_defaults(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        if name in defaults and isinstance(value, dict):
+            # A partial section overrides the family's defaults for that section instead of replacing them.
+            value = _deep_merge(defaults[name], value)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
     try:
         return cls(**kwargs)
     except ConfigError as e:
         if prefix and not str(e).startswith(prefix):
             raise ConfigError(f"{prefix}.{e}") from None
         raise
+
+
+def _section_defaults(cls: type) -> dict[str, dict[str, Any]]:
+    """Default values of the dataclass-typed fields of ``cls``, as plain dicts."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            continue
+        if dataclasses.is_dataclass(default):
+            out[f.name] = dataclasses.asdict(default)
+    return out
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -96,7 +96,13 @@ def add_sub(rng: random.Random, extrapolate: bool = False) -> tuple[str, str]:
     a, b = _signed(rng, lo, hi), _signed(rng, lo, hi)
     if rng.random() < 0.5:
         question = rng.choice(
-            [f"What is {a} + {b}?", f"Calculate {a} + {b}.", f"Add {a} and {b}.", f"What is {a} plus {b}?", f"Sum {a} and {b}."]
+            [
+                f"What is {a} + {b}?",
+                f"Calculate {a} + {b}.",
+                f"Add {a} and {b}.",
+                f"What is {a} plus {b}?",
+                f"Sum {a} and {b}.",
+            ]
         )
         return question, str(a + b)
     question = rng.choice(
@@ -123,7 +129,9 @@ def linear_1d(rng: random.Random, extrapolate: bool = False) -> tuple[str, str]:
     term = _term(a, v)
     lhs = rng.choice([term + (_plus(str(b)) if b else ""), (f"{b}{_plus(term)}" if b else term)])
     equation = rng.choice([f"{lhs} = {c}", f"{c} = {lhs}"])
-    question = rng.choice([f"Solve {equation} for {v}.", f"What is {v} in {equation}?", f"Find {v} such that {equation}."])
+    question = rng.choice(
+        [f"Solve {equation} for {v}.", f"What is {v} in {equation}?", f"Find {v} such that {equation}."]
+    )
     return question, str(x)
 
 
@@ -172,7 +180,8 @@ def make_splits(
     disjoint by question string and the test set does not depend on the training size.
     """
     splits: dict[str, list[Example]] = {"train": [], "val": [], "test": [], "extrapolate": []}
-    sizes = {name: _share(n, len(tasks)) for name, n in (("train", n_train), ("val", n_val), ("test", n_test), ("extrapolate", n_extrapolate))}
+    totals = {"train": n_train, "val": n_val, "test": n_test, "extrapolate": n_extrapolate}
+    sizes = {name: _share(n, len(tasks)) for name, n in totals.items()}
     for i, kind in enumerate(tasks):
         test = generate(kind, sizes["test"][i], f"{seed}/test", exclude=set())
         taken = {e.source for e in test}

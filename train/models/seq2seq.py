@@ -92,7 +92,9 @@ class SelfAttention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x)  # (B,T,3D); sliced rather than split(): Split exports badly at ONNX opset 17
         q, k, v = qkv[..., :D], qkv[..., D : 2 * D], qkv[..., 2 * D :]
-        return tuple(t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # type: ignore[return-value]
+        H = self.n_heads
+        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
+        return q, k, v
 
     def merge(self, y: torch.Tensor) -> torch.Tensor:
         """y (B,H,T,Dh) -> (B,T,D) through the output projection."""
@@ -167,7 +169,12 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(args.dropout)
 
     def forward(
-        self, x: torch.Tensor, self_blocked: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, src_blocked: torch.Tensor
+        self,
+        x: torch.Tensor,
+        self_blocked: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+        src_blocked: torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.drop(self.self_attn(self.ln1(x), self_blocked))  # (B,T,D)
         x = x + self.drop(self.cross_attn(self.ln2(x), cross_k, cross_v, src_blocked))
@@ -187,7 +194,8 @@ class DecoderBlock(nn.Module):
         q, k, v = self.self_attn.heads(self.ln1(x))  # (B,H,1,Dh)
         k = torch.cat([past_k, k], dim=2)  # (B,H,P+1,Dh)
         v = torch.cat([past_v, v], dim=2)
-        x = x + self.self_attn.merge(attend(q, k, v, self_blocked, self.self_attn.scale, self.self_attn.attn_drop))  # (B,1,D)
+        y = attend(q, k, v, self_blocked, self.self_attn.scale, self.self_attn.attn_drop)  # (B,H,1,Dh)
+        x = x + self.self_attn.merge(y)  # (B,1,D)
         x = x + self.cross_attn(self.ln2(x), cross_k, cross_v, src_blocked)
         return x + self.ff(self.ln3(x)), k, v
 
@@ -257,7 +265,8 @@ class Seq2SeqTransformer(nn.Module):
         future = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).triu(1)  # (T,T) True above diagonal
         # padded target keys only ever sit after the real tokens, so the causal mask already hides them from
         # real queries; masking them too keeps pad queries well defined (each still sees itself).
-        self_blocked = future[None, None] | (tgt_in.eq(self.args.pad_id)[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=tgt_in.device))
+        pad_keys = tgt_in.eq(self.args.pad_id)[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=tgt_in.device)
+        self_blocked = future[None, None] | pad_keys  # (B,1,T,T)
         src_blocked = src_pad_mask[:, None, None, :]  # (B,1,1,S)
         for i, block in enumerate(self.decoder):
             x = block(x, self_blocked, cross_k[i], cross_v[i], src_blocked)
@@ -293,7 +302,9 @@ class Seq2SeqTransformer(nn.Module):
         logits = self.logits(x[:, 0])  # (B,V)
         return logits, torch.stack(present_k), torch.stack(present_v)
 
-    def empty_cache(self, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def empty_cache(
+        self, batch: int, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """past_k, past_v (L,B,H,0,Dh) and past_pad_mask (B,0) for the first decode step."""
         a = self.args
         shape = (a.n_decoder_layers, batch, a.n_heads, 0, a.d_model // a.n_heads)
@@ -319,7 +330,9 @@ def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, max_len: int, bo
     out: list[torch.Tensor] = []
     for step in range(max_len + 1):  # up to max_len tokens, then one more step that may emit EOS
         positions = torch.full((B,), step, dtype=torch.long, device=device)
-        logits, past_k, past_v = model.decode_step(tokens, positions, cross_k, cross_v, src_pad_mask, past_k, past_v, past_pad)
+        logits, past_k, past_v = model.decode_step(
+            tokens, positions, cross_k, cross_v, src_pad_mask, past_k, past_v, past_pad
+        )
         past_pad = torch.cat([past_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], dim=1)
         nxt = logits.argmax(-1)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
