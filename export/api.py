@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 import deepserve
 from deepserve.export import formats as fmt
 from deepserve.export import parity, writer
-from deepserve.export.quantize import evaluate_variant
+from deepserve.export.quantize import evaluate_variant, int8_plan
 from deepserve.export.errors import ExportError, ParityError
 from deepserve.export.graphs import MODEL_TASKS, GraphDef, TaskGraphs, build_graphs
 from deepserve.manifest import GraphSpec, Manifest, ManifestError, hash_directory, load_manifest, sha256_file
@@ -97,7 +98,9 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
         checks = check_parity(task, tmp, specs, ref, ids, formats)
         variants: dict[str, Any] = {}
         if quantize and "onnx" in formats:
-            variants["onnx-int8"] = _add_variant("onnx-int8", fmt.quantize_int8, task, tmp, specs, ref, payload, ids)
+            op_types, plan = int8_plan(model_type)
+            variants["onnx-int8"] = _add_variant("onnx-int8", partial(fmt.quantize_int8, op_types=op_types), task,
+                                                 tmp, specs, ref, payload, ids, plan)
         elif quantize:
             log("note: no int8 variant (it is derived from the ONNX graph, which was not requested)")
         if fp16 and task == "char-lm":
@@ -254,17 +257,24 @@ def _parity_section(checks: list[dict[str, Any]]) -> dict[str, Any]:
             "max_abs_diff": max(diffs, default=0.0), "passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def _add_variant(variant: str, convert: Callable[[Path, Path], None], task: str, tmp: Path,
-                 specs: dict[str, GraphSpec], ref: parity.Reference, payload: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
+def _add_variant(variant: str, convert: Callable[[Path, Path], dict[str, int] | None], task: str, tmp: Path,
+                 specs: dict[str, GraphSpec], ref: parity.Reference, payload: dict[str, Any], ids: dict[str, int],
+                 record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``variant`` of every graph with ``convert`` (which may return the nodes it changed, by op type)
+    and return its manifest record: ``record`` plus those counts plus its accuracy change."""
+    summary = dict(record or {})
     for name, spec in specs.items():
         out = tmp / fmt.file_name(name, variant)
-        convert(tmp / spec.files["onnx"], out)
+        changed = convert(tmp / spec.files["onnx"], out)
+        if changed is not None:
+            summary.setdefault("quantized_nodes", {})[name] = changed
         spec.files[variant] = out.name
     fp32 = _runners(tmp, specs, "onnx")
     try:
-        return evaluate_variant(task, ref, fp32, _runners(tmp, specs, variant), payload, ids)
+        return {**summary, **evaluate_variant(task, ref, fp32, _runners(tmp, specs, variant), payload, ids)}
     except RuntimeError as e:  # e.g. fp16 kernels missing from the CPU provider: the variant is for GPU
-        return {"checked": False, "note": f"not runnable on the CPU provider ({str(e).splitlines()[0][:200]})"}
+        return {**summary, "checked": False,
+                "note": f"not runnable on the CPU provider ({str(e).splitlines()[0][:200]})"}
 
 
 def _write_task_files(task: str, tmp: Path, data: dict[str, Any], tg: TaskGraphs) -> dict[str, Any]:

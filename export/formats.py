@@ -10,8 +10,10 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +65,54 @@ def export_onnx(graph: GraphDef, path: Path) -> None:
             do_constant_folding=True,
             dynamo=False,
         )
+    _inline_initializer_identities(path)
     check_onnx(path, graph.name)
+
+
+def _inline_initializer_identities(path: Path) -> None:
+    """Point consumers of ``Identity(initializer)`` straight at the initializer and drop the Identity.
+
+    Constant folding de-duplicates equal initializers (e.g. the all-zero weights of BatchNorm-folded convs
+    whose BN scale starts at zero, or LayerNorm's all-ones gains) and routes the copies through Identity
+    nodes. ORT's quantizer then sees a weight that is not an initializer: Conv fails outright ("Expected ...
+    to be an initializer") and MatMul weights would be re-quantized on every run."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            src = alias.get(node.input[0], node.input[0])
+            if src in inits:
+                alias[node.output[0]] = src
+                continue
+        kept.append(node)
+    if not alias:
+        return
+    del graph.node[:]
+    graph.node.extend(kept)
+    _rename_inputs(graph, alias)
+    onnx.save(model, str(path))
+
+
+def _rename_inputs(graph: Any, alias: dict[str, str]) -> None:
+    """Rename node inputs throughout ``graph`` and its subgraphs (If / Loop bodies read outer names)."""
+    import onnx
+
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_inputs(attr.g, alias)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _rename_inputs(sub, alias)
 
 
 def check_onnx(path: Path, graph_name: str) -> None:
@@ -75,17 +124,23 @@ def check_onnx(path: Path, graph_name: str) -> None:
         raise ExportError(f"graph {graph_name!r}: {path.name} fails onnx.checker: {e}") from None
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantization of weights (activations quantized at run time) for CPU."""
+def quantize_int8(src: Path, dst: Path, op_types: Sequence[str] | None = None) -> dict[str, int]:
+    """Dynamic int8 quantization of weights (activations quantized at run time) for CPU, of the nodes whose op
+    type is in ``op_types`` (None: every type ORT supports). Returns how many nodes of each type it replaced."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint at WARNING
     try:
         with _quiet():
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=list(op_types) if op_types is not None else None)
     finally:
         logging.getLogger().setLevel(level)
+    before = Counter(n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node)
+    after = Counter(n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node)
+    return {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]}
 
 
 def convert_fp16(src: Path, dst: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import deepserve
@@ -94,8 +94,10 @@ def create_app(
 
     from deepserve.serve import predictions, v2
 
-    app.include_router(v2.router)
-    app.include_router(predictions.router)
+    # The classification routes go on the app's own router, not through include_router: this FastAPI matches
+    # a request to an included router's routes twice (match, then dispatch), a cost every request pays.
+    # Route objects hold no per-app state (handlers reach the repository through request.app).
+    app.router.routes.extend([*v2.router.routes, *predictions.router.routes])
     for name in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(name)
@@ -108,7 +110,9 @@ def create_app(
 
     metrics = repository.metrics
 
-    @app.get("/metrics", name="metrics", tags=["observability"])
+    @app.get("/metrics", name="metrics", tags=["observability"], response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format: this repository's serving metrics and "
+                                             "prometheus-client's default registry (generation, process)."}})
     async def metrics_endpoint() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)

@@ -38,6 +38,8 @@ class _Item:
     deadline: float | None
     enqueued: float
     future: asyncio.Future = field(repr=False)
+    queued: bool = True
+    """Still in the queue (not yet taken by the batcher or removed)."""
 
 
 class Batcher:
@@ -53,7 +55,6 @@ class Batcher:
         executor: Executor | None = None,
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
-        on_queue: Callable[[int], None] | None = None,
     ) -> None:
         self.fn = fn
         self.is_async = asyncio.iscoroutinefunction(fn)
@@ -63,7 +64,6 @@ class Batcher:
         self.executor = executor
         self.name = name
         self.on_batch = on_batch
-        self.on_queue = on_queue
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -107,29 +107,29 @@ class Batcher:
         loop = asyncio.get_running_loop()
         items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future()) for c in chunks]
         self._queue.extend(items)
-        if self.on_queue is not None:
-            self.on_queue(len(self._queue))
         self._wakeup.set()
         futures = [item.future for item in items]
         waiter = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+        # One timer fails the futures at the deadline (cheaper than asyncio.wait_for's wrapper per request).
+        timer = None if deadline is None else loop.call_later(deadline - now, self._expire, futures)
         try:
-            if deadline is None:
-                result = await waiter
-            else:
-                result = await asyncio.wait_for(waiter, deadline - now)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"request deadline exceeded while waiting for {self.name}") from None
+            result = await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             for item in items:  # a timeout, a disconnect or a failed chunk: what is still queued need not run
-                item.future.cancel()
-                if item.future.cancelled():
-                    try:
-                        self._queue.remove(item)  # frees its queue slot now (rare path, O(queue))
-                    except ValueError:
-                        pass  # already taken by the batcher, which skips cancelled items
+                item.future.cancel()  # no-op once done
+                if item.queued:
+                    self._queue.remove(item)  # frees its queue slot now (rare path, O(queue))
+                    item.queued = False
         if len(futures) == 1:
             return result
         return {k: np.concatenate([r[k] for r in result]) for k in result[0]}
+
+    def _expire(self, futures: list[asyncio.Future]) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_exception(DeadlineExceeded(f"request deadline exceeded while waiting for {self.name}"))
 
     async def _next_batch(self) -> list[_Item]:
         """Wait for requests and gather one batch; ``[]`` means closing with nothing left."""
@@ -140,11 +140,11 @@ class Batcher:
             while self._queue:
                 item = self._queue[0]
                 if item.future.done():  # its waiter gave up (deadline, disconnect): drop it
-                    self._queue.popleft()
+                    self._queue.popleft().queued = False
                     continue
                 if batch and rows + item.rows > self.max_batch_size:
                     return batch  # it opens the next batch
-                self._queue.popleft()
+                self._queue.popleft().queued = False
                 if not batch:
                     flush_at = item.enqueued + self.max_queue_delay
                 batch.append(item)
@@ -168,8 +168,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            if self.on_queue is not None:
-                self.on_queue(len(self._queue))
             if not batch:
                 return
             now = time.monotonic()

@@ -8,6 +8,8 @@ training code. SIGTERM/SIGINT are handled by uvicorn gracefully: stop accepting,
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 _SETTING_FLAGS = (
     # flag, ModelSettings field, type, help
@@ -18,6 +20,15 @@ _SETTING_FLAGS = (
     ("--instances", "instances", int, "model instances, each with its own batcher (default 1)"),
     ("--precision", "precision", str, "graph variant: fp32 | int8 | fp16 (default fp32)"),
 )
+
+LOOPS = ("auto", "asyncio", "uvloop")
+HTTP_PARSERS = ("auto", "h11", "httptools")
+_FAST = {"loop": ("uvloop", "asyncio"), "http": ("httptools", "h11")}
+"""flag -> (the implementation uvicorn[standard] brings, the pure-Python fallback)."""
+
+
+class ServerOptionError(ValueError):
+    """A --loop / --http choice that cannot be used here."""
 
 
 def add_parser(subparsers) -> None:
@@ -41,22 +52,65 @@ def add_parser(subparsers) -> None:
                    help="largest decoded image (width x height); bigger ones are refused (default 40M)")
     p.add_argument("--graceful-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long to wait for requests in flight (default 30)")
+    p.add_argument("--loop", choices=LOOPS, default="auto",
+                   help="event loop: uvloop when installed (auto, the default), or asyncio")
+    p.add_argument("--http", choices=HTTP_PARSERS, default="auto",
+                   help="HTTP/1.1 parser: httptools when installed (auto, the default), or h11")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
 
 
-def example_requests(base: str, models: list[str]) -> str:
-    model = models[0] if models else "MODEL"
-    return "\n".join([
-        "Try:",
-        f"  curl {base}/v2/health/ready",
-        f"  curl {base}/v2/models",
-        f"  curl {base}/v2/models/{model}",
-        f"  curl -T cat.jpg '{base}/predictions/{model}?top_k=3'",
-        f"  curl -F data=@cat.jpg {base}/predictions/{model}",
-        f"  curl {base}/metrics",
-        f"  open {base}/docs",
-    ])
+def server_implementations(loop: str = "auto", http: str = "auto") -> dict[str, str]:
+    """``{"loop": ..., "http": ...}`` for ``--loop``/``--http``: ``auto`` takes uvloop / httptools when they are
+    installed (``pip install 'uvicorn[standard]'``), else asyncio / h11. Naming a missing one raises
+    ``ServerOptionError`` naming the flag."""
+    import importlib.util
+
+    chosen = {}
+    for flag, value in (("loop", loop), ("http", http)):
+        fast, fallback = _FAST[flag]
+        installed = importlib.util.find_spec(fast) is not None
+        if value == fast and not installed:
+            raise ServerOptionError(f"--{flag} {fast}: {fast} is not installed "
+                                    f"(pip install 'uvicorn[standard]'), or use --{flag} {fallback}")
+        chosen[flag] = (fast if installed else fallback) if value == "auto" else value
+    return chosen
+
+
+def uvicorn_config(app, args: argparse.Namespace, implementations: dict[str, str]):  # -> uvicorn.Config
+    import uvicorn
+
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                          timeout_graceful_shutdown=args.graceful_timeout_s, **implementations)
+
+
+def example_requests(base: str, tasks: dict[str, str]) -> str:
+    """Copy-paste requests for the models found, each on an endpoint that fits its task."""
+    lines = ["Try:", f"  curl {base}/v2/health/ready", f"  curl {base}/v2/models"]
+    for model, task in tasks.items():
+        if task == "image-classification":
+            lines += [f"  curl -T digit.png '{base}/predictions/{model}?top_k=3'",
+                      f"  curl -F data=@digit.png {base}/predictions/{model}"]
+        elif task == "char-lm":
+            lines.append(f"  curl {base}/v1/completions -H 'content-type: application/json' "
+                         f"-d '{{\"model\": \"{model}\", \"prompt\": \"The \", \"max_tokens\": 80, "
+                         f"\"temperature\": 0.8, \"seed\": 1}}'")
+        elif task == "seq2seq":
+            lines.append(f"  curl {base}/v2/models/{model}/generate -d '{{\"text_input\": "
+                         f"\"What is the tens digit of 52873?\", \"parameters\": {{\"num_beams\": 4}}}}'")
+    lines += [f"  curl {base}/metrics", f"  open {base}/docs"]
+    return "\n".join(lines)
+
+
+def model_tasks(repository: Path) -> dict[str, str]:
+    """Model name -> task, read from the newest manifest of each model (for the examples only)."""
+    tasks = {}
+    for manifest in sorted(Path(repository).glob("*/*/manifest.json")):
+        try:
+            tasks[manifest.parent.parent.name] = json.loads(manifest.read_text()).get("task", "")
+        except (OSError, ValueError):
+            continue  # the repository reports broken artifacts itself
+    return tasks
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,19 +128,19 @@ def run(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, field) for _, field, _, _ in _SETTING_FLAGS}
     overrides["backend"] = args.backend
     try:
+        implementations = server_implementations(args.loop, args.http)
         device = resolve_device(args.device)
         resolve_settings(None, {k: v for k, v in overrides.items() if v is not None})  # flags alone must be valid
         repository = ModelRepository(args.repository, overrides=overrides, device=device,
                                      max_pixels=args.max_image_pixels)
-    except (FileNotFoundError, SettingsError, BackendUnavailable) as e:
+    except (FileNotFoundError, SettingsError, BackendUnavailable, ServerOptionError) as e:
         raise CLIError(str(e)) from None
     app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"deepserve: serving {args.repository} on http://{host}:{args.port} (device {device}); "
+    print(f"deepserve: serving {args.repository} on http://{host}:{args.port} (device {device}, "
+          f"{implementations['loop']} loop, {implementations['http']} parser); "
           f"models: {', '.join(repository.models) or 'none'}", flush=True)
-    print(example_requests(f"http://{host}:{args.port}", list(repository.models)), flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_timeout_s, access_log=False)
-    server = uvicorn.Server(config)
+    print(example_requests(f"http://{host}:{args.port}", model_tasks(args.repository)), flush=True)
+    server = uvicorn.Server(uvicorn_config(app, args, implementations))
     server.run()  # installs SIGTERM/SIGINT handlers: graceful shutdown, then the lifespan drains
     return 0 if server.started else 1

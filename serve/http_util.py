@@ -1,11 +1,17 @@
-"""HTTP helpers shared by the v2 and predictions routes: bounded body reading, content decoding, deadlines."""
+"""HTTP helpers shared by the v2 and predictions routes: bounded body reading, content decoding, deadlines,
+and ``DirectRoute``, the route class of the request hot path."""
 
 from __future__ import annotations
 
+import inspect
 import time
 import zlib
+from typing import Any, Callable, Coroutine
 
+from fastapi.routing import APIRoute
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
@@ -77,3 +83,40 @@ def deadline_from(request: Request, timeout_us: object = None) -> float | None:
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+class DirectRoute(APIRoute):
+    """An ``APIRoute`` whose handler calls ``endpoint(request, **path parameters)`` and sends the ``Response``
+    it returns: no per-request dependency solving, parameter validation or response serialisation, which
+    cost FastAPI more than decoding, batching and answering a small model's request.
+
+    The endpoint's signature still documents its path parameters in OpenAPI, so it may take only ``request``
+    and ``str`` path parameters (checked here, at import); anything else — query parameters, headers, the
+    body — it reads itself and declares in ``openapi_extra``.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        params = list(inspect.signature(endpoint).parameters.values())
+        if not params or params[0].name != "request":
+            raise TypeError(f"{endpoint.__name__}: a DirectRoute endpoint takes request first")
+        for p in params[1:]:
+            if "{" + p.name + "}" not in path or p.annotation not in (str, "str"):
+                raise TypeError(f"{endpoint.__name__}: parameter {p.name!r} is not a str path parameter of {path}")
+        super().__init__(path, endpoint, **kwargs)
+        handler = self.get_route_handler()
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            # No per-request exit stacks (no dependencies) and no route-level exception wrapper: errors reach
+            # the app's ExceptionMiddleware, whose handlers answer them the same way.
+            response = await handler(Request(scope, receive, send))
+            await response(scope, receive, send)
+
+        self.app = app
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            return await endpoint(request, **request.path_params)
+
+        return handler

@@ -1,7 +1,9 @@
 """Prometheus metrics, one registry per repository (so several apps in one process do not collide).
 
 Requests are counted by a small pure-ASGI middleware that reads the matched route and its ``model`` path
-parameter after routing; batchers report queue depth, batch sizes and inference time through hooks.
+parameter after routing; batchers report batch sizes and inference time through a hook, and queue depth is
+read when scraped. ``/metrics`` renders this registry and prometheus-client's default one, where the
+generation engine (``serve/generation/metrics.py``) and the process collectors register.
 """
 
 from __future__ import annotations
@@ -9,15 +11,19 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, include_default_registry: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.include_default_registry = include_default_registry
+        """Render prometheus-client's default registry too (generation and process metrics)."""
         r = self.registry
         self.requests = Counter("deepserve_requests", "HTTP requests by model, endpoint and status",
                                 ["model", "endpoint", "status"], registry=r)
@@ -33,16 +39,20 @@ class Metrics:
                                  registry=r)
         self._request_children: dict[tuple[str, str, str], tuple] = {}
 
-    def batch_hooks(self, model: str, version: str) -> tuple[Callable[[int, float], None], Callable[[int], None]]:
-        """``(on_batch(rows, seconds), on_queue(depth))`` for one batcher."""
+    def batch_hook(self, model: str, version: str) -> Callable[[int, float], None]:
+        """``on_batch(rows, seconds)`` for a model version's batchers."""
         size, seconds = self.batch_size.labels(model, version), self.inference.labels(model, version)
-        depth = self.queue_depth.labels(model, version)
 
         def on_batch(rows: int, elapsed: float) -> None:
             size.observe(rows)
             seconds.observe(elapsed)
 
-        return on_batch, depth.set
+        return on_batch
+
+    def track_queue_depth(self, model: str, version: str, depth: Callable[[], float]) -> None:
+        """Read ``depth()`` (requests waiting in every instance of the version) at scrape time: nothing to
+        update per request."""
+        self.queue_depth.labels(model, version).set_function(depth)
 
     def set_ready(self, model: str, version: str, ready: bool) -> None:
         self.model_ready.labels(model, version).set(1.0 if ready else 0.0)
@@ -57,7 +67,11 @@ class Metrics:
         children[1].observe(elapsed)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The Prometheus text exposition of this registry, then of the default one (metric names differ)."""
+        body = generate_latest(self.registry)
+        if self.include_default_registry:
+            body += generate_latest(REGISTRY)
+        return body, CONTENT_TYPE_LATEST
 
 
 class RequestMetricsMiddleware:

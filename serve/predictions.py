@@ -2,29 +2,57 @@
 (``curl -T cat.jpg``) or a multipart upload, answered with the top-k ``[{label, probability}]``.
 
 One image gives one list; a multipart upload of several files gives a list of lists, in upload order.
+The routes are ``DirectRoute``s: ``top_k`` is read here and declared in ``openapi_extra``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from deepserve.serve.http_util import body_limit, deadline_from, media_type, read_body
+from deepserve.serve.http_util import DirectRoute, body_limit, deadline_from, media_type, read_body
+from deepserve.serve.schemas import TIMEOUT_HEADER_PARAMETER, PredictionsResponse, answers
+from deepserve.serve.servable import task_phrase
 
-router = APIRouter(tags=["predictions (TorchServe style)"])
+router = APIRouter(tags=["predictions (TorchServe style)"], route_class=DirectRoute)
 
+DEFAULT_TOP_K, MAX_TOP_K = 5, 1000
 _RAW_TYPES = ("", "application/octet-stream", "application/x-www-form-urlencoded")
 _DOC = {
-    "requestBody": {"content": {
+    "parameters": [
+        {"name": "top_k", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K},
+         "description": "How many labels to return, most probable first."},
+        TIMEOUT_HEADER_PARAMETER,
+    ],
+    "requestBody": {"required": True, "content": {
         "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "data": {"type": "string", "format": "binary"}}}},
     }},
     "description": "The raw image as the body (PNG, JPEG, WebP, BMP or GIF), or multipart file parts.",
 }
+_RESPONSES = answers(PredictionsResponse, 400, 404, 413, 415, 429, 503, 504,
+                     description="The top-k labels of the image, or one list per uploaded file.")
+
+
+def top_k_param(request: Request) -> int:
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return DEFAULT_TOP_K
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= MAX_TOP_K:
+        raise BadRequest(f"query parameter top_k must be an integer from 1 to {MAX_TOP_K}, got {raw!r}")
+    return k
 
 
 async def _images(request: Request) -> list[bytes]:
@@ -52,25 +80,25 @@ async def _images(request: Request) -> list[bytes]:
                                f"multipart/form-data, not {kind}")
 
 
-async def _predict(request: Request, model: str, version: str | None, top_k: int) -> Any:
+async def _predict(request: Request, model: str, version: str | None) -> Response:
+    top_k = top_k_param(request)
     servable = request.app.state.repository.get(model, version)
     if not hasattr(servable, "classify"):
-        raise BadRequest(f"model {model!r} ({servable.manifest.task}) is not an image classifier")
+        raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)}, not an image classifier")
     images = await _images(request)
-    result = await servable.classify(images, top_k, deadline_from(request))
-    return result[0] if len(result) == 1 else result
+    result: Any = await servable.classify(images, top_k, deadline_from(request))
+    if len(result) == 1:
+        result = result[0]
+    return Response(json.dumps(result, separators=(",", ":")).encode(), media_type="application/json")
 
 
-_TOP_K = Query(5, ge=1, le=1000, description="How many labels to return, most probable first.")
-
-
-@router.post("/predictions/{model}", name="predictions", openapi_extra=_DOC)
+@router.post("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
 @router.put("/predictions/{model}", name="predictions", include_in_schema=False)
-async def predictions(request: Request, model: str, top_k: int = _TOP_K) -> Any:
-    return await _predict(request, model, None, top_k)
+async def predictions(request: Request, model: str) -> Response:
+    return await _predict(request, model, None)
 
 
-@router.post("/predictions/{model}/{version}", name="predictions", openapi_extra=_DOC)
+@router.post("/predictions/{model}/{version}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
 @router.put("/predictions/{model}/{version}", name="predictions", include_in_schema=False)
-async def predictions_version(request: Request, model: str, version: str, top_k: int = _TOP_K) -> Any:
-    return await _predict(request, model, version, top_k)
+async def predictions_version(request: Request, model: str, version: str) -> Response:
+    return await _predict(request, model, version)

@@ -1,8 +1,9 @@
 """Image preprocessing as the manifest records it: decode, convert mode, resize, scale to [0, 1], normalise.
 
-Decoding is CPU work, so callers run ``ImagePreprocessor.__call__`` in a thread pool. Every way a client's
-bytes can be wrong ends in a 4xx naming the problem: not an image, truncated, an unsupported format (415)
-or more pixels than ``max_pixels`` (a decompression bomb).
+``open`` reads only the header (format and size checks); ``to_array`` decodes, which is CPU work that callers
+run in a thread pool unless the image is tiny. Every way a client's bytes can be wrong ends in a 4xx naming
+the problem: not an image, truncated, an unsupported format (415) or more pixels than ``max_pixels`` (a
+decompression bomb).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from deepserve.serve.errors import BadRequest, UnsupportedMediaType
 
@@ -59,9 +61,8 @@ class ImagePreprocessor:
         object.__setattr__(self, "_scale", (1.0 / (255.0 * std)).astype(np.float32))
         object.__setattr__(self, "_offset", (-np.asarray(self.mean, dtype=np.float32) / std).astype(np.float32))
 
-    def decode(self, data: bytes):  # -> PIL.Image.Image, loaded
-        from PIL import Image, UnidentifiedImageError
-
+    def open(self, data: bytes):  # -> PIL.Image.Image, header read, pixels not decoded yet
+        """Read the header and check format and size; raises ``BadRequest`` / ``UnsupportedMediaType``."""
         if not data:
             raise BadRequest("image is empty (0 bytes)")
         try:
@@ -78,17 +79,18 @@ class ImagePreprocessor:
         if width * height > self.max_pixels:
             raise BadRequest(f"image refused as a decompression bomb: {width}x{height} = {width * height} pixels "
                              f"exceeds the limit of {self.max_pixels}")
-        try:
-            image.load()
-        except (OSError, ValueError, SyntaxError) as e:  # Pillow's ways of saying the data is cut or corrupt
-            raise BadRequest(f"{image.format} image is truncated or corrupt: {e}") from None
         return image
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> ``[C, H, W]`` float32, ready for the model."""
-        from PIL import Image
+        return self.to_array(self.open(data))
 
-        image = self.decode(data)
+    def to_array(self, image) -> np.ndarray:
+        """An image from ``open`` -> ``[C, H, W]`` float32: decode, convert, resize, normalise."""
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's ways of saying the data is cut or corrupt
+            raise BadRequest(f"{image.format} image is truncated or corrupt: {e}") from None
         if image.mode != self.color_mode:
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 image = image.convert("RGBA")  # composite transparency over white, not black

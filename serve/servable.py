@@ -19,6 +19,12 @@ V2_DATATYPES = {
 }
 
 
+def task_phrase(task: str) -> str:
+    """``"an image-classification model"``, ``"a char-lm model"``: a task named in a sentence, with its article."""
+    article = "an" if task[:1].lower() in ("a", "e", "i", "o", "u") else "a"  # by spelling: no task says "hour"
+    return f"{article} {task} model"
+
+
 class Servable(abc.ABC):
     """One model version behind the server."""
 

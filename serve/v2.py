@@ -20,7 +20,12 @@ from fastapi.responses import JSONResponse, Response
 
 import deepserve
 from deepserve.serve.errors import BadRequest, UnsupportedMediaType
-from deepserve.serve.http_util import deadline_from, media_type, read_body
+from deepserve.serve.http_util import DirectRoute, deadline_from, media_type, read_body
+from deepserve.serve.schemas import (
+    INFER_HEADER_PARAMETER, INFER_REQUEST_BODY, TIMEOUT_HEADER_PARAMETER, InferResponse, Live, ModelConfig,
+    ModelIndex, ModelMetadata, ModelReady, Ready, RepositoryIndexRow, ServerMetadata, answers, error_responses,
+)
+from deepserve.serve.servable import task_phrase
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES: dict[str, Any] = {
@@ -191,97 +196,131 @@ def encode_response(request: dict[str, Any], outputs: dict[str, np.ndarray], mod
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-router = APIRouter(tags=["v2 (KServe / Triton)"])
+router = APIRouter(tags=["v2 (KServe / Triton)"], route_class=DirectRoute)
 
 _INFER_DOC = {
-    "requestBody": {"content": {"application/json": {"schema": {
-        "type": "object", "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string"},
-            "inputs": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "datatype": {"type": "string"},
-                "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array", "items": {}}}}},
-            "outputs": {"type": "array", "items": {"type": "object"}},
-            "parameters": {"type": "object"},
-        }}}}},
+    "requestBody": INFER_REQUEST_BODY,
+    "parameters": [INFER_HEADER_PARAMETER, TIMEOUT_HEADER_PARAMETER],
     "description": "JSON tensors, or the binary tensor extension (Inference-Header-Content-Length header). "
                    "BYTES inputs named like the image input hold encoded images (base64 in JSON).",
+}
+_INFER_RESPONSES = {
+    200: {"model": InferResponse, "description": "The outputs as JSON; with binary outputs, the JSON header "
+                                                 "then the raw bytes (Inference-Header-Content-Length).",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(400, 404, 413, 415, 429, 503, 504),
 }
 _UNSUPPORTED_PREFIXES = ("multipart/", "image/", "audio/", "video/", "text/html")
 
 
-@router.get("/v2", name="server_metadata")
-async def server_metadata() -> dict[str, Any]:
-    return {"name": "deepserve", "version": deepserve.__version__,
-            "extensions": ["binary_tensor_data", "classification", "model_repository"]}
+@router.get("/v2", name="server_metadata", responses=answers(ServerMetadata))
+async def server_metadata(request: Request) -> Response:
+    return JSONResponse({"name": "deepserve", "version": deepserve.__version__,
+                         "extensions": ["binary_tensor_data", "classification", "model_repository"]})
 
 
-@router.get("/v2/health/live", name="live")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+@router.get("/v2/health/live", name="live", responses=answers(Live))
+async def live(request: Request) -> Response:
+    return JSONResponse({"live": True})
 
 
-@router.get("/v2/health/ready", name="ready")
-async def ready(request: Request) -> JSONResponse:
-    ok = request.app.state.repository.ready
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+@router.get("/v2/health/ready", name="ready", responses=answers(Ready, 503))
+async def ready(request: Request) -> Response:
+    is_ready = request.app.state.repository.ready
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("/v2/models", name="models_index")
-async def models_index(request: Request) -> dict[str, Any]:
-    return request.app.state.repository.index()
+@router.get("/v2/models", name="models_index", responses=answers(ModelIndex))
+async def models_index(request: Request) -> Response:
+    return JSONResponse(request.app.state.repository.index())
 
 
-@router.post("/v2/repository/index", name="repository_index")
-async def repository_index(request: Request) -> list[dict[str, Any]]:
-    return request.app.state.repository.triton_index()
+@router.post("/v2/repository/index", name="repository_index", responses=answers(list[RepositoryIndexRow]))
+async def repository_index(request: Request) -> Response:
+    return JSONResponse(request.app.state.repository.triton_index())
 
 
-@router.get("/v2/models/{model}", name="model_metadata")
-@router.get("/v2/models/{model}/versions/{version}", name="model_metadata")
-async def model_metadata(request: Request, model: str, version: str | None = None) -> dict[str, Any]:
+def _metadata(request: Request, model: str, version: str | None) -> Response:
     repo = request.app.state.repository
     meta = repo.get(model, version).metadata()
     meta["versions"] = [str(v) for v in repo.model(model).versions]
-    return meta
+    return JSONResponse(meta)
 
 
-@router.get("/v2/models/{model}/config", name="model_config")
-@router.get("/v2/models/{model}/versions/{version}/config", name="model_config")
-async def model_config(request: Request, model: str, version: str | None = None) -> dict[str, Any]:
+@router.get("/v2/models/{model}", name="model_metadata", responses=answers(ModelMetadata, 404, 503))
+async def model_metadata(request: Request, model: str) -> Response:
+    return _metadata(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}", name="model_metadata", responses=answers(ModelMetadata, 404, 503))
+async def model_version_metadata(request: Request, model: str, version: str) -> Response:
+    return _metadata(request, model, version)
+
+
+def _config(request: Request, model: str, version: str | None) -> Response:
     servable = request.app.state.repository.get(model, version)
     meta = servable.metadata()
     settings = getattr(servable, "settings", None) or request.app.state.repository.model(model).settings
-    return {"name": model, "platform": meta["platform"], "max_batch_size": settings.max_batch_size,
-            "input": meta["inputs"], "output": meta["outputs"],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
-            "instance_group": [{"count": settings.instances}]}
+    return JSONResponse({
+        "name": model, "platform": meta["platform"], "max_batch_size": settings.max_batch_size,
+        "input": meta["inputs"], "output": meta["outputs"],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
+        "instance_group": [{"count": settings.instances}]})
 
 
-@router.get("/v2/models/{model}/ready", name="model_ready")
-@router.get("/v2/models/{model}/versions/{version}/ready", name="model_ready")
-async def model_ready(request: Request, model: str, version: str | None = None) -> JSONResponse:
+@router.get("/v2/models/{model}/config", name="model_config", responses=answers(ModelConfig, 404, 503))
+async def model_config(request: Request, model: str) -> Response:
+    return _config(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}/config", name="model_config",
+            responses=answers(ModelConfig, 404, 503))
+async def model_version_config(request: Request, model: str, version: str) -> Response:
+    return _config(request, model, version)
+
+
+def _ready(request: Request, model: str, version: str | None) -> Response:
     repo = request.app.state.repository
     entry = repo.resolve(model, version) if version else None  # 404 for an unknown version
-    ok = repo.is_ready(model, version) if entry is None else entry.ready
-    return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+    is_ready = repo.is_ready(model, version) if entry is None else entry.ready
+    return JSONResponse({"name": model, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.post("/v2/models/{model}/infer", name="infer", openapi_extra=_INFER_DOC)
-@router.post("/v2/models/{model}/versions/{version}/infer", name="infer", openapi_extra=_INFER_DOC)
-async def infer(request: Request, model: str, version: str | None = None) -> Response:
+@router.get("/v2/models/{model}/ready", name="model_ready", responses=answers(ModelReady, 404, 503))
+async def model_ready(request: Request, model: str) -> Response:
+    return _ready(request, model, None)
+
+
+@router.get("/v2/models/{model}/versions/{version}/ready", name="model_ready", responses=answers(ModelReady, 404, 503))
+async def model_version_ready(request: Request, model: str, version: str) -> Response:
+    return _ready(request, model, version)
+
+
+async def _infer(request: Request, model: str, version: str | None) -> Response:
     servable = request.app.state.repository.get(model, version)
     if not hasattr(servable, "infer"):
-        raise BadRequest(f"model {model!r} ({servable.manifest.task}) does not take tensor infer requests; "
-                         "use its generate endpoint")
-    header_length = request.headers.get(HEADER_LENGTH)
+        raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)} and does not take tensor "
+                         f"infer requests; use POST /v2/models/{model}/generate")
+    headers = request.headers
+    header_length = headers.get(HEADER_LENGTH)
     if header_length is None and media_type(request).startswith(_UNSUPPORTED_PREFIXES):
         raise UnsupportedMediaType(f"infer takes application/json or the binary tensor extension "
                                    f"(application/octet-stream), not {media_type(request)}")
     body = await read_body(request)
     payload, inputs = decode_request(body, header_length)
-    params = payload.get("parameters") or {}
+    params = payload.get("parameters")
     deadline = deadline_from(request, params.get("timeout") if isinstance(params, dict) else None)
     outputs = await servable.infer(inputs, deadline=deadline)
     return encode_response(payload, outputs, model, str(servable.manifest.version),
                            getattr(servable, "labels", []))
+
+
+@router.post("/v2/models/{model}/infer", name="infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
+async def infer(request: Request, model: str) -> Response:
+    return await _infer(request, model, None)
+
+
+@router.post("/v2/models/{model}/versions/{version}/infer", name="infer", openapi_extra=_INFER_DOC,
+             responses=_INFER_RESPONSES)
+async def infer_version(request: Request, model: str, version: str) -> Response:
+    return await _infer(request, model, version)

@@ -55,10 +55,12 @@ def make_classifier_checkpoint(
     labels: Sequence[str] | None = None,
     dataset: str = "synthetic",
     metrics: dict[str, float] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
     """A tiny random-weight ``mlp`` / ``cnn`` / ``resnet`` classifier checkpoint of ``size``x``size`` images.
 
-    ``dataset="digits"`` makes export measure int8 accuracy on the real digits test split (needs 1x8x8)."""
+    ``dataset="digits"`` makes export measure int8 accuracy on the real digits test split (needs 1x8x8).
+    ``model_args`` overrides the tiny architecture's args (e.g. ``{"blocks": [2, 1]}``)."""
     from deepserve.train.checkpoint import save_checkpoint
     from deepserve.train.models import args_dict, model_classes
 
@@ -73,7 +75,7 @@ def make_classifier_checkpoint(
     if arch not in tiny:
         raise ValueError(f"arch must be one of {list(tiny)}, got {arch!r}")
     args_cls, model_cls = model_classes(arch)
-    args = args_cls(**common, **tiny[arch])
+    args = args_cls(**common, **{**tiny[arch], **(model_args or {})})
     model = model_cls(args).eval()
     _randomize_batchnorm(model, torch.Generator().manual_seed(seed))
     data = {

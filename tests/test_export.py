@@ -118,6 +118,44 @@ def test_int8_accuracy_on_digits_test_split(work: Path) -> None:
     assert int8["metric"] == "accuracy" and int8["dataset"] == "digits test split"
     assert int8["samples"] == 359  # 20% of the 1797 images, as training carves it
     assert int8["accuracy_delta"] == pytest.approx(int8["accuracy"] - int8["accuracy_fp32"])
+    assert int8["op_types"] == ["MatMul", "Gemm"] and "Conv" in int8["not_quantized"]
+    quantized = int8["quantized_nodes"]["model"]
+    assert "Conv" not in quantized and sum(quantized.values()) == 2  # hidden + output Linear (MatMul or Gemm)
+
+
+def test_resnet_int8_variant_on_digits(work: Path) -> None:
+    ckpt = make_classifier_checkpoint(work / "resnet-digits.pt", arch="resnet", dataset="digits",
+                                      model_args={"blocks": [2, 1]})
+    directory = _export(ckpt, work / "repo", "resnet-digits", formats=("onnx",))
+    manifest = load_manifest(directory)
+    assert manifest.graphs["model"].files["onnx-int8"] == "model.int8.onnx"
+    int8 = manifest.variants["onnx-int8"]
+    assert int8["metric"] == "accuracy" and int8["dataset"] == "digits test split" and int8["samples"] == 359
+    assert int8["accuracy_delta"] == pytest.approx(int8["accuracy"] - int8["accuracy_fp32"])
+    assert int8["quantized_nodes"]["model"] == {"Gemm": 1}
+    ops = {n.op_type for n in onnx.load(str(directory / "model.int8.onnx")).graph.node}
+    assert "Conv" in ops and "ConvInteger" not in ops and "MatMulInteger" in ops
+    verify_artifact(directory)  # the int8 graph runs through every parity check
+
+
+def test_folded_resnet_onnx_quantizes_its_convolutions(work: Path) -> None:
+    from deepserve.export.formats import quantize_int8
+
+    # two same-shaped blocks: their zero-initialised bn2 scales fold into equal all-zero conv weights, which
+    # constant folding de-duplicates behind Identity nodes, the case that broke quantize_dynamic for ResNet-18
+    ckpt = make_classifier_checkpoint(work / "resnet-conv.pt", arch="resnet", model_args={"blocks": [2, 1]})
+    directory = _export(ckpt, work / "repo", "resnet-conv", formats=("onnx",), quantize=False)
+    model = onnx.load(str(directory / "model.onnx"))
+    inits = {t.name for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(n.input[1] in inits for n in convs)  # weights are initializers, not Identity outputs
+    assert not any(n.op_type == "Identity" and n.input[0] in inits for n in model.graph.node)
+    changed = quantize_int8(directory / "model.onnx", work / "all-ops.int8.onnx", op_types=None)
+    assert changed == {"Conv": len(convs), "Gemm": 1}
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8), dtype=np.float32)
+    (fp32,) = _session(directory / "model.onnx").run(["logits"], {"images": x})
+    (int8,) = _session(work / "all-ops.int8.onnx").run(["logits"], {"images": x})
+    assert int8.shape == fp32.shape and np.abs(int8 - fp32).max() < 0.5 * np.abs(fp32).max() + 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- char-LM

@@ -210,7 +210,7 @@ def test_failure_late_in_export_leaves_nothing(tmp_path: Path, ckpt: Path, monke
     repo = tmp_path / "repo"
     _export(ckpt, repo)
 
-    def boom(src, dst):
+    def boom(src, dst, op_types=None):
         raise ExportError("quantizer exploded")
 
     monkeypatch.setattr(formats, "quantize_int8", boom)

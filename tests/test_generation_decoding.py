@@ -14,6 +14,7 @@ import pytest
 from deepserve.manifest import GraphSpec, Manifest, TensorSpec
 from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
+from deepserve.serve.generation.jobs import Event
 from deepserve.serve.generation.params import GenerationParams, Limits
 from deepserve.serve.generation.step_models import StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
@@ -390,3 +391,38 @@ def test_stop_strings_processors_and_streaming_text():
     prefix = "".join(e.text for e in beam_pieces if e.kind == "delta")
     assert final.startswith(prefix)
     assert len(empty.outputs[0].token_ids) == 3 and len(odd.outputs[0].token_ids) == 3
+
+
+def test_stream_events_ready_together_come_as_one_batch_and_errors_follow_their_text():
+    """A stream that falls behind gets every ready event at once (one write); an error still comes after the
+    text that preceded it, and the deadline timer (one per request) ends a request the scheduler forgot."""
+    model = TableModel(vocab_size=4, eos_id=None, seed=2)
+    model.gate = threading.Semaphore(0)
+
+    async def main():
+        s = await started(model)
+        try:
+            job = s.submit("ab", {"temperature": 0, "max_new_tokens": 3}, stream=True)
+            model.gate.release(3)
+            assert await asyncio.to_thread(s.scheduler.wait_until, lambda: job.finished, 10.0)
+            await asyncio.sleep(0)  # let the scheduler's call_soon_threadsafe delivery run
+            batches = [b async for b in s.event_batches(job)]
+            assert len(batches) == 1 and [e.kind for e in batches[0]][-2:] == ["delta", "done"]
+            failing = s.submit("ab", {"temperature": 0, "max_new_tokens": 3}, stream=True)
+            failing.events.put_nowait(Event("delta", text="x"))
+            failing.events.put_nowait(Event("error", error=BadRequest("boom")))
+            got = []
+            with pytest.raises(BadRequest):
+                async for event in s.events(failing):
+                    got.append(event.text)
+            assert got == ["x"] and failing.cancelled
+            late = s.submit("ab", {"temperature": 0, "max_new_tokens": 3}, stream=True, timeout_s=0.0)
+            s.scheduler.cancel(late)  # the scheduler drops it silently: only the engine's timer can end it
+            with pytest.raises(DeadlineExceeded):
+                async for _ in s.events(late):
+                    pass
+        finally:
+            model.gate.release(100)
+            await s.stop()
+
+    run(main())

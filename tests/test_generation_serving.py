@@ -92,6 +92,24 @@ def test_cached_charlm_steps_equal_a_full_rerun(repo, tmp_path):
     np.testing.assert_allclose(np.stack(got), full[0, 2:-1].numpy(), atol=1e-4)
 
 
+def test_seq2seq_step_runner_does_not_spin_or_copy_for_nothing(repo):
+    """Decoding sessions sleep between runs (spinning workers starve the scheduler thread on few cores), and a
+    reorder that keeps every row in place copies no cache; a real one still moves the rows."""
+    directory = repo / "tiny-seq2seq" / "1"
+    step = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
+    assert step.decode.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    tokens = step.join([[6, 8, 18], [9, 13]], [1, 1])
+    logits = step.step(tokens)
+    cache = step.past_k
+    step.reorder(np.arange(2), regroup=False)
+    assert step.past_k is cache
+    step.reorder(np.asarray([1, 1]), regroup=True)  # row 1 twice: both copies continue like row 1
+    assert step.past_k is not cache and step.rows == 2
+    after = step.step(np.asarray([7, 7]))
+    np.testing.assert_allclose(after[0], after[1], atol=1e-6)
+    assert not np.allclose(logits[0][np.isfinite(logits[0])], logits[1][np.isfinite(logits[1])])
+
+
 def test_seq2seq_batching_does_not_change_greedy_or_beam(repo):
     directory = repo / "tiny-seq2seq" / "1"
     probes = [("12+7", {"temperature": 0, "max_new_tokens": 12}),
@@ -181,7 +199,7 @@ def test_triton_generate_and_stream(server):
 
 
 def test_openai_sdk_sync_and_stream(server):
-    from openai import BadRequestError, OpenAI
+    from openai import BadRequestError, NotFoundError, OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     assert {m.id for m in client.models.list()} == {"tiny-charlm", "tiny-seq2seq"}
@@ -202,7 +220,90 @@ def test_openai_sdk_sync_and_stream(server):
     assert all(len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) for c in sampled.choices)
     with pytest.raises(BadRequestError) as err:
         client.completions.create(model="tiny-charlm", prompt="a", max_tokens=5000)
-    assert err.value.response.json()["error"].startswith("max_tokens")
+    # OpenAI's error shape: the SDK shows the message and reads type / param
+    assert err.value.message.startswith("Error code: 400 - max_tokens exceeds the server's cap")
+    assert (err.value.type, err.value.param, err.value.code) == ("invalid_request_error", "max_tokens", None)
+    assert set(err.value.response.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(NotFoundError) as missing:
+        client.completions.create(model="nope", prompt="a")
+    assert "nope" in missing.value.message and missing.value.code == "model_not_found"
+
+
+def test_streamed_chunks_carry_logprobs(server):
+    """OpenAI stream=True with logprobs, and generate_stream with logprobs: the chunks' logprobs put together
+    are the ones of the non-streamed answer (greedy, so both runs generate the same tokens)."""
+    from openai import OpenAI
+
+    from deepserve.serve.generation.schemas import CompletionChunk, GenerateStreamEvent
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    args = dict(model="tiny-charlm", prompt="the ", max_tokens=9, temperature=0, logprobs=2)
+    done = client.completions.create(**args).choices[0]
+    chunks = list(client.completions.create(**args, stream=True))
+    assert all(c.choices[0].logprobs is not None for c in chunks if c.choices[0].text)
+    lps = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for lp in lps for t in lp.tokens] == done.logprobs.tokens
+    np.testing.assert_allclose([v for lp in lps for v in lp.token_logprobs], done.logprobs.token_logprobs, rtol=1e-6)
+    assert [o for lp in lps for o in lp.text_offset] == done.logprobs.text_offset
+    assert [t for lp in lps for t in lp.top_logprobs] == done.logprobs.top_logprobs
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for params in ({"temperature": 0, "max_new_tokens": 6, "logprobs": 1},
+                       {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 6, "logprobs": True}):
+            body = {"text_input": "12+7", "parameters": params}
+            whole = c.post("/v2/models/tiny-seq2seq/generate", json=body).json()
+            with c.stream("POST", "/v2/models/tiny-seq2seq/generate_stream", json=body) as s:
+                events = sse_events(s)
+            for e in events:
+                GenerateStreamEvent.model_validate(e)
+            for seq in whole["sequences"]:
+                mine = [e for e in events if e["index"] == seq["index"] and "logprobs" in e]
+                assert [t for e in mine for t in e["tokens"]] == seq["tokens"]
+                np.testing.assert_allclose([v for e in mine for v in e["logprobs"]], seq["logprobs"], rtol=1e-6)
+                assert ("top_logprobs" in seq) == all("top_logprobs" in e for e in mine)
+    raw = httpx.post(server.url + "/v1/completions", json={**args, "stream": True}, timeout=30)
+    for line in raw.text.splitlines():
+        if line.startswith("data: {"):
+            CompletionChunk.model_validate_json(line[6:])
+
+
+def test_declared_schemas_match_what_is_sent(server):
+    """The OpenAPI document declares the generation bodies and answers, and the real answers fit them."""
+    from deepserve.serve.generation.schemas import Completion, GenerateResponse, ModelList, OpenAIError
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        spec = c.get("/openapi.json").json()
+        for path in ("/v2/models/{model}/generate", "/v2/models/{model}/versions/{version}/generate_stream",
+                     "/v1/completions"):
+            body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            assert body["additionalProperties"] is False and body["required"]
+        generate = spec["paths"]["/v2/models/{model}/generate"]["post"]["responses"]
+        assert generate["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/GenerateResponse")
+        assert generate["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/TritonError")
+        seq = spec["components"]["schemas"]["GeneratedSequence"]["properties"]
+        assert {"text_output", "tokens", "logprobs", "top_logprobs", "score", "finish_reason"} <= set(seq)
+        stream = spec["paths"]["/v2/models/{model}/generate_stream"]["post"]["responses"]["200"]["content"]
+        assert "logprobs" in stream["text/event-stream"]["schema"]["properties"]
+        completions = spec["paths"]["/v1/completions"]["post"]["responses"]
+        assert completions["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Completion")
+        assert completions["200"]["content"]["text/event-stream"]["schema"]["title"] == "CompletionChunk"
+        assert completions["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+        listing = spec["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert listing["$ref"].endswith("/ModelList")
+        # the answers themselves fit the declarations
+        beam = {"text_input": "12+7", "parameters": {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 5,
+                                                     "logprobs": 2}, "id": "x"}
+        GenerateResponse.model_validate(c.post("/v2/models/tiny-seq2seq/generate", json=beam).json())
+        Completion.model_validate(c.post("/v1/completions", json={"model": "tiny-charlm", "prompt": ["a", "b"],
+                                                                  "n": 2, "logprobs": 1, "max_tokens": 3}).json())
+        ModelList.model_validate(c.get("/v1/models").json())
+        for bad in ({"model": "tiny-charlm", "prompt": "a", "top_p": 3}, {"model": "tiny-charlm", "prompt": 5},
+                    {"model": "tiny-charlm", "prompt": "a", "wat": 1}):
+            r = c.post("/v1/completions", json=bad)
+            assert r.status_code == 400 and OpenAIError.model_validate(r.json()).error.message
+        r = c.post("/v1/completions", content=b"{not json")
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        v2 = c.post("/v2/models/tiny-charlm/generate", content=b"{not json")
+        assert v2.status_code == 400 and isinstance(v2.json()["error"], str)  # /v2 keeps {"error": "..."}
 
 
 def test_a_client_that_disconnects_frees_its_rows(server):

@@ -19,7 +19,7 @@ from PIL import Image
 from deepserve.serve.app import create_app
 from deepserve.serve.classifier import ClassificationServable
 from deepserve.serve.repository import ModelRepository
-from tests.artifacts import make_classifier_artifact
+from tests.artifacts import make_charlm_artifact, make_classifier_artifact
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/tiny-cnn/infer"
@@ -179,7 +179,8 @@ async def test_predictions_raw_multipart_and_top_k(client):
     ("post", INFER, {"content": b"\x00" * 300_000}, 413, ["300000", "limit"]),
     ("post", INFER, {"content": b"x", "headers": {"content-type": "image/png"}}, 415, ["image/png"]),
     ("post", "/predictions/tiny-cnn", {"json": {"image": "x"}}, 415, ["application/json"]),
-    ("post", "/predictions/tiny-cnn?top_k=0", {"content": b"x"}, 400, ["top_k"]),
+    ("post", "/predictions/tiny-cnn?top_k=0", {"content": b"x"}, 400, ["top_k", "'0'"]),
+    ("post", "/predictions/tiny-cnn?top_k=many", {"content": b"x"}, 400, ["top_k", "'many'"]),
     ("post", "/predictions/tiny-cnn", {"content": b"GIF89a but not really"}, 400, ["not a decodable image"]),
     ("post", "/predictions/tiny-cnn", {"content": png(0, size=64)[:-40]}, 400, ["truncated"]),
     ("post", "/predictions/tiny-cnn", {"content": png(0, size=300)}, 400, ["decompression bomb"]),
@@ -234,6 +235,83 @@ async def test_openapi_docs(client):
     assert (await client.get("/docs")).status_code == 200
     paths = (await client.get("/openapi.json")).json()["paths"]
     assert "/v2/models/{model}/infer" in paths and "/predictions/{model}" in paths
+
+
+def _resolve(spec: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+async def test_openapi_declares_the_hand_parsed_infer_body_responses_and_clean_parameters(client):
+    spec = (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    for path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+        body = paths[path]["post"]["requestBody"]["content"]
+        request = body["application/json"]["schema"]
+        assert request["required"] == ["inputs"]
+        tensor = request["properties"]["inputs"]["items"]
+        assert {"name", "datatype", "shape", "data", "parameters"} <= set(tensor["properties"])
+        assert tensor["properties"]["parameters"]["properties"]["binary_data_size"]["type"] == "integer"
+        output = request["properties"]["outputs"]["items"]["properties"]["parameters"]["properties"]
+        assert output["binary_data"]["type"] == "boolean" and output["classification"]["type"] == "integer"
+        assert {"binary_data_output", "timeout"} <= set(request["properties"]["parameters"]["properties"])
+        assert body["application/octet-stream"]["schema"] == {"type": "string", "format": "binary"}
+        headers = {p["name"] for p in paths[path]["post"]["parameters"] if p["in"] == "header"}
+        assert "Inference-Header-Content-Length" in headers
+    # one function per route: the unversioned routes have no stray `version` query parameter
+    for path, wanted in (("/v2/models/{model}", ["model"]), ("/v2/models/{model}/versions/{version}",
+                                                             ["model", "version"]),
+                         ("/v2/models/{model}/ready", ["model"]), ("/v2/models/{model}/config", ["model"]),
+                         ("/v2/models/{model}/infer", ["model"]), ("/predictions/{model}", ["model", "top_k"])):
+        for operation in paths[path].values():
+            assert [p["name"] for p in operation["parameters"] if p["in"] in ("path", "query")] == wanted, path
+    declared = {
+        ("/v2/models", "get"): "ModelIndex", ("/v2/models/{model}", "get"): "ModelMetadata",
+        ("/v2/models/{model}/versions/{version}", "get"): "ModelMetadata",
+        ("/v2/models/{model}/infer", "post"): "InferResponse", ("/v2/models/{model}/ready", "get"): "ModelReady",
+        ("/v2/models/{model}/config", "get"): "ModelConfig", ("/v2", "get"): "ServerMetadata",
+    }
+    for (path, method), name in declared.items():
+        responses = paths[path][method]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+    infer_ok = paths["/v2/models/{model}/infer"]["post"]["responses"]
+    assert "application/octet-stream" in infer_ok["200"]["content"]
+    assert infer_ok["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    prediction = _resolve(spec, paths["/predictions/{model}"]["post"]["responses"]["200"]["content"][
+        "application/json"]["schema"])
+    assert {"label", "probability"} <= set(_resolve(spec, prediction["anyOf"][0]["items"])["properties"])
+    index = _resolve(spec, {"$ref": "#/components/schemas/ModelIndex"})
+    entry = _resolve(spec, index["properties"]["models"]["items"])
+    assert {"name", "versions", "ready", "reason", "task"} <= set(entry["properties"])
+
+
+async def test_answers_match_their_declared_schemas(client):
+    from pydantic import TypeAdapter
+
+    from deepserve.serve import schemas
+
+    for path, model in (("/v2", schemas.ServerMetadata), ("/v2/models", schemas.ModelIndex),
+                        ("/v2/models/tiny-cnn", schemas.ModelMetadata),
+                        ("/v2/models/multi/versions/1", schemas.ModelMetadata),
+                        ("/v2/models/tiny-cnn/config", schemas.ModelConfig),
+                        ("/v2/models/tiny-cnn/ready", schemas.ModelReady), ("/v2/health/ready", schemas.Ready),
+                        ("/v2/health/live", schemas.Live)):
+        r = await client.get(path)
+        assert r.status_code == 200, path
+        model.model_validate(r.json(), strict=True)
+    rows = (await client.post("/v2/repository/index")).json()
+    TypeAdapter(list[schemas.RepositoryIndexRow]).validate_python(rows, strict=True)
+    r = await client.post(INFER, json=tensor_request(images(2), id="req-1"))
+    answer = schemas.InferResponse.model_validate(r.json(), strict=True)
+    assert answer.id == "req-1" and answer.outputs[0].shape == [2, 10]
+    predictions = TypeAdapter(schemas.PredictionsResponse)
+    one = predictions.validate_python((await client.post("/predictions/tiny-cnn?top_k=2", content=png(4))).json())
+    assert len(one) == 2
+    many = (await client.post("/predictions/tiny-cnn", files={"a": ("a.png", png(5)), "b": ("b.png", png(6))})).json()
+    assert len(predictions.validate_python(many)) == 2
+    missing = await client.get("/v2/models/nope")
+    schemas.ErrorBody.model_validate(missing.json(), strict=True)
 
 
 # ---------------------------------------------------------------------------------- gated runtime
@@ -315,3 +393,52 @@ async def test_stop_drains_in_flight_and_queued_work(gated):
     outs = await asyncio.gather(*pending)
     await stopping
     assert [float(o[0, 0]) for o in outs] == [5.0, 6.0]
+
+
+# ---------------------------------------------------------------------------------- a generation model
+
+
+@pytest.fixture(scope="module")
+async def gen_client(tmp_path_factory):
+    """tiny-charlm/1 (ONNX only) next to tiny-cnn/1."""
+    root = tmp_path_factory.mktemp("gen-repo")
+    make_charlm_artifact(root, formats=("onnx",), quantize=False)
+    make_classifier_artifact(root, "tiny-cnn", formats=("onnx",), quantize=False)
+    app = create_app(root, device="cpu", settings={"backend": "onnx"})
+    await app.state.repository.start()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        yield c
+    await app.state.repository.stop()
+
+
+async def test_metrics_expose_generation_metrics_next_to_request_counters(gen_client):
+    labels = dict(model="tiny-charlm", version="1")
+    before = (await gen_client.get("/metrics")).text
+    r = await gen_client.post("/v2/models/tiny-charlm/generate",
+                              json={"text_input": "ab", "parameters": {"temperature": 0, "max_new_tokens": 3}})
+    assert r.status_code == 200, r.text
+    after = (await gen_client.get("/metrics")).text
+    generated = metric(after, "deepserve_generation_tokens_total", **labels)
+    assert generated == metric(before, "deepserve_generation_tokens_total", **labels) + 3
+    for name in ("deepserve_generation_time_to_first_token_seconds_count",
+                 "deepserve_generation_finished_sequences_total"):
+        assert metric(after, name, **labels) == metric(before, name, **labels) + 1, name
+    for name in ("deepserve_generation_time_per_output_token_seconds_count", "deepserve_generation_running_rows",
+                 "deepserve_generation_waiting_requests", "deepserve_generation_step_seconds_count"):
+        assert f"{name}{{" in after, name
+    ok = dict(model="tiny-charlm", endpoint="generate", status="200")
+    assert metric(after, "deepserve_requests_total", **ok) == metric(before, "deepserve_requests_total", **ok) + 1
+    assert metric(after, "deepserve_model_ready", **labels) == 1.0
+    assert after.count("# TYPE deepserve_requests_total counter") == 1  # each family once
+
+
+async def test_wrong_endpoint_for_the_task_says_which_task_with_its_article(gen_client):
+    from deepserve.serve.servable import task_phrase
+
+    assert task_phrase("image-classification") == "an image-classification model"
+    assert task_phrase("char-lm") == "a char-lm model" and task_phrase("seq2seq") == "a seq2seq model"
+    r = await gen_client.post("/v2/models/tiny-charlm/infer", json=tensor_request(images(1)))
+    assert r.status_code == 400
+    assert "model 'tiny-charlm' is a char-lm model and does not take tensor infer requests" in r.json()["error"]
+    r = await gen_client.post("/predictions/tiny-charlm", content=png(0))
+    assert r.status_code == 400 and "is a char-lm model, not an image classifier" in r.json()["error"]

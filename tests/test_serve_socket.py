@@ -4,6 +4,7 @@ waited on through /v2/health/ready with bounded retries), driven by httpx and th
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -83,7 +84,12 @@ def as_logits(response: httpx.Response) -> np.ndarray:
 
 
 def test_startup_prints_examples_and_serves_despite_a_tampered_artifact(server):
-    assert "curl -T cat.jpg" in server["stdout"].read_text()
+    from deepserve.serve.cli import server_implementations
+
+    stdout = server["stdout"].read_text()
+    assert "curl -T digit.png" in stdout and "predictions/tiny-cnn" in stdout
+    chosen = server_implementations()  # auto: uvloop and httptools where uvicorn[standard] is installed
+    assert f"{chosen['loop']} loop, {chosen['http']} parser" in stdout
     index = {m["name"]: m for m in httpx.get(f"{server['base']}/v2/models").json()["models"]}
     assert index["tiny-cnn"]["ready"] and not index["tampered"]["ready"]
     assert "sha256 mismatch" in index["tampered"]["reason"]
@@ -154,6 +160,60 @@ def test_serving_never_imports_training_code(repository):
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("loop, http", [("asyncio", "h11"), ("uvloop", "httptools")])
+def test_both_server_stacks_serve_json_binary_chunked_gzip_and_images(repository, loop, http):
+    """The pure-Python stack (uvicorn without extras) and uvicorn[standard]'s, configured as `deepserve serve`
+    configures them."""
+    import gzip
+    import io
+    import threading
+    from types import SimpleNamespace
+
+    import uvicorn
+    from PIL import Image
+
+    from deepserve.serve.app import create_app
+    from deepserve.serve.cli import uvicorn_config
+
+    args = SimpleNamespace(host="127.0.0.1", port=free_port(), log_level="warning", graceful_timeout_s=5.0)
+    server = uvicorn.Server(uvicorn_config(create_app(repository, device="cpu"), args, {"loop": loop, "http": http}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):  # bounded: startup loads the models
+            if server.started or not thread.is_alive():
+                break
+            time.sleep(0.05)
+        assert server.started, "server did not start"
+        base = f"http://127.0.0.1:{args.port}"
+        x = images(3, seed=6)
+        url = f"{base}/v2/models/tiny-cnn/infer"
+        with httpx.Client(timeout=30) as c:
+            expected = as_logits(c.post(url, json=body(x)))
+            head = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape),
+                                           "parameters": {"binary_data_size": x.nbytes}}],
+                               "parameters": {"binary_data_output": True}}).encode()
+            r = c.post(url, content=head + x.tobytes(), headers={"Inference-Header-Content-Length": str(len(head)),
+                                                                 "Content-Type": "application/octet-stream"})
+            n = int(r.headers["Inference-Header-Content-Length"])
+            np.testing.assert_allclose(np.frombuffer(r.content[n:], np.float32).reshape(3, 10), expected, rtol=1e-5)
+            raw = json.dumps(body(x)).encode()
+            chunked = c.post(url, content=iter([raw[:100], raw[100:]]), headers={"Content-Type": "application/json"})
+            assert "content-length" not in chunked.request.headers  # sent as Transfer-Encoding: chunked
+            np.testing.assert_allclose(as_logits(chunked), expected, rtol=1e-5)
+            zipped = c.post(url, content=gzip.compress(raw), headers={"Content-Encoding": "gzip",
+                                                                      "Content-Type": "application/json"})
+            np.testing.assert_allclose(as_logits(zipped), expected, rtol=1e-5)
+            buf = io.BytesIO()
+            Image.new("L", (8, 8), 200).save(buf, "PNG")
+            top = c.post(f"{base}/predictions/tiny-cnn?top_k=3", content=buf.getvalue()).json()
+            assert [set(p) for p in top] == [{"label", "probability"}] * 3
+            assert c.get(f"{base}/v2/models/nope").status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits(server):

@@ -172,3 +172,70 @@ def test_encode_binary_and_classification_outputs():
     assert header["outputs"][1]["data"] == ["2.000000:1:b", "0.100000:0:a"]
     with pytest.raises(BadRequest, match="unknown output 'probs'"):
         encode_response({"outputs": [{"name": "probs"}]}, {"logits": logits}, "m", "1", [])
+
+
+# ------------------------------------------------------------------------------- server stack and routes
+
+
+def test_server_implementations_prefer_the_standard_extras_and_fall_back(monkeypatch):
+    import importlib.util
+
+    from deepserve.serve import cli
+
+    assert cli.server_implementations("asyncio", "h11") == {"loop": "asyncio", "http": "h11"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # uvicorn[standard]
+    assert cli.server_implementations() == {"loop": "uvloop", "http": "httptools"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # uvicorn without [standard]
+    assert cli.server_implementations() == {"loop": "asyncio", "http": "h11"}
+    with pytest.raises(cli.ServerOptionError, match=r"--loop uvloop: uvloop is not installed.*--loop asyncio"):
+        cli.server_implementations("uvloop", "auto")
+    with pytest.raises(cli.ServerOptionError, match=r"--http httptools"):
+        cli.server_implementations("auto", "httptools")
+
+
+def test_direct_routes_take_only_the_request_and_str_path_parameters():
+    from fastapi import Request
+
+    from deepserve.serve.http_util import DirectRoute
+
+    async def good(request: Request, model: str): ...
+
+    async def with_query(request: Request, model: str, top_k: int = 5): ...
+
+    async def without_request(model: str): ...
+
+    DirectRoute("/m/{model}", good)
+    with pytest.raises(TypeError, match="'top_k' is not a str path parameter"):
+        DirectRoute("/m/{model}", with_query)
+    with pytest.raises(TypeError, match="takes request first"):
+        DirectRoute("/m/{model}", without_request)
+
+
+def test_small_images_are_decoded_without_a_thread_hop(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from deepserve.serve import classifier
+
+    hops = []
+    real_pool = classifier.preprocess_pool
+
+    def counting_pool():
+        hops.append(1)
+        return real_pool()
+
+    monkeypatch.setattr(classifier, "preprocess_pool", counting_pool)
+    pre = ImagePreprocessor(1, 8, 8, (0.5,), (0.25,), color_mode="L")
+    servable = SimpleNamespace(preprocessor=pre)
+
+    def png_of(size: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", (size, size), 128).save(buf, "PNG")
+        return buf.getvalue()
+
+    decode = classifier.ClassificationServable.decode_images
+    small = asyncio.run(decode(servable, [png_of(8), png_of(32)]))
+    assert small.shape == (2, 1, 8, 8) and hops == []
+    big = asyncio.run(decode(servable, [png_of(100)]))
+    assert big.shape == (1, 1, 8, 8) and hops == [1]
+    np.testing.assert_allclose(big, small[:1], atol=1e-6)  # a flat grey image resizes to itself

@@ -33,6 +33,16 @@ class Output:
 
 
 @dataclass
+class TokenLogprobs:
+    """Streamed with a text delta when logprobs were asked for: the tokens generated since the last event."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    """Per token, the k most likely (id, logprob) pairs (empty lists for logprobs=0)."""
+
+
+@dataclass
 class Result:
     outputs: list[Output]
     prompt_tokens: int
@@ -45,7 +55,7 @@ class Result:
 class SeqState:
     """A greedy or sampled sequence (one batch row while it runs)."""
 
-    __slots__ = ("index", "tokens", "text", "emitted", "finish_reason", "logprobs", "top_logprobs")
+    __slots__ = ("index", "tokens", "text", "emitted", "finish_reason", "logprobs", "top_logprobs", "lp_sent")
 
     def __init__(self, index: int, want_logprobs: bool) -> None:
         self.index = index
@@ -55,6 +65,8 @@ class SeqState:
         self.finish_reason: str | None = None
         self.logprobs: list[float] | None = [] if want_logprobs else None
         self.top_logprobs: list[list[tuple[int, float]]] | None = [] if want_logprobs else None
+        self.lp_sent = 0
+        """Streaming: how many of ``logprobs`` were already sent."""
 
 
 def find_stop(text: str, stops: list[str], start: int) -> int:
@@ -153,6 +165,24 @@ class Job:
         seq.emitted = end
         return out
 
+    def logprob_delta(self, seq: SeqState) -> TokenLogprobs | None:
+        """Streaming with logprobs: the tokens of ``seq`` not sent yet, with their logprobs (None if none)."""
+        if seq.logprobs is None or seq.lp_sent >= len(seq.logprobs):
+            return None
+        a, b = seq.lp_sent, len(seq.logprobs)
+        seq.lp_sent = b
+        return TokenLogprobs(seq.tokens[a:b], seq.logprobs[a:b], (seq.top_logprobs or [])[a:b])
+
+    def final_logprobs(self, out: Output) -> TokenLogprobs | None:
+        """Streaming with logprobs, once the result is known: what output ``out`` still owes (beam search:
+        all of it, as hypotheses only settle at the end)."""
+        if out.logprobs is None:
+            return None
+        if self.is_beam:
+            n = len(out.logprobs)
+            return TokenLogprobs(out.token_ids[:n], out.logprobs, out.top_logprobs or [])
+        return self.logprob_delta(self.seqs[out.index])
+
     def beam_delta(self) -> str:
         """Beam search: new text of the prefix every live beam and every kept hypothesis shares."""
         beam = self.strategy
@@ -217,7 +247,7 @@ class Job:
 @dataclass
 class Event:
     kind: str
-    """delta | done | error"""
+    """delta | done | error (| timeout: the engine's own deadline timer)"""
     index: int = 0
     text: str = ""
     result: Result | None = None

@@ -5,13 +5,17 @@ Standard fields: model, prompt (a string or a list of strings), max_tokens (defa
 top_k (-1 or 0 disables), use_beam_search, num_beams (defaults to n with use_beam_search, as in vLLM),
 length_penalty, early_stopping, repetition_penalty, min_tokens, no_repeat_ngram_size. A seq2seq model takes
 its source sentence as the prompt. Error messages name the OpenAI field (``max_tokens``, not
-``max_new_tokens``).
+``max_new_tokens``) and come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+(``http_common.OpenAIRoute``), also as the last event of a stream that fails. With ``stream`` and
+``logprobs``, each chunk carries the logprobs of the tokens generated since the previous chunk of its choice
+(beam search: all of them in each choice's final chunk).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -20,12 +24,15 @@ from fastapi.responses import StreamingResponse
 from deepserve.serve.errors import BadRequest, ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, cancel_on_disconnect, generation_servable, read_json, sse,
+    SSE_HEADERS, OpenAIRoute, cancel_on_disconnect, generation_servable, openai_error, read_json, sse,
 )
-from deepserve.serve.generation.jobs import Job, Output, Result
+from deepserve.serve.generation.jobs import Event, Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams
+from deepserve.serve.generation.schemas import (
+    Completion, CompletionChunk, CompletionRequest, ModelList, OpenAIError, inline_schema, json_body, responses,
+)
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 # OpenAI field -> GenerationParams field
 _RENAMED = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "min_tokens": "min_new_tokens"}
@@ -83,17 +90,23 @@ def _prompts(body: dict[str, Any]) -> list[str]:
     raise BadRequest(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
 
 
-def _logprobs_json(o: Output, servable: GenerationServable) -> dict[str, Any] | None:
-    if o.logprobs is None:
-        return None
-    tok = servable.tokenizer
-    tokens = [tok.token_text(t) for t in o.token_ids[: len(o.logprobs)]]
-    offsets, at = [], 0
+def _logprobs_json(lp: TokenLogprobs, tok: Any, offset: int = 0) -> tuple[dict[str, Any], int]:
+    """OpenAI's logprobs object for these tokens, their text offsets starting at ``offset``; and the offset
+    after them (streaming continues from there in the choice's next chunk)."""
+    tokens = [tok.token_text(t) for t in lp.token_ids]
+    offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    tops = [{tok.token_text(t): lp for t, lp in row} for row in (o.top_logprobs or [])] or None
-    return {"tokens": tokens, "token_logprobs": o.logprobs, "top_logprobs": tops, "text_offset": offsets}
+    tops = [{tok.token_text(t): v for t, v in row} for row in lp.top_logprobs] or None
+    return {"tokens": tokens, "token_logprobs": lp.logprobs, "top_logprobs": tops, "text_offset": offsets}, at
+
+
+def _output_logprobs(o: Output, tok: Any) -> dict[str, Any] | None:
+    if o.logprobs is None:
+        return None
+    n = len(o.logprobs)
+    return _logprobs_json(TokenLogprobs(o.token_ids[:n], o.logprobs, o.top_logprobs or []), tok)[0]
 
 
 def _usage(results: list[Result]) -> dict[str, int]:
@@ -102,7 +115,12 @@ def _usage(results: list[Result]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-@router.post("/v1/completions", summary="OpenAI-compatible text completion")
+@router.post("/v1/completions", summary="OpenAI-compatible text completion", response_model=None,
+             openapi_extra=json_body(CompletionRequest),
+             responses={**responses(Completion, OpenAIError), 200: {
+                 "model": Completion, "description": "A text_completion object; with stream, server-sent events "
+                                                     "of CompletionChunk objects ending with `data: [DONE]`",
+                 "content": {"text/event-stream": {"schema": inline_schema(CompletionChunk)}}}})
 async def completions(request: Request):
     body = await read_json(request)
     model = body.get("model")
@@ -139,7 +157,7 @@ async def completions(request: Request):
     async with cancel_on_disconnect(request, cancel_all):
         results = [await servable.wait(j) for j in jobs]
     choices = [
-        {"index": i * n + o.index, "text": o.text, "logprobs": _logprobs_json(o, servable),
+        {"index": i * n + o.index, "text": o.text, "logprobs": _output_logprobs(o, servable.tokenizer),
          "finish_reason": o.finish_reason}
         for i, r in enumerate(results) for o in r.outputs
     ]
@@ -147,30 +165,47 @@ async def completions(request: Request):
 
 
 async def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> AsyncIterator[bytes]:
-    def chunk(index: int, text: str, finish: str | None) -> bytes:
-        return sse({**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
+    tok = servable.tokenizer
+    offsets: dict[int, int] = {}  # choice -> text offset of its next token (logprobs.text_offset)
+
+    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None) -> bytes:
+        logprobs = None
+        if lp is not None:
+            logprobs, offsets[index] = _logprobs_json(lp, tok, offsets.get(index, 0))
+        return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": finish}]})
+
+    def render(i: int, job: Job, event: Event, out: list[bytes]) -> None:
+        if event.kind == "delta":
+            indices = range(n) if event.index < 0 else [event.index]
+            for k in indices:
+                out.append(chunk(i * n + k, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs")))
+        elif event.result is not None:
+            for o in event.result.outputs:
+                rest = job.remaining_text(o.index, o.text)
+                lp = job.final_logprobs(o)
+                if job.is_beam or rest or lp is not None:
+                    out.append(chunk(i * n + o.index, rest, o.finish_reason, lp))
 
     try:
         for i, job in enumerate(jobs):  # several prompts: one after the other (all were queued at once)
-            async for event in servable.events(job):
-                if event.kind == "delta":
-                    indices = range(n) if event.index < 0 else [event.index]
-                    for k in indices:
-                        yield chunk(i * n + k, event.text, event.extra.get("finish_reason"))
-                elif event.result is not None:
-                    for o in event.result.outputs:
-                        rest = job.remaining_text(o.index, o.text)
-                        if job.is_beam or rest:
-                            yield chunk(i * n + o.index, rest, o.finish_reason)
+            async with aclosing(servable.event_batches(job)) as batches:  # a client gone cancels the job now
+                async for batch in batches:
+                    out: list[bytes] = []
+                    for event in batch:
+                        render(i, job, event, out)
+                    if out:
+                        yield b"".join(out)  # events that were ready together: one write
         yield b"data: [DONE]\n\n"
     except ServeError as e:
-        yield sse({"error": {"message": e.message, "type": type(e).__name__, "code": e.status}})
+        yield sse(openai_error(e))
     finally:
         for job in jobs:
             servable.cancel(job)
 
 
-@router.get("/v1/models", summary="OpenAI-compatible model list (generation models)")
+@router.get("/v1/models", summary="OpenAI-compatible model list (generation models)", response_model=None,
+            responses={200: {"model": ModelList, "description": "Ready generation models"}})
 async def models(request: Request) -> dict[str, Any]:
     repository = request.app.state.repository
     data = []

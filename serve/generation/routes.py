@@ -5,11 +5,13 @@
 
 Body ``{"text_input": "...", "parameters": {...GenerationParams...}}``; answer ``{"model_name",
 "model_version", "text_output", "finish_reason", "usage", ...}``. Client errors raise ``ServeError``s, which
-the app turns into ``{"error": "..."}`` with the right status.
+the app turns into ``{"error": "..."}`` with the right status. The shapes are declared in ``schemas.py``
+(OpenAPI only: bodies are parsed by hand, answers are plain dicts).
 """
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -20,11 +22,27 @@ from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
     SSE_HEADERS, generation_servable, read_json, run_to_result, sse,
 )
-from deepserve.serve.generation.jobs import Output
+from deepserve.serve.generation.jobs import Event, Output, TokenLogprobs
 from deepserve.serve.generation.openai_api import router as openai_router
 from deepserve.serve.generation.params import GenerationParams
+from deepserve.serve.generation.schemas import (
+    GenerateRequest, GenerateResponse, GenerateStreamEvent, TritonError, json_body, responses,
+)
 
 router = APIRouter(tags=["generation"])
+_GENERATE = dict(openapi_extra=json_body(GenerateRequest), responses=responses(GenerateResponse, TritonError),
+                 response_model=None)
+_STREAM = dict(openapi_extra=json_body(GenerateRequest),
+               responses=responses(GenerateResponse, TritonError, stream=GenerateStreamEvent))
+
+
+def logprobs_json(lp: TokenLogprobs, tokenizer: Any) -> dict[str, Any]:
+    """A stream event's ``tokens`` / ``logprobs`` (/ ``top_logprobs``), the keys of a sequence's."""
+    out: dict[str, Any] = {"tokens": [tokenizer.token_text(t) for t in lp.token_ids], "logprobs": lp.logprobs}
+    if any(lp.top_logprobs):
+        out["top_logprobs"] = [{tokenizer.token_text(t): v for t, v in tops} for tops in lp.top_logprobs]
+    return out
+
 
 def output_json(o: Output, tokenizer: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"index": o.index, "text_output": o.text, "finish_reason": o.finish_reason,
@@ -82,43 +100,56 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     text, params = _triton_request(body)
     job = servable.submit(text, params, stream=True)  # errors here are plain HTTP errors
     head = _head(servable)
+    tok = servable.tokenizer
+
+    def render(event: Event, out: list[bytes]) -> None:
+        if event.kind == "delta":
+            indices = range(params.num_return_sequences) if event.index < 0 else [event.index]
+            lp = event.extra.get("logprobs")
+            for i in indices:
+                data = {**head, "index": i, "text_output": event.text,
+                        "finish_reason": event.extra.get("finish_reason")}
+                out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
+        elif event.result is not None:
+            for o in event.result.outputs:
+                rest = job.remaining_text(o.index, o.text)
+                lp = job.final_logprobs(o)
+                if job.is_beam or rest or lp is not None:
+                    data = {**head, "index": o.index, "text_output": rest, "finish_reason": o.finish_reason}
+                    out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for event in servable.events(job):
-                if event.kind == "delta":
-                    indices = range(params.num_return_sequences) if event.index < 0 else [event.index]
-                    for i in indices:
-                        yield sse({**head, "index": i, "text_output": event.text,
-                                   "finish_reason": event.extra.get("finish_reason")})
-                elif event.result is not None:
-                    for o in event.result.outputs:
-                        rest = job.remaining_text(o.index, o.text)
-                        if job.is_beam or rest:
-                            yield sse({**head, "index": o.index, "text_output": rest,
-                                       "finish_reason": o.finish_reason})
+            async with aclosing(servable.event_batches(job)) as batches:  # a client gone cancels the job now
+                async for batch in batches:
+                    out: list[bytes] = []
+                    for event in batch:
+                        render(event, out)
+                    if out:
+                        yield b"".join(out)  # events that were ready together: one write
         except ServeError as e:
             yield sse({"error": e.message, "status": e.status})
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)")
+@router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)", **_GENERATE)
 async def generate(request: Request, model: str) -> dict[str, Any]:
     return await _generate(request, model, None)
 
 
-@router.post("/v2/models/{model}/versions/{version}/generate", summary="Generate text with a given version")
+@router.post("/v2/models/{model}/versions/{version}/generate", summary="Generate text with a given version",
+             **_GENERATE)
 async def generate_version(request: Request, model: str, version: str) -> dict[str, Any]:
     return await _generate(request, model, version)
 
 
-@router.post("/v2/models/{model}/generate_stream", summary="Generate text as server-sent events")
+@router.post("/v2/models/{model}/generate_stream", summary="Generate text as server-sent events", **_STREAM)
 async def generate_stream(request: Request, model: str) -> StreamingResponse:
     return await _generate_stream(request, model, None)
 
 
-@router.post("/v2/models/{model}/versions/{version}/generate_stream", summary="Stream a given version")
+@router.post("/v2/models/{model}/versions/{version}/generate_stream", summary="Stream a given version", **_STREAM)
 async def generate_stream_version(request: Request, model: str, version: str) -> StreamingResponse:
     return await _generate_stream(request, model, version)
 

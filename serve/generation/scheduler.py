@@ -282,9 +282,12 @@ class Scheduler:
                     seq.finish_reason = "length"
             if j.stream:
                 text = j.delta(seq)
-                if text or seq.finish_reason:
-                    outbox.append((j, Event("delta", index=seq.index, text=text,
-                                            extra={"finish_reason": seq.finish_reason})))
+                lp = j.logprob_delta(seq)  # None unless logprobs were asked for
+                if text or seq.finish_reason or lp is not None:
+                    extra = {"finish_reason": seq.finish_reason}
+                    if lp is not None:
+                        extra["logprobs"] = lp
+                    outbox.append((j, Event("delta", index=seq.index, text=text, extra=extra)))
             if seq.finish_reason:
                 self.metrics.finished(seq.finish_reason)
         j.live = [s for s in j.row_seqs if s.finish_reason is None]

@@ -34,8 +34,10 @@ class Graph:
     needs (so that TorchScript state never leaves torch and ONNX Runtime state never leaves numpy)."""
 
     def __init__(self, fn: Callable[..., list[Array]], output_names: list[str], *, torch_device: str | None = None,
-                 platform: str = "custom") -> None:
+                 platform: str = "custom", session: Any = None) -> None:
         self._fn = fn
+        self.session = session
+        """The ONNX Runtime session behind ``fn`` (None for other graphs)."""
         self.output_names = output_names
         self.torch_device = torch_device
         self.platform = platform
@@ -51,13 +53,15 @@ class Graph:
                                        precision=precision)
         names = [t.name for t in spec.outputs]
         if choice.backend == "onnx":
+            # on CPU its workers sleep between runs (backends.py): spinning ones take the cores the scheduler
+            # thread needs for its selection work between two steps
             session = backends.onnx_session(choice.file, device, threads=threads)  # type: ignore[arg-type]
             in_names = [i.name for i in session.get_inputs()]
 
             def run_onnx(*arrays: np.ndarray) -> list[np.ndarray]:
                 return session.run(None, dict(zip(in_names, arrays)))
 
-            return cls(run_onnx, names, platform="onnxruntime_onnx")
+            return cls(run_onnx, names, platform="onnxruntime_onnx", session=session)
         import torch
 
         module = backends.torchscript_module(choice.file, device, threads=threads)  # type: ignore[arg-type]
@@ -122,6 +126,11 @@ class StepModel(ABC):
         return "custom"
 
 
+def _is_identity(index: np.ndarray, rows: int) -> bool:
+    """Whether keeping rows ``index`` changes nothing (all rows, in their order)."""
+    return len(index) == rows and bool(np.all(index == np.arange(rows)))
+
+
 def _expand(copies: list[int]) -> np.ndarray:
     return np.repeat(np.arange(len(copies)), copies)
 
@@ -176,6 +185,8 @@ class CharLMStepModel(StepModel):
         return g.numpy(out[0])[:, 0, :]  # (B,V)
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        if _is_identity(index, self.rows):
+            return
         self.state = [self.graph.take(s, index, 1) for s in self.state]
         self.rows = len(index)
 
@@ -258,6 +269,8 @@ class Seq2SeqStepModel(StepModel):
         return logits
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        if _is_identity(index, self.rows):  # e.g. every beam continued its own row: no cache copy
+            return
         g = self.decode
         pad = self.past_pad[index]
         # drop cache columns that no remaining row uses (the oldest rows may have left)
