@@ -16,6 +16,10 @@ import torch.nn as nn
 from deepserve.export.errors import ExportError
 from deepserve.manifest import TensorSpec
 
+KV_LAYOUT = "per-layer"
+"""Manifest ``model.kv_layout`` of seq2seq artifacts: one cross / past / present K and V tensor per decoder
+layer (``cross_k_0``, ``past_k_0``, ``present_k_0``, ...), each [B,H,len,Dh]."""
+
 # model type -> task it must come with
 MODEL_TASKS = {
     "mlp": "image-classification",
@@ -98,25 +102,46 @@ class GRUStep(nn.Module):
 
 
 class Encode(nn.Module):
-    """(src[B,S], src_pad_mask[B,S]) -> (memory[B,S,D], cross_k[L,B,H,S,Dh], cross_v)."""
+    """(src[B,S], src_pad_mask[B,S]) -> (memory[B,S,D], cross_k_0[B,H,S,Dh], cross_v_0, cross_k_1, ...).
+
+    One cross K/V pair per decoder layer rather than the model's stacked ``(L,B,H,S,Dh)``: a stacked tensor
+    costs a copy here and a Split in every decode step. The model's stacked cross K/V are left unused, so
+    tracing's dead-code elimination drops them and each layer's K/V is computed once."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, src: torch.Tensor, src_pad_mask: torch.Tensor):
-        return self.model.encode(src, src_pad_mask)
+        memory, _, _ = self.model.encode(src, src_pad_mask)  # (B,S,D)
+        kvs = [t for block in self.model.decoder for t in block.cross_attn.memory_kv(memory)]  # each (B,H,S,Dh)
+        return (memory, *kvs)
 
 
 class DecodeStep(nn.Module):
-    """One decoder step with a KV cache; see ``Seq2SeqTransformer.decode_step``."""
+    """One decoder step with per-layer caches: ``Seq2SeqTransformer.decode_step`` with its stacked
+    ``(L,...)`` caches taken apart, so that no step splits, copies or re-stacks a cache.
+
+    Inputs: tokens[B,1], positions[B], src_pad_mask[B,S], past_pad_mask[B,P], then per decoder layer i
+    cross_k_i, cross_v_i [B,H,S,Dh], past_k_i, past_v_i [B,H,P,Dh].
+    Outputs: logits[B,V], then per layer present_k_i, present_v_i [B,H,P+1,Dh] (each layer's own concat)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, positions, cross_k, cross_v, src_pad_mask, past_k, past_v, past_pad_mask):
-        return self.model.decode_step(tokens, positions, cross_k, cross_v, src_pad_mask, past_k, past_v, past_pad_mask)
+    def forward(self, tokens, positions, src_pad_mask, past_pad_mask, *caches):
+        m = self.model
+        x = m.embed_tokens(tokens, positions.unsqueeze(1))  # (B,1,D)
+        own = torch.zeros_like(tokens, dtype=torch.bool)  # (B,1): the new token's slot is never blocked
+        self_blocked = torch.cat([past_pad_mask, own], dim=1)[:, None, None, :]  # (B,1,1,P+1)
+        src_blocked = src_pad_mask[:, None, None, :]  # (B,1,1,S)
+        present = []
+        for i, block in enumerate(m.decoder):
+            cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
+            x, k, v = block.step(x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked)
+            present += [k, v]  # (B,H,P+1,Dh) each
+        return (m.logits(x[:, 0]), *present)  # logits (B,V)
 
 
 # ---------------------------------------------------------------------------------------------- per task
@@ -210,39 +235,49 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
     past_mask = torch.tensor([[False, False, False], [True, True, False]])
     tokens = torch.randint(4, 12, (2, 1), generator=gen)
     positions = torch.tensor([3, 1])
-    logits, present_k, _ = model.decode_step(tokens, positions, cross_k, cross_v, src_mask, past_k, past_v, past_mask)
+    logits, present_k, present_v = model.decode_step(tokens, positions, cross_k, cross_v, src_mask, past_k, past_v,
+                                                     past_mask)
     vocab_size = logits.shape[-1]
     if tuple(present_k.shape) != (layers, 2, heads, 4, head_dim):
         raise ExportError(f"{where}: decode_step returns present_k of shape {tuple(present_k.shape)}, expected "
                           f"{(layers, 2, heads, 4, head_dim)}")
-    kv_src = (layers, "batch", heads, "src_len", head_dim)
-    encode = GraphDef(
+    # the graphs carry one cache tensor per decoder layer (see DecodeStep); batch stays axis 0 of each
+    per_layer = [t[i] for i in range(layers) for t in (cross_k, cross_v, past_k, past_v)]
+    encode, decode = Encode(model), DecodeStep(model)
+    # the wrappers re-plumb the model's step API from its parts: they must give exactly its answers
+    try:
+        got_encode = encode(src, src_mask)
+        got_decode = decode(tokens, positions, src_mask, past_mask, *per_layer)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ExportError(f"{where}: cannot split the {model_type!r} model's caches per layer: {e}") from None
+    _same(where, "encode", got_encode, (memory, *[t[i] for i in range(layers) for t in (cross_k, cross_v)]))
+    _same(where, "decode_step", got_decode, (logits, *[t[i] for i in range(layers) for t in (present_k, present_v)]))
+    kv_src = ("batch", heads, "src_len", head_dim)
+    kv_past = ("batch", heads, "past_len", head_dim)
+    kv_present = ("batch", heads, "present_len", head_dim)
+    cross = [_spec(f"cross_{kv}_{i}", "float32", *kv_src) for i in range(layers) for kv in "kv"]
+    layer_inputs = [_spec(f"{name}_{kv}_{i}", "float32", *(kv_src if name == "cross" else kv_past))
+                    for i in range(layers) for name in ("cross", "past") for kv in "kv"]
+    encode_graph = GraphDef(
         name="encode",
-        module=Encode(model),
+        module=encode,
         inputs=[_spec("src", "int64", "batch", "src_len"), _spec("src_pad_mask", "bool", "batch", "src_len")],
-        outputs=[_spec("memory", "float32", "batch", "src_len", d_model),
-                 _spec("cross_k", "float32", *kv_src), _spec("cross_v", "float32", *kv_src)],
+        outputs=[_spec("memory", "float32", "batch", "src_len", d_model), *cross],
         example=(src, src_mask),
     )
-    decode = GraphDef(
+    decode_graph = GraphDef(
         name="decode_step",
-        module=DecodeStep(model),
+        module=decode,
         inputs=[
             _spec("tokens", "int64", "batch", 1),
             _spec("positions", "int64", "batch"),
-            _spec("cross_k", "float32", *kv_src),
-            _spec("cross_v", "float32", *kv_src),
             _spec("src_pad_mask", "bool", "batch", "src_len"),
-            _spec("past_k", "float32", layers, "batch", heads, "past_len", head_dim),
-            _spec("past_v", "float32", layers, "batch", heads, "past_len", head_dim),
             _spec("past_pad_mask", "bool", "batch", "past_len"),
+            *layer_inputs,
         ],
-        outputs=[
-            _spec("logits", "float32", "batch", vocab_size),
-            _spec("present_k", "float32", layers, "batch", heads, "present_len", head_dim),
-            _spec("present_v", "float32", layers, "batch", heads, "present_len", head_dim),
-        ],
-        example=(tokens, positions, cross_k, cross_v, src_mask, past_k, past_v, past_mask),
+        outputs=[_spec("logits", "float32", "batch", vocab_size)]
+        + [_spec(f"present_{kv}_{i}", "float32", *kv_present) for i in range(layers) for kv in "kv"],
+        example=(tokens, positions, src_mask, past_mask, *per_layer),
     )
     facts = {
         "type": model_type,
@@ -251,5 +286,13 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
         "head_dim": int(head_dim),
         "d_model": int(d_model),
         "vocab_size": int(vocab_size),
+        "kv_layout": KV_LAYOUT,
     }
-    return TaskGraphs({"encode": encode, "decode_step": decode}, facts)
+    return TaskGraphs({"encode": encode_graph, "decode_step": decode_graph}, facts)
+
+
+def _same(where: str, graph: str, got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if a.shape != b.shape or not torch.allclose(a, b, atol=1e-6, rtol=0):
+            raise ExportError(f"{where}: the {graph} export wrapper disagrees with the model's step API "
+                              f"(output {i}); the model no longer follows docs/ARCHITECTURE.md")

@@ -110,17 +110,20 @@ def _seq2seq_reference(ref: Reference, model: nn.Module, tg: TaskGraphs, data: d
         _record(ref, tg, "encode", i, _random_src(b, s, vocab, pad, gen))
     for i, (b, s, p) in enumerate(((1, 3, 0), (2, 5, 3), (3, 7, 6))):
         src, src_mask = _random_src(b, s, vocab, pad, gen)
-        _, cross_k, cross_v = model.encode(src, src_mask)
-        kv = (facts["n_decoder_layers"], b, facts["n_heads"], p, facts["head_dim"])
+        _, cross_k, cross_v = model.encode(src, src_mask)  # (L,B,H,S,Dh)
+        kv = (b, facts["n_heads"], p, facts["head_dim"])
         empty = [min(r, p) for r in range(b)]  # row r has r empty (left-padded) slots
-        past_mask = torch.tensor([[j < e for j in range(p)] for e in empty], dtype=torch.bool).reshape(b, p)
-        inputs = (
-            torch.randint(4, vocab, (b, 1), generator=gen),
-            torch.tensor([p - e for e in empty], dtype=torch.int64),
-            cross_k, cross_v, src_mask,
-            0.5 * torch.randn(kv, generator=gen), 0.5 * torch.randn(kv, generator=gen), past_mask,
-        )
-        _record(ref, tg, "decode_step", i, inputs)
+        named = {
+            "tokens": torch.randint(4, vocab, (b, 1), generator=gen),
+            "positions": torch.tensor([p - e for e in empty], dtype=torch.int64),
+            "src_pad_mask": src_mask,
+            "past_pad_mask": torch.tensor([[j < e for j in range(p)] for e in empty], dtype=torch.bool).reshape(b, p),
+        }
+        for layer in range(facts["n_decoder_layers"]):  # one cache tensor per layer (graphs.DecodeStep)
+            named.update({f"cross_k_{layer}": cross_k[layer], f"cross_v_{layer}": cross_v[layer],
+                          f"past_k_{layer}": 0.5 * torch.randn(kv, generator=gen),
+                          f"past_v_{layer}": 0.5 * torch.randn(kv, generator=gen)})
+        _record(ref, tg, "decode_step", i, tuple(named[n] for n in tg.graphs["decode_step"].input_names))
     # cached decoding: row a decodes alone for 4 steps, then row b joins (left-padded) for 6 steps
     src, src_mask = _random_src(2, 9, vocab, pad, gen)
     tgt_a = torch.cat([torch.tensor([[bos]]), torch.randint(4, vocab, (1, 9), generator=gen)], dim=1)
@@ -184,7 +187,7 @@ def _random_inputs(graph: str, ref: Reference, run: Runner) -> dict[str, Any]:
         feeds = {k.rsplit("/", 1)[1]: v for k, v in ref.items() if k.startswith(f"{graph}/{i}/in/")}
         expected = {k.rsplit("/", 1)[1]: v for k, v in ref.items() if k.startswith(f"{graph}/{i}/out/")}
         out = run(feeds)
-        case = ",".join(f"{n}{list(v.shape)}" for n, v in feeds.items() if n in ("images", "tokens", "src", "past_k"))
+        case = ",".join(f"{n}{list(v.shape)}" for n, v in feeds.items() if n in ("images", "tokens", "src", "past_k_0"))
         names.append(case)
         for name, value in expected.items():
             d = _diff(out[name], value)
@@ -231,38 +234,56 @@ def _greedy_result(graph: str, got: np.ndarray, expected: np.ndarray) -> dict[st
             "token_agreement": float(np.mean(got == expected)) if got.shape == expected.shape else 0.0}
 
 
-def _empty_past(cross_k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    layers, b, heads, _, dh = cross_k.shape
-    past = np.zeros((layers, b, heads, 0, dh), dtype=np.float32)
-    return past, past.copy(), np.zeros((b, 0), dtype=bool)
+# seq2seq state between graph calls: per-layer tensors by graph name ({"cross_k_0": ..., "past_v_1": ...}),
+# batch on axis 0 of each
 
 
-def _step(run: Runner, tokens, positions, cross_k, cross_v, src_mask, past_k, past_v, past_mask):
-    out = run({"tokens": tokens, "positions": positions, "cross_k": cross_k, "cross_v": cross_v,
-               "src_pad_mask": src_mask, "past_k": past_k, "past_v": past_v, "past_pad_mask": past_mask})
-    b = tokens.shape[0]
-    past_mask = np.concatenate([past_mask, np.zeros((b, 1), dtype=bool)], axis=1)
-    return out["logits"], out["present_k"], out["present_v"], past_mask
+def _encode(run: Runner, src: np.ndarray, src_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The cross K/V of every decoder layer for ``src``."""
+    out = run({"src": src, "src_pad_mask": src_mask})
+    return {name: value for name, value in out.items() if name.startswith("cross_")}
+
+
+def _empty_past(cross: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Zero-length self-attention caches (past_k_i / past_v_i [B,H,0,Dh]) and past_pad_mask [B,0]."""
+    past = {}
+    for name, value in cross.items():
+        b, h, _, dh = value.shape
+        past[name.replace("cross_", "past_")] = np.zeros((b, h, 0, dh), dtype=np.float32)
+    return past, np.zeros((len(next(iter(cross.values()))), 0), dtype=bool)
+
+
+def _rows(state: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    return {name: value[rows] for name, value in state.items()}
+
+
+def _step(run: Runner, tokens: np.ndarray, positions: np.ndarray, cross: dict[str, np.ndarray], src_mask: np.ndarray,
+          past: dict[str, np.ndarray], past_mask: np.ndarray):
+    """One decode step -> (logits, the grown past caches, the grown past_pad_mask)."""
+    out = run({"tokens": tokens, "positions": positions, "src_pad_mask": src_mask, "past_pad_mask": past_mask,
+               **cross, **past})
+    past = {name: out[name.replace("past_", "present_")] for name in past}
+    past_mask = np.concatenate([past_mask, np.zeros((tokens.shape[0], 1), dtype=bool)], axis=1)
+    return out["logits"], past, past_mask
 
 
 def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner) -> dict[str, Any]:
     src, src_mask = ref["cached/src"], ref["cached/src_pad_mask"]
     tgt_a, tgt_b = ref["cached/tgt_a"], ref["cached/tgt_b"]
-    enc = encode({"src": src, "src_pad_mask": src_mask})
-    ck, cv = enc["cross_k"], enc["cross_v"]
+    cross = _encode(encode, src, src_mask)
     join = tgt_a.shape[1] - tgt_b.shape[1]
-    pk, pv, pm = _empty_past(ck[:, :1])
+    cross_a = _rows(cross, slice(0, 1))
+    past, pm = _empty_past(cross_a)
     got_a, got_b = [], []
     for t in range(join):  # row a alone
-        logits, pk, pv, pm = _step(decode, tgt_a[:, t : t + 1], np.array([t]), ck[:, :1], cv[:, :1], src_mask[:1], pk, pv, pm)
+        logits, past, pm = _step(decode, tgt_a[:, t : t + 1], np.array([t]), cross_a, src_mask[:1], past, pm)
         got_a.append(logits[0])
     # row b joins with `join` empty slots on the left
-    pk = np.concatenate([pk, np.zeros_like(pk)], axis=1)
-    pv = np.concatenate([pv, np.zeros_like(pv)], axis=1)
+    past = {name: np.concatenate([value, np.zeros_like(value)], axis=0) for name, value in past.items()}
     pm = np.concatenate([pm, np.ones_like(pm)], axis=0)
     for t in range(tgt_b.shape[1]):
         tokens = np.array([[tgt_a[0, join + t]], [tgt_b[0, t]]], dtype=np.int64)
-        logits, pk, pv, pm = _step(decode, tokens, np.array([join + t, t]), ck, cv, src_mask, pk, pv, pm)
+        logits, past, pm = _step(decode, tokens, np.array([join + t, t]), cross, src_mask, past, pm)
         got_a.append(logits[0])
         got_b.append(logits[1])
     diff = max(_diff(np.stack(got_a), ref["cached/logits_a"]), _diff(np.stack(got_b), ref["cached/logits_b"]))
@@ -272,14 +293,13 @@ def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner) -> dict[str,
 
 def _seq2seq_greedy(ref: Reference, encode: Runner, decode: Runner, ids: dict[str, int]) -> dict[str, Any]:
     src, src_mask = ref["greedy/src"], ref["greedy/src_pad_mask"]
-    enc = encode({"src": src, "src_pad_mask": src_mask})
+    cross = _encode(encode, src, src_mask)
     b = src.shape[0]
-    pk, pv, pm = _empty_past(enc["cross_k"])
+    past, pm = _empty_past(cross)
     tokens = np.full((b, 1), ids["bos"], dtype=np.int64)
     out = []
     for t in range(ref["greedy/tokens"].shape[1]):
-        logits, pk, pv, pm = _step(decode, tokens, np.full(b, t, dtype=np.int64), enc["cross_k"], enc["cross_v"],
-                                   src_mask, pk, pv, pm)
+        logits, past, pm = _step(decode, tokens, np.full(b, t, dtype=np.int64), cross, src_mask, past, pm)
         tokens = _greedy_pick(logits, ids["pad"]).numpy()[:, None]
         out.append(tokens)
     return _greedy_result("encode+decode_step", np.concatenate(out, axis=1), ref["greedy/tokens"])

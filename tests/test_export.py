@@ -4,6 +4,7 @@ numbers, and independent runs of the exported graphs against the eager model."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from tests.artifacts import (
     make_seq2seq_checkpoint,
 )
 
-from deepserve.export import export_checkpoint, verify_artifact
+from deepserve.export import ExportError, export_checkpoint, verify_artifact
 
 
 def _export(ckpt: Path, repo: Path, name: str, **kw) -> Path:
@@ -207,15 +208,20 @@ def test_seq2seq_artifact(work: Path) -> None:
     payload = load_checkpoint(ckpt)
     directory = _export(ckpt, work / "repo", "s2s")
     raw = _check_common(directory, ckpt, ("encode", "decode_step"))
-    assert [t["name"] for t in raw["graphs"]["encode"]["outputs"]] == ["memory", "cross_k", "cross_v"]
+    assert [t["name"] for t in raw["graphs"]["encode"]["outputs"]] == [
+        "memory", "cross_k_0", "cross_v_0", "cross_k_1", "cross_v_1"]
     dec = raw["graphs"]["decode_step"]
     assert [t["name"] for t in dec["inputs"]] == [
-        "tokens", "positions", "cross_k", "cross_v", "src_pad_mask", "past_k", "past_v", "past_pad_mask"]
-    assert dec["inputs"][5]["shape"] == [2, "batch", 2, "past_len", 8]
-    assert dec["inputs"][7]["dtype"] == "bool"
+        "tokens", "positions", "src_pad_mask", "past_pad_mask", "cross_k_0", "cross_v_0", "past_k_0", "past_v_0",
+        "cross_k_1", "cross_v_1", "past_k_1", "past_v_1"]
+    assert [t["name"] for t in dec["outputs"]] == ["logits", "present_k_0", "present_v_0", "present_k_1", "present_v_1"]
+    shapes = {t["name"]: t["shape"] for t in dec["inputs"] + dec["outputs"]}
+    assert shapes["past_k_1"] == ["batch", 2, "past_len", 8] and shapes["cross_v_0"] == ["batch", 2, "src_len", 8]
+    assert shapes["present_v_1"] == ["batch", 2, "present_len", 8]
+    assert dec["inputs"][3]["dtype"] == "bool"
     vocab = payload["model"]["args"]["vocab_size"]
     assert raw["model"] == {"type": "transformer", "n_decoder_layers": 2, "n_heads": 2, "head_dim": 8, "d_model": 16,
-                            "vocab_size": vocab}
+                            "vocab_size": vocab, "kv_layout": "per-layer"}
     assert raw["tokenizer"]["file"] == "tokenizer.model" and raw["tokenizer"]["type"] == "sentencepiece"
     assert raw["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     assert raw["limits"] == {"vocab_size": vocab, "max_source_length": 24, "max_target_length": 16}
@@ -232,20 +238,56 @@ def test_seq2seq_artifact(work: Path) -> None:
     expected = greedy_decode(model, src, max_len=8, bos=2, eos=3)
     enc, decode = _session(directory / "encode.onnx"), _session(directory / "decode_step.onnx")
     mask = (src == 0).numpy()
-    _, ck, cv = enc.run(None, {"src": src.numpy(), "src_pad_mask": mask})
-    past_k = np.zeros((2, 2, 2, 0, 8), np.float32)
-    past_v, past_mask = past_k.copy(), np.zeros((2, 0), bool)
+    cross = dict(zip([o.name for o in enc.get_outputs()], enc.run(None, {"src": src.numpy(), "src_pad_mask": mask})))
+    del cross["memory"]
+    past = {f"past_{kv}_{i}": np.zeros((2, 2, 0, 8), np.float32) for i in range(2) for kv in "kv"}
+    past_mask = np.zeros((2, 0), bool)
     tokens, rows = np.full((2, 1), 2, np.int64), [[], []]
+    names = [o.name for o in decode.get_outputs()]
     for step in range(9):
-        logits, past_k, past_v = decode.run(None, {
-            "tokens": tokens, "positions": np.full(2, step, np.int64), "cross_k": ck, "cross_v": cv,
-            "src_pad_mask": mask, "past_k": past_k, "past_v": past_v, "past_pad_mask": past_mask})
+        out = dict(zip(names, decode.run(None, {
+            "tokens": tokens, "positions": np.full(2, step, np.int64), "src_pad_mask": mask,
+            "past_pad_mask": past_mask, **cross, **past})))
+        past = {name: out[name.replace("past", "present")] for name in past}
         past_mask = np.concatenate([past_mask, np.zeros((2, 1), bool)], axis=1)
-        tokens = logits.argmax(-1)[:, None]
+        tokens = out["logits"].argmax(-1)[:, None]
         for r in range(2):
             rows[r].append(int(tokens[r, 0]))
     got = [(row[: row.index(3)] if 3 in row else row)[:8] for row in rows]
     assert got == expected
+
+    # --verify replays every check on the per-layer graphs; an artifact from before them is refused by name
+    report = verify_artifact(directory)
+    assert report["passed"] and {(c["format"], c["check"]) for c in report["checks"]} >= {
+        (f, c) for f in ("torchscript", "onnx") for c in ("random-inputs", "cached-decoding", "greedy")}
+    stale = work / "stale" / "s2s" / "1"
+    shutil.copytree(directory, stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    del manifest["model"]["kv_layout"]
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="kv_layout is None.*re-export"):
+        verify_artifact(stale)
+
+
+def test_seq2seq_graphs_never_copy_a_whole_cache(work: Path) -> None:
+    """Per-layer caches: each present K/V is its layer's own concat of past and new, no input is split or
+    gathered out of a stacked tensor, and nothing re-stacks the layers (the copies that cost ~44% of a step)."""
+    directory = _export(make_seq2seq_checkpoint(work / "s2s-nocopy.pt", layers=3), work / "repo", "s2s-nocopy",
+                        formats=("onnx",), quantize=False)
+    graph = onnx.load(str(directory / "decode_step.onnx")).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    for i in range(3):
+        for kv in "kv":
+            node = producer[f"present_{kv}_{i}"]
+            assert node.op_type == "Concat" and node.input[0] == f"past_{kv}_{i}"
+    cache_inputs = {i.name for i in graph.input if i.name.startswith(("past_k", "past_v", "cross_"))}
+    assert len(cache_inputs) == 12
+    readers = [n.op_type for n in graph.node if cache_inputs & set(n.input)]
+    assert "Split" not in readers and "Gather" not in readers and "Slice" not in readers
+    assert not any(n.op_type == "Split" for n in graph.node)
+    encode = onnx.load(str(directory / "encode.onnx")).graph
+    enc_producer = {out: node for node in encode.node for out in node.output}
+    assert {enc_producer[f"cross_k_{i}"].op_type for i in range(3)} == {"Transpose"}
 
 
 def test_fp16_variant(work: Path) -> None:

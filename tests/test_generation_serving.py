@@ -100,14 +100,25 @@ def test_seq2seq_step_runner_does_not_spin_or_copy_for_nothing(repo):
     assert step.decode.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     tokens = step.join([[6, 8, 18], [9, 13]], [1, 1])
     logits = step.step(tokens)
-    cache = step.past_k
+    cache, cross = list(step.past), list(step.cross)
     step.reorder(np.arange(2), regroup=False)
-    assert step.past_k is cache
+    assert all(a is b for a, b in zip(step.past + step.cross, cache + cross))
     step.reorder(np.asarray([1, 1]), regroup=True)  # row 1 twice: both copies continue like row 1
-    assert step.past_k is not cache and step.rows == 2
+    assert all(a is not b for a, b in zip(step.past + step.cross, cache + cross)) and step.rows == 2
+    # one tensor per decoder layer and kind, batch first, rows contiguous
+    assert len(step.past) == len(step.cross) == 2 * step.layers
+    assert all(x.shape[0] == 2 and x.flags["C_CONTIGUOUS"] for x in step.past + step.cross)
     after = step.step(np.asarray([7, 7]))
     np.testing.assert_allclose(after[0], after[1], atol=1e-6)
     assert not np.allclose(logits[0][np.isfinite(logits[0])], logits[1][np.isfinite(logits[1])])
+
+
+def test_seq2seq_artifact_with_stacked_caches_is_refused_by_name(repo, tmp_path):
+    """Artifacts exported before per-layer caches fed one (L,B,H,P,Dh) tensor: say so instead of failing mid-run."""
+    manifest = load_manifest(repo / "tiny-seq2seq" / "1")
+    del manifest.model["kv_layout"]
+    with pytest.raises(ValueError, match="kv_layout is None.*re-export"):
+        open_step_model(manifest, repo / "tiny-seq2seq" / "1", backend="onnx", device="cpu", threads=1)
 
 
 def test_seq2seq_batching_does_not_change_greedy_or_beam(repo):

@@ -126,7 +126,8 @@ def _progress(cfg: TrainConfig, total: int | None, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (CI logs, `make serve` piped to a file).
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None, mininterval=0.5)
 
 
 def run_training(

@@ -34,11 +34,13 @@ class Graph:
     needs (so that TorchScript state never leaves torch and ONNX Runtime state never leaves numpy)."""
 
     def __init__(self, fn: Callable[..., list[Array]], output_names: list[str], *, torch_device: str | None = None,
-                 platform: str = "custom", session: Any = None) -> None:
+                 platform: str = "custom", session: Any = None, input_names: list[str] | None = None) -> None:
         self._fn = fn
         self.session = session
         """The ONNX Runtime session behind ``fn`` (None for other graphs)."""
         self.output_names = output_names
+        self.input_names = input_names or []
+        """The manifest's input names, in call order."""
         self.torch_device = torch_device
         self.platform = platform
         if torch_device is not None:
@@ -52,6 +54,7 @@ class Graph:
         choice = backends.choose_graph(spec.files, directory, backend=backend, device=device,  # type: ignore[arg-type]
                                        precision=precision)
         names = [t.name for t in spec.outputs]
+        inputs = [t.name for t in spec.inputs]
         if choice.backend == "onnx":
             # on CPU its workers sleep between runs (backends.py): spinning ones take the cores the scheduler
             # thread needs for its selection work between two steps
@@ -61,7 +64,7 @@ class Graph:
             def run_onnx(*arrays: np.ndarray) -> list[np.ndarray]:
                 return session.run(None, dict(zip(in_names, arrays)))
 
-            return cls(run_onnx, names, platform="onnxruntime_onnx", session=session)
+            return cls(run_onnx, names, platform="onnxruntime_onnx", session=session, input_names=inputs)
         import torch
 
         module = backends.torchscript_module(choice.file, device, threads=threads)  # type: ignore[arg-type]
@@ -71,7 +74,7 @@ class Graph:
                 out = module(*tensors)
             return list(out) if isinstance(out, (tuple, list)) else [out]
 
-        return cls(run_torch, names, torch_device=device, platform="pytorch_libtorch")
+        return cls(run_torch, names, torch_device=device, platform="pytorch_libtorch", input_names=inputs)
 
     def __call__(self, *inputs: Array) -> list[Array]:
         return self._fn(*inputs)
@@ -191,8 +194,16 @@ class CharLMStepModel(StepModel):
         self.rows = len(index)
 
 
+KV_LAYOUT = "per-layer"
+"""The seq2seq cache layout this engine drives (manifest ``model.kv_layout``, written by export)."""
+
+
 class Seq2SeqStepModel(StepModel):
-    """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md)."""
+    """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
+
+    The state is one tensor per decoder layer and kind, batch on axis 0 of each: the cross-attention K/V
+    (``cross_k_i``, ``cross_v_i`` [B,H,S,Dh]) are fed unchanged every step without a copy, each layer's
+    ``present_k_i`` becomes its next ``past_k_i`` as it is, and moving rows copies whole contiguous rows."""
 
     def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
                  pad_id: int, bos_id: int, eos_id: int) -> None:
@@ -201,18 +212,31 @@ class Seq2SeqStepModel(StepModel):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
         self.rows = 0
+        self.cross_names = [f"cross_{kv}_{i}" for i in range(layers) for kv in "kv"]
+        self.past_names = [f"past_{kv}_{i}" for i in range(layers) for kv in "kv"]
+        self.present_names = [f"present_{kv}_{i}" for i in range(layers) for kv in "kv"]
         g = decode
-        self.cross_k = g.asarray(np.zeros((layers, 0, heads, 0, head_dim), np.float32))  # (L,B,H,S,Dh)
-        self.cross_v = self.cross_k
+        empty = g.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
+        self.cross: list[Array] = [empty] * (2 * layers)  # cross_names order, each (B,H,S,Dh)
         self.src_pad = g.asarray(np.zeros((0, 0), bool))  # (B,S) True = pad
-        self.past_k = self.cross_k  # (L,B,H,P,Dh)
-        self.past_v = self.cross_k
+        self.past: list[Array] = [empty] * (2 * layers)  # past_names order, each (B,H,P,Dh)
         self.past_pad = np.zeros((0, 0), bool)  # (B,P) True = empty slot; numpy, converted per step
         self.positions = np.zeros(0, np.int64)  # (B,)
 
     @property
     def platform(self) -> str:
         return self.decode.platform
+
+    def check_graphs(self) -> None:
+        """Raise ValueError naming any per-layer input or output the graphs lack."""
+        need = {"encode outputs": (self.cross_names, self.encode.output_names),
+                "decode_step inputs": (self.cross_names + self.past_names, self.decode.input_names),
+                "decode_step outputs": (["logits", *self.present_names], self.decode.output_names)}
+        for what, (names, have) in need.items():
+            missing = [n for n in names if n not in have]
+            if missing:
+                raise ValueError(f"the seq2seq graphs do not match model.n_decoder_layers={self.layers}: "
+                                 f"{what} lack {missing}")
 
     def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
         g = self.decode
@@ -222,25 +246,21 @@ class Seq2SeqStepModel(StepModel):
             src[i, : len(p)] = p
         src_pad = src == self.pad_id
         # both graphs come from the same backend and device, so encoder outputs feed the decoder as they are
-        _, ck, cv = self.encode(g.asarray(src), g.asarray(src_pad))  # (L,n,H,s,Dh)
+        out = dict(zip(self.encode.output_names, self.encode(g.asarray(src), g.asarray(src_pad))))
+        cross = [out[name] for name in self.cross_names]  # each (n,H,s,Dh)
         src_pad_t = g.asarray(src_pad)
         rep = _expand(copies)
-        if not (len(rep) == n and np.all(rep == np.arange(n))):
-            ck, cv, src_pad_t = g.take(ck, rep, 1), g.take(cv, rep, 1), g.take(src_pad_t, rep, 0)
+        if not _is_identity(rep, n):
+            cross, src_pad_t = [g.take(x, rep, 0) for x in cross], g.take(src_pad_t, rep, 0)
         m = len(rep)
-        s_old = self.cross_k.shape[3]
-        S = max(s, s_old)
-        self.cross_k = self._pad_src(self.cross_k, S, 3, 0.0)
-        self.cross_v = self._pad_src(self.cross_v, S, 3, 0.0)
-        self.src_pad = self._pad_src(self.src_pad, S, 1, True)
-        self.cross_k = g.cat([self.cross_k, self._pad_src(ck, S, 3, 0.0)], 1)
-        self.cross_v = g.cat([self.cross_v, self._pad_src(cv, S, 3, 0.0)], 1)
-        self.src_pad = g.cat([self.src_pad, self._pad_src(src_pad_t, S, 1, True)], 0)
+        S = max(s, self.src_pad.shape[1])
+        self.cross = [g.cat([self._pad_src(old, S, 2, 0.0), self._pad_src(new, S, 2, 0.0)], 0)
+                      for old, new in zip(self.cross, cross)]
+        self.src_pad = g.cat([self._pad_src(self.src_pad, S, 1, True), self._pad_src(src_pad_t, S, 1, True)], 0)
         # new rows have no history: all P cache slots are empty (left padding)
-        P = self.past_k.shape[3]
-        shape = (self.layers, m, self.heads, P, self.head_dim)
-        self.past_k = g.cat([self.past_k, g.full(shape, 0.0, self.past_k)], 1)
-        self.past_v = g.cat([self.past_v, g.full(shape, 0.0, self.past_v)], 1)
+        P = self.past_pad.shape[1]
+        zeros = g.full((m, self.heads, P, self.head_dim), 0.0, self.past[0])
+        self.past = [g.cat([x, zeros], 0) for x in self.past]
         self.past_pad = np.concatenate([self.past_pad, np.ones((m, P), bool)], 0)
         self.positions = np.concatenate([self.positions, np.zeros(m, np.int64)])
         self.rows += m
@@ -257,14 +277,15 @@ class Seq2SeqStepModel(StepModel):
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         g = self.decode
-        logits, self.past_k, self.past_v = g(
-            g.asarray(tokens.reshape(-1, 1)), g.asarray(self.positions), self.cross_k, self.cross_v, self.src_pad,
-            self.past_k, self.past_v, g.asarray(self.past_pad),
-        )
+        feeds = {"tokens": g.asarray(tokens.reshape(-1, 1)), "positions": g.asarray(self.positions),
+                 "src_pad_mask": self.src_pad, "past_pad_mask": g.asarray(self.past_pad),
+                 **dict(zip(self.cross_names, self.cross)), **dict(zip(self.past_names, self.past))}
+        out = dict(zip(g.output_names, g(*[feeds[name] for name in g.input_names])))
+        self.past = [out[name] for name in self.present_names]
         B = len(tokens)
         self.past_pad = np.concatenate([self.past_pad, np.zeros((B, 1), bool)], 1)
         self.positions = self.positions + 1
-        logits = g.numpy(logits)
+        logits = g.numpy(out["logits"])
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
         return logits
 
@@ -276,18 +297,14 @@ class Seq2SeqStepModel(StepModel):
         # drop cache columns that no remaining row uses (the oldest rows may have left)
         used = ~pad.all(axis=0)
         first = int(np.argmax(used)) if used.any() else pad.shape[1]
-        if first:
-            self.past_k, self.past_v, pad = self.past_k[:, :, :, first:], self.past_v[:, :, :, first:], pad[:, first:]
-        self.past_k = g.take(self.past_k, index, 1)
-        self.past_v = g.take(self.past_v, index, 1)
-        self.past_pad = pad
+        self.past = [g.take(x[:, :, first:] if first else x, index, 0) for x in self.past]
+        self.past_pad = pad[:, first:]
         self.positions = self.positions[index]
         if regroup:
             src_pad = g.take(self.src_pad, index, 0)
             keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
             self.src_pad = src_pad[:, :keep]
-            self.cross_k = g.take(self.cross_k[:, :, :, :keep], index, 1)
-            self.cross_v = g.take(self.cross_v[:, :, :, :keep], index, 1)
+            self.cross = [g.take(x[:, :, :keep], index, 0) for x in self.cross]
         self.rows = len(index)
 
 
@@ -306,18 +323,26 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         vocab = int(facts.get("vocab_size", spec.outputs[0].shape[-1]))
         return CharLMStepModel(graph, layers, hidden, n_state, vocab)
     if manifest.task == "seq2seq":
+        layout = facts.get("kv_layout")
+        if layout != KV_LAYOUT:
+            raise ValueError(f"manifest model.kv_layout is {layout!r}, but this deepserve drives {KV_LAYOUT!r} "
+                             "key/value caches (one tensor per decoder layer); re-export the checkpoint with "
+                             "`deepserve export`")
         special = manifest.tokenizer.get("special_ids") or {}
         spec = manifest.graphs["decode_step"]
-        past = next(t for t in spec.inputs if t.name == "past_k").shape  # (L,B,H,P,Dh)
-        return Seq2SeqStepModel(
+        past = {t.name: t.shape for t in spec.inputs if t.name.startswith("past_k_")}  # each (B,H,P,Dh)
+        layers = int(facts.get("n_decoder_layers", len(past)))
+        model = Seq2SeqStepModel(
             Graph.open(manifest.graphs["encode"], directory, **kw),
             Graph.open(spec, directory, **kw),
-            layers=int(facts.get("n_decoder_layers", past[0])),
-            heads=int(facts.get("n_heads", past[2])),
-            head_dim=int(facts.get("head_dim", past[4])),
+            layers=layers,
+            heads=int(facts.get("n_heads", past.get("past_k_0", (0, 0))[1])),
+            head_dim=int(facts.get("head_dim", past.get("past_k_0", (0, 0, 0, 0))[3])),
             vocab_size=int(facts.get("vocab_size", spec.outputs[0].shape[-1])),
             pad_id=int(special.get("pad", 0)),
             bos_id=int(special.get("bos", 2)),
             eos_id=int(special.get("eos", 3) if eos_id is None else eos_id),
         )
+        model.check_graphs()
+        return model
     raise ValueError(f"task {manifest.task!r} is not a generation task")
