@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import deepserve
 from deepserve.serve.errors import ServeError
-from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES
+from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPathMiddleware, error_response
 from deepserve.serve.metrics import RequestMetricsMiddleware
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.repository import ModelRepository
@@ -43,7 +43,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -117,5 +117,8 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes)
+                  if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
+    app.add_middleware(HotPathMiddleware, routes=hot_routes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last: outermost, sees both paths
     return app

@@ -3,7 +3,9 @@
 Requests (each a dict of arrays whose first axis is rows) wait in a bounded queue. The batcher takes the
 first waiting request, then gathers more until the batch holds ``max_batch_size`` rows or
 ``max_queue_delay_ms`` has passed since that first request arrived (monotonic clock; it sleeps on an
-``asyncio.Event`` with a timeout, never polls). It runs them as one batch (a sync function in the instance's
+``asyncio.Event`` with a timeout, never polls). It waits for company only under load, that is when requests
+arrived while the previous batch was running: a lone client on an idle model is never made to wait for
+requests that are not coming, so batching on is never slower than batching off. It runs them as one batch (a sync function in the instance's
 executor, off the event loop, or an async one awaited) and hands each request its own rows, as views.
 
 A request is never split across batches unless it alone holds more than ``max_batch_size`` rows; then it is
@@ -70,6 +72,7 @@ class Batcher:
         self._closing = False
         self.in_flight = 0
         """Rows of the batch running now (0 when idle)."""
+        self._arrived_while_running = 0  # requests queued during the running batch: a sign of load
 
     @property
     def depth(self) -> int:
@@ -107,6 +110,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future()) for c in chunks]
         self._queue.extend(items)
+        if self.in_flight:
+            self._arrived_while_running += 1
         self._wakeup.set()
         futures = [item.future for item in items]
         waiter = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
@@ -136,6 +141,8 @@ class Batcher:
         batch: list[_Item] = []
         rows = 0
         flush_at = 0.0
+        under_load = self._arrived_while_running > 0
+        self._arrived_while_running = 0
         while True:
             while self._queue:
                 item = self._queue[0]
@@ -156,7 +163,7 @@ class Batcher:
             timeout = None
             if batch:
                 timeout = flush_at - time.monotonic()
-                if timeout <= 0:
+                if timeout <= 0 or not under_load:
                     return batch
             self._wakeup.clear()
             try:

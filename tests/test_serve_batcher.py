@@ -159,3 +159,32 @@ async def test_stop_drains_queue_then_refuses():
     outs = await asyncio.gather(*pending)
     await stopping
     assert [o["y"][0, 0] for o in outs] == [1, 101, 201]
+
+
+async def test_idle_model_does_not_wait_for_company_that_is_not_coming():
+    """A lone request on an idle model runs at once, even with a long max_queue_delay_ms."""
+    b = Batcher(_double, max_batch_size=8, max_queue_delay_ms=60_000, name="t")
+    b.start()
+    out = await asyncio.wait_for(b.submit(_request(1)), timeout=10)  # would sit out the 60 s delay before
+    await b.stop()
+    np.testing.assert_array_equal(out["y"], _request(1)["x"] * 2)
+
+
+async def test_under_load_the_next_batch_waits_for_company():
+    """Requests that arrive while a batch runs mark the model as loaded: the next batch gathers for
+    max_queue_delay_ms, so a request sent just after the running batch ends still joins it."""
+    gate = Gate()
+    b = Batcher(gate, max_batch_size=8, max_queue_delay_ms=60_000, name="t")
+    b.start()
+    first = asyncio.ensure_future(b.submit(_request(0)))
+    await _wait_thread_event(gate.entered)
+    second = asyncio.ensure_future(b.submit(_request(1)))  # arrives while the first batch runs
+    await asyncio.sleep(0)
+    gate.release.set()
+    await first
+    third = asyncio.ensure_future(b.submit(_request(2)))  # arrives after the first batch finished
+    await asyncio.sleep(0.05)
+    assert not second.done(), "the loaded batcher should still be gathering"
+    stopping = asyncio.ensure_future(b.stop())  # closing flushes what was gathered
+    await asyncio.wait_for(asyncio.gather(second, third, stopping), timeout=10)
+    assert [len(batch) for batch in gate.batches] == [1, 2]
