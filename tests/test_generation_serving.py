@@ -289,7 +289,7 @@ def test_declared_schemas_match_what_is_sent(server):
             assert body["additionalProperties"] is False and body["required"]
         generate = spec["paths"]["/v2/models/{model}/generate"]["post"]["responses"]
         assert generate["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/GenerateResponse")
-        assert generate["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/TritonError")
+        assert generate["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
         seq = spec["components"]["schemas"]["GeneratedSequence"]["properties"]
         assert {"text_output", "tokens", "logprobs", "top_logprobs", "score", "finish_reason"} <= set(seq)
         stream = spec["paths"]["/v2/models/{model}/generate_stream"]["post"]["responses"]["200"]["content"]

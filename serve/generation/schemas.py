@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deepserve.serve.schemas import ErrorBody
+
 # ---- Triton generate extension -----------------------------------------------------------------------------
 
 
@@ -96,8 +98,7 @@ class GenerateStreamEvent(BaseModel):
     top_logprobs: Optional[list[dict[str, float]]] = None
 
 
-class TritonError(BaseModel):
-    error: str
+TritonError = ErrorBody  # the v2 error shape is the serving core's
 
 
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------------
