@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.artifacts import make_classifier_artifact
+from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,8 @@ def free_port() -> int:
 def repository(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("socket-repo")
     good = make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    make_charlm_artifact(root, "tiny-charlm")  # generators too, so the no-training-imports checks cover them
+    make_seq2seq_artifact(root, "tiny-seq2seq")
     shutil.copytree(good, root / "tampered" / "1")
     with open(root / "tampered/1/model.pt", "ab") as f:
         f.write(b"\0")
@@ -151,6 +153,10 @@ def test_serving_never_imports_training_code(repository):
                 r = await c.post("/v2/models/tiny-cnn/infer", json={{"inputs": [{{"name": "images",
                     "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.ravel().tolist()}}]}})
                 assert r.status_code == 200, r.text
+                for model in ("tiny-charlm", "tiny-seq2seq"):
+                    r = await c.post(f"/v2/models/{{model}}/generate",
+                                     json={{"text_input": "12", "parameters": {{"max_new_tokens": 3, "num_beams": 2}}}})
+                    assert r.status_code == 200, r.text
             await app.state.repository.stop()
 
         asyncio.run(main())
