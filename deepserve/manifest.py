@@ -24,7 +24,8 @@ import neither torch nor any training code: serve depends on it alone.
       "tokenizer": {"type": "char" | "sentencepiece", "file": "vocab.json" | "tokenizer.model",
                     "special_ids": {"pad": 0, "unk": 1, "bos": 2, "eos": 3}},   # generators only
       "limits": {"vocab_size": 96, "max_source_length": 64, "max_target_length": 64},
-      "variants": {"onnx-int8": {"accuracy_delta": -0.002, ...}},
+      "variants": {"onnx-int8": {"method": ..., "op_types": ["MatMul", "Gemm"], "not_quantized": {...},
+                                 "accuracy_fp32": 0.983, "accuracy": 0.983, "accuracy_delta": 0.0, ...}},
       "parity": {...}, "provenance": {...},
       "files": {"model.onnx": "<sha256>", ...}           # every file in the directory except manifest.json
     }
