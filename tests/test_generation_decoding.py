@@ -318,6 +318,44 @@ def test_continuous_batching_does_not_change_greedy_beam_or_seeded_results():
     assert [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in staggered] == key
 
 
+@pytest.mark.parametrize("eos_id", [None, 3])
+def test_requests_kept_in_the_token_log_match_their_lone_runs(eos_id):
+    """Greedy and sampled requests without streaming, stops, logprobs or processors keep their tokens in the
+    scheduler's per-step token log: long ones outgrow its first width while others join mid-way and leave,
+    and rows that pick EOS leave the log for the general path; none of it changes a result."""
+    model = TableModel(vocab_size=4, eos_id=eos_id, seed=7, scale=0.7)
+    probes = [("ab", {"temperature": 0, "max_new_tokens": 150}),
+              ("b", {"seed": 5, "max_new_tokens": 90, "num_return_sequences": 3}),
+              ("ca", {"temperature": 0, "max_new_tokens": 1}),
+              ("a", {"seed": 1, "max_new_tokens": 130, "top_k": 2}),
+              ("bb", {"temperature": 0, "max_new_tokens": 70})]
+
+    async def main():
+        s = await started(model, max_new_tokens=300)
+        try:
+            alone = [await s.generate(t, p) for t, p in probes]
+            sched = s.scheduler
+            tasks = []
+            for i, (t, p) in enumerate(probes):  # join a batch that is already 25 steps further each time
+                tasks.append(asyncio.ensure_future(s.generate(t, p)))
+                steps = sched.steps + 25
+                await asyncio.sleep(0)
+                await asyncio.to_thread(sched.wait_until, lambda: sched.steps >= steps or not sched.running, 10)
+            return alone, await asyncio.gather(*tasks)
+        finally:
+            await s.stop()
+
+    alone, together = run(main())
+    key = [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in alone]
+    assert [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in together] == key
+    assert alone[0].outputs[0].token_ids == greedy_reference(model, (1, 2), 150)
+    assert alone[2].outputs[0].token_ids == greedy_reference(model, (3, 1), 1)
+    reasons = {o.finish_reason for r in alone for o in r.outputs}
+    assert reasons == ({"length", "eos"} if eos_id is not None else {"length"})
+    if eos_id is None:
+        assert [len(o.token_ids) for r in alone for o in r.outputs] == [150, 90, 90, 90, 1, 130, 70]
+
+
 def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     model = TableModel(vocab_size=4, eos_id=None, seed=1)
     model.gate = threading.Semaphore(0)

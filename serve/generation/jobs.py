@@ -7,11 +7,13 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from deepserve.serve.generation.params import GenerationParams
 from deepserve.serve.generation.processors import Processor
-from deepserve.serve.generation.strategies import BeamSearch, Strategy
+from deepserve.serve.generation.strategies import BeamSearch, Strategy, _tops
 from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
 
 _ids = itertools.count()
@@ -109,6 +111,11 @@ class Job:
         self.stops = params.stop
         self.track_text = stream or bool(self.stops)
         self.is_beam = isinstance(strategy, BeamSearch)
+        self.plain = not self.is_beam and not self.track_text and params.logprobs is None and not processors
+        """Row strategy with nothing to do per token but keep it: while this holds, the scheduler keeps the
+        request's tokens in its ``TokenLog`` and touches the request only when it ends (length or EOS)."""
+        self.col0 = 0
+        """Plain requests: the ``TokenLog`` column of the first generated token."""
         self.reserve = params.rows
         """Rows reserved while running (beam search starts narrower but may widen to num_beams)."""
         n = 1 if self.is_beam else params.num_return_sequences
@@ -130,6 +137,44 @@ class Job:
     @property
     def rows(self) -> int:
         return self.strategy.rows if self.is_beam else len(self.live)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def advance(self, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, char_level: bool) -> list[Event]:
+        """A greedy / sampled request's step: row r of its block (from ``start``) took ``chosen[start + r]``.
+        Sets ``row_seqs`` (the rows as they were) and ``live`` (those still going); returns the stream's events."""
+        events: list[Event] = []
+        self.row_seqs = list(self.live)
+        for r, seq in enumerate(self.row_seqs):
+            tok = chosen[self.start + r]
+            if raw_lp is not None:
+                if tok != eos:
+                    seq.logprobs.append(float(raw_lp[r, tok]))
+                    seq.top_logprobs.append(_tops(raw_lp[r], self.params.logprobs))
+            if tok == eos:
+                seq.finish_reason = "eos"
+            else:
+                seq.tokens.append(tok)
+                if self.track_text:
+                    self.update_text(seq, tok, char_level)
+                if seq.finish_reason is None and self.generated >= self.max_new_tokens:
+                    seq.finish_reason = "length"
+            if self.stream:
+                text = self.delta(seq)
+                lp = self.logprob_delta(seq)  # None unless logprobs were asked for
+                if text or seq.finish_reason or lp is not None:
+                    extra = {"finish_reason": seq.finish_reason}
+                    if lp is not None:
+                        extra["logprobs"] = lp
+                    events.append(Event("delta", index=seq.index, text=text, extra=extra))
+        self.live = [s for s in self.row_seqs if s.finish_reason is None]
+        return events
+
+    def take_log(self, log: TokenLog, col: int) -> None:
+        """A plain request leaving the scheduler's token log: its rows' tokens of the columns before ``col``."""
+        for r, seq in enumerate(self.live):
+            seq.tokens.extend(log.tokens(self.start + r, self.col0, col))
+        self.generated = col - self.col0
 
     # ---- text ----------------------------------------------------------------------------------------------
 
@@ -244,6 +289,44 @@ class Job:
         return text[len(sent):]
 
 
+class TokenLog:
+    """The token each batch row chose at every step, as a (rows, steps) array that follows the batch's row
+    order: one column write per step instead of one list append per row. Columns are absolute step numbers
+    offset by ``base``; the columns no running request needs any more are dropped when the array fills."""
+
+    def __init__(self, width: int = 64) -> None:
+        self.data = np.zeros((0, width), np.int64)  # (B, W)
+        self.base = 0
+        """Absolute column of ``data[:, 0]``."""
+        self.col = 0
+        """Absolute column of the next step."""
+
+    def write(self, chosen: np.ndarray, oldest: Callable[[], int]) -> None:
+        """Store this step's tokens (B,) in column ``col`` and advance; ``oldest()`` is the first column any
+        running request still needs (asked only when the array is full)."""
+        c = self.col - self.base
+        if c >= self.data.shape[1]:
+            drop = min(oldest(), self.col) - self.base
+            kept = self.data[:, drop:c]
+            width = max(self.data.shape[1], 2 * kept.shape[1])
+            self.data = np.zeros((len(self.data), width), np.int64)
+            self.data[:, : kept.shape[1]] = kept
+            self.base += drop
+            c -= drop
+        self.data[:, c] = chosen
+        self.col += 1
+
+    def tokens(self, row: int, col0: int, col: int) -> list[int]:
+        """Row ``row``'s tokens of columns [col0, col)."""
+        return self.data[row, col0 - self.base: col - self.base].tolist()
+
+    def add_rows(self, n: int) -> None:
+        self.data = np.concatenate([self.data, np.zeros((n, self.data.shape[1]), np.int64)])
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.data = self.data[index]
+
+
 @dataclass
 class Event:
     kind: str
@@ -253,3 +336,25 @@ class Event:
     result: Result | None = None
     error: Exception | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def deliver(outbox: list[tuple[Job, Event]]) -> None:
+    """Hand events to each request's event loop (from the scheduler thread): one thread-safe call per loop."""
+    if not outbox:
+        return
+    by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[Job, Event]]] = {}
+    for job, event in outbox:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, items in by_loop.items():
+        if loop is None:
+            _put_all(items)
+        else:
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+
+def _put_all(items: list[tuple[Job, Event]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)

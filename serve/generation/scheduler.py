@@ -3,14 +3,17 @@
 Each iteration: admit waiting requests that fit (their rows join the batch: prefill or one batched encoder
 call), run one model step over every running row, pick the next tokens (all greedy rows in one argmax, all
 sampled rows in one vectorised sampler, beam requests one by one), then drop the rows of finished,
-cancelled or expired requests and follow beam back-pointers with a single state gather. The asyncio side
-gets its events through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a
-``threading.Event`` when idle: no polling.
+cancelled or expired requests and follow beam back-pointers with a single state gather. Plain requests
+(``Job.plain``: no streaming, stop strings, logprobs or processors) cost nothing per row and step: their
+tokens go into one ``TokenLog`` column per step, and the loop visits them only when a row picks EOS or
+they reach max_new_tokens; a step where no row leaves builds no index at all. The asyncio side gets its
+events through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a ``threading.Event``
+when idle: no polling.
 """
 
 from __future__ import annotations
 
-import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -21,10 +24,10 @@ import numpy as np
 
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
-from deepserve.serve.generation.jobs import Event, Job
+from deepserve.serve.generation.jobs import Event, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
 from deepserve.serve.generation.strategies import (
-    BeamSearch, Sampling, _tops, greedy_tokens, log_softmax, sample_tokens,
+    BeamSearch, Sampling, greedy_tokens, log_softmax, sample_tokens,
 )
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
@@ -50,6 +53,11 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.metrics = gm.model_metrics(name, version)
         self._plan: tuple | None = None  # row groups by strategy, rebuilt when the batch changes
+        self.log = TokenLog()  # the tokens of plain requests (``Job.plain``), one column per step
+        self.due: dict[int, list[Job]] = {}  # log column -> plain requests that reach max_new_tokens there
+        self.fresh: list[Job] = []  # joined since the last step (their first token times TTFT)
+        self.cancels = False  # a running request may have been cancelled since the last look
+        self.next_deadline = float("inf")  # the earliest deadline of the running requests
         self.steps = 0
 
     # ---- asyncio side --------------------------------------------------------------------------------------
@@ -72,6 +80,7 @@ class Scheduler:
     def cancel(self, job: Job) -> None:
         """Free the request's rows at the next step boundary (client gone, or deadline)."""
         job.cancelled = True
+        self.cancels = True  # after the job's flag: the loop clears this one before it looks at the jobs
         self.wake.set()
 
     def close(self) -> None:
@@ -114,7 +123,7 @@ class Scheduler:
         self._notify()
         if self.running:
             self._step(outbox)
-        self._deliver(outbox)
+        deliver(outbox)
         self._notify()
 
     def _notify(self) -> None:
@@ -122,8 +131,13 @@ class Scheduler:
             self.rows_changed.notify_all()
 
     def _expire(self, outbox: list) -> None:
-        """Remove cancelled and expired requests before the step (their rows are freed right away)."""
+        """Remove cancelled and expired requests before the step (their rows are freed right away). Only looks
+        at the requests when one was cancelled or the earliest deadline has passed (then that bound is renewed:
+        one stale from a request that already left costs one more look)."""
         now = time.monotonic()
+        if not self.cancels and now <= self.next_deadline:  # nothing to look for: no scan of every request
+            return
+        self.cancels = False
         gone = [j for j in self.running if j.cancelled or j.deadline < now]
         if gone:
             for j in gone:
@@ -132,6 +146,7 @@ class Scheduler:
                         "the request's deadline passed during generation"))))
                 j.finished = True
             self._compact(keep_jobs=[j for j in self.running if not j.finished])
+        self.next_deadline = min((j.deadline for j in self.running), default=float("inf"))
 
     def _admit(self, outbox: list) -> None:
         joining: list[Job] = []
@@ -160,7 +175,14 @@ class Scheduler:
             j.start = start
             start += j.rows
         self.running.extend(joining)
+        self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
         self.tokens = np.concatenate([self.tokens, first])
+        self.log.add_rows(len(first))
+        for j in joining:
+            if j.plain:
+                j.col0 = self.log.col
+                self.due.setdefault(j.col0 + max(1, j.max_new_tokens) - 1, []).append(j)
+        self.fresh.extend(joining)
         self._plan = None
         self.metrics.running.set(self.model.rows)
 
@@ -185,7 +207,8 @@ class Scheduler:
         return (slice(None) if all_greedy else np.asarray(greedy, np.int64), bool(greedy),
                 np.asarray(sample, np.int64), np.asarray(temp, np.float32), np.asarray(topk, np.int64),
                 np.asarray(topp, np.float64), samplers, beams,
-                [j for j in self.running if j.processors], [j for j in self.running if j.params.logprobs is not None])
+                [j for j in self.running if j.processors], [j for j in self.running if j.params.logprobs is not None],
+                [j for j in self.running if not j.plain], [j.start for j in self.running])
 
     def _step(self, outbox: list) -> None:
         t0 = time.perf_counter()
@@ -193,7 +216,7 @@ class Scheduler:
         self.steps += 1
         if self._plan is None:
             self._plan = self._plan_rows()
-        greedy, any_greedy, sample, temp, topk, topp, samplers, beams, proc_jobs, lp_jobs = self._plan
+        greedy, any_greedy, sample, temp, topk, topp, samplers, beams, proc_jobs, lp_jobs, others, starts = self._plan
         raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in lp_jobs if not j.is_beam}
         for j in proc_jobs:
             if not j.is_beam:
@@ -208,89 +231,125 @@ class Scheduler:
         if len(sample):
             u = np.concatenate([j.strategy.draw(j.rows) for j in samplers])
             chosen[sample] = sample_tokens(logits[sample], temp, topk, topp, u)
+        now = time.perf_counter()
+        for j in self.fresh:
+            j.t_first = now
+            self.metrics.ttft.observe(now - j.t_submit)
+        self.fresh = []
+        self.log.write(chosen, self._oldest_column)
+        eos = self.model.eos_id
+        # plain requests are visited only when one of their rows picks EOS (from then on they take the general
+        # path) or when they reach max_new_tokens; every other request is visited each step
+        visit = others
+        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
+        ending = [j for j in self.due.pop(self.log.col - 1, ()) if not j.finished]
+        if hits or ending:
+            eos_jobs = {self.running[bisect.bisect_right(starts, r) - 1] for r in hits}
+            for j in eos_jobs:
+                if j.plain:
+                    self._leave_log(j)
+            ending = [j for j in ending if j.plain]
+            visit = sorted({*others, *eos_jobs, *ending}, key=lambda j: j.start)
+        # the next batch: rows kept (in order) and their next tokens. Requests whose rows all stay in place
+        # extend a run of unchanged rows; only the others (beams, finished or partly finished requests) cut
+        # it, so a step where nothing leaves builds no index at all
         index_parts: list[np.ndarray] = []
         token_parts: list[np.ndarray] = []
-        keep: list[Job] = []
+        run_start = 0  # first row of the current run of unchanged rows
+        moved = False  # whether any row left or moved
         regroup = False
-        n_new = 0
-        now = time.perf_counter()
-        eos = self.model.eos_id
-        chosen_list = chosen.tolist()
+        n_new = B
+        chosen_list = chosen.tolist() if visit else []
+        widths = {j.id: j.rows for j in beams}  # before ``_beams_fast`` moves them
         if beams:
             self._beams_fast(beams, logits)
-        for j in self.running:
-            rows_before = j.rows
-            if j.t_first is None:
-                j.t_first = now
-                self.metrics.ttft.observe(now - j.t_submit)
-            j.generated += 1
+        for j in visit:
+            start = j.start
+            rows_before = widths[j.id] if j.is_beam else len(j.live)
+            end = start + rows_before
             if j.is_beam:
-                n_new += 1
-                self._beam_step(j, logits[j.start: j.start + rows_before], outbox)
+                j.generated += 1
+                n_new -= rows_before - 1
+                self._beam_step(j, logits[start:end], outbox)
                 parents, toks = j.beam_out
                 j.beam_out = ()
+                moved = True
+                if run_start < start:
+                    index_parts.append(np.arange(run_start, start))
+                    token_parts.append(chosen[run_start:start])
+                run_start = end
                 if not j.finished:
-                    index_parts.append(parents + j.start)
+                    index_parts.append(parents + start)
                     token_parts.append(toks)
             else:
-                n_new += rows_before
-                self._row_step(j, chosen_list, raw_lp.get(j.id), eos, outbox)
-                if not j.finished and len(j.live) == rows_before:
-                    index_parts.append(np.arange(j.start, j.start + rows_before))
-                    token_parts.append(chosen[j.start: j.start + rows_before])
-                elif not j.finished:
-                    keep_rows = [j.start + r for r, s in enumerate(j.row_seqs) if s.finish_reason is None]
-                    index_parts.append(np.asarray(keep_rows, np.int64))
-                    token_parts.append(chosen[keep_rows])
+                if j.plain:
+                    self._end_plain(j, outbox)
+                else:
+                    j.generated += 1
+                    self._row_step(j, chosen_list, raw_lp.get(j.id), eos, outbox)
+                if j.finished or len(j.live) != rows_before:
+                    moved = True
+                    if run_start < start:
+                        index_parts.append(np.arange(run_start, start))
+                        token_parts.append(chosen[run_start:start])
+                    run_start = end
+                    if not j.finished:
+                        keep_rows = [start + r for r, s in enumerate(j.row_seqs) if s.finish_reason is None]
+                        index_parts.append(np.asarray(keep_rows, np.int64))
+                        token_parts.append(chosen[keep_rows])
             if j.finished:
                 regroup = True
                 self.reserved -= j.reserve
             else:
                 regroup |= j.rows != rows_before
-                keep.append(j)
         self.metrics.tokens.inc(n_new)
-        index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
-        self.tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.int64)
-        if regroup or beams:
+        if not moved:  # every row stays where it is
+            self.tokens = chosen
+        else:
+            if run_start < B:
+                index_parts.append(np.arange(run_start, B))
+                token_parts.append(chosen[run_start:B])
+            index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
+            self.tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.int64)
             self.model.reorder(index, regroup=regroup)
+            self.log.reorder(index)
         if regroup:
+            keep = [j for j in self.running if not j.finished]
             start = 0
             for j in keep:
                 j.start = start
                 start += j.rows
             self.running = keep
-            self._plan = None
             self.metrics.running.set(self.model.rows)
+        if regroup or visit is not others:
+            self._plan = None
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
+
+    def _oldest_column(self) -> int:
+        return min((j.col0 for j in self.running if j.plain), default=self.log.col)
+
+    def _leave_log(self, j: Job) -> None:
+        """A plain request that needs the general path (a row picked EOS): move its tokens from the log into
+        its sequences, up to the step before this one (``_row_step`` takes this step's tokens)."""
+        j.take_log(self.log, self.log.col - 1)
+        j.plain = False
+
+    def _end_plain(self, j: Job, outbox: list) -> None:
+        """A plain request at max_new_tokens: its tokens from the log, every row finished by length."""
+        j.take_log(self.log, self.log.col)
+        for seq in j.live:
+            seq.finish_reason = "length"
+            self.metrics.finished("length")
+        j.row_seqs, j.live = j.live, []
+        self._finish(j, outbox)
 
     def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None,
                   outbox: list) -> None:
-        j.row_seqs = list(j.live)
-        for r, seq in enumerate(j.row_seqs):
-            tok = chosen[j.start + r]
-            if raw_lp is not None:
-                if tok != eos:
-                    seq.logprobs.append(float(raw_lp[r, tok]))
-                    seq.top_logprobs.append(_tops(raw_lp[r], j.params.logprobs))
-            if tok == eos:
-                seq.finish_reason = "eos"
-            else:
-                seq.tokens.append(tok)
-                if j.track_text:
-                    j.update_text(seq, tok, self.char_level)
-                if seq.finish_reason is None and j.generated >= j.max_new_tokens:
-                    seq.finish_reason = "length"
-            if j.stream:
-                text = j.delta(seq)
-                lp = j.logprob_delta(seq)  # None unless logprobs were asked for
-                if text or seq.finish_reason or lp is not None:
-                    extra = {"finish_reason": seq.finish_reason}
-                    if lp is not None:
-                        extra["logprobs"] = lp
-                    outbox.append((j, Event("delta", index=seq.index, text=text, extra=extra)))
+        for event in j.advance(chosen, raw_lp, eos, self.char_level):
+            outbox.append((j, event))
+        for seq in j.row_seqs:
             if seq.finish_reason:
                 self.metrics.finished(seq.finish_reason)
-        j.live = [s for s in j.row_seqs if s.finish_reason is None]
         if not j.live:
             self._finish(j, outbox)
 
@@ -341,6 +400,7 @@ class Scheduler:
             else np.zeros(0, np.int64)
         self.reserved = sum(j.reserve for j in keep_jobs)
         self.model.reorder(index, regroup=True)
+        self.log.reorder(index)
         self.tokens = self.tokens[index]
         start = 0
         for j in keep_jobs:
@@ -359,26 +419,5 @@ class Scheduler:
         except Exception:  # the model state itself is broken: start from an empty batch
             log.exception("resetting the generation state failed")
         self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
-        self._deliver(outbox)
-
-    def _deliver(self, outbox: list[tuple[Job, Event]]) -> None:
-        """Hand events to each request's event loop: one thread-safe call per loop."""
-        if not outbox:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[Job, Event]]] = {}
-        for job, event in outbox:
-            by_loop.setdefault(job.loop, []).append((job, event))
-        for loop, items in by_loop.items():
-            if loop is None:
-                _put_all(items)
-            else:
-                try:
-                    loop.call_soon_threadsafe(_put_all, items)
-                except RuntimeError:  # that loop is closed: nobody is listening any more
-                    pass
-
-
-def _put_all(items: list[tuple[Job, Event]]) -> None:
-    for job, event in items:
-        job.events.put_nowait(event)
-
+        self.log, self.due, self.fresh = TokenLog(), {}, []
+        deliver(outbox)
