@@ -141,7 +141,10 @@ class BaseClient:
         max_retries: int = 2,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
+        transport: Any = None,
     ) -> None:
+        """``transport``: an ``httpx`` transport (sync for ``Client``, async for ``AsyncClient``), for tests or
+        custom networking; by default httpx's own."""
         _check(
             isinstance(base_url, str) and base_url.startswith(("http://", "https://")),
             "base_url",
@@ -161,6 +164,12 @@ class BaseClient:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._random = random.Random()
+        self._http = self._open_http(transport)
+
+    def _open_http(self, transport: Any) -> Any:
+        """The httpx client doing the I/O (``httpx.Client`` or ``httpx.AsyncClient``); the base alone builds
+        requests and decides retries, and does no I/O."""
+        return None
 
     # ---- retries ----------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._base import DEFAULT_URL, BaseClient, Call, SSEDecoder, transport_error
+from ._base import BaseClient, Call, SSEDecoder, transport_error
 from .errors import DeepserveError
 from .tensors import ImageInput
 from .types import GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, StreamEvent
@@ -23,28 +23,8 @@ class Client(BaseClient):
     ...     client.classify("digit.png", "digits-cnn", top_k=3)
     """
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        *,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 2,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(
-            base_url,
-            api_key=api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-        )
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
-        )
+    def _open_http(self, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
