@@ -58,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
             continue
         if not checkpoint.exists():
             print(f"[defaults] {model.name}: training preset {model.preset!r} ({model.budget} on 2 CPU cores)")
-            from deepserve.train.config import apply_overrides, build_config, load_yaml
+            from deepserve.train.config import build_config, load_yaml
             from deepserve.train.loop import run_training
             from deepserve.train.task import family_classes
             from deepserve.train.cli import PRESET_DIR
 
             config_cls, _ = family_classes(model.family)
-            config = build_config(config_cls, apply_overrides(load_yaml(PRESET_DIR / f"{model.preset}.yaml"), []))
+            config = build_config(config_cls, load_yaml(PRESET_DIR / f"{model.preset}.yaml"))
             run_training(model.family, config, out_path=checkpoint)
         try:
             from deepserve.export import export_checkpoint
