@@ -4,8 +4,7 @@
 # --device cuda, written as a results file under $OUT (when set) or benchmarks/results. Within ~8 minutes.
 #
 # The machine may have torch (CUDA) but not the serving stack: wheels carried in .whl/ are installed into
-# /tmp/site, and deepserve is put on the import path without pip-installing it, through a temporary directory
-# mirroring pyproject's package-dir mapping (deepserve -> deepserve/, deepserve.train -> train/, ...).
+# /tmp/site. Run it from the repository root (the device tool's working copy) or any checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -20,11 +19,17 @@ SITE=""
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && SITE=/tmp/site
 fi
-LAYOUT=$(mktemp -d /tmp/deepserve-path.XXXXXX)
-mkdir -p "$LAYOUT/deepserve"
-for f in "$REPO"/deepserve/*.py; do ln -s "$f" "$LAYOUT/deepserve/"; done
-for pkg in train export serve clients; do ln -s "$REPO/$pkg" "$LAYOUT/deepserve/$pkg"; done
-export PYTHONPATH="${SITE:+$SITE:}$LAYOUT:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Without an install, deepserve.serve etc. are made importable the way pyproject's package-dir maps them, by
+# links inside deepserve/ removed on exit. (A separate folder on PYTHONPATH is not enough: `python -m` puts
+# the repository first on sys.path, and its deepserve/ would shadow that folder's.)
+export PYTHONPATH="${SITE:+$SITE:}$REPO${PYTHONPATH:+:$PYTHONPATH}"
+LINKS=()
+if ! "$PY" -c "import deepserve.serve.app" 2>/dev/null; then
+  for pkg in train export serve clients; do
+    if [ ! -e "deepserve/$pkg" ]; then ln -s "../$pkg" "deepserve/$pkg" && LINKS+=("deepserve/$pkg"); fi
+  done
+fi
+trap 'rm -f "${LINKS[@]}"' EXIT
 export PATH="${SITE:+$SITE/bin:}$PATH"
 
 {
