@@ -4,7 +4,11 @@
 # --device cuda, written as a results file under $OUT (when set) or benchmarks/results. Within ~8 minutes.
 #
 # The machine may have torch (CUDA) but not the serving stack: wheels carried in .whl/ are installed into
-# /tmp/site. Run it from the repository root (the device tool's working copy) or any checkout.
+# /tmp/site. On the lent H100/H200 image (torch, numpy, onnx, onnxruntime CPU, httpx, sentencepiece, pillow,
+# prometheus-client, pytest there) carry: fastapi starlette uvicorn pydantic pydantic-core annotated-types
+# typing-inspection typing-extensions annotated-doc opentelemetry-api python-multipart orjson (cp312 wheels,
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl`).
+# Run it from the repository root (the device tool's working copy) or any checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

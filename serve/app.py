@@ -18,10 +18,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 import deepserve
 from deepserve.serve.errors import ServeError
-from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPathMiddleware, error_response
+from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPath, error_response
 from deepserve.serve.metrics import RequestMetricsMiddleware
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.repository import ModelRepository
@@ -58,6 +59,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
+class DeepServeApp(FastAPI):
+    """FastAPI with a front door: ``hot_path`` answers the per-request inference routes before the middleware
+    stack is entered; everything else (metadata, generation, docs, metrics) takes the normal path."""
+
+    hot_path: HotPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.hot_path is not None:
+            scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
+            if await self.hot_path(scope, receive, send):
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     repository: ModelRepository | Path | str,
     *,
@@ -65,7 +80,7 @@ def create_app(
     device: str = "auto",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> FastAPI:
+) -> DeepServeApp:
     """The app serving ``repository`` (a path, scanned now, or a ready-made ``ModelRepository``).
 
     ``settings`` overrides ``ModelSettings`` fields for every model (CLI flags); ``device`` is auto|cpu|cuda.
@@ -81,7 +96,7 @@ def create_app(
         finally:
             await app.state.repository.stop()
 
-    app = FastAPI(
+    app = DeepServeApp(
         title="deepserve",
         version=deepserve.__version__,
         description="Image classifiers over KServe v2 (Triton-compatible) and TorchServe-style predictions; "
@@ -119,6 +134,6 @@ def create_app(
 
     hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes)
                   if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
-    app.add_middleware(HotPathMiddleware, routes=hot_routes)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last: outermost, sees both paths
+    app.hot_path = HotPath(hot_routes, metrics.observe_request)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # every other route
     return app

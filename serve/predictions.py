@@ -7,7 +7,6 @@ The routes are ``DirectRoute``s: ``top_k`` is read here and declared in ``openap
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,7 +14,9 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from deepserve.serve.http_util import DirectRoute, body_limit, deadline_from, media_type, read_body
+from deepserve.serve.http_util import (
+    DirectRoute, body_limit, deadline_from, dump_json, headers_of, media_type, read_body,
+)
 from deepserve.serve.schemas import TIMEOUT_HEADER_PARAMETER, PredictionsResponse, answers
 from deepserve.serve.servable import task_phrase
 
@@ -59,7 +60,7 @@ async def _images(request: Request) -> list[bytes]:
     kind = media_type(request)
     if kind.startswith("multipart/form-data"):
         limit = body_limit(request)
-        declared = request.headers.get("content-length")
+        declared = headers_of(request).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
         try:
@@ -89,7 +90,7 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
     result: Any = await servable.classify(images, top_k, deadline_from(request))
     if len(result) == 1:
         result = result[0]
-    return Response(json.dumps(result, separators=(",", ":")).encode(), media_type="application/json")
+    return Response(dump_json(result), media_type="application/json")
 
 
 @router.post("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)

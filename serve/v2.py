@@ -1,15 +1,14 @@
 """KServe v2 / Open Inference Protocol: the tensor codec (JSON and the binary tensor extension) and routes.
 
-The infer body is parsed by hand (``json.loads`` + ``np.frombuffer`` views for binary tensors), never by
-pydantic models, so large tensors cost one pass. BYTES elements are base64 strings in JSON (Triton's
-convention for binary content) and 4-byte little-endian length-prefixed in binary.
+The infer body is parsed by hand (orjson, see ``http_util.parse_json``, + ``np.frombuffer`` views for
+binary tensors), never by pydantic models, so large tensors cost one pass. BYTES elements are base64 strings
+in JSON (Triton's convention for binary content) and 4-byte little-endian length-prefixed in binary.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import struct
 from typing import Any
@@ -20,7 +19,9 @@ from fastapi.responses import JSONResponse, Response
 
 import deepserve
 from deepserve.serve.errors import BadRequest, UnsupportedMediaType
-from deepserve.serve.http_util import DirectRoute, deadline_from, media_type, read_body
+from deepserve.serve.http_util import (
+    DirectRoute, deadline_from, dump_json, headers_of, media_type, parse_json, read_body,
+)
 from deepserve.serve.schemas import (
     INFER_HEADER_PARAMETER, INFER_REQUEST_BODY, TIMEOUT_HEADER_PARAMETER, InferResponse, Live, ModelConfig,
     ModelIndex, ModelMetadata, ModelReady, Ready, RepositoryIndexRow, ServerMetadata, answers, error_responses,
@@ -34,6 +35,10 @@ DTYPES: dict[str, Any] = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
 NP_TO_V2 = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+_ORJSON_NUMPY = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                       np.uint32, np.uint64, np.float32, np.float64)}
+"""Array dtypes orjson writes directly (OPT_SERIALIZE_NUMPY); others go through ``tolist()``."""
+
 
 
 def v2_datatype(array: np.ndarray) -> str:
@@ -82,10 +87,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
         if not 0 < n <= len(body):
             raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         binary, body = memoryview(body)[n:], body[:n]
-    try:
-        request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON body: {e}") from None
+    request = parse_json(body)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
     inputs: dict[str, np.ndarray] = {}
@@ -184,12 +186,13 @@ def encode_response(request: dict[str, Any], outputs: dict[str, np.ndarray], mod
         elif array.dtype == object:
             entry["data"] = [b.decode("utf-8", "replace") for b in array.ravel()]
         else:
-            entry["data"] = array.ravel().tolist()
+            flat = np.ravel(array)
+            entry["data"] = flat if flat.dtype in _ORJSON_NUMPY else flat.tolist()
         header_outputs.append(entry)
     response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": header_outputs}
     if "id" in request:
         response["id"] = request["id"]
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = dump_json(response)
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(b"".join([header, *blobs]), media_type="application/octet-stream",
@@ -301,8 +304,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     if not hasattr(servable, "infer"):
         raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)} and does not take tensor "
                          f"infer requests; use POST /v2/models/{model}/generate")
-    headers = request.headers
-    header_length = headers.get(HEADER_LENGTH)
+    header_length = headers_of(request).get(HEADER_LENGTH)
     if header_length is None and media_type(request).startswith(_UNSUPPORTED_PREFIXES):
         raise UnsupportedMediaType(f"infer takes application/json or the binary tensor extension "
                                    f"(application/octet-stream), not {media_type(request)}")
