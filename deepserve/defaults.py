@@ -1,7 +1,9 @@
 """``deepserve defaults``: make sure the small default models exist as artifacts (used by ``make serve``).
 
-For each default, an existing artifact is kept; otherwise an existing checkpoint is exported; otherwise the
-model is trained from its preset first. Warm re-runs therefore neither retrain nor re-export.
+For each default, an existing artifact is kept when this deepserve can serve it; otherwise (missing, or exported
+by an older deepserve whose graph layout this one refuses) an existing checkpoint is exported as a new
+version; otherwise the model is trained from its preset first. Warm re-runs therefore neither retrain nor
+re-export.
 """
 
 from __future__ import annotations
@@ -47,6 +49,29 @@ def has_artifact(repository: Path, name: str) -> bool:
     return any((repository / name).glob("*/manifest.json"))
 
 
+def outdated_reason(repository: Path, name: str) -> str | None:
+    """Why the newest version of ``name`` cannot be served by this deepserve (``None`` when it can): an
+    unreadable manifest, or a seq2seq graph layout from an older export."""
+    from deepserve.manifest import ManifestError, load_manifest
+
+    versions = sorted((int(p.parent.name), p.parent) for p in (repository / name).glob("*/manifest.json")
+                      if p.parent.name.isdigit())
+    if not versions:
+        return "no numbered version directory holds a manifest.json"
+    directory = versions[-1][1]
+    try:
+        manifest = load_manifest(directory, verify=False)
+    except ManifestError as e:
+        return str(e)
+    if manifest.task == "seq2seq":
+        from deepserve.export.graphs import KV_LAYOUT
+
+        layout = manifest.model.get("kv_layout")
+        if layout != KV_LAYOUT:
+            return f"its seq2seq graphs use kv_layout {layout!r}, this deepserve serves {KV_LAYOUT!r}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from deepserve.errors import CLIError
 
@@ -54,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
     for model in chosen:
         checkpoint = args.checkpoints / f"{model.name}.pt"
         if has_artifact(args.repository, model.name):
-            print(f"[defaults] {model.name}: artifact present in {args.repository / model.name}, nothing to do")
-            continue
+            reason = outdated_reason(args.repository, model.name)
+            if reason is None:
+                print(f"[defaults] {model.name}: artifact present in {args.repository / model.name}, nothing to do")
+                continue
+            print(f"[defaults] {model.name}: the artifact in {args.repository / model.name} cannot be served "
+                  f"({reason}); exporting a new version")
         if not checkpoint.exists():
             print(f"[defaults] {model.name}: training preset {model.preset!r} ({model.budget} on 2 CPU cores)")
             from deepserve.train.config import build_config, load_yaml

@@ -15,10 +15,13 @@ import torch.nn as nn
 
 from deepserve.export.errors import ExportError
 from deepserve.manifest import TensorSpec
+from deepserve.train.models.seq2seq import attend
 
-KV_LAYOUT = "per-layer"
+KV_LAYOUT = "per-layer-shared-cross"
 """Manifest ``model.kv_layout`` of seq2seq artifacts: one cross / past / present K and V tensor per decoder
-layer (``cross_k_0``, ``past_k_0``, ``present_k_0``, ...), each [B,H,len,Dh]."""
+layer (``cross_k_0``, ``past_k_0``, ``present_k_0``, ...), each [batch,H,len,Dh]; ``decode_step`` takes the cross
+K/V (and ``src_pad_mask``) of N sources for B = N * G rows, rows n*G .. n*G+G-1 reading source n (N = B: one
+source per row, as before). Was ``per-layer`` (cross K/V per row), whose graphs mis-read shared cross K/V."""
 
 # model type -> task it must come with
 MODEL_TASKS = {
@@ -120,10 +123,11 @@ class Encode(nn.Module):
 
 class DecodeStep(nn.Module):
     """One decoder step with per-layer caches: ``Seq2SeqTransformer.decode_step`` with its stacked
-    ``(L,...)`` caches taken apart, so that no step splits, copies or re-stacks a cache.
+    ``(L,...)`` caches taken apart, so that no step splits, copies or re-stacks a cache, and with the cross K/V
+    of N sources shared by their rows (``_grouped_step``).
 
-    Inputs: tokens[B,1], positions[B], src_pad_mask[B,S], past_pad_mask[B,P], then per decoder layer i
-    cross_k_i, cross_v_i [B,H,S,Dh], past_k_i, past_v_i [B,H,P,Dh].
+    Inputs: tokens[B,1], positions[B], src_pad_mask[N,S], past_pad_mask[B,P], then per decoder layer i
+    cross_k_i, cross_v_i [N,H,S,Dh], past_k_i, past_v_i [B,H,P,Dh]; B = N * G, rows n*G .. n*G+G-1 read source n.
     Outputs: logits[B,V], then per layer present_k_i, present_v_i [B,H,P+1,Dh] (each layer's own concat)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -135,13 +139,36 @@ class DecodeStep(nn.Module):
         x = m.embed_tokens(tokens, positions.unsqueeze(1))  # (B,1,D)
         own = torch.zeros_like(tokens, dtype=torch.bool)  # (B,1): the new token's slot is never blocked
         self_blocked = torch.cat([past_pad_mask, own], dim=1)[:, None, None, :]  # (B,1,1,P+1)
-        src_blocked = src_pad_mask[:, None, None, :]  # (B,1,1,S)
+        src_blocked = src_pad_mask[:, None, None, :]  # (N,1,1,S)
+        sources = caches[0].shape[0]  # N, read once: every layer's grouping reuses it
         present = []
         for i, block in enumerate(m.decoder):
             cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
-            x, k, v = block.step(x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked)
+            x, k, v = _grouped_step(block, x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources)
             present += [k, v]  # (B,H,P+1,Dh) each
         return (m.logits(x[:, 0]), *present)  # logits (B,V)
+
+
+def _grouped_step(block: nn.Module, x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources):
+    """``DecoderBlock.step``, the same arithmetic, shaped for a lean graph: the cross K/V of N sources are shared
+    by B = N * G rows (rows n*G .. n*G+G-1 attend to source n, as G queries of one call, so the beams of a
+    request read their source's K/V once rather than from G copies), and the one-token tensors are reshaped
+    with constant shapes (T = 1 makes the heads transpose a reshape) instead of shapes read at run time.
+    x (B,1,D), past_k/v (B,H,P,Dh), cross_k/v (N,H,S,Dh), src_blocked (N,1,1,S)."""
+    sa, ca = block.self_attn, block.cross_attn
+    H = sa.n_heads
+    D = sa.proj.out_features
+    Dh = D // H
+    qkv = sa.qkv(block.ln1(x))  # (B,1,3D)
+    q, k, v = (qkv[..., j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
+    k = torch.cat([past_k, k], dim=2)  # (B,H,P+1,Dh)
+    v = torch.cat([past_v, v], dim=2)
+    y = attend(q, k, v, self_blocked, sa.scale, sa.attn_drop)  # (B,H,1,Dh)
+    x = x + sa.proj(y.reshape(-1, 1, D))  # (B,1,D)
+    cq = ca.q(block.ln2(x)).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
+    y = attend(cq, cross_k, cross_v, src_blocked, ca.scale, ca.attn_drop)  # (N,H,G,Dh)
+    x = x + ca.proj(y.transpose(1, 2).reshape(-1, 1, D))  # (B,1,D)
+    return x + block.ff(block.ln3(x)), k, v
 
 
 # ---------------------------------------------------------------------------------------------- per task
@@ -245,17 +272,25 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
     per_layer = [t[i] for i in range(layers) for t in (cross_k, cross_v, past_k, past_v)]
     encode, decode = Encode(model), DecodeStep(model)
     # the wrappers re-plumb the model's step API from its parts: they must give exactly its answers
+    # ... also with both rows reading one source (N = 1, G = 2), against the model given a copy per row
+    one_k, one_v, one_mask = cross_k[:, :1].expand_as(cross_k), cross_v[:, :1].expand_as(cross_v), src_mask[:1]
+    shared = [t for i in range(layers) for t in (cross_k[i, :1], cross_v[i, :1], past_k[i], past_v[i])]
     try:
         got_encode = encode(src, src_mask)
         got_decode = decode(tokens, positions, src_mask, past_mask, *per_layer)
-    except (AttributeError, TypeError, ValueError) as e:
+        got_shared = decode(tokens, positions, one_mask, past_mask, *shared)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         raise ExportError(f"{where}: cannot split the {model_type!r} model's caches per layer: {e}") from None
     _same(where, "encode", got_encode, (memory, *[t[i] for i in range(layers) for t in (cross_k, cross_v)]))
     _same(where, "decode_step", got_decode, (logits, *[t[i] for i in range(layers) for t in (present_k, present_v)]))
-    kv_src = ("batch", heads, "src_len", head_dim)
+    logits1, present_k1, present_v1 = model.decode_step(tokens, positions, one_k, one_v, one_mask.expand_as(src_mask),
+                                                        past_k, past_v, past_mask)
+    _same(where, "decode_step", got_shared,
+          (logits1, *[t[i] for i in range(layers) for t in (present_k1, present_v1)]))
+    kv_src = ("sources", heads, "src_len", head_dim)  # decode_step: B = sources * G rows (see _grouped_step)
     kv_past = ("batch", heads, "past_len", head_dim)
     kv_present = ("batch", heads, "present_len", head_dim)
-    cross = [_spec(f"cross_{kv}_{i}", "float32", *kv_src) for i in range(layers) for kv in "kv"]
+    cross = [_spec(f"cross_{kv}_{i}", "float32", "batch", *kv_src[1:]) for i in range(layers) for kv in "kv"]
     layer_inputs = [_spec(f"{name}_{kv}_{i}", "float32", *(kv_src if name == "cross" else kv_past))
                     for i in range(layers) for name in ("cross", "past") for kv in "kv"]
     encode_graph = GraphDef(
@@ -271,7 +306,7 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
         inputs=[
             _spec("tokens", "int64", "batch", 1),
             _spec("positions", "int64", "batch"),
-            _spec("src_pad_mask", "bool", "batch", "src_len"),
+            _spec("src_pad_mask", "bool", "sources", "src_len"),
             _spec("past_pad_mask", "bool", "batch", "past_len"),
             *layer_inputs,
         ],

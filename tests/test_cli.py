@@ -57,3 +57,32 @@ def test_print_config_resolves_preset_and_overrides() -> None:
     result = run_cli("train", "classifier", "--preset", "digits-cnn", "--set", "train.seed=7", "--print-config")
     assert result.returncode == 0, result.stderr
     assert "seed: 7" in result.stdout
+
+
+def test_defaults_reexport_an_artifact_this_version_cannot_serve(tmp_path: Path, capsys) -> None:
+    import argparse
+    import json
+
+    from deepserve import defaults
+    from tests.artifacts import make_seq2seq_checkpoint
+
+    checkpoints, repository = tmp_path / "checkpoints", tmp_path / "repo"
+    checkpoints.mkdir()
+    checkpoint = make_seq2seq_checkpoint(checkpoints / "seq2seq-math.pt")
+    from deepserve.export import export_checkpoint
+
+    old = export_checkpoint(checkpoint, repository=repository, name="seq2seq-math", version=1,
+                            formats=("onnx",), quantize=False, log=lambda _: None)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["model"]["kv_layout"] = "per-layer"  # as an export before the shared-cross layout wrote it
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    args = argparse.Namespace(checkpoints=checkpoints, repository=repository, only=["seq2seq-math"])
+
+    assert defaults.run(args) == 0
+    out = capsys.readouterr().out
+    assert "cannot be served (its seq2seq graphs use kv_layout 'per-layer'" in out
+    assert (repository / "seq2seq-math" / "2" / "manifest.json").is_file() and old.is_dir()
+    assert defaults.outdated_reason(repository, "seq2seq-math") is None
+    assert defaults.run(args) == 0  # warm: the new version is kept, nothing retrained or re-exported
+    assert "nothing to do" in capsys.readouterr().out
+    assert not (repository / "seq2seq-math" / "3").exists()

@@ -216,12 +216,13 @@ def test_seq2seq_artifact(work: Path) -> None:
         "cross_k_1", "cross_v_1", "past_k_1", "past_v_1"]
     assert [t["name"] for t in dec["outputs"]] == ["logits", "present_k_0", "present_v_0", "present_k_1", "present_v_1"]
     shapes = {t["name"]: t["shape"] for t in dec["inputs"] + dec["outputs"]}
-    assert shapes["past_k_1"] == ["batch", 2, "past_len", 8] and shapes["cross_v_0"] == ["batch", 2, "src_len", 8]
+    assert shapes["past_k_1"] == ["batch", 2, "past_len", 8] and shapes["cross_v_0"] == ["sources", 2, "src_len", 8]
+    assert shapes["src_pad_mask"] == ["sources", "src_len"]
     assert shapes["present_v_1"] == ["batch", 2, "present_len", 8]
     assert dec["inputs"][3]["dtype"] == "bool"
     vocab = payload["model"]["args"]["vocab_size"]
     assert raw["model"] == {"type": "transformer", "n_decoder_layers": 2, "n_heads": 2, "head_dim": 8, "d_model": 16,
-                            "vocab_size": vocab, "kv_layout": "per-layer"}
+                            "vocab_size": vocab, "kv_layout": "per-layer-shared-cross"}
     assert raw["tokenizer"]["file"] == "tokenizer.model" and raw["tokenizer"]["type"] == "sentencepiece"
     assert raw["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     assert raw["limits"] == {"vocab_size": vocab, "max_source_length": 24, "max_target_length": 16}
@@ -267,6 +268,41 @@ def test_seq2seq_artifact(work: Path) -> None:
     (stale / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="kv_layout is None.*re-export"):
         verify_artifact(stale)
+
+
+def test_seq2seq_rows_share_their_source_cross_kv(work: Path) -> None:
+    """decode_step with the cross K/V of N sources for N * G rows (a request's beams) gives each row what it
+    gets with a per-row copy of its source's K/V (the old layout), in ONNX Runtime and TorchScript; the graph
+    reads no shape at run time for the one-token reshapes (constant shapes, few nodes)."""
+    ckpt = make_seq2seq_checkpoint(work / "s2s-shared.pt")
+    directory = _export(ckpt, work / "repo", "s2s-shared", formats=("onnx", "torchscript"), quantize=False)
+    enc, dec = _session(directory / "encode.onnx"), _session(directory / "decode_step.onnx")
+    script = torch.jit.load(str(directory / "decode_step.pt"))
+    src = np.asarray([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0], [4, 11, 12, 3, 0]])
+    src_mask = src == 0
+    cross = dict(zip([o.name for o in enc.get_outputs()], enc.run(None, {"src": src, "src_pad_mask": src_mask})))
+    del cross["memory"]
+    rng = np.random.default_rng(0)
+    N, G, P = 3, 4, 5
+    B = N * G
+    past_mask = np.zeros((B, P), bool)
+    past_mask[G:, :2] = True  # the rows of sources 1 and 2 joined later: left padding
+    feeds = {"tokens": rng.integers(4, 12, (B, 1)), "positions": np.where(past_mask.any(1), 3, 5).astype(np.int64),
+             "past_pad_mask": past_mask,
+             **{f"past_{kv}_{i}": rng.normal(size=(B, 2, P, 8)).astype(np.float32) for i in range(2) for kv in "kv"}}
+    names = [i.name for i in dec.get_inputs()]
+    per_row = {**feeds, "src_pad_mask": np.repeat(src_mask, G, 0), **{n: np.repeat(v, G, 0) for n, v in cross.items()}}
+    shared = {**feeds, "src_pad_mask": src_mask, **cross}
+    expected = dec.run(None, per_row)
+    got = dec.run(None, shared)
+    with torch.no_grad():
+        scripted = script(*[torch.from_numpy(np.asarray(shared[n])) for n in names])
+    for e, g, t in zip(expected, got, scripted, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+        np.testing.assert_allclose(t.numpy(), e, atol=1e-5)
+    assert not np.allclose(expected[0][0], expected[0][G])  # the sources differ, so sharing was really tested
+    graph = onnx.load(str(directory / "decode_step.onnx")).graph
+    assert sum(n.op_type == "Shape" for n in graph.node) <= 2  # the own-slot mask, and N for the grouping
 
 
 def test_seq2seq_graphs_never_copy_a_whole_cache(work: Path) -> None:

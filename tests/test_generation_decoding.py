@@ -16,7 +16,7 @@ from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event
 from deepserve.serve.generation.params import GenerationParams, Limits
-from deepserve.serve.generation.step_models import StepModel
+from deepserve.serve.generation.step_models import Graph, Seq2SeqStepModel, StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
@@ -205,6 +205,44 @@ def greedy_reference(model: TableModel, prompt: tuple[int, ...], max_len: int) -
     return list(seq)
 
 
+@pytest.mark.parametrize("seed,k", [(0, 4), (1, 4), (2, 2), (3, 12)])
+def test_batched_beam_selection_equals_one_request_at_a_time(seed, k):
+    """``select_many`` (the scheduler's path for full-width beams) and ``select``'s shortcut for steps where no
+    top candidate ends pick exactly what ``select``'s full scan picks (forced here by a stop check that never
+    matches), ties (coarse logits tie often, also at the k-th place), -inf scores and EOS candidates included."""
+    rng = np.random.default_rng(seed)
+    J, V, eos = 12, 7, 3
+
+    def fresh() -> list[BeamSearch]:
+        beams = []
+        for j in range(J):
+            b = BeamSearch(num_beams=k, max_new_tokens=50, eos_id=eos)
+            b.seqs, b.scores, b.rows = np.full((k, 2), j, np.int64), np.round(rng.normal(size=k), 1), k
+            beams.append(b)
+        return beams
+
+    for _ in range(20):
+        state = rng.bit_generator.state
+        scan = fresh()
+        for b in scan:
+            b.ends_with_stop = lambda seq: False
+        rng.bit_generator.state = state
+        alone = fresh()
+        rng.bit_generator.state = state
+        batched = fresh()
+        scores = np.round(rng.normal(size=(J, k, V)), 1).astype(np.float32)  # coarse: many ties
+        scores[rng.random((J, k, V)) < 0.1] = -np.inf
+        scores[:, :, eos] -= 3.0  # EOS in some requests' top k only
+        expected = [b.select(scores[j]) for j, b in enumerate(scan)]
+        for got, beams in (([b.select(scores[j]) for j, b in enumerate(alone)], alone),
+                           (BeamSearch.select_many(batched, scores), batched)):
+            for (et, ep), (gt, gp), a, b in zip(expected, got, scan, beams):
+                assert et.tolist() == gt.tolist() and ep.tolist() == gp.tolist()
+                assert a.seqs.tolist() == b.seqs.tolist() and a.scores.tolist() == b.scores.tolist()
+                assert a.done == b.done
+                assert [(h.tokens, h.score) for h in a.hyps] == [(h.tokens, h.score) for h in b.hyps]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_beam_of_one_equals_greedy(seed):
     model = TableModel(vocab_size=5, eos_id=4, seed=seed, scale=1.0)
@@ -221,6 +259,58 @@ def test_early_stopping_true_stops_once_enough_hypotheses_finished():
     drive_beam(model, (1,), never)
     assert len(eager.hyps) == 2 and eager.generated <= never.generated
     assert never.best(1)[0].score >= eager.best(1)[0].score
+
+
+# ---------------------------------------------------------------------------------------------- seq2seq state
+
+
+def toy_seq2seq_graphs(seen: list[int]) -> tuple[Graph, Graph]:
+    """encode: cross K = the source ids; decode_step under the shared-cross contract (B = N * G rows, row b
+    reads source b // G): logits put 1 on the row's source's first id plus its cache length, so a row that read
+    the wrong source, or lost its cache, picks the wrong token. ``seen`` records N of every decode call."""
+
+    def encode(src, src_pad):
+        k = src.astype(np.float32)[:, None, :, None]  # (N,1,S,1)
+        return [np.zeros((*src.shape, 1), np.float32), k, k.copy()]
+
+    def decode(tokens, positions, src_pad, past_pad, cross_k, cross_v, past_k, past_v):
+        B, N = len(tokens), len(cross_k)
+        assert B % N == 0 and src_pad.shape == cross_k.shape[::2][:2]
+        seen.append(N)
+        first = cross_k[np.arange(B) // (B // N), 0, 0, 0].astype(np.int64)  # (B,)
+        logits = np.zeros((B, 64), np.float32)
+        logits[np.arange(B), first + (~past_pad).sum(1)] = 1.0
+        new = tokens.astype(np.float32)[:, None, :, None]  # (B,1,1,1)
+        return [logits, np.concatenate([past_k, new], 2), np.concatenate([past_v, new], 2)]
+
+    cross = ["cross_k_0", "cross_v_0"]
+    return (Graph(encode, ["memory", *cross], input_names=["src", "src_pad_mask"]),
+            Graph(decode, ["logits", "present_k_0", "present_v_0"],
+                  input_names=["tokens", "positions", "src_pad_mask", "past_pad_mask", *cross, "past_k_0", "past_v_0"]))
+
+
+def test_seq2seq_rows_keep_reading_their_own_source_through_joins_and_reorders():
+    """The step runner keeps one cross K/V per source: rows of one source in equal contiguous groups feed it as
+    is (N < B), other layouts a per-row copy, and joins, beam moves and leaving requests keep every row on its
+    own source and cache."""
+    seen: list[int] = []
+    step = Seq2SeqStepModel(*toy_seq2seq_graphs(seen), layers=1, heads=1, head_dim=1, vocab_size=64, pad_id=0,
+                            bos_id=2, eos_id=3)
+    tokens = step.join([[10, 5], [20, 6, 7]], [3, 3])  # two beam requests of 3 rows each
+    assert step.step(tokens).argmax(1).tolist() == [10] * 3 + [20] * 3 and seen[-1] == 2
+    assert step.step(np.arange(40, 46)).argmax(1).tolist() == [11] * 3 + [21] * 3
+    step.reorder(np.asarray([2, 2, 0, 4, 3, 3]), regroup=False)  # beams follow their parents (in place)
+    assert [x[:, 0, :, 0].tolist() for x in step.past] == [[[2, 42], [2, 42], [2, 40], [2, 44], [2, 43], [2, 43]]] * 2
+    tokens = np.full(6, 7)
+    assert step.step(tokens).argmax(1).tolist() == [12] * 3 + [22] * 3 and seen[-1] == 2
+    tokens = np.concatenate([tokens, step.join([[30, 4]], [1])])  # a greedy request: uneven groups
+    assert step.step(tokens).argmax(1).tolist() == [13] * 3 + [23] * 3 + [30] and seen[-1] == 7
+    step.reorder(np.asarray([3, 4, 5, 6]), regroup=True)  # the first request leaves
+    assert step.sources == 2 and step.step(tokens[:4]).argmax(1).tolist() == [24] * 3 + [31] and seen[-1] == 4
+    step.reorder(np.asarray([3]), regroup=True)  # then the second: one row, one source
+    assert step.sources == 1 and step.rows == 1
+    assert step.step(tokens[:1]).argmax(1).tolist() == [32] and seen[-1] == 1
+    assert [x.shape for x in step.cross] == [(1, 1, 2, 1)] * 2  # the source axis trimmed to what is left
 
 
 # ---------------------------------------------------------------------------------------------- sampling

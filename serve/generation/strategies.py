@@ -74,6 +74,21 @@ def sample_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray
     return out
 
 
+def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` largest of ``cand`` (1-D), best first, ties by lower index (NaN ranks with -inf).
+    For beam widths up to 8, m argmax passes (~20 us for 4,000 candidates) beat a partition and a sort (~40 us);
+    either way a tie at the m-th place keeps the lower index, where a partition alone keeps any of them."""
+    if m > 16:  # wide beams
+        return np.argsort(-cand, kind="stable")[:m]
+    work = np.where(np.isnan(cand), -np.inf, cand)  # a copy: the picks overwrite it
+    top = np.empty(m, np.int64)
+    for i in range(m):
+        f = work.argmax()
+        top[i] = f
+        work[f] = -np.inf
+    return top
+
+
 class Strategy(ABC):
     """How one request picks its next tokens."""
 
@@ -189,9 +204,16 @@ class BeamSearch(Strategy):
         ``done`` (then ``rows`` is 0) when the search is over."""
         k, V = scores.shape
         cand = (self.scores[:, None] + scores).ravel()  # (k*V,)
-        m = min(2 * self.num_beams, cand.size)
-        top = np.argpartition(-cand, m - 1)[:m] if m < cand.size else np.arange(cand.size)
-        top = top[np.lexsort((top, -cand[top]))]  # by score, ties by (beam, token) order
+        if self.ends_with_stop is None and self.logprobs is None:
+            # the common step: when none of the best num_beams candidates ends, they are the next beams (what
+            # the scan below would pick), and the other num_beams candidates need not be found
+            top = top_candidates(cand, min(self.num_beams, cand.size))
+            vals = cand[top]
+            parents, tokens = np.divmod(top, V)
+            if np.isfinite(vals).all() and (self.eos_id is None or not (tokens == self.eos_id).any()):
+                self._after_step(parents, tokens, vals.astype(np.float64), float(vals[0]))
+                return tokens, parents
+        top = top_candidates(cand, min(2 * self.num_beams, cand.size))  # by score, ties by (beam, token) order
         t = self.generated
         length = t + 1  # generated tokens including this one
         want_lp = self.logprobs is not None
@@ -200,7 +222,7 @@ class BeamSearch(Strategy):
         next_sums: list[float] = []
         for rank, f in enumerate(top.tolist()):
             s = float(cand[f])
-            if s == -np.inf:
+            if not s > -np.inf:  # -inf (a blocked token) or NaN: no candidates left
                 break
             beam, tok = divmod(f, V)
             ended = tok == self.eos_id
@@ -258,14 +280,23 @@ class BeamSearch(Strategy):
         ``select``; the others take the top k directly: the same arithmetic and tie-breaks as ``select``."""
         J, k, V = scores.shape
         sums = np.stack([b.scores for b in beams])  # (J,k)
-        cand = (sums[:, :, None] + scores).reshape(J, k * V)
-        m = min(2 * k, k * V)
-        top = np.argpartition(-cand, m - 1, axis=1)[:, :m] if m < k * V else np.broadcast_to(np.arange(k * V), (J, m))
-        vals = np.take_along_axis(cand, top, axis=1)
-        order = np.lexsort((top, -vals), axis=-1)
-        top = np.take_along_axis(top, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        parents, tokens = np.divmod(top[:, :k], V)
+        cand = (sums[:, :, None] + scores).reshape(J, k * V)  # a fresh array: the picks below overwrite it
+        # the k best candidates in order, ties by (beam, token) order as in ``select`` (``top_candidates``), by k
+        # argmax passes over all requests at once: a partition of the whole (J, k*V) array costs ~5x more. A
+        # request left with fewer than k finite candidates (or with NaN) has a non-finite pick: ``select`` takes it
+        rows = np.arange(J)
+        if k > 8:  # wide beams: one request at a time
+            top = np.stack([top_candidates(c, k) for c in cand])
+            vals = np.take_along_axis(cand, top, axis=1)
+        else:
+            top = np.empty((J, k), np.int64)
+            vals = np.empty((J, k), cand.dtype)
+            for i in range(k):
+                f = cand.argmax(axis=1)
+                top[:, i] = f
+                vals[:, i] = cand[rows, f]
+                cand[rows, f] = -np.inf
+        parents, tokens = np.divmod(top, V)
         eos = beams[0].eos_id
         slow = (tokens == eos).any(axis=1) | ~np.isfinite(vals[:, :k]).all(axis=1) if eos is not None \
             else ~np.isfinite(vals[:, :k]).all(axis=1)
