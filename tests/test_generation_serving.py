@@ -328,3 +328,75 @@ def test_a_client_that_disconnects_frees_its_rows(server):
                     break  # one token arrived: hang up
     assert servable.scheduler.wait_rows(0, 20.0)
     assert servable.scheduler.steps - steps_before < 3900  # stopped long before its 4000 tokens
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_rows(server):
+    """/generate waits for one result event; a client that hangs up meanwhile still cancels its request."""
+    servable = server.app.state.repository.get("tiny-charlm")
+    scheduler = servable.scheduler
+    steps_before = scheduler.steps
+    body = json.dumps({"text_input": "a", "parameters": {"max_new_tokens": 4000, "seed": 2}}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v2/models/tiny-charlm/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert scheduler.wait_until(lambda: scheduler.steps > steps_before, 20.0)  # it runs: hang up
+    assert scheduler.wait_rows(0, 20.0)
+    assert scheduler.steps - steps_before < 3900  # stopped long before its 4000 tokens
+    # and its handler ended then (counted as 499), not when the request's deadline passed
+    requests = server.app.state.repository.metrics.requests
+
+    def gone() -> float:
+        return sum(s.value for m in requests.collect() for s in m.samples if s.name.endswith("_total")
+                   and s.labels == {"model": "tiny-charlm", "endpoint": "generate", "status": "499"})
+
+    assert wait_for(lambda: gone() >= 1, 20.0)
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # test only: the server's event loop runs in another thread
+    return True
+
+
+def test_waiting_for_a_result_ends_with_the_deadline_or_cancels_the_request(repo):
+    """``wait`` on a request that does not stream: a result, an error, the engine's own deadline timer for a
+    request the scheduler dropped, and a waiter that is cancelled (client gone) cancelling its request."""
+    from deepserve.serve.errors import BadRequest, DeadlineExceeded
+    from deepserve.serve.generation.jobs import Event
+
+    directory = repo / "tiny-charlm" / "1"
+
+    async def main():
+        s = GenerationServable(load_manifest(directory), directory, settings(max_new_tokens=4000), "cpu")
+        await s.start()
+        await s.warmup()
+        try:
+            ok = await s.wait(s.submit("ab", {"temperature": 0, "max_new_tokens": 5}))
+            failing = s.submit("ab", {"temperature": 0, "max_new_tokens": 5})
+            failing.events.put_nowait(Event("error", error=BadRequest("boom")))
+            with pytest.raises(BadRequest, match="boom"):
+                await s.wait(failing)
+            late = s.submit("ab", {"temperature": 0, "max_new_tokens": 5}, timeout_s=0.0)
+            s.scheduler.cancel(late)  # the scheduler drops it silently: only the engine's timer ends the wait
+            with pytest.raises(DeadlineExceeded):
+                await s.wait(late)
+            steps_before = s.scheduler.steps
+            long = s.submit("ab", {"temperature": 0, "max_new_tokens": 4000})
+            waiter = asyncio.ensure_future(s.wait(long))
+            assert await asyncio.to_thread(s.scheduler.wait_until, lambda: long in s.scheduler.running, 10.0)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert long.cancelled
+            assert await asyncio.to_thread(s.scheduler.wait_rows, 0, 10.0)
+            return ok, s.scheduler.steps - steps_before
+        finally:
+            await s.stop()
+
+    ok, steps = asyncio.run(main())
+    assert ok.completion_tokens == 5 and ok.outputs[0].finish_reason == "length"
+    assert steps < 3900  # the cancelled request stopped long before its 4000 tokens

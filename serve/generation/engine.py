@@ -189,11 +189,30 @@ class GenerationServable(Servable):
                     yield event
 
     async def wait(self, job: Job) -> Result:
-        async for event in self.events(job):
-            if event.kind == "done":
-                assert event.result is not None
-                return event.result
-        raise ShuttingDown()  # pragma: no cover - events always end with done or an error
+        """The job's result (errors raise). A job that does not stream gets one event, its result or its error:
+        one ``get`` under the deadline timer, without the two async generators of ``events``."""
+        if job.stream:
+            async for event in self.events(job):
+                if event.kind == "done":
+                    assert event.result is not None
+                    return event.result
+            raise ShuttingDown()  # pragma: no cover - events always end with done or an error
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()) + 1.0, job.events.put_nowait,
+                                Event("timeout"))
+        try:
+            event = await job.events.get()
+        finally:  # also when the caller is cancelled (client gone): the job's rows are freed next step
+            timer.cancel()
+            if not job.finished:
+                self.cancel(job)
+        if event.kind == "done":
+            assert event.result is not None
+            return event.result
+        if event.kind == "timeout":
+            raise DeadlineExceeded("the request's deadline passed during generation")
+        assert event.error is not None
+        raise event.error
 
     async def generate(self, text: str, params: GenerationParams | dict | None = None, *,
                        timeout_s: float | None = None, ready_check: bool = True) -> Result:

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 
 from deepserve.serve.errors import BadRequest, NotFound, ServeError
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.jobs import Job, Result
+from deepserve.serve.generation.jobs import Event, Job, Result
 from deepserve.serve.generation.schemas import CompletionRequest
 from deepserve.serve.http_util import read_body
 
@@ -59,9 +59,36 @@ async def cancel_on_disconnect(request: Request, on_gone: Callable[[], None]) ->
         task.cancel()
 
 
+class ClientGone(ServeError):
+    """The client closed the connection before its answer (nginx's 499): nobody reads that answer, but the
+    request ends now, and counted, rather than when its deadline timer fires."""
+
+    status = 499
+
+
+def abandon(servable: GenerationServable, job: Job) -> None:
+    """Its client hung up: free the job's rows at the next step and end its ``wait`` now (no-op once finished:
+    the result is already queued ahead of the error)."""
+    servable.cancel(job)
+    job.events.put_nowait(Event("error", error=ClientGone("the client closed the connection")))
+
+
+async def _abandon_when_gone(request: Request, servable: GenerationServable, job: Job) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            abandon(servable, job)
+            return
+
+
 async def run_to_result(request: Request, servable: GenerationServable, job: Job) -> Result:
-    async with cancel_on_disconnect(request, lambda: servable.cancel(job)):
+    """``servable.wait(job)``, a client disconnect cancelling the job: ``cancel_on_disconnect`` written out, which
+    spares the event loop an async context manager per request."""
+    watch = asyncio.create_task(_abandon_when_gone(request, servable, job))
+    try:
         return await servable.wait(job)
+    finally:
+        watch.cancel()
 
 
 def sse(data: Any) -> bytes:

@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from deepserve.serve.errors import BadRequest, ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, OpenAIRoute, cancel_on_disconnect, generation_servable, openai_error, read_json, sse,
+    SSE_HEADERS, OpenAIRoute, abandon, cancel_on_disconnect, generation_servable, openai_error, read_json, sse,
 )
 from deepserve.serve.generation.jobs import Event, Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams
@@ -152,7 +152,7 @@ async def completions(request: Request):
 
     def cancel_all() -> None:
         for j in jobs:
-            servable.cancel(j)
+            abandon(servable, j)
 
     async with cancel_on_disconnect(request, cancel_all):
         results = [await servable.wait(j) for j in jobs]

@@ -75,7 +75,8 @@ class Scheduler:
                                  f"(max_waiting={self.max_waiting})", retry_after_s=1.0)
             self.waiting.append(job)
             self.metrics.waiting.set(len(self.waiting))
-            self.wake.set()
+            if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
+                self.wake.set()
 
     def cancel(self, job: Job) -> None:
         """Free the request's rows at the next step boundary (client gone, or deadline)."""
