@@ -5,8 +5,11 @@ first waiting request, then gathers more until the batch holds ``max_batch_size`
 ``max_queue_delay_ms`` has passed since that first request arrived (monotonic clock; it sleeps on an
 ``asyncio.Event`` with a timeout, never polls). It waits for company only under load, that is when requests
 arrived while the previous batch was running: a lone client on an idle model is never made to wait for
-requests that are not coming, so batching on is never slower than batching off. It runs them as one batch (a sync function in the instance's
-executor, off the event loop, or an async one awaited) and hands each request its own rows, as views.
+requests that are not coming, so batching on is never slower than batching off. It runs them as one batch
+and hands each request its own rows, as views. A sync function runs in the instance's executor, off the event
+loop — unless the batch is predicted to take less than ``inline_below_ms`` (an average of recent batches' time
+per row, times its rows), in which case it runs on the loop: a tiny model's batch costs less than the thread
+hand-off and the GIL round trip. An async function is awaited.
 
 A request is never split across batches unless it alone holds more than ``max_batch_size`` rows; then it is
 queued as consecutive chunks and the results concatenated. Expired requests are dropped before they run
@@ -57,6 +60,7 @@ class Batcher:
         executor: Executor | None = None,
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
+        inline_below_ms: float = 0.0,
     ) -> None:
         self.fn = fn
         self.is_async = asyncio.iscoroutinefunction(fn)
@@ -66,6 +70,8 @@ class Batcher:
         self.executor = executor
         self.name = name
         self.on_batch = on_batch
+        self.inline_below = inline_below_ms / 1000.0
+        self._seconds_per_row: float | None = None  # running average; unknown until a batch has run
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -130,6 +136,10 @@ class Batcher:
         if len(futures) == 1:
             return result
         return {k: np.concatenate([r[k] for r in result]) for k in result[0]}
+
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` is cheap enough to run on the event loop (see the module docstring)."""
+        return self._seconds_per_row is not None and self._seconds_per_row * rows < self.inline_below
 
     def _expire(self, futures: list[asyncio.Future]) -> None:
         for future in futures:
@@ -200,6 +210,8 @@ class Batcher:
                 inputs = {k: np.concatenate([item.inputs[k] for item in batch]) for k in batch[0].inputs}
             if self.is_async:
                 outputs = await self.fn(inputs)  # type: ignore[misc]
+            elif self._runs_inline(total):
+                outputs = self.fn(inputs)  # type: ignore[assignment]
             else:
                 outputs = await loop.run_in_executor(self.executor, self.fn, inputs)
             for k, v in outputs.items():
@@ -215,8 +227,12 @@ class Batcher:
             return
         finally:
             self.in_flight = 0
+        elapsed = time.perf_counter() - start
+        per_row = elapsed / total
+        self._seconds_per_row = per_row if self._seconds_per_row is None else (
+            0.8 * self._seconds_per_row + 0.2 * per_row)
         if self.on_batch is not None:
-            self.on_batch(total, time.perf_counter() - start)
+            self.on_batch(total, elapsed)
         offset = 0
         for item in batch:
             if not item.future.done():

@@ -104,7 +104,7 @@ class ClassificationServable(Servable):
                 on_batch = self.metrics.batch_hook(self.manifest.name, str(self.manifest.version))
             batcher = Batcher(runtime.run, max_batch_size=s.max_batch_size, max_queue_delay_ms=s.max_queue_delay_ms,
                               max_queue_size=s.max_queue_size, executor=executor, name=self.name,
-                              on_batch=on_batch)
+                              on_batch=on_batch, inline_below_ms=s.inline_batch_ms)
             batcher.start()
             self.batchers.append(batcher)
         if self.metrics is not None:

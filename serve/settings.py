@@ -41,6 +41,10 @@ class ModelSettings:
     """Requests that may wait per model instance; beyond it requests are refused with 429 + Retry-After."""
     request_timeout_s: float = 30.0
     """Deadline for a request that brings none of its own; a request past it is answered 504."""
+    inline_batch_ms: float = 0.5
+    """A batch predicted (from recent batches' time per row) to run faster than this many milliseconds runs on
+    the event loop instead of the instance's worker thread: for a small model the hand-off to a thread and
+    back costs more than the batch. 0 sends every batch to the worker thread."""
     instances: int = 1
     """Model instances (sessions), each with its own batcher; CPU threads are shared between them."""
     backend: str = "auto"
@@ -66,7 +70,7 @@ class ModelSettings:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                   "must be an integer >= 1", value)
-        for name in ("max_queue_delay_ms", "request_timeout_s"):
+        for name in ("max_queue_delay_ms", "request_timeout_s", "inline_batch_ms"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name,
                   "must be a number >= 0", value)

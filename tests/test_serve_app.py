@@ -197,6 +197,17 @@ async def test_client_errors_are_4xx_with_an_error_body(client, method, path, kw
         assert word in message, message
 
 
+async def test_nan_literals_are_read_and_non_finite_outputs_are_strict_json(client):
+    x = images(1, seed=3).ravel().tolist()
+    x[5] = float("nan")  # the standard library writes NaN; orjson alone would refuse it
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x}]})
+    assert "NaN" in body
+    r = await client.post(INFER, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    data = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert len(data["outputs"][0]["data"]) == 10  # NaN logits are written as null
+
+
 async def test_tiff_is_unsupported_media(client):
     buf = io.BytesIO()
     Image.new("L", (8, 8)).save(buf, "TIFF")
@@ -346,7 +357,9 @@ async def gated(repo_dir):
     only = repo_dir.parent / f"{repo_dir.name}-gated"
     if not only.exists():
         shutil.copytree(repo_dir / "tiny-cnn", only / "tiny-cnn")
-    repo = ModelRepository(only, overrides={"max_batch_size": 1, "max_queue_size": 2}, device="cpu",
+    # inline_batch_ms 0: a gated batch must block the worker thread, not the event loop the test runs on
+    repo = ModelRepository(only, overrides={"max_batch_size": 1, "max_queue_size": 2, "inline_batch_ms": 0},
+                           device="cpu",
                            servable_factory=factory, use_env=False)
     app = create_app(repo)
     runtime.gate.set()  # warmup passes straight through
