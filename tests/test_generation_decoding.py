@@ -554,3 +554,28 @@ def test_stream_events_ready_together_come_as_one_batch_and_errors_follow_their_
             await s.stop()
 
     run(main())
+
+
+def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_request_result(monkeypatch):
+    from deepserve.serve.generation import processors
+
+    prompts = ["a", "b", "ab", "ba", "c", "cab"]
+
+    def outputs(min_new: int) -> list:
+        async def main():
+            s = await started(TableModel(vocab_size=4, eos_id=3, seed=5), max_running_rows=64)
+            try:
+                params = GenerationParams(num_beams=4, num_return_sequences=2, min_new_tokens=min_new,
+                                          max_new_tokens=5)
+                results = await asyncio.gather(*(s.generate(p, params) for p in prompts))
+            finally:
+                await s.stop()
+            return [[(o.token_ids, o.finish_reason, round(o.score, 5)) for o in r.outputs] for r in results]
+
+        return run(main())
+
+    assert any(len(ids) < 3 for r in outputs(0) for ids, _, _ in r)  # EOS comes early without the floor
+    batched = outputs(3)
+    assert all(len(ids) >= 3 for r in batched for ids, _, _ in r)
+    monkeypatch.setattr(processors.MinNewTokens, "needs_history", True)  # forces the per-request selection
+    assert outputs(3) == batched

@@ -355,16 +355,20 @@ class Scheduler:
             self._finish(j, outbox)
 
     def _beams_fast(self, beams: list[Job], logits: np.ndarray) -> None:
-        """Beam requests at full width without processors, stops or logprobs: one vectorised selection per
-        beam width (``BeamSearch.select_many``); the others are left to ``_beam_step``."""
+        """Beam requests at full width without stops, logprobs or history-reading processors: one vectorised
+        selection per beam width (``BeamSearch.select_many``); the others are left to ``_beam_step``.
+        Processors that read no history (``min_new_tokens``) edit their request's block of scores first."""
         groups: dict[int, list[Job]] = {}
         for j in beams:
             k = j.params.num_beams
-            if j.strategy.rows == k and not j.processors and not j.stops and j.params.logprobs is None:
+            if j.strategy.rows == k and not j.needs_history and not j.stops and j.params.logprobs is None:
                 groups.setdefault(k, []).append(j)
         for k, jobs in groups.items():
             rows = np.concatenate([np.arange(j.start, j.start + k) for j in jobs])
             scores = log_softmax(logits[rows]).reshape(len(jobs), k, -1)
+            for i, j in enumerate(jobs):
+                for p in j.processors:  # j.generated counts the tokens before this step, as in _beam_step
+                    p(scores[i], [], j.generated)
             for j, (toks, parents) in zip(jobs, BeamSearch.select_many([j.strategy for j in jobs], scores)):
                 j.beam_out = (parents, toks)
 
