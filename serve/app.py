@@ -113,6 +113,7 @@ def create_app(
     # a request to an included router's routes twice (match, then dispatch), a cost every request pays.
     # Route objects hold no per-app state (handlers reach the repository through request.app).
     app.router.routes.extend([*v2.router.routes, *predictions.router.routes])
+    optional_hot: list = []
     for name in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(name)
@@ -122,6 +123,7 @@ def create_app(
                 continue
             raise
         app.include_router(module.router)
+        optional_hot.extend(getattr(module, "HOT_ROUTES", ()))
 
     metrics = repository.metrics
 
@@ -132,7 +134,9 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes)
+    # every per-request POST route (v2 infer, predictions, an optional package's HOT_ROUTES such as Triton
+    # generate) goes through the front door
+    hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes, *optional_hot)
                   if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
     app.hot_path = HotPath(hot_routes, metrics.observe_request)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # every other route

@@ -162,4 +162,6 @@ async def generate_stream_version(request: Request, model: str, version: str) ->
 
 
 router.include_router(triton_router)
+HOT_ROUTES = triton_router.routes
+"""Answered by the app's front door (``HotPath``), ahead of the middleware stack."""
 router.include_router(openai_router)
