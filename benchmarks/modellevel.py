@@ -31,7 +31,9 @@ def feeds(graph: GraphSpec, batch: int, vocab: int, seed: int = 0) -> dict[str, 
     rng = np.random.default_rng(seed)
     out = {}
     for spec in graph.inputs:
-        shape = tuple(d if isinstance(d, int) else batch if d == "batch" else AXES[d] for d in spec.shape)
+        # "sources": seq2seq decode_step's cross K/V, one per source; one source per row here (no beams)
+        shape = tuple(d if isinstance(d, int) else batch if d in ("batch", "sources") else AXES[d]
+                      for d in spec.shape)
         if spec.dtype == "int64":
             out[spec.name] = rng.integers(4, max(vocab, 5), shape, dtype=np.int64)
             if spec.name == "positions":

@@ -132,3 +132,21 @@ def test_report_writes_markdown_json_and_plots(tmp_path: Path) -> None:
 def test_fmt() -> None:
     assert fmt(None) == "—" and fmt(True) == "yes" and fmt(1234.56) == "1235" and fmt(12.34) == "12.3"
     assert fmt(0.01234) == "0.012" and fmt("a|b") == "a\\|b"
+
+
+def test_model_level_feeds_fit_every_graph_of_every_task(tmp_path: Path) -> None:
+    from benchmarks.modellevel import feeds
+    from deepserve.manifest import load_manifest
+    from deepserve.serve.runtime import open_runtime
+    from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
+
+    for make in (make_classifier_artifact, make_charlm_artifact, make_seq2seq_artifact):
+        directory = make(tmp_path, formats=("onnx",), quantize=False)
+        manifest = load_manifest(directory)
+        vocab = int(manifest.model.get("vocab_size", 16))
+        for name, spec in manifest.graphs.items():
+            runtime = open_runtime(spec, directory, backend="onnx", device="cpu", threads=1)
+            for batch in (1, 3):
+                outputs = runtime.run(feeds(spec, batch, vocab))
+                first = outputs[spec.outputs[0].name]  # logits / memory: rows on axis 0
+                assert len(first) == batch, (directory.parent.name, name, batch)
