@@ -7,9 +7,9 @@ first waiting request, then gathers more until the batch holds ``max_batch_size`
 arrived while the previous batch was running: a lone client on an idle model is never made to wait for
 requests that are not coming, so batching on is never slower than batching off. It runs them as one batch
 and hands each request its own rows, as views. A sync function runs in the instance's executor, off the event
-loop — unless the batch is predicted to take less than ``inline_below_ms`` (an average of recent batches' time
-per row, times its rows), in which case it runs on the loop: a tiny model's batch costs less than the thread
-hand-off and the GIL round trip. An async function is awaited.
+loop — unless the batch is predicted to take less than ``inline_below_ms`` (recent batches' time per row,
+which rises at once and falls gradually, times its rows), in which case it runs on the loop: a tiny model's
+batch costs less than the thread hand-off and the GIL round trip. An async function is awaited.
 
 A request is never split across batches unless it alone holds more than ``max_batch_size`` rows; then it is
 queued as consecutive chunks and the results concatenated. Expired requests are dropped before they run
@@ -229,8 +229,9 @@ class Batcher:
             self.in_flight = 0
         elapsed = time.perf_counter() - start
         per_row = elapsed / total
-        self._seconds_per_row = per_row if self._seconds_per_row is None else (
-            0.8 * self._seconds_per_row + 0.2 * per_row)
+        # up at once (a costly batch sends the next ones to the worker thread), down gradually
+        estimate = self._seconds_per_row
+        self._seconds_per_row = per_row if estimate is None or per_row > estimate else 0.8 * estimate + 0.2 * per_row
         if self.on_batch is not None:
             self.on_batch(total, elapsed)
         offset = 0

@@ -104,7 +104,8 @@ class ClassificationServable(Servable):
                 on_batch = self.metrics.batch_hook(self.manifest.name, str(self.manifest.version))
             batcher = Batcher(runtime.run, max_batch_size=s.max_batch_size, max_queue_delay_ms=s.max_queue_delay_ms,
                               max_queue_size=s.max_queue_size, executor=executor, name=self.name,
-                              on_batch=on_batch, inline_below_ms=s.inline_batch_ms)
+                              on_batch=on_batch,
+                              inline_below_ms=s.inline_batch_ms if getattr(runtime, "inline_safe", False) else 0.0)
             batcher.start()
             self.batchers.append(batcher)
         if self.metrics is not None:

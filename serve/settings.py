@@ -44,7 +44,8 @@ class ModelSettings:
     inline_batch_ms: float = 0.5
     """A batch predicted (from recent batches' time per row) to run faster than this many milliseconds runs on
     the event loop instead of the instance's worker thread: for a small model the hand-off to a thread and
-    back costs more than the batch. 0 sends every batch to the worker thread."""
+    back costs more than the batch. 0 sends every batch to the worker thread, as do TorchScript graphs on CPU
+    (their OpenMP threads are per calling thread)."""
     instances: int = 1
     """Model instances (sessions), each with its own batcher; CPU threads are shared between them."""
     backend: str = "auto"

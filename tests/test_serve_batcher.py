@@ -188,3 +188,36 @@ async def test_under_load_the_next_batch_waits_for_company():
     stopping = asyncio.ensure_future(b.stop())  # closing flushes what was gathered
     await asyncio.wait_for(asyncio.gather(second, third, stopping), timeout=10)
     assert [len(batch) for batch in gate.batches] == [1, 2]
+
+
+async def test_cheap_batches_run_on_the_loop_and_costly_ones_on_the_worker_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop_thread = threading.get_ident()
+    seen: list[tuple[bool, int]] = []  # (ran on the loop thread, rows)
+    cost = {"per_row_s": 0.0}
+
+    def run(inputs):
+        time.sleep(cost["per_row_s"] * len(inputs["x"]))  # stands in for the model's work
+        seen.append((threading.get_ident() == loop_thread, len(inputs["x"])))
+        return _double(inputs)
+
+    executor = ThreadPoolExecutor(1)
+    b = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=5.0)
+    b.start()
+    try:
+        await b.submit(_request(0))  # no estimate yet: the worker thread
+        await b.submit(_request(1))  # ~0 ms per row measured: on the loop
+        cost["per_row_s"] = 0.004
+        await b.submit(_request(2, rows=2))  # predicted cheap, so inline; measures 4 ms per row
+        await b.submit(_request(3, rows=2))  # estimate now over 5 ms for 2 rows: the worker thread
+        off = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=0.0)
+        off.start()
+        cost["per_row_s"] = 0.0
+        await off.submit(_request(4))
+        await off.submit(_request(5))  # inline_below_ms 0: never on the loop
+        await off.stop()
+    finally:
+        await b.stop()
+        executor.shutdown()
+    assert seen == [(False, 1), (True, 1), (True, 2), (False, 2), (False, 1), (False, 1)]
