@@ -176,7 +176,12 @@ class HotPath:
         """Answer the request if a hot route matches it; ``False`` (nothing sent) otherwise."""
         if scope["method"] != "POST":
             return False
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # routes match the path below the mount point, as Starlette's do
+            path = path[len(root):]
         for route in self.routes:
+            if route.path_regex.match(path) is None:  # the cheap test first: a full match builds a scope
+                continue
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
                 break
