@@ -4,7 +4,8 @@ Requests (each a dict of arrays whose first axis is rows) wait in a bounded queu
 first waiting request, then gathers more until the batch holds ``max_batch_size`` rows or
 ``max_queue_delay_ms`` has passed since that first request arrived (monotonic clock; it sleeps on an
 ``asyncio.Event`` with a timeout, never polls). It waits for company only under load, that is when requests
-arrived while the previous batch was running: a lone client on an idle model is never made to wait for
+arrived while the previous batch was running, and only for batches that cost more than ``inline_below_ms``
+(below that, waiting costs more than running): a lone client on an idle model is never made to wait for
 requests that are not coming, so batching on is never slower than batching off. It runs them as one batch
 and hands each request its own rows, as views. A sync function runs in the instance's executor, off the event
 loop — unless the batch is predicted to take less than ``inline_below_ms`` (recent batches' time per row,
@@ -173,7 +174,9 @@ class Batcher:
             timeout = None
             if batch:
                 timeout = flush_at - time.monotonic()
-                if timeout <= 0 or not under_load:
+                # waiting for company pays only when running costs more than waiting: a batch cheap enough
+                # to run inline goes now (requests that queued meanwhile still join it)
+                if timeout <= 0 or not under_load or self._runs_inline(rows):
                     return batch
             self._wakeup.clear()
             try:

@@ -221,3 +221,23 @@ async def test_cheap_batches_run_on_the_loop_and_costly_ones_on_the_worker_threa
         await b.stop()
         executor.shutdown()
     assert seen == [(False, 1), (True, 1), (True, 2), (False, 2), (False, 1), (False, 1)]
+
+
+async def test_under_load_a_batch_cheap_enough_to_run_inline_does_not_wait_for_company():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(inputs):
+        time.sleep(0.005 * len(inputs["x"]))  # ~5 ms per row: costly next to nothing, cheap next to 60 s
+        return _double(inputs)
+
+    executor = ThreadPoolExecutor(1)
+    b = Batcher(run, max_batch_size=8, max_queue_delay_ms=60_000, executor=executor, inline_below_ms=50.0)
+    b.start()
+    try:
+        first = asyncio.ensure_future(b.submit(_request(0)))  # no estimate yet: the worker thread
+        await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(b.submit(_request(1)))  # arrives while it runs: the model is loaded
+        await asyncio.wait_for(asyncio.gather(first, second), timeout=10)  # gathering would sit out 60 s
+    finally:
+        await b.stop()
+        executor.shutdown()
