@@ -16,7 +16,8 @@ from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event
 from deepserve.serve.generation.params import GenerationParams, Limits
-from deepserve.serve.generation.step_models import Graph, Seq2SeqStepModel, StepModel
+from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel
+from deepserve.serve.generation.step_models import Graph, StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
 from deepserve.serve.generation.tokenizers import CharTokenizer
 

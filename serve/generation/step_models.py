@@ -12,6 +12,7 @@ drives it with four calls:
 
 Graphs come from ``serve/backends.py``: ONNX Runtime sessions fed numpy arrays (the state stays numpy), or
 TorchScript modules (the state stays torch tensors on the module's device). ``Graph`` hides the difference.
+The char-LM runner lives here, the seq2seq one in ``seq2seq_step``.
 """
 
 from __future__ import annotations
@@ -129,12 +130,13 @@ class StepModel(ABC):
         return "custom"
 
 
-def _is_identity(index: np.ndarray, rows: int) -> bool:
+def is_identity(index: np.ndarray, rows: int) -> bool:
     """Whether keeping rows ``index`` changes nothing (all rows, in their order)."""
     return len(index) == rows and bool(np.all(index == np.arange(rows)))
 
 
-def _expand(copies: list[int]) -> np.ndarray:
+def expand_copies(copies: list[int]) -> np.ndarray:
+    """``[2, 1]`` -> ``[0, 0, 1]``: the new row index of each copy of each joining prompt."""
     return np.repeat(np.arange(len(copies)), copies)
 
 
@@ -175,7 +177,7 @@ class CharLMStepModel(StepModel):
                     new_state[k][:, idx] = out[1 + k]
                 else:
                     new_state[k][:, g.asarray(idx)] = out[1 + k]
-        rep = _expand(copies)
+        rep = expand_copies(copies)
         new_state = [g.take(s, rep, 1) for s in new_state]
         self.state = [g.cat([old, new], 1) for old, new in zip(self.state, new_state)]
         self.rows += len(rep)
@@ -188,210 +190,9 @@ class CharLMStepModel(StepModel):
         return g.numpy(out[0])[:, 0, :]  # (B,V)
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
-        if _is_identity(index, self.rows):
+        if is_identity(index, self.rows):
             return
         self.state = [self.graph.take(s, index, 1) for s in self.state]
-        self.rows = len(index)
-
-
-KV_LAYOUT = "per-layer-shared-cross"
-"""The seq2seq cache layout this engine drives (manifest ``model.kv_layout``, written by export): one tensor per
-decoder layer, and ``decode_step`` takes the cross K/V of N sources for B = N * G rows (G rows per source)."""
-
-
-class Seq2SeqStepModel(StepModel):
-    """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
-
-    The state is one tensor per decoder layer and kind, batch on axis 0 of each. The cross-attention K/V
-    (``cross_k_i``, ``cross_v_i`` [N,H,S,Dh]) are kept once per source, not per row: the beams or samples of
-    one request share them. When the rows are G contiguous rows per source, in source order (every request at
-    the same width: all greedy, or all beams at full width), ``decode_step`` gets them as they are and each
-    source's rows read its K/V once as G queries; otherwise it gets a per-row copy (``cross``), made again
-    only when the rows' sources change. Each layer's ``present_k_i`` becomes its next ``past_k_i`` as it is,
-    and moving rows copies whole contiguous rows."""
-
-    def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
-                 pad_id: int, bos_id: int, eos_id: int) -> None:
-        self.encode, self.decode = encode, decode
-        self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
-        self.layers, self.heads, self.head_dim = layers, heads, head_dim
-        self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
-        self.rows = 0
-        self.cross_names = [f"cross_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        self.past_names = [f"past_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        self.present_names = [f"present_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        g = decode
-        empty = g.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
-        self.cross_src: list[Array] = [empty] * (2 * layers)  # cross_names order, each (N,H,S,Dh), one per source
-        self.src_pad_src = g.asarray(np.zeros((0, 0), bool))  # (N,S) True = pad
-        self.row_src = np.zeros(0, np.int64)  # (B,) each row's source
-        self._rows_cache: tuple[list[Array], Array] | None = None  # per-row cross K/V and src_pad_mask
-        self._grouped: bool | None = None  # whether rows are G contiguous rows per source, in source order
-        self.past: list[Array] = [empty] * (2 * layers)  # past_names order, each (B,H,P,Dh)
-        self._buffers: list[list[np.ndarray | None]] = [[None, None] for _ in range(2 * layers)]  # see _take_rows
-        self._moving: np.ndarray | None = None  # see _move_rows_in_place
-        self.past_pad = np.zeros((0, 0), bool)  # (B,P) True = empty slot; numpy, converted per step
-        self.positions = np.zeros(0, np.int64)  # (B,)
-
-    @property
-    def platform(self) -> str:
-        return self.decode.platform
-
-    @property
-    def sources(self) -> int:
-        return len(self.src_pad_src)
-
-    def _per_row(self) -> tuple[list[Array], Array]:
-        """The cross K/V and src_pad_mask of every row (B on axis 0), copied once per change of ``row_src``."""
-        if self._rows_cache is None:
-            if len(self.row_src) == self.sources and bool(np.all(self.row_src == np.arange(self.sources))):
-                self._rows_cache = (self.cross_src, self.src_pad_src)  # one row per source: no copy
-            else:
-                g = self.decode
-                self._rows_cache = ([g.take(x, self.row_src, 0) for x in self.cross_src],
-                                    g.take(self.src_pad_src, self.row_src, 0))
-        return self._rows_cache
-
-    @property
-    def cross(self) -> list[Array]:
-        """Per-row cross K/V (cross_names order, each (B,H,S,Dh))."""
-        return self._per_row()[0]
-
-    def _is_grouped(self) -> bool:
-        if self._grouped is None:
-            n, b = self.sources, len(self.row_src)
-            self._grouped = 0 < n <= b and b % n == 0 and bool(np.all(self.row_src == np.arange(b) // (b // n)))
-        return self._grouped
-
-    def _rows_moved(self) -> None:
-        self._rows_cache, self._grouped = None, None
-
-    def check_graphs(self) -> None:
-        """Raise ValueError naming any per-layer input or output the graphs lack."""
-        need = {"encode outputs": (self.cross_names, self.encode.output_names),
-                "decode_step inputs": (self.cross_names + self.past_names, self.decode.input_names),
-                "decode_step outputs": (["logits", *self.present_names], self.decode.output_names)}
-        for what, (names, have) in need.items():
-            missing = [n for n in names if n not in have]
-            if missing:
-                raise ValueError(f"the seq2seq graphs do not match model.n_decoder_layers={self.layers}: "
-                                 f"{what} lack {missing}")
-
-    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
-        g = self.decode
-        n, s = len(prompts), max(len(p) for p in prompts)
-        src = np.full((n, s), self.pad_id, np.int64)
-        for i, p in enumerate(prompts):
-            src[i, : len(p)] = p
-        src_pad = src == self.pad_id
-        # both graphs come from the same backend and device, so encoder outputs feed the decoder as they are
-        out = dict(zip(self.encode.output_names, self.encode(g.asarray(src), g.asarray(src_pad))))
-        cross = [out[name] for name in self.cross_names]  # each (n,H,s,Dh): one per source, never per copy
-        rep = _expand(copies)
-        m = len(rep)
-        S = max(s, self.src_pad_src.shape[1])
-        self.cross_src = [g.cat([self._pad_src(old, S, 2, 0.0), self._pad_src(new, S, 2, 0.0)], 0)
-                          for old, new in zip(self.cross_src, cross)]
-        self.src_pad_src = g.cat([self._pad_src(self.src_pad_src, S, 1, True),
-                                  self._pad_src(g.asarray(src_pad), S, 1, True)], 0)
-        self.row_src = np.concatenate([self.row_src, self.sources - n + rep])
-        self._rows_moved()
-        # new rows have no history: all P cache slots are empty (left padding)
-        P = self.past_pad.shape[1]
-        zeros = g.full((m, self.heads, P, self.head_dim), 0.0, self.past[0])
-        self.past = [g.cat([x, zeros], 0) for x in self.past]
-        self.past_pad = np.concatenate([self.past_pad, np.ones((m, P), bool)], 0)
-        self.positions = np.concatenate([self.positions, np.zeros(m, np.int64)])
-        self.rows += m
-        return np.full(m, self.bos_id, np.int64)
-
-    def _pad_src(self, x: Array, S: int, axis: int, value: Any) -> Array:
-        """Right-pad the source axis to S (cross-attention masks the padding)."""
-        have = x.shape[axis]
-        if have == S:
-            return x
-        shape = list(x.shape)
-        shape[axis] = S - have
-        return self.decode.cat([x, self.decode.full(tuple(shape), value, x)], axis)
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        g = self.decode
-        cross, src_pad = (self.cross_src, self.src_pad_src) if self._is_grouped() else self._per_row()
-        feeds = {"tokens": g.asarray(tokens.reshape(-1, 1)), "positions": g.asarray(self.positions),
-                 "src_pad_mask": src_pad, "past_pad_mask": g.asarray(self.past_pad),
-                 **dict(zip(self.cross_names, cross)), **dict(zip(self.past_names, self.past))}
-        out = dict(zip(g.output_names, g(*[feeds[name] for name in g.input_names])))
-        self.past = [out[name] for name in self.present_names]
-        B = len(tokens)
-        self.past_pad = np.concatenate([self.past_pad, np.zeros((B, 1), bool)], 1)
-        self.positions = self.positions + 1
-        logits = g.numpy(out["logits"])
-        logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
-        return logits
-
-    def _take_rows(self, slot: int, x: Array, index: np.ndarray) -> Array:
-        """``x`` rows ``index``. On numpy, into one of two buffers kept per cache tensor (the one ``x`` is not in):
-        a fresh multi-megabyte array each step costs more in page faults than the copy itself."""
-        if self.decode.torch_device is not None:
-            return self.decode.take(x, index, 0)
-        shape = (len(index), *x.shape[1:])
-        size = int(np.prod(shape))
-        pair = self._buffers[slot]
-        for k, buf in enumerate(pair):
-            if buf is not None and np.may_share_memory(buf, x):
-                continue
-            if buf is None or buf.size < size:
-                buf = pair[k] = np.empty(size + size // 4, x.dtype)  # room to grow a few steps
-            out = buf[:size].reshape(shape)
-            # mode="clip": with the default "raise", numpy gathers into a temporary and copies that into ``out``
-            np.take(x, index, axis=0, out=out, mode="clip")
-            return out
-        raise AssertionError("unreachable: x overlaps at most one buffer")  # pragma: no cover
-
-    def _move_rows_in_place(self, index: np.ndarray) -> None:
-        """Row i of every cache becomes row ``index[i]``, copying only the rows that change (about a quarter of
-        a beam-4 batch per step, where a gather into a new array copies all of them). The changing rows'
-        sources are read out first, as they may themselves be overwritten. The caches are this model's own
-        arrays (graph outputs or its buffers), so nothing else sees them change."""
-        moved = np.flatnonzero(index != np.arange(len(index)))
-        src = index[moved]
-        for i, x in enumerate(self.past):
-            shape = (len(moved), *x.shape[1:])
-            size = int(np.prod(shape))
-            if self._moving is None or self._moving.size < size:
-                self._moving = np.empty(size + size // 4, x.dtype)
-            rows = self._moving[:size].reshape(shape)
-            np.take(x, src, axis=0, out=rows, mode="clip")
-            x[moved] = rows
-
-    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
-        if _is_identity(index, self.rows):  # e.g. every beam continued its own row: no cache copy
-            return
-        g = self.decode
-        pad = self.past_pad[index]
-        # drop cache columns that no remaining row uses (the oldest rows may have left)
-        used = ~pad.all(axis=0)
-        first = int(np.argmax(used)) if used.any() else pad.shape[1]
-        if not regroup and not first and len(index) == self.rows and g.torch_device is None:
-            self._move_rows_in_place(index)  # beams follow their parents: most rows stay where they are
-        else:
-            self.past = [self._take_rows(i, x[:, :, first:] if first else x, index) for i, x in enumerate(self.past)]
-        self.past_pad = pad[:, first:]
-        self.positions = self.positions[index]
-        row_src = self.row_src[index]
-        if regroup:
-            # keep the sources some row still reads, numbered in row order; trim the source axis to the longest
-            kept, first_row, row_src = np.unique(row_src, return_index=True, return_inverse=True)
-            order = np.argsort(first_row, kind="stable")
-            kept, row_src = kept[order], np.argsort(order)[row_src]
-            src_pad = self.src_pad_src if _is_identity(kept, self.sources) else g.take(self.src_pad_src, kept, 0)
-            keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
-            self.src_pad_src = src_pad[:, :keep]
-            if not _is_identity(kept, self.sources) or keep < src_pad.shape[1]:
-                self.cross_src = [g.take(x[:, :, :keep], kept, 0) for x in self.cross_src]
-        if regroup or not np.array_equal(row_src, self.row_src):
-            self.row_src = row_src.astype(np.int64, copy=False)
-            self._rows_moved()
         self.rows = len(index)
 
 
@@ -410,6 +211,8 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         vocab = int(facts.get("vocab_size", spec.outputs[0].shape[-1]))
         return CharLMStepModel(graph, layers, hidden, n_state, vocab)
     if manifest.task == "seq2seq":
+        from deepserve.serve.generation.seq2seq_step import KV_LAYOUT, Seq2SeqStepModel  # it builds on this module
+
         layout = facts.get("kv_layout")
         if layout != KV_LAYOUT:
             raise ValueError(f"manifest model.kv_layout is {layout!r}, but this deepserve drives {KV_LAYOUT!r} "
