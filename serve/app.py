@@ -60,8 +60,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class DeepServeApp(FastAPI):
-    """FastAPI with a front door: ``hot_path`` answers the per-request inference routes before the middleware
-    stack is entered; everything else (metadata, generation, docs, metrics) takes the normal path."""
+    """FastAPI with a front door: ``hot_path`` answers the per-request inference routes (v2 infer, predictions,
+    Triton generate) before the middleware stack is entered; everything else (metadata, OpenAI completions,
+    docs, metrics) takes the normal path."""
 
     hot_path: HotPath | None = None
 

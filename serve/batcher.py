@@ -72,7 +72,7 @@ class Batcher:
         self.name = name
         self.on_batch = on_batch
         self.inline_below = inline_below_ms / 1000.0
-        self._seconds_per_row: float | None = None  # running average; unknown until a batch has run
+        self._seconds_per_row: float | None = None  # batch cost estimate; unknown until a batch has run
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -234,7 +234,8 @@ class Batcher:
         per_row = elapsed / total
         # up at once (a costly batch sends the next ones to the worker thread), down gradually
         estimate = self._seconds_per_row
-        self._seconds_per_row = per_row if estimate is None or per_row > estimate else 0.8 * estimate + 0.2 * per_row
+        self._seconds_per_row = (per_row if estimate is None or per_row > estimate
+                                 else 0.8 * estimate + 0.2 * per_row)
         if self.on_batch is not None:
             self.on_batch(total, elapsed)
         offset = 0

@@ -16,7 +16,8 @@ _SETTING_FLAGS = (
     ("--max-batch-size", "max_batch_size", int, "most rows per batch (default 32)"),
     ("--max-queue-delay-ms", "max_queue_delay_ms", float, "how long a batch waits to fill (default 2.0)"),
     ("--inline-batch-ms", "inline_batch_ms", float,
-     "batches predicted to run faster than this run on the event loop, not a worker thread (default 0.5; 0 = never)"),
+     "batches predicted to run faster than this run on the event loop, not a worker thread "
+     "(default 0.5; 0 = never)"),
     ("--max-queue-size", "max_queue_size", int, "requests queued per instance before 429 (default 1024)"),
     ("--request-timeout-s", "request_timeout_s", float, "deadline of requests that bring none (default 30)"),
     ("--instances", "instances", int, "model instances, each with its own batcher (default 1)"),

@@ -83,6 +83,7 @@ async def read_body(request: Request) -> bytes:
 
 
 def parse_json(body: bytes) -> Any:
+    """A JSON request body; ``BadRequest`` naming the problem when it is not JSON."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -159,13 +160,13 @@ class DirectRoute(APIRoute):
 
 
 class HotPath:
-    """Front door for the per-request hot routes (v2 infer, predictions): a ``DirectRoute`` that matches is
-    answered here, ahead of the whole middleware stack (Starlette's error and exception middleware, FastAPI's
-    telemetry and body-limit wrappers, its per-request exit stack, the router's linear scan of every route,
-    and the metrics middleware's send wrapper) — together more CPU than decoding, batching and answering a
-    small model's request. It counts and times the request itself. ``ServeError``s and HTTP exceptions get
-    the same ``{"error": ...}`` answer as the app's handlers; anything else propagates (a 500, logged by the
-    server) after being counted."""
+    """Front door for the per-request hot routes (v2 infer, predictions, Triton generate): a ``DirectRoute``
+    that matches is answered here, ahead of the whole middleware stack (Starlette's error and exception
+    middleware, FastAPI's telemetry and body-limit wrappers, its per-request exit stack, the router's linear
+    scan of every route, and the metrics middleware's send wrapper) — together more CPU than decoding,
+    batching and answering a small model's request. It counts and times the request itself. ``ServeError``s
+    and HTTP exceptions get the same ``{"error": ...}`` answer as the app's handlers; anything else
+    propagates (a 500, logged by the server) after being counted."""
 
     def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None]) -> None:
         self.routes = routes

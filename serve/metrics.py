@@ -1,7 +1,8 @@
 """Prometheus metrics, one registry per repository (so several apps in one process do not collide).
 
-Requests are counted by a small pure-ASGI middleware that reads the matched route and its ``model`` path
-parameter after routing; batchers report batch sizes and inference time through a hook, and queue depth is
+Requests are counted by the app's front door (``http_util.HotPath``, for the per-request inference routes)
+and, for every other route, by a small pure-ASGI middleware that reads the matched route and its ``model``
+path parameter after routing; batchers report batch sizes and inference time through a hook, and queue depth is
 read when scraped. ``/metrics`` renders this registry and prometheus-client's default one, where the
 generation engine (``serve/generation/metrics.py``) and the process collectors register.
 """
