@@ -12,18 +12,13 @@ import torch
 import torch.nn as nn
 
 from deepserve.train.config import check
+from deepserve.train.models.image_input import ImageClassifierArgs
 
 
 @dataclass
-class CNNArgs:
+class CNNArgs(ImageClassifierArgs):
     """Architecture of a ``CNN``; stored as the checkpoint's model args."""
 
-    in_channels: int = 1
-    """Channels of the input images (1 grayscale, 3 RGB)."""
-    image_size: int = 8
-    """Height and width of the (square) input images."""
-    num_classes: int = 10
-    """Number of output logits."""
     channels: list[int] = field(default_factory=lambda: [32, 64])
     """Output channels of each conv stage; each stage is followed by 2x2 max pooling."""
     kernel_size: int = 3
@@ -36,9 +31,7 @@ class CNNArgs:
     """BatchNorm after each convolution and hidden Linear."""
 
     def __post_init__(self) -> None:
-        check(self.in_channels >= 1, "in_channels", "must be >= 1", self.in_channels)
-        check(self.image_size >= 1, "image_size", "must be >= 1", self.image_size)
-        check(self.num_classes >= 2, "num_classes", "must be >= 2", self.num_classes)
+        super().__post_init__()
         check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "channels",
               "must be a non-empty list of widths >= 1", self.channels)
         check(self.image_size >> len(self.channels) >= 1, "channels",

@@ -8,18 +8,13 @@ import torch
 import torch.nn as nn
 
 from deepserve.train.config import check
+from deepserve.train.models.image_input import ImageClassifierArgs
 
 
 @dataclass
-class MLPArgs:
+class MLPArgs(ImageClassifierArgs):
     """Architecture of an ``MLP``; stored as the checkpoint's model args."""
 
-    in_channels: int = 1
-    """Channels of the input images (1 grayscale, 3 RGB)."""
-    image_size: int = 8
-    """Height and width of the (square) input images."""
-    num_classes: int = 10
-    """Number of output logits."""
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     """Width of each hidden layer (may be empty: a linear classifier)."""
     dropout: float = 0.1
@@ -28,9 +23,7 @@ class MLPArgs:
     """BatchNorm after each hidden Linear."""
 
     def __post_init__(self) -> None:
-        check(self.in_channels >= 1, "in_channels", "must be >= 1", self.in_channels)
-        check(self.image_size >= 1, "image_size", "must be >= 1", self.image_size)
-        check(self.num_classes >= 2, "num_classes", "must be >= 2", self.num_classes)
+        super().__post_init__()
         check(all(h >= 1 for h in self.hidden), "hidden", "must hold widths >= 1", self.hidden)
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
 

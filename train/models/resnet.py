@@ -11,18 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepserve.train.config import check
+from deepserve.train.models.image_input import ImageClassifierArgs
 
 
 @dataclass
-class ResNetArgs:
+class ResNetArgs(ImageClassifierArgs):
     """Architecture of a ``ResNet``; stored as the checkpoint's model args."""
 
     in_channels: int = 3
-    """Channels of the input images (1 grayscale, 3 RGB)."""
+    """Channels of the input images (CIFAR-style RGB by default)."""
     image_size: int = 32
     """Height and width of the (square) input images."""
-    num_classes: int = 10
-    """Number of output logits."""
     blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     """Residual blocks per stage."""
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
@@ -31,9 +30,7 @@ class ResNetArgs:
     """Dropout before the final Linear."""
 
     def __post_init__(self) -> None:
-        check(self.in_channels >= 1, "in_channels", "must be >= 1", self.in_channels)
-        check(self.image_size >= 1, "image_size", "must be >= 1", self.image_size)
-        check(self.num_classes >= 2, "num_classes", "must be >= 2", self.num_classes)
+        super().__post_init__()
         check(len(self.blocks) >= 1 and all(b >= 1 for b in self.blocks), "blocks",
               "must be a non-empty list of counts >= 1", self.blocks)
         check(len(self.widths) == len(self.blocks), "widths", f"must have {len(self.blocks)} entries like blocks",
