@@ -1,5 +1,6 @@
 """What the scenarios share: the run plan (durations and matrices, full or quick), timing one load cell with
-the CPU each side used, and profiling a server with py-spy when a target is missed."""
+the CPU each side used, paired measurements for the ratios that targets are judged on, and profiling a server
+with py-spy when a target is missed."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Plan:
     """Time budget per model-level measurement."""
     device: str = "cpu"
     """cpu or cuda."""
+    paired_rounds: int = 3
+    """Rounds of alternating measurements behind each ratio a target is judged on (see ``paired``)."""
 
     def settings(self) -> dict[str, Any]:
         return {"plan": self.name, "cell_s": self.cell_s, "device": self.device}
@@ -48,7 +51,7 @@ class Plan:
 
 def plan(quick: bool, device: str = "cpu") -> Plan:
     if quick:
-        return Plan("quick", 0.6, 5000, (1, 64), (1, 32), 16, (1, 8, 64), 0.25, device)
+        return Plan("quick", 0.6, 5000, (1, 64), (1, 32), 16, (1, 8, 64), 0.25, device, paired_rounds=1)
     return Plan("full", 2.5, 50000, (1, 16, 64), (1, 8, 32), 32, (1, 8, 64), 1.0, device)
 
 
@@ -106,6 +109,32 @@ def measure(port: int, requests: list[Request], concurrency: int, p: Plan, *, se
     wall = max(time.perf_counter() - wall0, 1e-9)
     server = (_proc_cpu_s(server_pid) - server0) if server_pid else 0.0
     return Cell(result, 100.0 * server / wall, 100.0 * (_self_cpu_s() - self0) / wall)
+
+
+def paired(first: Callable[[], float], second: Callable[[], float], rounds: int) -> list[tuple[float, float]]:
+    """``(first(), second())`` for each of ``rounds`` rounds, alternating which goes first (ABBA order).
+
+    A ratio of two numbers measured minutes apart on a shared VM is mostly the VM's drift: the same
+    in-process ResNet-18 batch has read 81-122 rows/s within ten seconds. Measured back to back, in
+    alternating order, both sides of a ratio see the same machine."""
+    out = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            a = first()
+            out.append((a, second()))
+        else:
+            b = second()
+            out.append((first(), b))
+    return out
+
+
+def paired_ratio(pairs: list[tuple[float, float]]) -> float | None:
+    """Median over rounds of ``first / second``; None when a round has no ``second``."""
+    ratios = sorted(a / b for a, b in pairs if b)
+    if not ratios or len(ratios) < len(pairs):
+        return None
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def profile_server(pid: int, seconds: float, load: Callable[[], Any], top: int = 8) -> str:

@@ -151,13 +151,12 @@ def run_scenario(report: Report, repository: Path, checkpoints: Path, p: Plan, n
     return data
 
 
-def classifier_ceiling(repository: Path, name: str, backend: str, device: str, batches: tuple[int, ...],
-                       budget_s: float) -> dict[int, float]:
-    """In-process seconds per call of ``name``'s classifier graph at each batch size, with ``backend``
-    opened as the server opens it (the ceiling that server throughput and latency are compared with)."""
+def classifier_runner(repository: Path, name: str, backend: str, device: str) -> tuple[Runner, Callable[[int], dict]]:
+    """``name``'s classifier graph opened with ``backend`` as the server opens it (the ceiling that server
+    throughput and latency are compared with), and a function giving its inputs for a batch size."""
     from deepserve.serve.runtime import open_runtime
 
     m = manifest(repository, name)
     spec = m.graphs["model"]
     rt = open_runtime(spec, repository / name / "1", backend=backend, device=device)  # type: ignore[arg-type]
-    return {b: time_runner(rt.run, feeds(spec, b, 16), budget_s)[0] for b in batches}
+    return rt.run, lambda batch: feeds(spec, batch, 16)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import paired, paired_ratio
 from benchmarks.loadgen import LoadError, LoadSpec, Request, Response, json_request, percentile, run_load
 from benchmarks.results import Plot, Report, Table, fmt
 
@@ -91,6 +92,24 @@ def test_loadgen_refuses_non_loopback_targets_and_bad_values() -> None:
         LoadSpec("127.0.0.1", 80, (Request("GET", "/"),), 0, 1.0, 1)
     with pytest.raises(LoadError, match="path must start with '/'"):
         Request("GET", "nope")
+
+
+def test_paired_alternates_order_and_takes_the_median_ratio() -> None:
+    calls: list[str] = []
+    clock = iter(range(100))
+
+    def side(name: str):
+        def measure() -> float:
+            calls.append(name)
+            return float(next(clock) + (10 if name == "a" else 5))
+        return measure
+
+    pairs = paired(side("a"), side("b"), 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # ABBA: drift hits both sides alike
+    assert pairs == [(10.0, 6.0), (13.0, 7.0), (14.0, 10.0)]
+    assert paired_ratio(pairs) == pytest.approx(10.0 / 6.0)  # ratios 1.67, 1.86, 1.4
+    assert paired_ratio([(1.0, 2.0), (3.0, 2.0)]) == pytest.approx(1.0)
+    assert paired_ratio([(1.0, 0.0)]) is None and paired_ratio([]) is None
 
 
 def test_percentile_interpolates() -> None:
