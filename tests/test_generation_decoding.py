@@ -374,6 +374,28 @@ def test_sampled_distribution_matches_the_model(temperature, top_k, top_p):
     assert stat <= critical, (stat, critical, counts, expected)
 
 
+def test_filtered_sampling_picks_what_a_row_by_row_reference_picks():
+    """Mixed top-k / top-p / temperature rows in one batch: each pick is the reference's inverse-CDF pick."""
+    rng = np.random.Generator(np.random.PCG64(7))
+    n, V = 400, 50
+    logits = rng.standard_normal((n, V)).astype(np.float32) * 3
+    temperature = rng.uniform(0.3, 1.5, n).astype(np.float32)
+    top_k = rng.choice([0, 1, 5, 20, 60], n)
+    top_p = rng.choice([1.0, 0.9, 0.5, 0.01], n)
+    top_p[top_k == 0] = np.minimum(top_p[top_k == 0], 0.9)  # every row filtered
+    u = rng.random(n)
+    got = sample_tokens(logits, temperature, top_k, top_p, u)
+    for i in range(n):
+        x = logits[i].astype(np.float64) / float(temperature[i])
+        order = np.argsort(-x, kind="stable")[: top_k[i] or V]
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+        kept = max(1, int(((np.cumsum(p) - p) < top_p[i]).sum()))
+        q = np.cumsum(p[:kept])
+        want = order[min(int((q < (1 - u[i]) * q[-1]).sum()), kept - 1)]
+        assert got[i] == want, (i, top_k[i], top_p[i])
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 

@@ -57,21 +57,27 @@ def sample_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray
         idx = np.flatnonzero(plain) if not plain.all() else slice(None)
         out[idx] = _inverse_cdf(_softmax(x[idx]), u[idx])
     if filtered.any():
-        idx = np.flatnonzero(filtered)
-        xs = x[idx]
-        order = np.argsort(-xs, axis=1, kind="stable")  # (r, V) descending, ties by lower id
-        xs = np.take_along_axis(xs, order, axis=1)
-        V = xs.shape[1]
-        k = top_k[idx]
-        drop = (np.arange(V)[None, :] >= np.where(k > 0, k, V)[:, None])
-        xs[drop] = -np.inf
-        p = _softmax(xs)
-        # nucleus: drop a token once the mass before it already reaches top_p (the first is always kept)
-        before = np.cumsum(p, axis=1) - p
-        xs[before >= top_p[idx][:, None]] = -np.inf
-        pick = _inverse_cdf(_softmax(xs), u[idx])
-        out[idx] = order[np.arange(len(idx)), pick]
+        idx = np.flatnonzero(filtered) if not filtered.all() else slice(None)
+        out[idx] = _sample_filtered(x[idx], top_k[idx], top_p[idx], u[idx])
     return out
+
+
+def _sample_filtered(x: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Top-k / top-p sampling of scaled logits ``x`` (R, V). Sorted descending (ties by lower id), the tokens
+    both filters keep are a prefix of each row, so one cumulative sum of the unnormalised probabilities
+    answers everything: how long the prefix is and where the draw lands in it."""
+    R, V = x.shape
+    order = np.argsort(-x, axis=1, kind="stable")  # (R, V)
+    e = np.exp(np.take_along_axis(x, order, axis=1) - x[np.arange(R), order[:, 0]][:, None])  # first = max
+    c = np.cumsum(e, axis=1)
+    rows = np.arange(R)
+    k = np.where(top_k > 0, np.minimum(top_k, V), V)  # top-k prefix length
+    # nucleus: keep a token while the mass before it (within the top-k) is under top_p; the first is always kept
+    before = (c - e) / c[rows, k - 1][:, None]
+    keep = np.minimum(k, (before < top_p[:, None]).sum(axis=1))
+    threshold = (1.0 - u) * c[rows, keep - 1]  # (1 - u) in (0, 1]: never a token past the kept prefix
+    pick = np.minimum((c < threshold[:, None]).sum(axis=1), keep - 1)
+    return order[rows, pick]
 
 
 def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
