@@ -9,6 +9,7 @@ and returns the top-k labels with softmax probabilities.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +180,8 @@ class ClassificationServable(Servable):
         pixels = sum(image.width * image.height for image in opened)
 
         def work() -> np.ndarray:
+            if len(opened) == 1:  # the usual request; np.stack of one array costs more than the view
+                return self.preprocessor.to_array(opened[0])[None]
             return np.stack([self.preprocessor.to_array(image) for image in opened])
 
         if pixels <= INLINE_DECODE_PIXELS:
@@ -213,12 +216,47 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+SMALL_LOGITS = 64
+"""Up to this many logits in all, ``top_k_labels`` works on Python floats: a few µs, where numpy's calls cost tens."""
+PARTITION_LOGITS = 2048
+"""From this many logits in all, the top k are found by ``argpartition`` and a sort of k, not by sorting rows."""
+
+
 def top_k_labels(logits: np.ndarray, labels: list[str], k: int) -> list[list[dict[str, Any]]]:
+    """``[N, L]`` logits -> each row's k most probable ``{label, probability}``; ties keep index order."""
+    if logits.size <= SMALL_LOGITS:
+        return [_top_k_row(row, labels, k) for row in logits.tolist()]
     probs = softmax(logits)
     k = min(k, probs.shape[-1])
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [[{"label": labels[i] if i < len(labels) else str(i), "probability": float(row[i])} for i in idx]
-            for row, idx in zip(probs, order)]
+    rows = np.arange(len(probs))[:, None]
+    order = _top_k_indices(probs, k, rows)
+    return [[{"label": labels[i] if i < len(labels) else str(i), "probability": p} for i, p in zip(idx, top)]
+            for idx, top in zip(order.tolist(), probs[rows, order].tolist())]
+
+
+def _top_k_row(row: list[float], labels: list[str], k: int) -> list[dict[str, Any]]:
+    """``softmax`` and the stable sort of ``top_k_labels`` for one row, in Python floats (float64 too)."""
+    top = max(row)
+    exps = [math.exp(x - top) for x in row]
+    total = sum(exps)
+    probs = [e / total for e in exps]
+    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]  # reverse=True stays stable
+    return [{"label": labels[i] if i < len(labels) else str(i), "probability": probs[i]} for i in order]
+
+
+def _top_k_indices(probs: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
+    """``np.argsort(-probs, axis=-1, kind="stable")[:, :k]``; ``rows`` is ``arange(N)[:, None]``."""
+    neg = -probs
+    if probs.size < PARTITION_LOGITS or not 0 < 4 * k < probs.shape[-1]:
+        return np.argsort(neg, axis=-1, kind="stable")[:, :k]
+    part = np.argpartition(neg, (k - 1, k), axis=-1)
+    # The k smallest are the same set as the stable sort's only if the k-th is below the (k+1)-th; on a tie
+    # (or NaN) the stable order picks among the tied values: sort whole rows then.
+    edge = neg[rows, part[:, k - 1 : k + 1]]
+    if not np.all(edge[:, 0] < edge[:, 1]):
+        return np.argsort(neg, axis=-1, kind="stable")[:, :k]
+    picked = np.sort(part[:, :k], axis=-1)  # index order, so the stable sort below breaks ties by index
+    return picked[rows, np.argsort(neg[rows, picked], axis=-1, kind="stable")]
 
 
 def _v2_name(dtype: np.dtype) -> str:

@@ -120,6 +120,94 @@ def test_preprocessor_from_manifest_rejects_inconsistent_specs():
         ImagePreprocessor.from_manifest({**base, "color_mode": "RGB"})
 
 
+def reference_pixels(pre: ImagePreprocessor, data: bytes) -> np.ndarray:
+    """The float formula the lookup table stands for: convert and resize as Pillow does, then per channel
+    float32(x) * scale + offset."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode != pre.color_mode:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = Image.alpha_composite(Image.new("RGBA", image.size, (255,) * 4), image.convert("RGBA"))
+        image = image.convert(pre.color_mode)
+    if image.size != (pre.width, pre.height):
+        image = image.resize((pre.width, pre.height), resample=Image.Resampling[pre.resize.upper()])
+    std = np.asarray(pre.std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    offset = (-np.asarray(pre.mean, dtype=np.float32) / std).astype(np.float32)
+    pixels = np.asarray(image, dtype=np.float32).reshape(pre.height, pre.width, pre.channels)
+    return np.ascontiguousarray((pixels * scale + offset).transpose(2, 0, 1))
+
+
+def test_preprocessing_equals_the_float_formula_bit_for_bit():
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[0, :, 3] = 0  # a transparent row, composited over white
+    palette = Image.fromarray(rgba[..., :3]).convert("P")
+    images = {
+        "L": encode(rgba[..., 0], "PNG"), "RGB": encode(rgba[..., :3], "PNG"), "RGBA": encode(rgba, "PNG"),
+        "LA": encode(np.ascontiguousarray(rgba[..., ::3]), "PNG"), "RGB 5x7": encode(rgba[:7, :5, :3], "PNG"),
+        "JPEG 20x12": encode(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), "JPEG"),
+    }
+    buf = io.BytesIO()
+    palette.save(buf, "PNG", transparency=int(palette.getpixel((0, 0))))
+    images["P+transparency"] = buf.getvalue()
+    preprocessors = [
+        ImagePreprocessor(1, 8, 8, (0.5,), (0.25,), "bilinear", "L"),  # L as is, RGB(A) converted
+        ImagePreprocessor(3, 8, 8, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", "RGB"),
+        ImagePreprocessor(1, 6, 5, (0.1307,), (0.3081,), "bicubic", "L"),  # resized
+        ImagePreprocessor(3, 4, 6, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0), "nearest", "RGB"),
+    ]
+    for pre in preprocessors:
+        for name, data in images.items():
+            out, expected = pre(data), reference_pixels(pre, data)
+            assert out.dtype == np.float32 and out.flags.c_contiguous, name
+            np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32), err_msg=name)
+
+
+def test_unsupported_formats_are_named_whichever_plugins_pillow_loaded_first():
+    Image.init()  # every plugin registered: Image.open alone would also try TGA, IPTC, ... on each image
+    jpeg = encode(np.zeros((8, 8, 3), dtype=np.uint8), "JPEG")
+    assert GRAY.open(jpeg).format == "JPEG" and RGB.open(encode(np.zeros((4, 6, 3), np.uint8), "WEBP")).format == "WEBP"
+    for fmt in ("TIFF", "PPM", "ICO"):
+        with pytest.raises(UnsupportedMediaType, match=f"image format {fmt} is not supported"):
+            GRAY.open(encode(np.zeros((8, 8), dtype=np.uint8), fmt))
+
+
+# ----------------------------------------------------------------------------------------- top-k labels
+
+
+def reference_top_k(logits: np.ndarray, labels: list[str], k: int) -> list[list[tuple[str, float]]]:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [[(labels[i] if i < len(labels) else str(i), float(row[i])) for i in idx] for row, idx in zip(probs, order)]
+
+
+@pytest.mark.parametrize("shape", [(1, 10), (3, 7), (1, 100), (2, 3000)])  # Python floats / argsort / argpartition
+def test_top_k_labels_follow_the_stable_softmax_order(shape):
+    from deepserve.serve.classifier import top_k_labels
+
+    rng = np.random.default_rng(4)
+    labels = [f"c{i}" for i in range(shape[1] - 1)]  # the last class has no label: its index stands in
+    cases = [
+        rng.standard_normal(shape).astype(np.float32),
+        rng.integers(-2, 2, shape).astype(np.float32),  # ties everywhere, also at the k-th place
+        (rng.standard_normal(shape) * 1e3).astype(np.float32),  # most probabilities underflow to 0: tied
+        np.full(shape, np.nan, dtype=np.float32),
+    ]
+    cases[0][0, -1] = cases[0].max() + 1  # the unlabelled class on top
+    for logits in cases:
+        for k in (1, 5, shape[1], shape[1] + 3):
+            got = top_k_labels(logits, labels, k)
+            want = reference_top_k(logits, labels, k)
+            assert [[p["label"] for p in row] for row in got] == [[lab for lab, _ in row] for row in want]
+            for row, want_row in zip(got, want):
+                assert all(type(p["probability"]) is float for p in row)
+                np.testing.assert_allclose([p["probability"] for p in row], [p for _, p in want_row], rtol=1e-12)
+    assert top_k_labels(cases[0], labels, 1)[0][0]["label"] == str(shape[1] - 1)
+    full = top_k_labels(cases[0], labels, shape[1])
+    assert all(abs(sum(p["probability"] for p in row) - 1) < 1e-9 for row in full)
+
+
 # ------------------------------------------------------------------------------------------------- v2 codec
 
 
