@@ -223,6 +223,36 @@ async def test_cheap_batches_run_on_the_loop_and_costly_ones_on_the_worker_threa
     assert seen == [(False, 1), (True, 1), (True, 2), (False, 2), (False, 1), (False, 1)]
 
 
+async def test_a_busy_event_loop_does_not_count_as_the_cost_of_a_worker_thread_batch():
+    """A worker-thread batch is timed where it runs: the loop being busy when it finishes (other requests)
+    is not the batch's cost, else one busy moment would keep cheap batches off the loop for good."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []
+    started = threading.Event()
+
+    def run(inputs):
+        started.set()
+        on_loop.append(threading.get_ident() == loop_thread)
+        return _double(inputs)  # ~0 ms
+
+    executor = ThreadPoolExecutor(1)
+    b = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=5.0)
+    b.start()
+    try:
+        first = asyncio.ensure_future(b.submit(_request(0)))  # no estimate yet: the worker thread
+        while not started.is_set():
+            await asyncio.sleep(0)
+        time.sleep(0.05)  # the loop is busy for 50 ms while the batch finishes on the worker
+        await first
+        await b.submit(_request(1))  # the batch took ~0 ms, so the next one runs on the loop
+    finally:
+        await b.stop()
+        executor.shutdown()
+    assert on_loop == [False, True]
+
+
 async def test_under_load_a_batch_cheap_enough_to_run_inline_does_not_wait_for_company():
     from concurrent.futures import ThreadPoolExecutor
 
