@@ -10,7 +10,7 @@ The same runtime is timed in process with the server idle (the ceiling for ResNe
 The ratios the targets are judged on are then measured again in paired rounds while the server is still up
 (``benchmarks.common.paired``: the two sides alternate, back to back): server vs echo (the echo app is started
 beside the server), server vs in-process, and batching on vs off in each model's cells where on was slower
-in the sweep (the worst six). On a shared VM whose speed drifts from minute to minute, a ratio of numbers
+in the sweep (the worst four). On a shared VM whose speed drifts from minute to minute, a ratio of numbers
 measured minutes apart says more about the VM than about the server.
 """
 
@@ -35,7 +35,7 @@ BACKENDS: tuple[str, ...] = ("onnx", "torchscript")
 """Set per run by ``benchmarks.common.backends`` (TorchScript only where ONNX Runtime cannot run)."""
 BATCHING = {"off": {"max_batch_size": 1}, "on": {}}
 CEILING_BATCHES = (1, 8, 16, 32, 64)
-MAX_REMEASURED = 6
+MAX_REMEASURED = 4
 """Per model, sweep cells where batching on was slower than off that are re-measured in paired rounds."""
 
 
@@ -153,6 +153,12 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str], *, pro
     return results
 
 
+def default_backend(device: str) -> str:
+    """The backend the server's ``auto`` picks: ONNX Runtime on CPU, TorchScript on CUDA (where measured)."""
+    preferred = "torchscript" if device == "cuda" else "onnx"
+    return preferred if preferred in BACKENDS else BACKENDS[0]
+
+
 def _ceiling(source: Path, name: str, backend: str, p: Plan) -> dict[str, Any]:
     """In-process seconds per call at each batch size (the sweep), plus the runner and its best batch for the
     paired rounds."""
@@ -186,8 +192,7 @@ def _paired_rounds(results: dict[str, Any], name: str, server: ServerProcess, so
                "on req/s", "off req/s", pairs)
     if name == "digits-cnn":
         with ServerProcess("echo") as echo:
-            # The faster backend over all protocols: one sweep cell alone is too noisy to choose by.
-            backend = max(BACKENDS, key=lambda b: sum(server_rows[(name, b, "on", pr, c_max)]["rps"] for pr in PROTOCOLS))
+            backend = default_backend(p.device)  # what a user gets; sweep cells are too noisy to choose by
             for protocol in PROTOCOLS:
                 pairs = paired(rps(f"{name}-{backend}-bN", protocol, c_max), rps("echo", protocol, c_max, echo.port),
                                rounds)
