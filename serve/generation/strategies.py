@@ -49,16 +49,18 @@ def sample_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray
 
     Rows with filtering go through a sorted path, the others through a plain softmax: each row's arithmetic
     depends only on its own settings, never on which other rows share the batch."""
-    out = np.empty(len(logits), np.int64)
     x = logits / temperature[:, None].astype(np.float32)
     filtered = (top_k > 0) | (top_p < 1.0)
-    plain = ~filtered
-    if plain.any():
-        idx = np.flatnonzero(plain) if not plain.all() else slice(None)
-        out[idx] = _inverse_cdf(_softmax(x[idx]), u[idx])
-    if filtered.any():
-        idx = np.flatnonzero(filtered) if not filtered.all() else slice(None)
-        out[idx] = _sample_filtered(x[idx], top_k[idx], top_p[idx], u[idx])
+    n_filtered = int(np.count_nonzero(filtered))
+    if n_filtered == len(x):  # the usual batch: one setting for every row
+        return _sample_filtered(x, top_k, top_p, u)
+    if n_filtered == 0:
+        return _inverse_cdf(_softmax(x), u)
+    out = np.empty(len(x), np.int64)
+    plain = np.flatnonzero(~filtered)
+    out[plain] = _inverse_cdf(_softmax(x[plain]), u[plain])
+    idx = np.flatnonzero(filtered)
+    out[idx] = _sample_filtered(x[idx], top_k[idx], top_p[idx], u[idx])
     return out
 
 
@@ -68,9 +70,10 @@ def _sample_filtered(x: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.
     answers everything: how long the prefix is and where the draw lands in it."""
     R, V = x.shape
     order = np.argsort(-x, axis=1, kind="stable")  # (R, V)
-    e = np.exp(np.take_along_axis(x, order, axis=1) - x[np.arange(R), order[:, 0]][:, None])  # first = max
-    c = np.cumsum(e, axis=1)
     rows = np.arange(R)
+    xs = x[rows[:, None], order]
+    e = np.exp(xs - xs[:, :1])  # the first is the maximum
+    c = np.cumsum(e, axis=1)
     k = np.where(top_k > 0, np.minimum(top_k, V), V)  # top-k prefix length
     # nucleus: keep a token while the mass before it (within the top-k) is under top_p; the first is always kept
     before = (c - e) / c[rows, k - 1][:, None]
