@@ -22,7 +22,7 @@ from benchmarks.loadgen import LoadResult, LoadSpec, Request, TokenCounter, run_
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how wide a run is. ``full`` fits ``make bench`` in ~10 minutes on 2 cores."""
+    """How long and how wide a run is. ``full`` fits ``make bench`` in ~13 minutes on 2 cores."""
 
     name: str
     """``full`` or ``quick``."""

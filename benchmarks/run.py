@@ -1,6 +1,6 @@
 """Run the benchmark suite and write ``<out>/<date>-<machine>.md`` (+ .json and PNG plots).
 
-    python -m benchmarks.run --out benchmarks/results            # everything (make bench), ~10 min on 2 cores
+    python -m benchmarks.run --out benchmarks/results            # everything (make bench), ~13 min on 2 cores
     python -m benchmarks.run --quick                             # everything, shorter and narrower, ~2 min
     python -m benchmarks.run --only classification --only model  # some scenarios
 
