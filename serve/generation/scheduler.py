@@ -268,36 +268,36 @@ class Scheduler:
             start = j.start
             rows_before = widths[j.id] if j.is_beam else len(j.live)
             end = start + rows_before
+            kept: tuple[np.ndarray, np.ndarray] | None = None  # the request's next rows and tokens, if it moved
             if j.is_beam:
                 j.generated += 1
                 n_new -= rows_before - 1
                 self._beam_step(j, logits[start:end], outbox)
                 parents, toks = j.beam_out
                 j.beam_out = ()
-                moved = True
-                if run_start < start:
-                    index_parts.append(np.arange(run_start, start))
-                    token_parts.append(chosen[run_start:start])
-                run_start = end
+                changed = True
                 if not j.finished:
-                    index_parts.append(parents + start)
-                    token_parts.append(toks)
+                    kept = (parents + start, toks)
             else:
                 if j.plain:
                     self._end_plain(j, outbox)
                 else:
                     j.generated += 1
                     self._row_step(j, chosen_list, raw_lp.get(j.id), eos, outbox)
-                if j.finished or len(j.live) != rows_before:
-                    moved = True
-                    if run_start < start:
-                        index_parts.append(np.arange(run_start, start))
-                        token_parts.append(chosen[run_start:start])
-                    run_start = end
-                    if not j.finished:
-                        keep_rows = [start + r for r, s in enumerate(j.row_seqs) if s.finish_reason is None]
-                        index_parts.append(np.asarray(keep_rows, np.int64))
-                        token_parts.append(chosen[keep_rows])
+                changed = j.finished or len(j.live) != rows_before
+                if changed and not j.finished:
+                    keep_rows = np.asarray([start + r for r, s in enumerate(j.row_seqs) if s.finish_reason is None],
+                                           np.int64)
+                    kept = (keep_rows, chosen[keep_rows])
+            if changed:  # close the run of unchanged rows before this request; its own rows follow
+                moved = True
+                if run_start < start:
+                    index_parts.append(np.arange(run_start, start))
+                    token_parts.append(chosen[run_start:start])
+                run_start = end
+                if kept is not None:
+                    index_parts.append(kept[0])
+                    token_parts.append(kept[1])
             if j.finished:
                 regroup = True
                 self.reserved -= j.reserve
