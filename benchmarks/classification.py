@@ -106,7 +106,7 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str], *, pro
             if name == "resnet18":  # the in-process ceiling, measured with the server idle
                 for backend in BACKENDS:
                     results["ceiling"][backend] = _ceiling(source, name, backend, p)
-            _paired_rounds(results, name, server, source, p)
+            _paired_rounds(results, name, server, p)
             if profile:
                 results["profile"] = results.get("profile", {})
                 worst = _profile_cell(name, p)
@@ -168,7 +168,7 @@ def _ceiling(source: Path, name: str, backend: str, p: Plan) -> dict[str, Any]:
     return {"sweep": sweep, "run": run, "inputs": inputs, "best_batch": best}
 
 
-def _paired_rounds(results: dict[str, Any], name: str, server: ServerProcess, source: Path, p: Plan) -> None:
+def _paired_rounds(results: dict[str, Any], name: str, server: ServerProcess, p: Plan) -> None:
     """Re-measure, in alternating rounds, the ratios the targets of ``name`` are judged on."""
     server_rows, c_max, rounds = results["server"], max(p.concurrency), p.paired_rounds
 

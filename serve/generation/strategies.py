@@ -52,7 +52,7 @@ def sample_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray
     x = logits / temperature[:, None].astype(np.float32)
     filtered = (top_k > 0) | (top_p < 1.0)
     n_filtered = int(np.count_nonzero(filtered))
-    if n_filtered == len(x):  # the usual batch: one setting for every row
+    if n_filtered == len(x):  # the usual batch: every row filters
         return _sample_filtered(x, top_k, top_p, u)
     if n_filtered == 0:
         return _inverse_cdf(_softmax(x), u)
