@@ -41,18 +41,19 @@ def generation_servable(request: Request, model: str, version: str | None) -> Ge
     return servable
 
 
+async def _call_on_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
+    """Wait for the client to disconnect, then call ``on_gone``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            on_gone()
+            return
+
+
 @asynccontextmanager
 async def cancel_on_disconnect(request: Request, on_gone: Callable[[], None]) -> AsyncIterator[None]:
     """While the body runs, a client disconnect calls ``on_gone`` (the job's rows are freed next step)."""
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                on_gone()
-                return
-
-    task = asyncio.create_task(watch())
+    task = asyncio.create_task(_call_on_disconnect(request, on_gone))
     try:
         yield
     finally:
@@ -73,18 +74,10 @@ def abandon(servable: GenerationServable, job: Job) -> None:
     job.events.put_nowait(Event("error", error=ClientGone("the client closed the connection")))
 
 
-async def _abandon_when_gone(request: Request, servable: GenerationServable, job: Job) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            abandon(servable, job)
-            return
-
-
 async def run_to_result(request: Request, servable: GenerationServable, job: Job) -> Result:
     """``servable.wait(job)``, a client disconnect cancelling the job: ``cancel_on_disconnect`` written out, which
     spares the event loop an async context manager per request."""
-    watch = asyncio.create_task(_abandon_when_gone(request, servable, job))
+    watch = asyncio.create_task(_call_on_disconnect(request, lambda: abandon(servable, job)))
     try:
         return await servable.wait(job)
     finally:
