@@ -64,7 +64,7 @@ def outdated_reason(repository: Path, name: str) -> str | None:
     except ManifestError as e:
         return str(e)
     if manifest.task == "seq2seq":
-        from deepserve.export.graphs import KV_LAYOUT
+        from deepserve.serve.generation.seq2seq_step import KV_LAYOUT  # what the server drives
 
         layout = manifest.model.get("kv_layout")
         if layout != KV_LAYOUT:
