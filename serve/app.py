@@ -8,6 +8,7 @@ the batchers finish.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from contextlib import asynccontextmanager
@@ -18,14 +19,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Match
+from starlette.types import Message, Receive, Scope, Send
 
 import deepserve
 from deepserve.serve.errors import ServeError
-from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPath, error_response
+from deepserve.serve.http_util import (
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, DirectRoute, HotPath, error_response,
+)
 from deepserve.serve.metrics import RequestMetricsMiddleware
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.repository import ModelRepository
+from deepserve.serve.request_context import current_request_id, request_id_from
 
 log = logging.getLogger("deepserve.serve")
 
@@ -42,9 +47,13 @@ def _field(loc: tuple) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        if exc.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises it after answering; the front door (DeepServeApp) logs it
+        return JSONResponse({"error": f"internal server error; the server log has the details under request id "
+                                      f"{current_request_id.get()}"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -56,22 +65,78 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names one route's methods; a path may have several routes
+            allowed = allowed_methods(request.app, request.scope)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            return JSONResponse({"error": f"method {request.method} is not allowed here; use {' or '.join(allowed)}"},
+                                status_code=405, headers=headers)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of ``app`` (included routers too) answers at the request's path."""
+    return [m for m in _METHODS
+            if any(route.matches({**scope, "method": m})[0] is Match.FULL for route in app.router.routes)]
 
 
 class DeepServeApp(FastAPI):
-    """FastAPI with a front door: ``hot_path`` answers the per-request inference routes (v2 infer, predictions,
-    Triton generate) before the middleware stack is entered; everything else (metadata, OpenAI completions,
-    docs, metrics) takes the normal path."""
+    """FastAPI with a front door: every HTTP request gets its request id (``request_context``), echoed as
+    ``X-Request-Id``; while draining (SIGTERM) new requests are answered 503 with ``Connection: close``; then
+    ``hot_path`` answers the per-request inference routes (v2 infer, predictions, Triton generate) before the
+    middleware stack is entered; everything else (metadata, OpenAI completions, docs, metrics) takes the normal
+    path. An unexpected error is logged under the request id and answered with a JSON 500 naming that id."""
 
     hot_path: HotPath | None = None
+    draining: bool = False
+    """Set on SIGTERM: requests in flight finish, new ones are refused (``serve/shutdown.py``)."""
+    aborted: int = 0
+    """Requests cancelled before they were answered (a drain that ran past its timeout)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.hot_path is not None:
-            scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
-            if await self.hot_path(scope, receive, send):
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        request_id, problem = request_id_from(scope["headers"])
+        token = current_request_id.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            if problem is not None or self.draining:
+                await _refusal(problem)(scope, receive, send_with_id)
                 return
-        await super().__call__(scope, receive, send)
+            scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
+            if self.hot_path is None or not await self.hot_path(scope, receive, send_with_id):
+                await super().__call__(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        except Exception:  # a bug, not the client's fault: details to the log, a JSON 500 to the client
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if not started:
+                await JSONResponse({"error": f"internal server error; the server log has the details under "
+                                             f"request id {request_id}"}, status_code=500)(scope, receive, send_with_id)
+        finally:
+            current_request_id.reset(token)
+
+
+def _refusal(problem: str | None) -> JSONResponse:
+    """The answer to a request refused at the front door: a bad X-Request-Id, or the server is draining."""
+    if problem is not None:
+        return JSONResponse({"error": problem}, status_code=400)
+    return JSONResponse({"error": "server is shutting down; retry on a new connection"}, status_code=503,
+                        headers={"Connection": "close", "Retry-After": "1"})
 
 
 def create_app(
@@ -81,6 +146,7 @@ def create_app(
     device: str = "auto",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> DeepServeApp:
     """The app serving ``repository`` (a path, scanned now, or a ready-made ``ModelRepository``).
 
@@ -106,6 +172,7 @@ def create_app(
     )
     app.state.repository = repository
     app.state.max_body_bytes = max_body_bytes
+    app.state.max_json_depth = max_json_depth
     install_error_handlers(app)
 
     from deepserve.serve import predictions, v2

@@ -15,6 +15,11 @@ batch costs less than the thread hand-off and the GIL round trip. An async funct
 A request is never split across batches unless it alone holds more than ``max_batch_size`` rows; then it is
 queued as consecutive chunks and the results concatenated. Expired requests are dropped before they run
 (504); a failing batch fails exactly the requests in it, and the batcher keeps going.
+
+Admission bounds the queueing *delay*, not only the count: a request's wait is predicted as the rows ahead of
+it (queued and running) times the recent cost per row. One predicted to wait longer than ``max_queue_wait_ms``,
+or to finish past its deadline, is refused at once with 429 and ``Retry-After`` (cheap, and the client can go
+elsewhere) instead of timing out late; a request that could never fit the queue gets 413 naming the limit.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from typing import Awaitable, Callable, Union
 
 import numpy as np
 
-from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServeError, ShuttingDown
+from deepserve.serve.errors import (
+    DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ServeError, ShuttingDown,
+)
+from deepserve.serve.request_context import current_request_id
 
 log = logging.getLogger("deepserve.serve.batcher")
 
@@ -44,6 +52,7 @@ class _Item:
     deadline: float | None
     enqueued: float
     future: asyncio.Future = field(repr=False)
+    request_id: str = "-"
     queued: bool = True
     """Still in the queue (not yet taken by the batcher or removed)."""
 
@@ -62,6 +71,7 @@ class Batcher:
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
         inline_below_ms: float = 0.0,
+        max_queue_wait_ms: float = 0.0,
     ) -> None:
         self.fn = fn
         self.is_async = asyncio.iscoroutinefunction(fn)
@@ -72,7 +82,11 @@ class Batcher:
         self.name = name
         self.on_batch = on_batch
         self.inline_below = inline_below_ms / 1000.0
+        self.max_queue_wait = max_queue_wait_ms / 1000.0
+        """Longest predicted queueing delay admitted; 0 = no bound (only the deadline's)."""
         self._seconds_per_row: float | None = None  # batch cost estimate; unknown until a batch has run
+        self._admit_seconds_per_row = 0.0  # a plain moving average: one slow batch must not shed a burst
+        self._queued_rows = 0
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -108,15 +122,14 @@ class Batcher:
         else:  # too big for one batch: consecutive chunks, queued together
             chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
                       for i in range(0, rows, self.max_batch_size)]
-        if len(self._queue) + len(chunks) > self.max_queue_size:
-            raise Overloaded(f"model {self.name} is overloaded: {len(self._queue)} requests queued "
-                             f"(max_queue_size {self.max_queue_size}); retry later", retry_after_s=1.0)
         now = time.monotonic()
-        if deadline is not None and deadline <= now:
-            raise DeadlineExceeded(f"request deadline passed before it was queued for {self.name}")
+        self._admit(rows, len(chunks), deadline, now)
         loop = asyncio.get_running_loop()
-        items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future()) for c in chunks]
+        request_id = current_request_id.get()
+        items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future(), request_id)
+                 for c in chunks]
         self._queue.extend(items)
+        self._queued_rows += rows
         if self.in_flight:
             self._arrived_while_running += 1
         self._wakeup.set()
@@ -133,10 +146,41 @@ class Batcher:
                 item.future.cancel()  # no-op once done
                 if item.queued:
                     self._queue.remove(item)  # frees its queue slot now (rare path, O(queue))
-                    item.queued = False
+                    self._dequeued(item)
         if len(futures) == 1:
             return result
         return {k: np.concatenate([r[k] for r in result]) for k in result[0]}
+
+    def predicted_wait(self, rows: int) -> float:
+        """Seconds until a request of ``rows`` rows queued now would be answered: the rows ahead of it and its
+        own, at the recent cost per row (0 until a batch has run)."""
+        return (self._queued_rows + self.in_flight + rows) * self._admit_seconds_per_row
+
+    def _admit(self, rows: int, chunks: int, deadline: float | None, now: float) -> None:
+        """Raise unless a request of ``rows`` rows (``chunks`` queue entries) may queue now."""
+        if chunks > self.max_queue_size:
+            raise PayloadTooLarge(f"a request of {rows} rows needs {chunks} batches of max_batch_size "
+                                  f"{self.max_batch_size}, more than max_queue_size {self.max_queue_size} of model "
+                                  f"{self.name} can ever hold; send at most "
+                                  f"{self.max_queue_size * self.max_batch_size} rows per request")
+        if len(self._queue) + chunks > self.max_queue_size:
+            raise Overloaded(f"model {self.name} is overloaded: {len(self._queue)} requests queued "
+                             f"(max_queue_size {self.max_queue_size}); retry later", retry_after_s=1.0)
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"request deadline passed before it was queued for {self.name}")
+        wait = self.predicted_wait(rows)
+        if self.max_queue_wait and wait > self.max_queue_wait:
+            raise Overloaded(f"model {self.name} is overloaded: this request would wait about {wait * 1000:.0f} ms "
+                             f"(max_queue_wait_ms {self.max_queue_wait * 1000:.0f}); retry later",
+                             retry_after_s=wait - self.max_queue_wait)
+        if deadline is not None and now + wait > deadline:
+            raise Overloaded(f"model {self.name} is overloaded: this request would wait about {wait * 1000:.0f} ms, "
+                             f"past its deadline in {(deadline - now) * 1000:.0f} ms; retry later",
+                             retry_after_s=wait)
+
+    def _dequeued(self, item: _Item) -> None:
+        item.queued = False
+        self._queued_rows -= item.rows
 
     def _runs_inline(self, rows: int) -> bool:
         """Whether a batch of ``rows`` is cheap enough to run on the event loop (see the module docstring)."""
@@ -158,11 +202,11 @@ class Batcher:
             while self._queue:
                 item = self._queue[0]
                 if item.future.done():  # its waiter gave up (deadline, disconnect): drop it
-                    self._queue.popleft().queued = False
+                    self._dequeued(self._queue.popleft())
                     continue
                 if batch and rows + item.rows > self.max_batch_size:
                     return batch  # it opens the next batch
-                self._queue.popleft().queued = False
+                self._dequeued(self._queue.popleft())
                 if not batch:
                     flush_at = item.enqueued + self.max_queue_delay
                 batch.append(item)
@@ -225,7 +269,8 @@ class Batcher:
                     raise InferenceFailed(f"model output {k!r} has {len(v)} rows for a batch of {total}")
         except Exception as e:  # the batch's requests get the error; the loop goes on
             if not isinstance(e, ServeError):
-                log.exception("batch of %d rows failed in %s", total, self.name)
+                log.exception("batch of %d rows failed in %s (request ids %s)", total, self.name,
+                              " ".join(item.request_id for item in batch))
                 e = InferenceFailed(f"inference failed in {self.name}: {type(e).__name__}: {e}")
             for item in batch:
                 if not item.future.done():
@@ -238,6 +283,8 @@ class Batcher:
         estimate = self._seconds_per_row
         self._seconds_per_row = (per_row if estimate is None or per_row > estimate
                                  else 0.8 * estimate + 0.2 * per_row)
+        if estimate is not None:  # the first batch (the warm-up) pays one-off costs: not a prediction
+            self._admit_seconds_per_row = 0.8 * self._admit_seconds_per_row + 0.2 * per_row
         if self.on_batch is not None:
             self.on_batch(total, elapsed)
         offset = 0

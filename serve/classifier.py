@@ -105,7 +105,7 @@ class ClassificationServable(Servable):
                 on_batch = self.metrics.batch_hook(self.manifest.name, str(self.manifest.version))
             batcher = Batcher(runtime.run, max_batch_size=s.max_batch_size, max_queue_delay_ms=s.max_queue_delay_ms,
                               max_queue_size=s.max_queue_size, executor=executor, name=self.name,
-                              on_batch=on_batch,
+                              on_batch=on_batch, max_queue_wait_ms=s.max_queue_wait_ms,
                               inline_below_ms=s.inline_batch_ms if getattr(runtime, "inline_safe", False) else 0.0)
             batcher.start()
             self.batchers.append(batcher)
@@ -164,6 +164,8 @@ class ClassificationServable(Servable):
             if not shape_ok:
                 raise BadRequest(f"input {spec.name!r}: shape {list(array.shape)} does not match the expected "
                                  f"{spec_text(spec)}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():  # would answer null logits
+                raise BadRequest(f"input {spec.name!r} holds NaN or infinite values; every value must be finite")
         rows = {inputs[s.name].shape[0] for s in self.graph.inputs}
         if len(rows) > 1:
             raise BadRequest(f"inputs disagree on the batch size: {sorted(rows)}")

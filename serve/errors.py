@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ServeError(Exception):
     """Base class: ``status`` is the HTTP status; ``headers`` extra response headers."""
@@ -66,6 +68,25 @@ class ShuttingDown(ServeError):
 
 
 class InferenceFailed(ServeError):
-    """The model raised while running a batch: the server's fault, reported to the requests in that batch."""
+    """The model raised while running a batch: the server's fault, reported to the requests in that batch.
+
+    The answer names the problem in the user's terms; ``detail`` (the runtime's own text, which may hold
+    source paths) goes to the log only, under the request id."""
 
     status = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("inference failed inside the server; its log has the details under this response's "
+                         "X-Request-Id")
+        self.detail = detail
+
+
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~])/(?:[^\s/:'"()\[\]]+/)+([^\s/:'"()\[\]]*)""")
+
+
+def redact_paths(text: str, root: str | None = None) -> str:
+    """``text`` without filesystem paths, for answers: paths below ``root`` become relative to it, any other
+    absolute path is cut to its last part (``/opt/x/model.onnx`` -> ``model.onnx``)."""
+    if root:
+        text = text.replace(root.rstrip("/") + "/", "").replace(root.rstrip("/"), ".")
+    return _ABSOLUTE_PATH.sub(r"\1", text)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import math
+import re
 import time
 import zlib
 from typing import Any, Callable, Coroutine
 
 import orjson
 from fastapi.routing import APIRoute
+import numpy as np
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,9 +24,20 @@ from starlette.types import Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, ServeError, UnsupportedMediaType
 
+log = logging.getLogger("deepserve.serve")
+
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a JSON body may have (``--max-json-depth``): a v2 tensor of rank 8
+inside its request needs 11."""
+MAX_JSON_DEPTH_LIMIT = 512
+"""Upper bound of ``--max-json-depth``: the standard library's parser (NaN/Infinity bodies) recurses per level."""
 TIMEOUT_HEADER = "x-request-timeout-ms"
 """Relative deadline of a request in milliseconds (v2 requests may use Triton's ``parameters.timeout``)."""
+MAX_TIMEOUT_MS = 86_400_000.0
+"""Longest deadline a request may ask for (one day): a deadline is a timer, and timers need finite delays."""
+JSON_MEDIA_TYPES = ("", "application/json", "application/x-www-form-urlencoded")
+"""Content types a JSON body may declare, besides ``application/*+json``: none, and curl's ``-d`` default."""
 
 
 _HEADERS_KEY = "deepserve.headers"
@@ -82,8 +97,33 @@ async def read_body(request: Request) -> bytes:
     return out
 
 
-def parse_json(body: bytes) -> Any:
-    """A JSON request body; ``BadRequest`` naming the problem when it is not JSON."""
+def json_depth_limit(request: Request) -> int:
+    return getattr(request.app.state, "max_json_depth", DEFAULT_MAX_JSON_DEPTH)
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(text: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``text`` (brackets inside strings do not count). Scans in C
+    (a regex and numpy), so it can run before parsing: the parsers recurse once per level."""
+    if b'"' in text:
+        text = _JSON_STRING.sub(b"", text)
+    steps = _BRACKET_STEP[np.frombuffer(text, dtype=np.uint8)]
+    steps = steps[steps != 0]
+    return int(np.cumsum(steps, dtype=np.int64).max()) if steps.size else 0
+
+
+def parse_json(body: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """A JSON request body; ``BadRequest`` naming the problem when it is not JSON or nests deeper than
+    ``max_depth``. Every route that reads a JSON body parses it here."""
+    if body.count(b"[") + body.count(b"{") > max_depth:  # cheap: only then can it be too deep
+        depth = json_depth(body)
+        if depth > max_depth:
+            raise BadRequest(f"JSON body nests {depth} levels deep; the limit is {max_depth} (--max-json-depth)")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -92,6 +132,16 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON body: {e}") from None
+    except RecursionError:  # not reached within MAX_JSON_DEPTH_LIMIT; a 400 all the same
+        raise BadRequest(f"JSON body nests too deep; the limit is {max_depth} (--max-json-depth)") from None
+
+
+def require_json(request: Request, also: tuple[str, ...] = ()) -> None:
+    """Refuse (415) a body whose declared content type is not JSON (nor one of ``also``)."""
+    kind = media_type(request)
+    if kind in JSON_MEDIA_TYPES or kind in also or (kind.startswith("application/") and kind.endswith("+json")):
+        return
+    raise UnsupportedMediaType(f"this route takes a JSON body (Content-Type: application/json), not {kind}")
 
 
 def dump_json(value: Any) -> bytes:
@@ -106,13 +156,17 @@ def deadline_from(request: Request, timeout_us: object = None) -> float | None:
         try:
             ms = float(header)
         except ValueError:
-            raise BadRequest(f"header {TIMEOUT_HEADER} must be a number of milliseconds, got {header!r}") from None
-        if ms <= 0:
-            raise BadRequest(f"header {TIMEOUT_HEADER} must be > 0, got {header!r}")
+            ms = math.nan
+        # nan and inf are refused too: a deadline is a timer; a request wanting none omits the header
+        if not 0 < ms <= MAX_TIMEOUT_MS:
+            raise BadRequest(f"header {TIMEOUT_HEADER} must be a number of milliseconds > 0 and "
+                             f"<= {MAX_TIMEOUT_MS:.0f}, got {header!r}")
         return time.monotonic() + ms / 1000.0
     if timeout_us is not None:
-        if isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float)) or timeout_us < 0:
-            raise BadRequest(f"parameters.timeout must be a non-negative number of microseconds, got {timeout_us!r}")
+        if (isinstance(timeout_us, bool) or not isinstance(timeout_us, int)
+                or not 0 <= timeout_us <= MAX_TIMEOUT_MS * 1000):
+            raise BadRequest(f"parameters.timeout must be an integer number of microseconds from 0 to "
+                             f"{MAX_TIMEOUT_MS * 1000:.0f}, got {timeout_us!r}")
         if timeout_us > 0:  # Triton: 0 means no timeout
             return time.monotonic() + timeout_us / 1e6
     return None
@@ -206,5 +260,8 @@ class HotPath:
 
 
 def error_response(exc: ServeError) -> JSONResponse:
-    """The v2 error shape ``{"error": message}`` with the exception's status and headers."""
+    """The v2 error shape ``{"error": message}`` with the exception's status and headers. A server-side
+    failure's details go to the log (under the request id), not into the answer."""
+    if exc.status >= 500:
+        log.warning("answered %d: %s", exc.status, getattr(exc, "detail", exc.message))
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)

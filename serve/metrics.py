@@ -10,7 +10,7 @@ generation engine (``serve/generation/metrics.py``) and the process collectors r
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
@@ -18,6 +18,9 @@ from prometheus_client import (
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+UNKNOWN_MODEL = "<unknown>"
+"""The ``model`` label of requests naming a model the repository does not have (no directory can be named
+so): label values come only from the repository, so random names cannot grow the series without bound."""
 
 
 class Metrics:
@@ -39,6 +42,11 @@ class Metrics:
         self.model_ready = Gauge("deepserve_model_ready", "1 when the model version is ready", ["model", "version"],
                                  registry=r)
         self._request_children: dict[tuple[str, str, str], tuple] = {}
+        self._models: frozenset[str] | None = None  # None: no repository told us its names (every label kept)
+
+    def set_models(self, names: Iterable[str]) -> None:
+        """The model names requests may be labelled with; any other is counted as ``UNKNOWN_MODEL``."""
+        self._models = frozenset(names)
 
     def batch_hook(self, model: str, version: str) -> Callable[[int, float], None]:
         """``on_batch(rows, seconds)`` for a model version's batchers."""
@@ -59,6 +67,8 @@ class Metrics:
         self.model_ready.labels(model, version).set(1.0 if ready else 0.0)
 
     def observe_request(self, model: str, endpoint: str, status: int, elapsed: float) -> None:
+        if model and self._models is not None and model not in self._models:
+            model = UNKNOWN_MODEL
         key = (model, endpoint, str(status))
         children = self._request_children.get(key)
         if children is None:  # label lookups take a lock: do each once

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from deepserve.manifest import Manifest, ManifestError, load_manifest
 from deepserve.serve.backends import DeviceName, resolve_device
-from deepserve.serve.errors import NotFound, NotReady, ServeError
+from deepserve.serve.errors import NotFound, NotReady, ServeError, redact_paths
 from deepserve.serve.metrics import Metrics
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.servable import Servable
@@ -94,10 +94,19 @@ class ModelRepository:
             entry.versions = dict(sorted(entry.versions.items()))
             if not entry.versions and entry.reason is None:
                 entry.reason = f"{model_dir} has no version directories (<model>/<version>/manifest.json)"
+            if entry.reason:
+                log.warning("model %s not ready: %s", entry.name, entry.reason)
+                entry.reason = self.public_reason(entry.reason)
             for v in entry.versions.values():
                 if entry.reason:
                     v.reason = entry.reason
             self.models[entry.name] = entry
+        self.metrics.set_models(self.models)
+
+    def public_reason(self, reason: str) -> str:
+        """``reason`` as answers show it: no filesystem paths (the log keeps the full text)."""
+        text = redact_paths(reason, str(self.path.resolve()))
+        return redact_paths(text, str(self.path)) if str(self.path) != str(self.path.resolve()) else text
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -106,9 +115,6 @@ class ModelRepository:
         self.device = resolve_device(self.device_request)
         jobs = [self._load(m, v) for m in self.models.values() if m.settings for v in m.versions.values()]
         await asyncio.gather(*jobs)
-        for model in self.models.values():
-            if model.reason:
-                log.warning("model %s not ready: %s", model.name, model.reason)
         self.ready = True
         log.info("repository %s loaded: %s", self.path, self.summary())
 
@@ -127,7 +133,7 @@ class ModelRepository:
                 self._set(m.name, v, False, "stopped")
 
     def _set(self, model: str, entry: VersionEntry, ready: bool, reason: str | None) -> None:
-        entry.ready, entry.reason = ready, reason
+        entry.ready, entry.reason = ready, None if reason is None else self.public_reason(reason)
         self.metrics.set_ready(model, str(entry.version), ready)
 
     def _default_factory(self, manifest: Manifest, directory: Path, settings: ModelSettings,

@@ -39,6 +39,10 @@ class ModelSettings:
     """How long the batcher waits for more requests after the first one of a batch arrived."""
     max_queue_size: int = 1024
     """Requests that may wait per model instance; beyond it requests are refused with 429 + Retry-After."""
+    max_queue_wait_ms: float = 1000.0
+    """Requests predicted (rows ahead x recent time per row) to wait longer than this in a batcher's queue are
+    refused at once with 429 + Retry-After; 0 turns the bound off (the deadline still applies: a request
+    predicted to finish past its deadline is refused the same way)."""
     request_timeout_s: float = 30.0
     """Deadline for a request that brings none of its own; a request past it is answered 504."""
     inline_batch_ms: float = 0.5
@@ -71,7 +75,7 @@ class ModelSettings:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                   "must be an integer >= 1", value)
-        for name in ("max_queue_delay_ms", "request_timeout_s", "inline_batch_ms"):
+        for name in ("max_queue_delay_ms", "request_timeout_s", "inline_batch_ms", "max_queue_wait_ms"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name,
                   "must be a number >= 0", value)

@@ -18,9 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import deepserve
-from deepserve.serve.errors import BadRequest, UnsupportedMediaType
+from deepserve.serve.errors import BadRequest, NotReady
 from deepserve.serve.http_util import (
-    DirectRoute, deadline_from, dump_json, headers_of, media_type, parse_json, read_body,
+    DEFAULT_MAX_JSON_DEPTH, DirectRoute, deadline_from, dump_json, headers_of, json_depth_limit, parse_json,
+    read_body, require_json,
 )
 from deepserve.serve.schemas import (
     INFER_HEADER_PARAMETER, INFER_REQUEST_BODY, TIMEOUT_HEADER_PARAMETER, InferResponse, Live, ModelConfig,
@@ -76,7 +77,8 @@ def _flatten(data: Any) -> list:
     return [x for d in data for x in _flatten(d)]
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFAULT_MAX_JSON_DEPTH
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse an infer request into its JSON header and ``{input name: array}``."""
     binary = memoryview(b"")
     if header_length is not None:
@@ -87,7 +89,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
         if not 0 < n <= len(body):
             raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         binary, body = memoryview(body)[n:], body[:n]
-    request = parse_json(body)
+    request = parse_json(body, max_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
     inputs: dict[str, np.ndarray] = {}
@@ -213,7 +215,6 @@ _INFER_RESPONSES = {
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     **error_responses(400, 404, 413, 415, 429, 503, 504),
 }
-_UNSUPPORTED_PREFIXES = ("multipart/", "image/", "audio/", "video/", "text/html")
 
 
 @router.get("/v2", name="server_metadata", responses=answers(ServerMetadata))
@@ -229,8 +230,11 @@ async def live(request: Request) -> Response:
 
 @router.get("/v2/health/ready", name="ready", responses=answers(Ready, 503))
 async def ready(request: Request) -> Response:
-    is_ready = request.app.state.repository.ready
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    repository = request.app.state.repository
+    if repository.ready:
+        return JSONResponse({"ready": True})
+    state = "stopping" if repository.stopping else "loading its models"
+    return JSONResponse({"ready": False, "error": f"the server is {state}"}, status_code=503)
 
 
 @router.get("/v2/models", name="models_index", responses=answers(ModelIndex))
@@ -283,10 +287,11 @@ async def model_version_config(request: Request, model: str, version: str) -> Re
 
 
 def _ready(request: Request, model: str, version: str | None) -> Response:
-    repo = request.app.state.repository
-    entry = repo.resolve(model, version) if version else None  # 404 for an unknown version
-    is_ready = repo.is_ready(model, version) if entry is None else entry.ready
-    return JSONResponse({"name": model, "ready": is_ready}, status_code=200 if is_ready else 503)
+    try:
+        request.app.state.repository.get(model, version)  # NotFound (404) for an unknown model or version
+    except NotReady as e:
+        return JSONResponse({"name": model, "ready": False, "error": e.message}, status_code=503)
+    return JSONResponse({"name": model, "ready": True})
 
 
 @router.get("/v2/models/{model}/ready", name="model_ready", responses=answers(ModelReady, 404, 503))
@@ -305,11 +310,10 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
         raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)} and does not take tensor "
                          f"infer requests; use POST /v2/models/{model}/generate")
     header_length = headers_of(request).get(HEADER_LENGTH)
-    if header_length is None and media_type(request).startswith(_UNSUPPORTED_PREFIXES):
-        raise UnsupportedMediaType(f"infer takes application/json or the binary tensor extension "
-                                   f"(application/octet-stream), not {media_type(request)}")
+    if header_length is None:
+        require_json(request, also=("application/octet-stream",))  # tritonclient's type for JSON too
     body = await read_body(request)
-    payload, inputs = decode_request(body, header_length)
+    payload, inputs = decode_request(body, header_length, json_depth_limit(request))
     params = payload.get("parameters")
     deadline = deadline_from(request, params.get("timeout") if isinstance(params, dict) else None)
     outputs = await servable.infer(inputs, deadline=deadline)

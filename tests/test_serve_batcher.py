@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deepserve.serve.batcher import Batcher
-from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, PayloadTooLarge, ShuttingDown
 
 pytestmark = pytest.mark.anyio
 
@@ -138,7 +138,8 @@ async def test_failing_batch_fails_only_its_requests():
     b = Batcher(fn, max_batch_size=2, max_queue_delay_ms=30, name="m")
     b.start()
     results = await asyncio.gather(*(b.submit(_request(i)) for i in (4, 5, 6, 7)), return_exceptions=True)
-    assert isinstance(results[1], InferenceFailed) and "boom" in str(results[1])
+    assert isinstance(results[1], InferenceFailed) and "boom" in results[1].detail
+    assert "boom" not in results[1].message and "RuntimeError" not in results[1].message  # the runtime's text: log only
     assert not isinstance(results[2], Exception) and not isinstance(results[3], Exception)
     after = await b.submit(_request(9))  # the batcher keeps running
     np.testing.assert_array_equal(after["y"], _request(9)["x"] * 2)
@@ -271,3 +272,53 @@ async def test_under_load_a_batch_cheap_enough_to_run_inline_does_not_wait_for_c
     finally:
         await b.stop()
         executor.shutdown()
+
+
+def _slow(seconds: float):
+    def fn(inputs):
+        time.sleep(seconds)  # a batch costs at least this: the predicted waits below are lower bounds
+        return _double(inputs)
+
+    return fn
+
+
+async def _learn_cost(b: Batcher, batches: int) -> None:
+    for i in range(batches):  # one at a time: the batcher's cost per row converges on the sleep
+        await b.submit(_request(i))
+
+
+async def test_a_request_predicted_to_wait_past_the_queue_budget_is_refused_at_once():
+    b = Batcher(_slow(0.05), max_batch_size=1, max_queue_delay_ms=0, max_queue_wait_ms=100, name="m")
+    b.start()
+    await _learn_cost(b, 12)  # >= 0.05 * (1 - 0.8**11) = 46 ms per row
+    outcomes = await asyncio.gather(*(b.submit(_request(i)) for i in range(10)), return_exceptions=True)
+    assert not isinstance(outcomes[0], Exception)  # nothing ahead of it: admitted
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(refused) >= 7  # the third waits >= 3 x 46 ms > 100 ms, and so on
+    for error in refused:
+        assert isinstance(error, Overloaded) and error.status == 429 and "max_queue_wait_ms 100" in error.message
+        assert int(error.headers["Retry-After"]) >= 1
+    assert b.depth == 0
+    await b.stop()
+
+
+async def test_a_request_predicted_to_finish_past_its_deadline_is_refused_not_timed_out():
+    b = Batcher(_slow(0.05), max_batch_size=1, max_queue_delay_ms=0, name="m")  # no queue budget
+    b.start()
+    await _learn_cost(b, 12)
+    queued = [asyncio.ensure_future(b.submit(_request(i))) for i in range(5)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="past its deadline"):  # >= 6 x 46 ms ahead, 100 ms to go
+        await b.submit(_request(9), deadline=time.monotonic() + 0.1)
+    await asyncio.gather(*queued)
+    await b.stop()
+
+
+async def test_a_request_that_can_never_fit_the_queue_is_413_naming_the_limit():
+    b = Batcher(_double, max_batch_size=2, max_queue_size=3, name="m")
+    b.start()
+    with pytest.raises(PayloadTooLarge, match="max_queue_size 3") as refused:  # 4 batches of 2 > 3 entries
+        await b.submit(_request(0, rows=7))
+    assert refused.value.status == 413 and "at most 6 rows" in refused.value.message
+    assert len((await b.submit(_request(0, rows=6)))["y"]) == 6  # what fits is served
+    await b.stop()

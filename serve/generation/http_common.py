@@ -16,18 +16,20 @@ from deepserve.serve.errors import BadRequest, NotFound, ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event, Job, Result
 from deepserve.serve.generation.schemas import CompletionRequest
-from deepserve.serve.http_util import read_body
+from deepserve.serve.http_util import json_depth_limit, parse_json, read_body, require_json
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The JSON object body. Invalid UTF-8 is replaced (it then tokenizes as unknown) rather than refused."""
+    require_json(request)
     raw = await read_body(request)  # the server's body limit and Content-Encoding apply here too
     try:
-        body = json.loads(raw.decode("utf-8", errors="replace") or "null")
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON ({e})") from None
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raw = raw.decode("utf-8", errors="replace").encode()
+    body = parse_json(raw or b"null", json_depth_limit(request))  # the server's one depth-limited parser
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
