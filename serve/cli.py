@@ -19,6 +19,8 @@ _SETTING_FLAGS = (
      "batches predicted to run faster than this run on the event loop, not a worker thread "
      "(default 0.5; 0 = never)"),
     ("--max-queue-size", "max_queue_size", int, "requests queued per instance before 429 (default 1024)"),
+    ("--max-queue-wait-ms", "max_queue_wait_ms", float,
+     "refuse (429 + Retry-After) requests predicted to wait longer in the queue (default 1000; 0 = no bound)"),
     ("--request-timeout-s", "request_timeout_s", float, "deadline of requests that bring none (default 30)"),
     ("--instances", "instances", int, "model instances, each with its own batcher (default 1)"),
     ("--precision", "precision", str, "graph variant: fp32 | int8 | fp16 (default fp32)"),
@@ -53,13 +55,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (default 64)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="largest decoded image (width x height); bigger ones are refused (default 40M)")
+    p.add_argument("--max-json-depth", type=int, default=64,
+                   help="deepest nesting of arrays/objects a JSON body may have; deeper ones get 400 (default 64, "
+                        "at most 512)")
     p.add_argument("--graceful-timeout-s", type=float, default=30.0,
-                   help="on SIGTERM, how long to wait for requests in flight (default 30)")
+                   help="on SIGTERM, how long to wait for requests in flight; new requests get 503 meanwhile "
+                        "(default 30)")
+    p.add_argument("--keep-alive-s", type=float, default=75.0,
+                   help="close keep-alive connections idle this long (default 75: above load balancers' 60)")
+    p.add_argument("--header-timeout-s", type=float, default=20.0,
+                   help="answer 408 and close a connection whose request headers take longer (default 20)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto, the default), or asyncio")
     p.add_argument("--http", choices=HTTP_PARSERS, default="auto",
                    help="HTTP/1.1 parser: httptools when installed (auto, the default), or h11")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="log lines as text or as JSON objects; both carry each request's X-Request-Id")
     p.set_defaults(func=run)
 
 
@@ -80,11 +92,30 @@ def server_implementations(loop: str = "auto", http: str = "auto") -> dict[str, 
     return chosen
 
 
+def check_server_flags(args: argparse.Namespace) -> None:
+    """Raise ``ServerOptionError`` naming the first server flag with a bad value."""
+    from deepserve.serve.http_util import MAX_JSON_DEPTH_LIMIT
+
+    if not 1 <= args.max_json_depth <= MAX_JSON_DEPTH_LIMIT:
+        raise ServerOptionError(f"--max-json-depth must be from 1 to {MAX_JSON_DEPTH_LIMIT}, got {args.max_json_depth}")
+    for flag in ("graceful_timeout_s", "keep_alive_s", "header_timeout_s"):
+        value = getattr(args, flag)
+        if not 0 < value < float("inf"):
+            raise ServerOptionError(f"--{flag.replace('_', '-')} must be a number > 0, got {value}")
+
+
 def uvicorn_config(app, args: argparse.Namespace, implementations: dict[str, str]):  # -> uvicorn.Config
     import uvicorn
 
+    from deepserve.serve.shutdown import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S, draining_protocol
+
+    # log_config=None: uvicorn's records go to the handler configure_logging installs (one format, request ids)
     return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                          timeout_graceful_shutdown=args.graceful_timeout_s, **implementations)
+                          log_config=None, timeout_graceful_shutdown=args.graceful_timeout_s,
+                          timeout_keep_alive=getattr(args, "keep_alive_s", DEFAULT_KEEP_ALIVE_S),
+                          loop=implementations["loop"],
+                          http=draining_protocol(implementations["http"],
+                                                 getattr(args, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)))
 
 
 def example_requests(base: str, tasks: dict[str, str]) -> str:
@@ -117,33 +148,32 @@ def model_tasks(repository: Path) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
     from deepserve.cli import CLIError
     from deepserve.serve.app import create_app
     from deepserve.serve.backends import BackendUnavailable, resolve_device
     from deepserve.serve.repository import ModelRepository
+    from deepserve.serve.request_context import configure_logging
     from deepserve.serve.settings import SettingsError, resolve_settings
+    from deepserve.serve.shutdown import DrainingServer, run_server
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     overrides = {field: getattr(args, field) for _, field, _, _ in _SETTING_FLAGS}
     overrides["backend"] = args.backend
     try:
         implementations = server_implementations(args.loop, args.http)
+        check_server_flags(args)
         device = resolve_device(args.device)
         resolve_settings(None, {k: v for k, v in overrides.items() if v is not None})  # flags alone must be valid
         repository = ModelRepository(args.repository, overrides=overrides, device=device,
                                      max_pixels=args.max_image_pixels)
     except (FileNotFoundError, SettingsError, BackendUnavailable, ServerOptionError) as e:
         raise CLIError(str(e)) from None
-    app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                     max_json_depth=args.max_json_depth)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"deepserve: serving {args.repository} on http://{host}:{args.port} (device {device}, "
           f"{implementations['loop']} loop, {implementations['http']} parser); "
           f"models: {', '.join(repository.models) or 'none'}", flush=True)
     print(example_requests(f"http://{host}:{args.port}", model_tasks(args.repository)), flush=True)
-    server = uvicorn.Server(uvicorn_config(app, args, implementations))
-    server.run()  # installs SIGTERM/SIGINT handlers: graceful shutdown, then the lifespan drains
-    return 0 if server.started else 1
+    server = DrainingServer(uvicorn_config(app, args, implementations), app)
+    return run_server(server)  # SIGTERM/SIGINT: drain (new requests 503), then the lifespan stops the models

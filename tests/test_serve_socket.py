@@ -239,12 +239,15 @@ def test_sigterm_finishes_in_flight_requests_then_exits(server):
     for i, outcome in enumerate(outcomes):
         if isinstance(outcome, httpx.ConnectError):
             continue  # sent after the listener closed: never accepted, which is allowed
-        assert not isinstance(outcome, BaseException), repr(outcome)
+        assert not isinstance(outcome, BaseException), repr(outcome)  # never a reset
+        if outcome.status_code == 503:  # arrived while draining: refused, and told to use a new connection
+            assert outcome.headers["connection"] == "close" and "error" in outcome.json()
+            continue
         assert outcome.status_code == 200, outcome.text  # accepted work is finished, not dropped
         answered += 1
     assert answered >= 1
     server["proc"].wait(timeout=60)
-    assert server["proc"].returncode in (0, -signal.SIGTERM)
+    assert server["proc"].returncode == 0  # a clean drain
     stderr = server["stderr"].read_text()
     assert "Waiting for application shutdown" in stderr and "Application shutdown complete" in stderr
     # `deepserve serve` (the real command, start to exit) never imported any deepserve.train module.

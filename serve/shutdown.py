@@ -1,0 +1,130 @@
+"""Connections and shutdown on top of uvicorn: what its protocols and server do not offer themselves.
+
+- **Draining.** On SIGTERM uvicorn stops accepting, lets requests in flight finish (``--graceful-timeout-s``) and
+  closes idle keep-alive connections at once, so a client that sends its next request on one just then gets a
+  reset. Here the app is told first (``DeepServeApp.draining``: new requests get 503 with ``Connection: close``,
+  which uvicorn honours by closing after the answer), and idle connections stay open, answering that way,
+  until the last request in flight has finished; then they close.
+- **Exit status.** uvicorn re-raises the signal after a graceful shutdown, so the process dies "killed by
+  SIGTERM"; ``serve`` exits 0 after a clean drain instead (``run_server``), 1 when requests had to be cancelled.
+- **Slow headers.** uvicorn times out idle keep-alive connections (``--keep-alive-s``) but never a client that
+  sends a request's headers slowly, or nothing at all after connecting. Such a connection is answered 408 and
+  closed once ``--header-timeout-s`` has passed without complete headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+from typing import Any
+
+import uvicorn
+
+DEFAULT_KEEP_ALIVE_S = 75.0
+"""Idle keep-alive timeout: longer than load balancers' usual 60 s, so the balancer, not the server, closes an
+idle connection (a server closing first races the balancer's next request: the classic source of 502s)."""
+DEFAULT_HEADER_TIMEOUT_S = 20.0
+_PROTOCOLS = {"h11": ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
+              "httptools": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")}
+_TIMEOUT_BODY = b'{"error": "request headers not received in time (--header-timeout-s)"}'
+_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+                     + str(len(_TIMEOUT_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _TIMEOUT_BODY)
+
+
+class _DrainingMixin:
+    """Over a uvicorn HTTP protocol (same attributes in its h11 and httptools implementations)."""
+
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+    _draining = False
+
+    def busy(self) -> bool:
+        """A request is being answered on this connection."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return cycle is not None and not cycle.response_complete
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
+        if self.cycle is not before or self.busy():  # type: ignore[attr-defined]
+            self._disarm_header_timer()  # a request's headers are complete
+        elif self._header_timer is None:
+            self._arm_header_timer()  # the first bytes of a request: its headers must follow in time
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)  # type: ignore
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        transport = self.transport  # type: ignore[attr-defined]
+        if not self.busy() and not transport.is_closing():
+            transport.write(_TIMEOUT_RESPONSE)
+            transport.close()
+
+    def shutdown(self) -> None:
+        self._draining = True
+        if self.busy() or not any(c.busy() for c in self.connections):  # type: ignore[attr-defined]
+            super().shutdown()  # type: ignore[misc]  # finish and close, or close now: nothing to wait for
+        # else: idle while others drain; a request sent on it now is answered 503 + Connection: close
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self._draining and not any(c.busy() for c in self.connections):  # type: ignore[attr-defined]
+            for connection in list(self.connections):  # type: ignore[attr-defined]
+                if connection._draining:
+                    connection.close_idle()
+
+    def close_idle(self) -> None:
+        if not self.busy() and not self.transport.is_closing():  # type: ignore[attr-defined]
+            super().shutdown()  # type: ignore[misc]
+
+
+def draining_protocol(http: str, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> type[asyncio.Protocol]:
+    """uvicorn's ``http`` ("h11" | "httptools") protocol with draining and the slow-header timeout."""
+    module, name = _PROTOCOLS[http]
+    base = getattr(importlib.import_module(module), name)
+    return type(f"Draining{name}", (_DrainingMixin, base), {"header_timeout_s": header_timeout_s})
+
+
+class DrainingServer(uvicorn.Server):
+    """Tells the app it is draining the moment the signal arrives (``app.draining``), before uvicorn's main loop
+    notices it on its next tick."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.deepserve_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.deepserve_app.draining = True
+        super().handle_exit(sig, frame)
+
+
+def _after_drain(sig: int, frame: Any) -> None:
+    """What uvicorn re-raises the signal into once it has shut down gracefully: nothing more to do."""
+
+
+def run_server(server: DrainingServer) -> int:
+    """Serve until SIGTERM/SIGINT; the exit status: 0 after a clean drain, 1 if the server never started or
+    requests in flight had to be cancelled at the graceful timeout."""
+    # uvicorn restores the handlers it found and re-raises the signal it shut down for: let that be a no-op
+    previous = {sig: signal.signal(sig, _after_drain) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started and server.deepserve_app.aborted == 0 else 1

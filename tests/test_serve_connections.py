@@ -1,0 +1,131 @@
+"""Connections on a real socket: slow-header clients, the keep-alive timeout, JSON logs with request ids, and
+draining on SIGTERM (new requests on open connections get 503 + Connection: close; exit status 0)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deepserve.clients import Client
+from tests.artifacts import make_classifier_artifact
+from tests.test_serve_socket import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP_ALIVE_S = 2.0
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("conn-repo")
+    good = make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    shutil.copytree(good, root / "tampered" / "1")
+    with open(root / "tampered/1/model.onnx", "ab") as f:
+        f.write(b"\0")
+    port = free_port()
+    log = tmp_path_factory.mktemp("conn-log") / "stderr.txt"
+    cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(root), "--port", str(port),
+           "--device", "cpu", "--header-timeout-s", "1", "--keep-alive-s", str(KEEP_ALIVE_S), "--log-format", "json",
+           "--http", request.param]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
+        yield {"base": base, "port": port, "proc": proc, "stderr": log}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"])
+def test_a_client_too_slow_with_its_headers_gets_408_and_is_closed(server, sent):
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
+        sock.sendall(sent)  # then nothing more: headers never complete
+        answer = _read_all(sock)  # returns once the server closes (uvicorn alone never did)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"--header-timeout-s" in answer and b'"error"' in answer
+
+
+def test_the_sdk_reuses_connections_across_the_keep_alive_timeout(server):
+    with Client(server["base"], max_retries=0) as client:  # no retry may hide a stale connection
+        assert client.models()
+        time.sleep(KEEP_ALIVE_S + 0.5)  # the server closes the idle connection meanwhile
+        assert client.models()
+
+
+def test_keep_alive_default_outlasts_load_balancers():
+    from deepserve.cli import build_parser
+    from deepserve.serve.cli import uvicorn_config
+
+    args = build_parser().parse_args(["serve", "--repository", "."])
+    config = uvicorn_config(None, args, {"loop": "asyncio", "http": "h11"})
+    assert config.timeout_keep_alive > 60  # a balancer's idle timeout is typically 60 s
+
+
+def test_json_log_lines_carry_the_request_id(server):
+    r = httpx.post(f"{server['base']}/v2/models/tampered/infer", json={"inputs": []},
+                   headers={"x-request-id": "trace-7"})
+    assert r.status_code == 503 and r.headers["x-request-id"] == "trace-7"
+    records = [json.loads(line) for line in server["stderr"].read_text().splitlines() if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message", "request_id"} <= set(r) for r in records)
+    mine = [r for r in records if r["request_id"] == "trace-7"]
+    assert mine and "sha256 mismatch" in mine[0]["message"]  # the full reason is in the log, tied to the id
+
+
+def test_sigterm_answers_new_requests_503_while_in_flight_work_drains_then_exits_0(server):
+    """Runs last in this module: it stops the server."""
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                   "data": [0.5] * 64}]}).encode()
+    busy = socket.create_connection(("127.0.0.1", server["port"]), timeout=30)
+    busy.sendall(b"POST /v2/models/tiny-cnn/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+    assert busy.recv(1024).startswith(b"HTTP/1.1 100")  # the app is reading the body: a request in flight
+    busy.sendall(body[:10])
+    idle = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+    idle.request("GET", "/v2/health/live")
+    assert idle.getresponse().read() and idle.sock is not None  # kept alive
+    server["proc"].send_signal(signal.SIGTERM)
+    for _ in range(10_000):  # until the server has seen the signal; each round trip is a real request
+        idle.request("GET", "/v2/health/live")  # on the connection opened before: was a reset
+        response = idle.getresponse()
+        payload = json.loads(response.read())
+        if response.status != 200:
+            break
+    assert response.status == 503 and response.getheader("connection") == "close", payload
+    assert "shutting down" in payload["error"] and response.getheader("retry-after")
+    busy.sendall(body[10:])  # the request in flight completes and is answered
+    answer = _read_all(busy)  # returns once the server has closed this connection too
+    busy.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"outputs"' in answer, answer[:300]
+    assert server["proc"].wait(timeout=60) == 0  # a clean drain exits 0 (it was killed by the signal)
+    assert "graceful shutdown exceeded" not in server["stderr"].read_text()
