@@ -94,12 +94,12 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
 
 
 @router.post("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
-@router.put("/predictions/{model}", name="predictions", include_in_schema=False)
+@router.put("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
 async def predictions(request: Request, model: str) -> Response:
     return await _predict(request, model, None)
 
 
 @router.post("/predictions/{model}/{version}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
-@router.put("/predictions/{model}/{version}", name="predictions", include_in_schema=False)
+@router.put("/predictions/{model}/{version}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
 async def predictions_version(request: Request, model: str, version: str) -> Response:
     return await _predict(request, model, version)

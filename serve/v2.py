@@ -92,6 +92,8 @@ def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFA
     request = parse_json(body, max_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
+    if not isinstance(request.get("id", ""), str):  # echoed in the answer, whose schema says string
+        raise BadRequest(f"id must be a string, got {request['id']!r}")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, spec in enumerate(request["inputs"]):

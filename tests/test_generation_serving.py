@@ -293,10 +293,12 @@ def test_declared_schemas_match_what_is_sent(server):
         seq = spec["components"]["schemas"]["GeneratedSequence"]["properties"]
         assert {"text_output", "tokens", "logprobs", "top_logprobs", "score", "finish_reason"} <= set(seq)
         stream = spec["paths"]["/v2/models/{model}/generate_stream"]["post"]["responses"]["200"]["content"]
-        assert "logprobs" in stream["text/event-stream"]["schema"]["properties"]
+        event = stream["text/event-stream"]["schema"]["properties"]["data"]  # OpenAPI 3.1: the schema of one event
+        assert "logprobs" in event["contentSchema"]["anyOf"][0]["properties"]
         completions = spec["paths"]["/v1/completions"]["post"]["responses"]
         assert completions["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Completion")
-        assert completions["200"]["content"]["text/event-stream"]["schema"]["title"] == "CompletionChunk"
+        chunk = completions["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+        assert chunk[0] == {"const": "[DONE]"} and chunk[1]["contentSchema"]["anyOf"][0]["title"] == "CompletionChunk"
         assert completions["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
         listing = spec["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert listing["$ref"].endswith("/ModelList")

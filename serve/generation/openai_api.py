@@ -29,7 +29,7 @@ from deepserve.serve.generation.http_common import (
 from deepserve.serve.generation.jobs import Event, Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams
 from deepserve.serve.generation.schemas import (
-    Completion, CompletionChunk, CompletionRequest, ModelList, OpenAIError, inline_schema, json_body, responses,
+    Completion, CompletionChunk, CompletionRequest, ModelList, OpenAIError, json_body, responses, sse_event,
 )
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -120,7 +120,8 @@ def _usage(results: list[Result]) -> dict[str, int]:
              responses={**responses(Completion, OpenAIError), 200: {
                  "model": Completion, "description": "A text_completion object; with stream, server-sent events "
                                                      "of CompletionChunk objects ending with `data: [DONE]`",
-                 "content": {"text/event-stream": {"schema": inline_schema(CompletionChunk)}}}})
+                 "content": {"text/event-stream": {"schema": sse_event(CompletionChunk, OpenAIError,
+                                                                        done="[DONE]")}}}})
 async def completions(request: Request):
     body = await read_json(request)
     model = body.get("model")

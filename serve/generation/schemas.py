@@ -101,6 +101,13 @@ class GenerateStreamEvent(BaseModel):
 TritonError = ErrorBody  # the v2 error shape is the serving core's
 
 
+class StreamError(BaseModel):
+    """The last event of a ``/generate_stream`` that fails."""
+
+    error: str
+    status: int
+
+
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------------
 
 
@@ -109,7 +116,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Model name, or name:version.")
+    model: str = Field(min_length=1, description="Model name, or name:version.")
     prompt: Union[str, list[str]]
     max_tokens: Optional[int] = Field(16, ge=1)
     temperature: Optional[float] = Field(1.0, ge=0, le=100)
@@ -231,6 +238,16 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
 
 
+def sse_event(data: type[BaseModel], error: type[BaseModel], *, done: str | None = None) -> dict[str, Any]:
+    """The schema of one server-sent event (what OpenAPI 3.1's ``text/event-stream`` ``schema`` describes): its
+    ``data`` is a JSON ``data`` object, a JSON ``error`` (a stream that fails), or the literal ``done``."""
+    payload: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                               "contentSchema": {"anyOf": [inline_schema(data), inline_schema(error)]}}
+    if done is not None:
+        payload = {"anyOf": [{"const": done}, payload]}
+    return {"type": "object", "required": ["data"], "properties": {"data": payload}}
+
+
 def responses(ok: type[BaseModel], error: type[BaseModel], *, stream: type[BaseModel] | None = None
               ) -> dict[int | str, dict[str, Any]]:
     """``responses=`` for a route: 200 as ``ok`` (JSON), or as server-sent events of ``stream`` objects."""
@@ -239,7 +256,7 @@ def responses(ok: type[BaseModel], error: type[BaseModel], *, stream: type[BaseM
         out[200] = {"model": ok, "description": "Success"}
     else:
         out[200] = {"description": f"Server-sent events, each `data: <{stream.__name__}>`",
-                    "content": {"text/event-stream": {"schema": inline_schema(stream)}}}
+                    "content": {"text/event-stream": {"schema": sse_event(stream, StreamError)}}}
     for status, what in ((400, "Invalid request"), (404, "Unknown model or version"),
                          (429, "Too many waiting requests"), (503, "Model not ready"),
                          (504, "Deadline passed")):

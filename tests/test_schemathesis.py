@@ -1,0 +1,96 @@
+"""schemathesis over the OpenAPI document: every operation, generated requests that fit the schema and requests
+that break it (its coverage and fuzzing phases), against the app in this process (uvicorn in a thread, a real
+loopback socket). No answer may be a server error, and every answer must match its documented status, content
+type, headers and schema; a request that breaks the schema must be refused.
+
+Bounded by examples per operation (``SCHEMATHESIS_EXAMPLES``, default 25) and by small generation caps on the
+server, so it takes about a minute on 2 cores. Path parameters name real models, so requests reach the models
+rather than stopping at 404. A 504 is not counted as a server error: it is the documented answer to a
+deadline too short to meet, and the fuzzer sends ``x-request-timeout-ms: 5e-324``.
+
+One check is off: ``positive_data_acceptance`` (a schema-valid request must not be refused). The document
+cannot say which model takes which tensors, or which models generate text, so a 400 such as "input 'x': 3
+values for shape [1, 1, 8, 8]" is a right answer to a schema-valid request.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from deepserve.serve.app import create_app
+from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
+from tests.test_serve_socket import free_port
+
+EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
+CAPS = {"max_new_tokens": 16, "max_beams_x_n": 4, "max_prompt_length": 64}
+"""Generation caps: fuzzed requests asking for more are refused (400), so none runs long."""
+CONFIG = """
+seed = 1
+workers = 1
+suppress-health-check = ["all"]
+[generation]
+max-examples = {examples}
+[checks.positive_data_acceptance]
+enabled = false
+[phases.examples]
+enabled = false
+[phases.stateful]
+enabled = false
+
+[checks.not_a_server_error]
+expected-statuses = ["2xx", "3xx", "4xx", "504"]
+
+[[operations]]
+include-path-regex = "generate"
+parameters = {{ "path.model" = "tiny-charlm", "path.version" = "1" }}
+
+[[operations]]
+include-path = "/v1/completions"
+parameters = {{ "body.model" = "tiny-charlm" }}
+
+[[operations]]
+include-path-regex = "^/(v2/models/\\\\{{model\\\\}}|predictions)"
+exclude-path-regex = "generate"
+parameters = {{ "path.model" = "tiny-cnn", "path.version" = "1" }}
+"""
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-repo")
+    make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    make_charlm_artifact(root, "tiny-charlm")
+    make_seq2seq_artifact(root, "tiny-seq2seq")
+    app = create_app(root, device="cpu", settings=CAPS, max_body_bytes=1_000_000)
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(600):  # bounded: startup loads and warms the models
+        if server.started or not thread.is_alive():
+            break
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    yield f"http://127.0.0.1:{config.port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_every_operation_answers_as_documented(base_url, tmp_path):
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG.format(examples=EXAMPLES))
+    run = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{base_url}/openapi.json",
+         "--phases", "coverage,fuzzing", "--no-color", "--wait-for-schema", "30"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report[-12000:]
+    assert "Operations:       24 selected / 24 total" in report, report[-3000:]  # every operation ran
+    assert "Tested: 24" in report and "failures" not in report.rsplit("SUMMARY", 1)[-1], report[-3000:]
