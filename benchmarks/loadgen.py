@@ -10,11 +10,16 @@ each event so that time to first token and time per output token can be measured
 A run is bounded twice: by ``duration_s`` (no request starts after it) and by ``max_requests``; requests
 still in flight ``drain_s`` after the end are cancelled and counted as ``cancelled``. Only 127.0.0.1 /
 localhost / ::1 are accepted as targets.
+
+``run_open_loop`` offers load at a fixed arrival rate instead (overload: arrivals do not wait for answers),
+still bounded: at most ``concurrency`` requests in flight, an arrival finding none free is counted as
+``client_overflow`` and not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -75,6 +80,8 @@ class Response:
     """Streams only: ``perf_counter`` arrival time of each server-sent event carrying data."""
     events: tuple[bytes, ...] = ()
     """Streams only: the ``data:`` payload of each event, in order (``[DONE]`` excluded)."""
+    retry_after: str | None = None
+    """The ``Retry-After`` header, if the answer had one."""
 
 
 TokenCounter = Callable[[Response], int]
@@ -212,6 +219,8 @@ class _Connection:
             response = _stream_response(status, [(time.perf_counter(), body)]) if stream else Response(status, body)
         if headers.get("connection", "").lower() == "close":
             await self.close()
+        if "retry-after" in headers:
+            response = dataclasses.replace(response, retry_after=headers["retry-after"])
         return response
 
     async def _chunked(self, status: int, stream: bool) -> Response:
@@ -312,3 +321,71 @@ async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connec
         if task.exception() is not None:  # a bug in the generator itself, not a failed request
             raise task.exception()  # type: ignore[misc]
     result.elapsed_s = last_done - started
+
+
+@dataclass
+class OpenLoopResult(LoadResult):
+    """``LoadResult`` plus what an open-loop run also counts."""
+
+    sent: int = 0
+    shed: int = 0
+    """Answers 429 or 503: refused by the server's admission control."""
+    shed_with_retry_after: int = 0
+
+
+async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCounter | None = None
+                        ) -> OpenLoopResult:
+    """Send ``spec.requests`` round-robin at ``rate_per_s`` for ``spec.duration_s`` (open loop), over at most
+    ``spec.concurrency`` keep-alive connections; then wait up to ``spec.drain_s`` for the answers."""
+    _check(rate_per_s > 0, "rate_per_s", "must be > 0", rate_per_s)
+    encoded = [r.encode(spec.host, spec.port) for r in spec.requests]
+    free = [_Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
+    result = OpenLoopResult()
+    tasks: set[asyncio.Task] = set()
+    started = time.perf_counter()
+
+    async def one(raw: bytes, conn: _Connection) -> None:
+        t0 = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
+        except asyncio.TimeoutError:
+            result.errors["timeout"] += 1
+            await conn.close()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            result.errors[type(e).__name__] += 1
+            await conn.close()
+        else:
+            _record(result, response, t0, count_tokens)
+        free.append(conn)
+
+    for i in range(min(spec.max_requests, int(rate_per_s * spec.duration_s))):
+        delay = started + i / rate_per_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the arrival schedule itself: open loop
+        if not free:
+            result.errors["client_overflow"] += 1
+            continue
+        result.sent += 1
+        task = asyncio.ensure_future(one(encoded[i % len(encoded)], free.pop()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        _, pending = await asyncio.wait(set(tasks), timeout=spec.drain_s)
+        for task in pending:
+            task.cancel()
+        result.errors["cancelled"] += len(pending)
+    result.elapsed_s = time.perf_counter() - started
+    await asyncio.gather(*(c.close() for c in free))
+    return result
+
+
+def _record(result: OpenLoopResult, response: Response, t0: float, count_tokens: TokenCounter | None) -> None:
+    if 200 <= response.status < 300:
+        result.ok += 1
+        result.latencies_s.append(time.perf_counter() - t0)
+        result.tokens += count_tokens(response) if count_tokens else 0
+        return
+    result.errors[str(response.status)] += 1
+    if response.status in (429, 503):
+        result.shed += 1
+        result.shed_with_retry_after += response.retry_after is not None

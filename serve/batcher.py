@@ -123,7 +123,7 @@ class Batcher:
             chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
                       for i in range(0, rows, self.max_batch_size)]
         now = time.monotonic()
-        self._admit(rows, len(chunks), deadline, now)
+        self.check_admission(rows, len(chunks), deadline, now)
         loop = asyncio.get_running_loop()
         request_id = current_request_id.get()
         items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future(), request_id)
@@ -151,13 +151,16 @@ class Batcher:
             return result
         return {k: np.concatenate([r[k] for r in result]) for k in result[0]}
 
-    def predicted_wait(self, rows: int) -> float:
-        """Seconds until a request of ``rows`` rows queued now would be answered: the rows ahead of it and its
-        own, at the recent cost per row (0 until a batch has run)."""
-        return (self._queued_rows + self.in_flight + rows) * self._admit_seconds_per_row
+    def predicted_wait(self) -> float:
+        """Seconds a request queued now would wait before its batch starts: the rows ahead of it (queued and
+        running) at the recent cost per row. 0 when idle, so an idle batcher admits whatever its estimate."""
+        return (self._queued_rows + self.in_flight) * self._admit_seconds_per_row
 
-    def _admit(self, rows: int, chunks: int, deadline: float | None, now: float) -> None:
-        """Raise unless a request of ``rows`` rows (``chunks`` queue entries) may queue now."""
+    def check_admission(self, rows: int = 1, chunks: int = 1, deadline: float | None = None,
+                        now: float | None = None) -> None:
+        """Raise (413, 429, 504) unless a request of ``rows`` rows (``chunks`` queue entries) may queue now. Routes
+        also ask before reading a body, so that shedding costs no body decoding."""
+        now = time.monotonic() if now is None else now
         if chunks > self.max_queue_size:
             raise PayloadTooLarge(f"a request of {rows} rows needs {chunks} batches of max_batch_size "
                                   f"{self.max_batch_size}, more than max_queue_size {self.max_queue_size} of model "
@@ -168,15 +171,16 @@ class Batcher:
                              f"(max_queue_size {self.max_queue_size}); retry later", retry_after_s=1.0)
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"request deadline passed before it was queued for {self.name}")
-        wait = self.predicted_wait(rows)
+        wait = self.predicted_wait()
         if self.max_queue_wait and wait > self.max_queue_wait:
             raise Overloaded(f"model {self.name} is overloaded: this request would wait about {wait * 1000:.0f} ms "
                              f"(max_queue_wait_ms {self.max_queue_wait * 1000:.0f}); retry later",
                              retry_after_s=wait - self.max_queue_wait)
-        if deadline is not None and now + wait > deadline:
-            raise Overloaded(f"model {self.name} is overloaded: this request would wait about {wait * 1000:.0f} ms, "
-                             f"past its deadline in {(deadline - now) * 1000:.0f} ms; retry later",
-                             retry_after_s=wait)
+        done = wait + rows * self._admit_seconds_per_row
+        if deadline is not None and now + done > deadline and wait > 0:
+            raise Overloaded(f"model {self.name} is overloaded: this request would be answered in about "
+                             f"{done * 1000:.0f} ms, past its deadline in {(deadline - now) * 1000:.0f} ms; retry "
+                             f"later", retry_after_s=wait)
 
     def _dequeued(self, item: _Item) -> None:
         item.queued = False

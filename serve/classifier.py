@@ -134,14 +134,19 @@ class ClassificationServable(Servable):
     def _deadline(self, deadline: float | None) -> float:
         return deadline if deadline is not None else time.monotonic() + self.settings.request_timeout_s
 
-    async def _submit(self, inputs: Tensors, deadline: float | None) -> Tensors:
+    def _batcher(self) -> Batcher:
         if not self.ready and self.batchers and self.reason == "stopped":
             raise NotReady(f"model {self.name} is stopping")
         if len(self.batchers) == 1:
-            batcher = self.batchers[0]
-        else:  # least loaded instance: fewest waiting requests, idle ones first
-            batcher = min(self.batchers, key=lambda b: (b.depth, b.in_flight > 0))
-        return await batcher.submit(inputs, deadline=self._deadline(deadline))
+            return self.batchers[0]
+        return min(self.batchers, key=lambda b: (b.depth, b.in_flight > 0))  # fewest waiting, idle ones first
+
+    def check_admission(self, deadline: float | None = None) -> None:
+        """Shed (429) before the body is read when even a one-row request would wait too long."""
+        self._batcher().check_admission(1, 1, self._deadline(deadline))
+
+    async def _submit(self, inputs: Tensors, deadline: float | None) -> Tensors:
+        return await self._batcher().submit(inputs, deadline=self._deadline(deadline))
 
     def _expected(self) -> str:
         return ", ".join(f"{t.name} ({spec_text(t)})" for t in self.graph.inputs)

@@ -86,8 +86,10 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
     servable = request.app.state.repository.get(model, version)
     if not hasattr(servable, "classify"):
         raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)}, not an image classifier")
+    deadline = deadline_from(request)
+    servable.check_admission(deadline)  # shed before reading and decoding the body
     images = await _images(request)
-    result: Any = await servable.classify(images, top_k, deadline_from(request))
+    result: Any = await servable.classify(images, top_k, deadline)
     if len(result) == 1:
         result = result[0]
     return Response(dump_json(result), media_type="application/json")

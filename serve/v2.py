@@ -311,6 +311,7 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
     if not hasattr(servable, "infer"):
         raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)} and does not take tensor "
                          f"infer requests; use POST /v2/models/{model}/generate")
+    servable.check_admission(deadline_from(request))  # shed before reading and decoding the body
     header_length = headers_of(request).get(HEADER_LENGTH)
     if header_length is None:
         require_json(request, also=("application/octet-stream",))  # tritonclient's type for JSON too

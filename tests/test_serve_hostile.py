@@ -192,3 +192,13 @@ async def test_a_batch_larger_than_the_queue_can_ever_hold_is_413(client):
     too_many = settings["max_batch_size"] * 1024 + 1  # default max_queue_size 1024
     r = await client.post(INFER, json=tensor_request(too_many))
     assert r.status_code == 413 and "max_queue_size" in r.json()["error"], r.text  # was 429, "retry later"
+
+
+async def test_the_reliability_sweep_is_answered_with_4xx_json_errors(client):
+    from benchmarks.hostile import hostile_requests
+
+    for name, method, path, kwargs in hostile_requests("tiny-cnn", "tiny-charlm"):
+        r = await client.request(method, path, **kwargs)
+        assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:200]}"
+        assert r.headers["content-type"] == "application/json" and r.json()["error"], name
+    assert (await client.get("/v2/health/ready")).status_code == 200
