@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,9 +20,10 @@ from deepserve.export import export_checkpoint
 from deepserve.signing import (SIGNATURE_FILE, ArtifactTrust, SignatureError, generate_key, load_trusted_keys,
                                sign_manifest, verify_manifest)
 from tests.artifacts import make_classifier_checkpoint
-from tests.test_serve_socket import ROOT, free_port
+from tests.servers import free_port, wait_ready
 
 pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +108,7 @@ def server(repository, keys, tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
+        wait_ready(proc, base, log)
         yield base
     finally:
         proc.kill()
