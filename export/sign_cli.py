@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Sign DIR/NAME/VERSION artifacts with --key (an elliptic-curve PEM private key), writing "
         "manifest.sig beside manifest.json after checking every file's sha256; or make a new P-256 key pair "
         "with --generate-key KEY.pem (writes KEY.pem and KEY.pub). An encrypted key's password comes from "
-        "$DEEPSERVE_SIGN_KEY_PASSWORD.",
+        "$DEEPSERVE_SIGN_KEY_PASSWORD; with it set, --generate-key encrypts the new key.",
     )
     p.add_argument("artifacts", nargs="*", metavar="ARTIFACT", help="artifact directory REPOSITORY/NAME/VERSION")
     p.add_argument("--key", metavar="KEY", help="PEM private key to sign with")

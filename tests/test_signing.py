@@ -225,6 +225,12 @@ def test_cli_errors_name_the_flag_and_file(capsys, keys, checkpoint, signed, tmp
         code, out = run_cli(capsys, *argv)
         assert code == 2 and message in out and "Traceback" not in out, (argv, out)
     assert not (tmp_path / "r").exists()  # a bad --sign-key is refused before anything is written
+    monkeypatch.setenv("DEEPSERVE_SIGN_KEY_PASSWORD", "secret")
+    encrypted, _ = generate_key(tmp_path / "encrypted.pem")
+    assert b"ENCRYPTED PRIVATE KEY" in encrypted.read_bytes()
+    monkeypatch.delenv("DEEPSERVE_SIGN_KEY_PASSWORD")
+    code, out = run_cli(capsys, "sign", signed, "--key", encrypted)
+    assert code == 2 and "the password comes from DEEPSERVE_SIGN_KEY_PASSWORD" in out, out
     monkeypatch.setenv("DEEPSERVE_TRUSTED_KEYS", str(missing))
     code, out = run_cli(capsys, "serve", "--repository", signed.parent.parent)
     assert code == 2 and f"DEEPSERVE_TRUSTED_KEYS {missing}: no such file" in out, out
