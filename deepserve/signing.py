@@ -31,6 +31,8 @@ KEY_PASSWORD_ENV = "DEEPSERVE_SIGN_KEY_PASSWORD"
 """Environment variable: the password of an encrypted private key given to ``--sign-key`` / ``--key``."""
 CURVES = ("secp256r1", "secp384r1", "secp521r1")
 """The curves model-signing signs with (NIST P-256, P-384, P-521)."""
+_CHANGED = "Signature mismatch"
+"""How model-signing's ``verify`` starts the ValueError for a file whose hash differs from the signed one."""
 _INSTALL = "artifact signing needs the model-signing package: pip install 'deepserve[sign]'"
 
 
@@ -242,7 +244,7 @@ def verify_manifest(directory: Path | str, keys: Sequence[TrustedKey]) -> Truste
         except InvalidSignature:
             problem = f"{SIGNATURE_FILE} does not verify with trusted key {key.name}: the signature was altered"
         except (ValueError, KeyError, TypeError) as e:
-            if not str(e).startswith("Signature mismatch"):  # model-signing's word for a changed file
+            if not str(e).startswith(_CHANGED):
                 raise SignatureError(f"{SIGNATURE_FILE} could not be checked: {e}") from None
             problem = (f"{MANIFEST_FILE} was changed after it was signed (by trusted key {key.name}): labels, "
                        "preprocessing or file hashes differ from the signed ones")
@@ -258,9 +260,9 @@ def _check_signed_name(directory: Path) -> None:
         name = json.loads((directory / MANIFEST_FILE).read_text()).get("name")
     except (OSError, ValueError, AttributeError):
         return  # load_manifest reports an unreadable manifest next, with its own reason
-    if name != directory.parent.name:
-        raise SignatureError(f"{MANIFEST_FILE} is signed for model {name!r} but sits in folder "
-                             f"{directory.parent.name!r}")
+    folder = Path(os.path.abspath(directory)).parent.name  # the name it is served under: symlinks not followed
+    if name != folder:
+        raise SignatureError(f"{MANIFEST_FILE} is signed for model {name!r} but sits in folder {folder!r}")
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,11 @@ def _sign(artifacts: list[str], key: str) -> int:
         if not artifact.is_dir():
             raise CLIError(f"{artifact}: not an artifact directory (REPOSITORY/NAME/VERSION)")
         try:  # sign only what still matches its manifest
-            load_manifest(artifact, verify=True)
+            manifest = load_manifest(artifact, verify=True)
         except ManifestError as e:
             raise CLIError(f"{artifact}: not signed: {e}") from None
+        if manifest.name != artifact.resolve().parent.name:  # serve with trusted keys would refuse it
+            raise CLIError(f"{artifact}: not signed: manifest.json names model {manifest.name!r} but the model "
+                           f"folder is {artifact.resolve().parent.name!r}; fix the name first")
         print(f"signed {artifact}: {sign_manifest(artifact, key)}")
     return 0

@@ -94,6 +94,9 @@ def repository(tmp_path_factory, signed, keys) -> Path:
     outside = tmp_path_factory.mktemp("outside")
     copy_as(signed, outside, "linked-out", keys["private"])  # well signed, but not in the repository
     (repo / "linked-out").symlink_to(outside / "linked-out", target_is_directory=True)
+    copy_as(signed, outside, "version-out", keys["private"])
+    (repo / "version-out").mkdir()
+    (repo / "version-out" / "1").symlink_to(outside / "version-out" / "1", target_is_directory=True)
     return repo
 
 
@@ -123,6 +126,7 @@ EXPECTED_REASONS = {
     "moved": "signed for model 'signed' but sits in folder 'moved'",
     "corrupt-sig": "manifest.sig is not a signature bundle",
     "linked-out": "model folder 'linked-out' is a symlink out of the repository",
+    "version-out": "version folder '1' is a symlink out of the repository",
 }
 
 
@@ -206,12 +210,15 @@ def test_cli_errors_name_the_flag_and_file(capsys, keys, checkpoint, signed, tmp
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     (tmp_path / "empty").mkdir()
     missing = tmp_path / "missing.pem"
+    moved = tmp_path / "moved" / "1"
+    shutil.copytree(signed, moved)
     cases = [
         (("sign", signed), "--key is required"),
         (("sign", "--key", keys["private"]), "name at least one ARTIFACT"),
         (("sign", signed, "--key", missing), f"--key {missing}: no such file"),
         (("sign", signed, "--key", keys["public"]), "that is a public key; sign with the private one"),
         (("sign", tmp_path / "nowhere", "--key", keys["private"]), "not an artifact directory"),
+        (("sign", moved, "--key", keys["private"]), "names model 'signed' but the model folder is 'moved'"),
         (("sign", "--generate-key", keys["private"]), "already exists; not overwriting a key"),
         (("export", checkpoint, "--name", "x", "--repository", tmp_path / "r", "--sign-key", missing),
          f"--sign-key {missing}: no such file"),
