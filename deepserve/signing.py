@@ -91,9 +91,10 @@ def fingerprint(public_key: Any) -> str:
 
 def load_public_key(path: Path) -> TrustedKey:
     """Read one PEM public key; ``KeyFileError`` names the file when it is not one the signer could have used."""
+    path = Path(path)
+    _require(path)
     from cryptography.hazmat.primitives import serialization
 
-    path = Path(path)
     pem = _read_pem(path)
     if b"PRIVATE KEY-----" in pem:
         raise KeyFileError(f"{path}: is a private key; trust its public key (the .pub file) instead")
@@ -133,9 +134,10 @@ def trusted_keys_option(value: str | None) -> tuple[TrustedKey, ...]:
 
 def check_private_key(path: Path | str) -> Path:
     """Fail early, naming the file, unless ``path`` is a usable signing key (``KEY_PASSWORD_ENV`` if encrypted)."""
+    path = Path(path)
+    _require(path)
     from cryptography.hazmat.primitives import serialization
 
-    path = Path(path)
     pem = _read_pem(path)
     try:
         key = serialization.load_pem_private_key(pem, _password())
@@ -206,6 +208,14 @@ def _import(name: str) -> Any:
         return importlib.import_module(f"model_signing.{name}")
     except ModuleNotFoundError as e:
         raise RuntimeError(f"{_INSTALL} ({e})") from None
+
+
+def _require(path: Path) -> None:
+    """Before a key is used: without the signing libraries, say so naming the key, not in a traceback later."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("cryptography", "model_signing", "OpenSSL")):
+        raise KeyFileError(f"{path}: cannot be used: {_INSTALL}")
 
 
 def _signer_hint(signature: Path) -> str:

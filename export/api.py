@@ -128,10 +128,7 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
             provenance=_provenance(checkpoint, payload, started),
             **sections,
         )
-        manifest.save(tmp)
-        load_manifest(tmp)  # the artifact must read back under the serve-side contract
-        if sign_key is not None:  # inside the staging folder, so the artifact never appears unsigned
-            signing.sign_manifest(tmp, sign_key)
+        _save_manifest(manifest, tmp, sign_key)
     final = repository / name / str(version)
     worst = manifest.parity["max_abs_diff"]
     signed = f"; signed with {Path(sign_key).name}" if sign_key is not None else ""
@@ -175,6 +172,13 @@ def _verify_artifact(directory: Path, trusted_keys: tuple[signing.TrustedKey, ..
         parity.run_checks(manifest.task, ref, _runners(directory, manifest.graphs, "onnx-int8"), ids)
     return {"directory": str(directory), "name": manifest.name, "version": manifest.version,
             "files_checked": len(manifest.files), "signature": signature, **_parity_section(checks)}
+
+
+def _save_manifest(manifest: Manifest, directory: Path, sign_key: Path | None) -> None:
+    manifest.save(directory)
+    load_manifest(directory)  # the artifact must read back under the serve-side contract
+    if sign_key is not None:  # inside the staging folder, so the artifact never appears unsigned
+        signing.sign_manifest(directory, sign_key)
 
 
 def _check_signature(directory: Path, trusted_keys: tuple[signing.TrustedKey, ...]) -> str:
