@@ -268,6 +268,18 @@ async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> 
     return result
 
 
+async def _send_counted(conn: _Connection, raw: bytes, spec: LoadSpec, result: LoadResult) -> Response | None:
+    """The answer, or None after counting the failure in ``result.errors`` (and dropping the connection)."""
+    try:
+        return await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
+    except asyncio.TimeoutError:
+        result.errors["timeout"] += 1
+    except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        result.errors[type(e).__name__] += 1
+    await conn.close()
+    return None
+
+
 async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connection], budget: int,
                  duration_s: float | None, result: LoadResult, count_tokens: TokenCounter | None) -> None:
     started = time.perf_counter()
@@ -283,15 +295,8 @@ async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connec
             raw = encoded[position % len(encoded)]
             position += 1
             t0 = time.perf_counter()
-            try:
-                response = await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
-            except asyncio.TimeoutError:
-                result.errors["timeout"] += 1
-                await conn.close()
-                continue
-            except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-                result.errors[type(e).__name__] += 1
-                await conn.close()
+            response = await _send_counted(conn, raw, spec, result)
+            if response is None:
                 continue
             done = time.perf_counter()
             last_done = max(last_done, done)
@@ -346,15 +351,8 @@ async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCo
 
     async def one(raw: bytes, conn: _Connection) -> None:
         t0 = time.perf_counter()
-        try:
-            response = await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
-        except asyncio.TimeoutError:
-            result.errors["timeout"] += 1
-            await conn.close()
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-            result.errors[type(e).__name__] += 1
-            await conn.close()
-        else:
+        response = await _send_counted(conn, raw, spec, result)
+        if response is not None:
             _record(result, response, t0, count_tokens)
         free.append(conn)
 

@@ -214,3 +214,15 @@ def make_seq2seq_artifact(
     with tempfile.TemporaryDirectory(prefix="deepserve-ckpt-") as tmp:
         ckpt = make_seq2seq_checkpoint(Path(tmp) / "model.pt", seed=seed)
         return _export(ckpt, repository, name, version, formats, quantize)
+
+
+def tampered_copy(artifact: Path, repository: Path, name: str = "tampered", file: str = "model.onnx") -> Path:
+    """A copy of ``artifact`` as ``repository/name/1`` with one byte appended to ``file``: its sha256 no longer
+    matches the manifest, so serving marks it not ready."""
+    import shutil
+
+    target = Path(repository) / name / "1"
+    shutil.copytree(artifact, target)
+    with open(target / file, "ab") as f:
+        f.write(b"\0")
+    return target

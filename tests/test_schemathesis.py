@@ -26,7 +26,7 @@ import uvicorn
 
 from deepserve.serve.app import create_app
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.test_serve_socket import free_port
+from tests.servers import free_port
 
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
 CAPS = {"max_new_tokens": 16, "max_beams_x_n": 4, "max_prompt_length": 64}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,8 +17,8 @@ import httpx
 import pytest
 
 from deepserve.clients import Client
-from tests.artifacts import make_classifier_artifact
-from tests.test_serve_socket import free_port
+from tests.artifacts import make_classifier_artifact, tampered_copy
+from tests.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_ALIVE_S = 2.0
@@ -29,9 +28,7 @@ KEEP_ALIVE_S = 2.0
 def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("conn-repo")
     good = make_classifier_artifact(root, "tiny-cnn", quantize=False)
-    shutil.copytree(good, root / "tampered" / "1")
-    with open(root / "tampered/1/model.onnx", "ab") as f:
-        f.write(b"\0")
+    tampered_copy(good, root)
     port = free_port()
     log = tmp_path_factory.mktemp("conn-log") / "stderr.txt"
     cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(root), "--port", str(port),
@@ -42,17 +39,7 @@ def server(request, tmp_path_factory):
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
+        wait_ready(proc, base, log)
         yield {"base": base, "port": port, "proc": proc, "stderr": log}
     finally:
         if proc.poll() is None:

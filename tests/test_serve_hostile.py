@@ -4,7 +4,6 @@ growth (issue 16), and is now a 4xx with a JSON error body naming the problem.""
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from deepserve.serve.app import create_app
 from deepserve.serve.metrics import UNKNOWN_MODEL
-from tests.artifacts import make_charlm_artifact, make_classifier_artifact
+from tests.artifacts import make_charlm_artifact, make_classifier_artifact, tampered_copy
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/tiny-cnn/infer"
@@ -29,9 +28,7 @@ def repo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile-repo")
     good = make_classifier_artifact(root, "tiny-cnn", quantize=False)
     make_charlm_artifact(root, "tiny-charlm")
-    shutil.copytree(good, root / "tampered" / "1")
-    with open(root / "tampered/1/model.onnx", "ab") as f:
-        f.write(b"\0")
+    tampered_copy(good, root)
     return root
 
 
