@@ -116,3 +116,15 @@ def test_sigterm_answers_new_requests_503_while_in_flight_work_drains_then_exits
     assert answer.startswith(b"HTTP/1.1 200") and b'"outputs"' in answer, answer[:300]
     assert server["proc"].wait(timeout=60) == 0  # a clean drain exits 0 (it was killed by the signal)
     assert "graceful shutdown exceeded" not in server["stderr"].read_text()
+
+
+@pytest.mark.parametrize("flags, named", [(["--max-json-depth", "0"], "--max-json-depth"),
+                                          (["--keep-alive-s", "0"], "--keep-alive-s"),
+                                          (["--header-timeout-s", "inf"], "--header-timeout-s")])
+def test_bad_server_flags_are_refused_naming_the_flag(flags, named):
+    from deepserve.cli import build_parser
+    from deepserve.serve.cli import ServerOptionError, check_server_flags
+
+    args = build_parser().parse_args(["serve", "--repository", ".", *flags])
+    with pytest.raises(ServerOptionError, match=named):
+        check_server_flags(args)
