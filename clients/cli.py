@@ -1,4 +1,5 @@
-"""Client commands of ``deepserve``: ``predict``, ``generate`` and ``models``, against a running server.
+"""Client commands of ``deepserve``: ``predict``, ``generate`` and ``models`` (list, index, load, unload), against a
+running server.
 
 Only argparse is imported at module level; the SDK (httpx, numpy) and rich load when a command runs.
 Output is a readable table by default and JSON with ``--json``.
@@ -64,9 +65,18 @@ def add_parser(subparsers: Any) -> None:
     m = subparsers.add_parser(
         "models",
         parents=[common],
-        help="list the models a server serves",
-        description="List the models of a running server, with versions and readiness.",
+        help="list, load and unload the models a server serves",
+        description="List the models of a running server (default), or control them: `index` lists every "
+        "version in its repository with its state, `load NAME` loads or reloads a model (no downtime: the "
+        "new load is warmed beside the old one), `unload NAME` unloads it once its requests finish. Model "
+        "control needs the server's admin key (--api-key, or $DEEPSERVE_ADMIN_API_KEY), or loopback when it "
+        "has none.",
     )
+    m.add_argument("action", nargs="?", choices=("list", "index", "load", "unload"), default="list",
+                   help="what to do (default: list)")
+    m.add_argument("name", nargs="?", default=None, help="the model to load or unload")
+    m.add_argument("--config", default=None, metavar="JSON",
+                   help='load: settings replacing the model\'s config.json for this load, e.g. \'{"max_batch_size": 8}\'')
     m.set_defaults(func=models_command)
 
 
@@ -257,9 +267,67 @@ def _stream(client: Any, args: argparse.Namespace, params: dict[str, Any]) -> in
     return 0
 
 
+def _control_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --config of ``models load`` as a dict; a CLIError naming the flag when it does not fit."""
+    import json
+
+    from deepserve.cli import CLIError
+
+    if args.action in ("load", "unload") and not args.name:
+        raise CLIError(f"deepserve models {args.action} needs the model's name")
+    if args.action not in ("load", "unload") and args.name:
+        raise CLIError(f"deepserve models {args.action} takes no model name (got {args.name!r})")
+    if args.config is not None and args.action != "load":
+        raise CLIError("--config goes with deepserve models load")
+    if args.config is None:
+        return None
+    try:
+        config = json.loads(args.config)
+    except ValueError as e:
+        raise CLIError(f"--config is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"--config must be a JSON object of settings, got {args.config!r}")
+    return config
+
+
+def control_command(args: argparse.Namespace) -> int:
+    """``deepserve models index|load|unload``."""
+    from .errors import DeepserveError
+
+    config = _control_args(args)
+    if not args.api_key and os.environ.get("DEEPSERVE_ADMIN_API_KEY"):
+        args.api_key = os.environ["DEEPSERVE_ADMIN_API_KEY"]
+    with _client(args) as client:
+        try:
+            if args.action == "index":
+                rows = client.repository_index()
+            elif args.action == "load":
+                rows = client.load_model(args.name, config=config)
+            else:
+                rows = client.unload_model(args.name)
+        except DeepserveError as e:
+            raise _user_error(e, client) from None
+    if args.as_json:
+        _print_json([vars(r) for r in rows])
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"repository at {client.base_url}")
+    for column in ("name", "version", "state", "reason"):
+        table.add_column(column)
+    for r in rows:
+        color = "green" if r.state == "READY" else "yellow" if r.state in ("LOADING", "UNLOADING") else "red"
+        table.add_row(_cell(r.name), r.version, f"[{color}]{r.state}[/{color}]", _cell(r.reason))
+    _console().print(table)
+    return 0
+
+
 def models_command(args: argparse.Namespace) -> int:
     from .errors import DeepserveError
 
+    if args.action != "list":
+        return control_command(args)
+    _control_args(args)
     with _client(args) as client:
         try:
             models = client.models()
