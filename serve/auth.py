@@ -80,6 +80,7 @@ class KeySet:
         self.fixed = [k.encode() for k in keys if k]
         self.file = Path(file) if file is not None else None
         self._stamp: tuple | None = None
+        self._read = False
         self._from_file: list[bytes] = []
         if self.file is not None:
             self._refresh()
@@ -94,16 +95,16 @@ class KeySet:
         except OSError:
             st = None
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
-        if stamp == self._stamp:
+        if self._read and stamp == self._stamp:
             return
         try:
             self._from_file = [k.encode() for k in read_key_file(self.file)]
             log.info("API keys read from %s: %d key(s)", self.file, len(self._from_file))
         except KeyFileError as e:  # keep the keys we had: a half-written file must not lock everyone out
-            if self._stamp is None:
+            if not self._read:
                 raise
             log.warning("%s; keeping the %d key(s) read before", e, len(self._from_file))
-        self._stamp = stamp
+        self._read, self._stamp = True, stamp
 
     def matches(self, token: str) -> bool:
         """Whether ``token`` is one of the keys, compared in constant time against every key."""

@@ -81,7 +81,8 @@ class ImagePreprocessor:
         except UnidentifiedImageError:
             raise BadRequest(f"not a decodable image ({len(data)} bytes); send one of {', '.join(FORMATS)}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLarge(f"image refused as a decompression bomb: {e}") from None
+            raise ImageTooLarge(f"image refused as a decompression bomb: {e} (this server's limit is "
+                                f"{self.max_pixels} pixels, --max-image-pixels)") from None
         if image.format not in FORMATS:
             raise UnsupportedMediaType(f"image format {image.format} is not supported; send one of {', '.join(FORMATS)}")
         width, height = image.size
