@@ -2,8 +2,8 @@
 
 Route families:
 
-- open: health and readiness (``/v2/health/*``, ``/v2/models/{m}[/versions/{v}]/ready``), the API docs, and
-  ``/metrics`` unless ``--metrics-auth``;
+- open: health and readiness (``/v2/health/*``, ``/v2/models/{m}[/versions/{v}]/ready``), the API docs, the
+  playground page and its assets, and ``/metrics`` unless ``--metrics-auth``;
 - model control (``/v2/repository/...``): the admin key when one is set; without one, loopback clients only
   (and the API key, when one is set);
 - everything else: an API key (or the admin key) when keys are set.
@@ -45,14 +45,17 @@ class Family(enum.Enum):
     METRICS = "metrics"
 
 
-_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
+_OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
                          "/openapi.json"})
+_OPEN_PREFIXES = ("/playground/", "/docs-assets/")
+"""Pages for people and their static files (the browser playground at ``/``, which asks for a key when the
+API answers 401): they hold no data."""
 _MODEL_READY = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$")
 
 
 def family(path: str) -> Family:
     """Which rules guard ``path``."""
-    if path in _OPEN_PATHS or _MODEL_READY.match(path):
+    if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES) or _MODEL_READY.match(path):
         return Family.OPEN
     if path.startswith("/v2/repository/") or path == "/v2/repository":
         return Family.ADMIN
