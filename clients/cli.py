@@ -290,61 +290,56 @@ def _control_args(args: argparse.Namespace) -> dict[str, Any] | None:
     return config
 
 
-def control_command(args: argparse.Namespace) -> int:
-    """``deepserve models index|load|unload``."""
+def _call(args: argparse.Namespace, fn: Any) -> tuple[str, Any]:
+    """``fn(client)`` with a client for ``args``: the server's URL and the answer; SDK errors as CLIErrors."""
     from .errors import DeepserveError
 
+    with _client(args) as client:
+        try:
+            return client.base_url, fn(client)
+        except DeepserveError as e:
+            raise _user_error(e, client) from None
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
+
+
+def control_command(args: argparse.Namespace) -> int:
+    """``deepserve models index|load|unload``."""
     config = _control_args(args)
     if not args.api_key and os.environ.get("DEEPSERVE_ADMIN_API_KEY"):
         args.api_key = os.environ["DEEPSERVE_ADMIN_API_KEY"]
-    with _client(args) as client:
-        try:
-            if args.action == "index":
-                rows = client.repository_index()
-            elif args.action == "load":
-                rows = client.load_model(args.name, config=config)
-            else:
-                rows = client.unload_model(args.name)
-        except DeepserveError as e:
-            raise _user_error(e, client) from None
+    actions = {"index": lambda c: c.repository_index(), "load": lambda c: c.load_model(args.name, config=config),
+               "unload": lambda c: c.unload_model(args.name)}
+    url, rows = _call(args, actions[args.action])
     if args.as_json:
         _print_json([vars(r) for r in rows])
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"repository at {client.base_url}")
-    for column in ("name", "version", "state", "reason"):
-        table.add_column(column)
-    for r in rows:
-        color = "green" if r.state == "READY" else "yellow" if r.state in ("LOADING", "UNLOADING") else "red"
-        table.add_row(_cell(r.name), r.version, f"[{color}]{r.state}[/{color}]", _cell(r.reason))
-    _console().print(table)
+    colors = {"READY": "green", "LOADING": "yellow", "UNLOADING": "yellow"}
+    _table(f"repository at {url}", ("name", "version", "state", "reason"),
+           [[_cell(r.name), r.version, f"[{colors.get(r.state, 'red')}]{r.state}[/]", _cell(r.reason)] for r in rows])
     return 0
 
 
 def models_command(args: argparse.Namespace) -> int:
-    from .errors import DeepserveError
-
     if args.action != "list":
         return control_command(args)
     _control_args(args)
-    with _client(args) as client:
-        try:
-            models = client.models()
-        except DeepserveError as e:
-            raise _user_error(e, client) from None
+    url, models = _call(args, lambda c: c.models())
     if args.as_json:
         _print_json([vars(m) for m in models])
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"models at {client.base_url}")
-    for column in ("name", "task", "versions", "ready", "reason"):
-        table.add_column(column)
-    for m in models:
-        ready = "[green]yes[/green]" if m.ready else "[red]no[/red]"
-        table.add_row(_cell(m.name), m.task or "", ", ".join(m.versions), ready, _cell(m.reason or ""))
-    _console().print(table)
+    _table(f"models at {url}", ("name", "task", "versions", "ready", "reason"),
+           [[_cell(m.name), m.task or "", ", ".join(m.versions), "[green]yes[/green]" if m.ready else "[red]no[/red]",
+             _cell(m.reason or "")] for m in models])
     if not models:
         _console().print("[dim]the server has no models[/dim]")
     return 0

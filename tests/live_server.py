@@ -29,22 +29,25 @@ class LiveServer:
     port: int
     proc: subprocess.Popen
     stderr: Path
+    stdout: Path
 
     def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
+        """Everything the server wrote, stdout and stderr."""
+        return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
 
 
 @contextmanager
-def serve(repository: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[LiveServer]:
+def serve(repository: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None,
+          python_flags: tuple[str, ...] = ()) -> Iterator[LiveServer]:
     """Start the server, wait (bounded) until ``/v2/health/ready`` answers 200, yield it, kill it after."""
     port = free_port()
-    stderr = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(repository), "--port", str(port),
-           "--device", "cpu", "--log-level", "info", *flags]
-    with open(stderr, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=err, stderr=subprocess.STDOUT,
+    stderr, stdout = log_dir / f"server-{port}.stderr", log_dir / f"server-{port}.stdout"
+    cmd = [sys.executable, *python_flags, "-m", "deepserve.cli", "serve", "--repository", str(repository),
+           "--port", str(port), "--device", "cpu", "--log-level", "info", *flags]
+    with open(stderr, "wb") as err, open(stdout, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    server = LiveServer(f"http://127.0.0.1:{port}", port, proc, stderr)
+    server = LiveServer(f"http://127.0.0.1:{port}", port, proc, stderr, stdout)
     try:
         for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
             if proc.poll() is not None:
