@@ -44,6 +44,14 @@ class PayloadTooLarge(ServeError):
     reject_reason = "body_too_large"
 
 
+class LimitExceeded(BadRequest):
+    """A request over one of the server's caps (prompt length, new tokens): counted under ``reason``."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reject_reason = reason
+
+
 class ImageTooLarge(BadRequest):
     """An image whose header declares more pixels than the limit: refused before it is decoded."""
 

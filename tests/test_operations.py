@@ -318,6 +318,8 @@ def test_limits_answer_4xx_naming_the_setting(server):
         metrics = http.get("/metrics").text
     assert 'deepserve_rejected_requests_total{reason="body_too_large"} 1.0' in metrics
     assert 'deepserve_rejected_requests_total{reason="image_pixels"} 2.0' in metrics
+    assert 'deepserve_rejected_requests_total{reason="prompt_length"} 1.0' in metrics
+    assert 'deepserve_rejected_requests_total{reason="max_new_tokens"} 1.0' in metrics
 
 
 def test_openai_sdk_with_api_key(server):
