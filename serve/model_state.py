@@ -153,8 +153,6 @@ class VersionEntry:
     reason: str | None = "not loaded"
     current: Loaded | None = None
     """The servable answering this version's requests (READY), else None."""
-    fingerprint: tuple | None = None
-    """The files as last loaded (poll mode reloads when they change)."""
 
     @property
     def ready(self) -> bool:

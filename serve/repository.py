@@ -25,7 +25,7 @@ from deepserve.serve.backends import DeviceName, resolve_device
 from deepserve.serve.errors import LoadFailed, NotFound, NotReady, ServeError
 from deepserve.serve.metrics import Metrics
 from deepserve.serve.model_state import Loaded, ModelEntry, ModelState, VersionEntry, lease
-from deepserve.serve.poller import Poller, fingerprint
+from deepserve.serve.poller import Poller
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.servable import Servable
 from deepserve.serve.settings import ModelSettings, SettingsError, env_overrides, resolve_settings
@@ -234,7 +234,6 @@ class ModelRepository:
         else:
             entry.reason = "reloading: the loaded servable keeps serving until the new one is ready"
         started = time.perf_counter()
-        entry.fingerprint = await asyncio.to_thread(fingerprint, entry.directory)
         try:
             servable = await self._open(model.name, entry, settings)
         except Exception as e:  # any failure is this version's alone: record it, keep serving what serves
