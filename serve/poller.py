@@ -84,8 +84,8 @@ class Poller:
                 pass
             try:
                 await self.poll_once()
-            except OSError as e:  # the repository itself vanished or is unreadable: keep serving, say why
-                log.warning("rescanning %s failed: %s", self.repository.path, e)
+            except Exception:  # one bad scan (say, the repository unreadable) must not end polling: log it
+                log.exception("rescanning %s failed; trying again in %.1f s", self.repository.path, self.interval_s)
 
     async def poll_once(self) -> None:
         """Rescan now: load new and changed versions, reload models whose config changed, unload removed ones."""
