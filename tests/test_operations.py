@@ -177,6 +177,24 @@ async def test_unload_under_load_answers_503_naming_the_state(server):
 # ---------------------------------------------------------------------------------------------- model control
 
 
+def test_poll_mode_serves_a_new_version_once_it_is_copied(staging, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(staging / "tiny-cnn" / "1", repo / "tiny-cnn" / "1")
+    with serve(repo, tmp_path, "--model-control", "poll", "--poll-interval", "0.2") as live, \
+            httpx.Client(base_url=live.base, timeout=60) as http:
+        assert http.post("/v2/models/tiny-cnn/infer", json=INFER_BODY).json()["model_version"] == "1"
+        shutil.copytree(staging / "tiny-cnn" / "2", repo / "tiny-cnn" / "tmp-2")
+        (repo / "tiny-cnn" / "tmp-2").rename(repo / "tiny-cnn" / "2")  # how to copy in: whole, then renamed
+        for _ in range(600):  # bounded: the next rescans load it
+            rows = http.post("/v2/repository/index").json()
+            if {r["version"]: r["state"] for r in rows}.get("2") == "READY":
+                break
+            time.sleep(0.1)
+        assert http.post("/v2/models/tiny-cnn/infer", json=INFER_BODY).json()["model_version"] == "2"
+        assert "versions [2] added or changed" in live.log()
+
+
+
 def test_tritonclient_model_control_with_headers(server):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
