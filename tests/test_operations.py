@@ -125,16 +125,16 @@ async def test_reloads_and_a_new_version_under_mixed_load_fail_no_request(server
         await asyncio.gather(*workers)
         assert time.monotonic() - started >= 10.0
         references = {v: await _reference(client, v) for v in ("1", "2")}
-    assert failures == []
-    assert served_before_v2 > 0 and len(seen) > served_before_v2
+    assert failures == [], failures[:5]
+    assert served_before_v2 > 0 and len(seen) > served_before_v2, (served_before_v2, len(seen))
     for kind, version, output in seen:  # each answer comes whole from the one version it names
         if kind == "cnn":
-            np.testing.assert_allclose(output, references[version][0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(output, references[version][0], rtol=1e-5, atol=1e-6, err_msg=version)
         else:
-            assert len(version) == 1, version
-            assert output == references[next(iter(version))][1]
+            assert len(version) == 1, f"one stream named versions {version}"
+            assert output == references[next(iter(version))][1], (version, output, references)
     by_version = {(kind, v if isinstance(v, str) else next(iter(v))) for kind, v, _ in seen}
-    assert {("cnn", "1"), ("cnn", "2"), ("lm", "1"), ("lm", "2")} <= by_version
+    assert {("cnn", "1"), ("cnn", "2"), ("lm", "1"), ("lm", "2")} <= by_version, by_version
     assert references["1"] != references["2"]
 
 
@@ -169,7 +169,7 @@ async def test_unload_under_load_answers_503_naming_the_state(server):
         await asyncio.gather(*workers)
         r = await client.post("/v2/repository/models/tiny-cnn/load", headers=AS_ADMIN)  # back, for the tests after
         assert r.status_code == 200
-    assert errors == [] and set(statuses) == {200, 503}
+    assert errors == [] and set(statuses) == {200, 503}, (errors[:5], sorted(set(statuses)))
     for body in bodies:
         assert body["code"] == "model_unavailable" and ("UNLOADING" in body["error"] or "UNAVAILABLE" in body["error"])
 
