@@ -34,7 +34,7 @@ from deepserve.serve.http_util import error_response
 log = logging.getLogger("deepserve.serve")
 
 
-class KeyFileError(ValueError):
+class ApiKeyFileError(ValueError):
     """The key file cannot be read or holds no key; the message names the file."""
 
 
@@ -65,14 +65,14 @@ def family(path: str) -> Family:
 
 
 def read_key_file(path: Path) -> list[str]:
-    """The keys in ``path``, one per line; ``KeyFileError`` naming the file when it has none or is unreadable."""
+    """The keys in ``path``, one per line; ``ApiKeyFileError`` naming the file when it has none or is unreadable."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise KeyFileError(f"API key file {path}: cannot read it ({type(e).__name__})") from None
+        raise ApiKeyFileError(f"API key file {path}: cannot read it ({type(e).__name__})") from None
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not keys:
-        raise KeyFileError(f"API key file {path} holds no key (one key per line)")
+        raise ApiKeyFileError(f"API key file {path} holds no key (one key per line)")
     return keys
 
 
@@ -103,7 +103,7 @@ class KeySet:
         try:
             self._from_file = [k.encode() for k in read_key_file(self.file)]
             log.info("API keys read from %s: %d key(s)", self.file, len(self._from_file))
-        except KeyFileError as e:  # keep the keys we had: a half-written file must not lock everyone out
+        except ApiKeyFileError as e:  # keep the keys we had: a half-written file must not lock everyone out
             if not self._read:
                 raise
             log.warning("%s; keeping the %d key(s) read before", e, len(self._from_file))

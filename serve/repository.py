@@ -1,11 +1,13 @@
 """The model repository: ``<repository>/<model>/<version>/`` artifacts, each loaded as a ``Servable``, loaded,
 reloaded and unloaded while the server runs.
 
-Every version is verified (``load_manifest(verify=True)``: every file's sha256) before it is opened, so a
-tampered, corrupt or half-copied artifact is never served: it marks only that version not ready, with the
-reason in the index and the log, and whatever served before keeps serving. A reload opens and warms the new
-servable beside the old one, switches requests to it at once, then drains the old one (``model_state``).
-Requests that name no version get the model's ``default_version`` or, without one, its newest ready version.
+Every version is checked (``ArtifactTrust``: the folder lies inside the repository and, with trusted keys, the
+manifest is signed by one) and verified (``load_manifest(verify=True)``: every file's sha256) before it is
+opened, so a tampered, unsigned, corrupt or half-copied artifact is never served: it marks only that version not
+ready, with the reason in the index and the log, and whatever served before keeps serving. A reload opens and
+warms the new servable beside the old one, switches requests to it at once, then drains the old one
+(``model_state``). Requests that name no version get the model's ``default_version`` or, without one, its newest
+ready version.
 
 ``--model-control``: ``none`` loads every model at start; ``explicit`` only the ``load_models`` given; ``poll``
 loads every model and rescans the repository every ``poll_interval_s`` (``poller.py``).
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from deepserve.manifest import Manifest, ManifestError, load_manifest
+from deepserve.signing import ArtifactTrust
 from deepserve.serve.backends import DeviceName, resolve_device
 from deepserve.serve.errors import LoadFailed, NotFound, NotReady, ServeError
 from deepserve.serve.metrics import Metrics
@@ -56,11 +59,13 @@ class ModelRepository:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         metrics: Metrics | None = None,
         use_env: bool = True,
+        trust: ArtifactTrust | None = None,
         model_control: ModelControl | str = ModelControl.NONE,
         load_models: Iterable[str] = (),
         poll_interval_s: float = 5.0,
     ) -> None:
         self.path = Path(path)
+        self.trust = trust or ArtifactTrust()  # default: no keys required, folders symlinked out refused
         if not self.path.is_dir():
             raise FileNotFoundError(f"model repository {self.path} is not a directory")
         self.overrides = {**(env_overrides() if use_env else {}), **{k: v for k, v in (overrides or {}).items()
@@ -252,6 +257,7 @@ class ModelRepository:
     async def _open(self, name: str, entry: VersionEntry, settings: ModelSettings) -> Servable:
         """Verify, open, start and warm up one artifact; on failure the half-started servable is stopped."""
         assert self.device is not None
+        await asyncio.to_thread(self.trust.check, entry.directory, self.path)
         manifest = await asyncio.to_thread(load_manifest, entry.directory, verify=True)
         entry.task = manifest.task
         if manifest.version != entry.version:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,9 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.live_server import ROOT, free_port, serve
+from tests.servers import free_port, wait_ready
 
-
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,21 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("server-log")
-    with serve(repository, log_dir, "--max-queue-delay-ms", "10", python_flags=("-X", "importtime")) as live:
-        yield {"base": live.base, "port": live.port, "proc": live.proc, "stderr": live.stderr, "stdout": live.stdout}
+    port = free_port()
+    log = tmp_path_factory.mktemp("server-log") / "stderr.txt"
+    stdout = log.with_name("stdout.txt")
+    cmd = [sys.executable, "-X", "importtime", "-m", "deepserve.cli", "serve", "--repository", str(repository),
+           "--port", str(port), "--device", "cpu", "--max-queue-delay-ms", "10", "--log-level", "info"]
+    with open(log, "wb") as err, open(stdout, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, log)
+        yield {"base": base, "port": port, "proc": proc, "stderr": log, "stdout": stdout}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def images(n: int, seed: int) -> np.ndarray:
