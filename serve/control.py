@@ -24,13 +24,20 @@ from deepserve.serve.schemas import RepositoryIndexRow, answers
 
 router = APIRouter(tags=["model control (Triton model repository extension)"], route_class=DirectRoute)
 
-_LOAD_DOC = {
-    "requestBody": {"required": False, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"parameters": {"type": "object", "properties": {
-            "config": {"type": "string", "description": "JSON settings replacing the model's config.json for this "
-                                                        "load, e.g. {\"max_batch_size\": 8, \"version_policy\": "
-                                                        "\"latest 1\"}"}}}}}}}},
-}
+
+
+def _json_body(properties: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for an optional JSON object body (these routes parse it by hand)."""
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": properties}}}}}
+
+
+_LOAD_DOC = _json_body({"parameters": {"type": "object", "properties": {
+    "config": {"type": "string", "description": "JSON settings replacing the model's config.json for this load, "
+                                                "e.g. {\"max_batch_size\": 8, \"version_policy\": \"latest 1\"}"}}}})
+_UNLOAD_DOC = _json_body({"parameters": {"type": "object", "properties": {
+    "unload_dependents": {"type": "boolean", "description": "Accepted for Triton's clients; no dependents here."}}}})
+_INDEX_DOC = _json_body({"ready": {"type": "boolean", "description": "List only the ready versions."}})
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -70,7 +77,8 @@ def _rows(request: Request, model: str) -> Response:
     return JSONResponse(rows)
 
 
-@router.post("/v2/repository/index", name="repository_index", responses=answers(list[RepositoryIndexRow], 400))
+@router.post("/v2/repository/index", name="repository_index", openapi_extra=_INDEX_DOC,
+             responses=answers(list[RepositoryIndexRow], 400, 401, 403))
 async def repository_index(request: Request) -> Response:
     ready = (await _body(request)).get("ready", False)
     if not isinstance(ready, bool):
@@ -87,7 +95,7 @@ async def load(request: Request, model: str) -> Response:
     return _rows(request, model)
 
 
-@router.post("/v2/repository/models/{model}/unload", name="repository_unload",
+@router.post("/v2/repository/models/{model}/unload", name="repository_unload", openapi_extra=_UNLOAD_DOC,
              responses=answers(list[RepositoryIndexRow], 400, 401, 403, 404,
                                description="The model's versions once drained and unloaded"))
 async def unload(request: Request, model: str) -> Response:
