@@ -125,6 +125,9 @@ class ModelRepository:
         names = list(self.models)
         if self.model_control is ModelControl.EXPLICIT and "*" not in self.load_models:
             names = [n for n in names if n in self.load_models]
+            for m in (m for m in self.models.values() if m.name not in names):
+                for v in m.versions.values():
+                    v.reason = f"not loaded (--model-control explicit): load it with deepserve models load {m.name}"
         await asyncio.gather(*(self.load_quietly(n) for n in names))
         self.ready = True
         log.info("repository %s loaded: %s", self.path, self.summary())

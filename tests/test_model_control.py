@@ -152,7 +152,8 @@ async def test_explicit_mode_loads_only_what_it_is_told(tmp_path, versions):
     repo = repo_with(tmp_path, versions, (1,), model_control="explicit")
     await repo.start()
     try:
-        assert states(repo) == {"1": "UNAVAILABLE"} and repo.triton_index()[0]["reason"] == "not loaded"
+        assert states(repo) == {"1": "UNAVAILABLE"} and "not loaded (--model-control explicit)" in \
+            repo.triton_index()[0]["reason"]
         assert repo.triton_index(ready_only=True) == []
         await repo.load_model("cnn")
         assert states(repo) == {"1": "READY"}
