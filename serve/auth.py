@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -84,6 +85,7 @@ class KeySet:
         self.file = Path(file) if file is not None else None
         self._stamp: tuple | None = None
         self._read = False
+        self._read_ns = 0
         self._from_file: list[bytes] = []
         if self.file is not None:
             self._refresh()
@@ -98,7 +100,10 @@ class KeySet:
         except OSError:
             st = None
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
-        if self._read and stamp == self._stamp:
+        # A file changed within a second of our last read may have changed again without a new time stamp
+        # (file systems keep time in ticks): read it again until its last change is older than that.
+        racy = st is not None and st.st_mtime_ns >= self._read_ns - 1_000_000_000
+        if self._read and stamp == self._stamp and not racy:
             return
         try:
             self._from_file = [k.encode() for k in read_key_file(self.file)]
@@ -107,7 +112,7 @@ class KeySet:
             if not self._read:
                 raise
             log.warning("%s; keeping the %d key(s) read before", e, len(self._from_file))
-        self._read, self._stamp = True, stamp
+        self._read, self._stamp, self._read_ns = True, stamp, time.time_ns()
 
     def matches(self, token: str) -> bool:
         """Whether ``token`` is one of the keys, compared in constant time against every key."""

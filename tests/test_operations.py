@@ -297,6 +297,7 @@ def test_every_route_family_needs_its_key(server):
 
 def test_key_file_rotation_and_keys_never_logged(server):
     with httpx.Client(base_url=server.base, timeout=60) as http:
+        _assert_401(http.get("/v2/models"))
         assert http.get("/v2/models", headers={"Authorization": f"Bearer {FILE_KEY}"}).status_code == 200
         server.key_file.write_text("file-key-2\n")
         _assert_401(http.get("/v2/models", headers={"Authorization": f"Bearer {FILE_KEY}"}))
@@ -414,3 +415,16 @@ def test_serve_flags_that_do_not_fit_are_refused_by_name(staging, argv, message,
     monkeypatch.setattr("uvicorn.Server.run", lambda self: pytest.fail("the server must not start"))
     with pytest.raises(CLIError, match=message):
         cli.run(args)
+
+
+def test_a_key_file_that_is_emptied_keeps_the_keys_read_before(tmp_path):
+    from deepserve.serve.auth import KeySet
+
+    path = tmp_path / "keys.txt"
+    path.write_text("# comment\n\n  k-1  \nk-2\n")
+    keys = KeySet(file=path)
+    assert keys.matches("k-1") and keys.matches("k-2") and not keys.matches("k-3") and not keys.matches("# comment")
+    path.write_text("")  # half written (or emptied by mistake): nobody is locked out
+    assert keys.matches("k-1")
+    path.write_text("k-3\n")
+    assert keys.matches("k-3") and not keys.matches("k-1")
