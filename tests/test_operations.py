@@ -106,7 +106,8 @@ async def test_reloads_and_a_new_version_under_mixed_load_fail_no_request(server
     seen: list = []
     failures: list = []
     stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under a new request
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=server.base, headers=AS_USER, timeout=60, limits=limits) as client:
         started = time.monotonic()
         workers = [asyncio.create_task(_load_until(stop, _classify, client, seen, failures)) for _ in range(12)]
@@ -146,7 +147,8 @@ async def test_unload_under_load_answers_503_naming_the_state(server):
     enough = asyncio.Event()
     stop = asyncio.Event()
 
-    async with httpx.AsyncClient(base_url=server.base, headers=AS_USER, timeout=60) as client:
+    limits = httpx.Limits(keepalive_expiry=2.0)  # see the test above
+    async with httpx.AsyncClient(base_url=server.base, headers=AS_USER, timeout=60, limits=limits) as client:
         async def worker() -> None:
             while not stop.is_set():
                 try:
