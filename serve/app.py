@@ -22,9 +22,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import deepserve
+from deepserve.serve.auth import AccessPolicy, AuthGate
 from deepserve.serve.errors import ServeError
 from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPath, error_response
-from deepserve.serve.auth import AccessPolicy, AuthGate
 from deepserve.serve.metrics import RequestMetricsMiddleware
 from deepserve.serve.model_state import request_leases
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
