@@ -5,8 +5,10 @@ reload under load, keys) is in ``test_operations.py``."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +140,11 @@ async def test_unload_refuses_new_requests_naming_the_state_and_frees_after_the_
             assert info.value.code == "model_unavailable"
             await held.infer({"images": X})  # the request in flight still finishes
             assert not unloading.done()
+        graph = weakref.ref(held.runtimes[0])
         await unloading
         assert not held.ready and states(repo) == {"1": "UNAVAILABLE"}
+        gc.collect()
+        assert graph() is None  # the model's memory is freed, though this test still holds the servable
         with pytest.raises(NotReady, match="UNAVAILABLE: unloaded"):
             repo.get("cnn")
         await repo.load_model("cnn")  # and back
