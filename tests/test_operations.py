@@ -197,6 +197,21 @@ def test_poll_mode_serves_a_new_version_once_it_is_copied(staging, tmp_path):
 
 
 
+def test_explicit_mode_loads_the_named_models_and_the_cli_loads_the_rest_on_loopback(staging, tmp_path):
+    with serve(staging, tmp_path, "--model-control", "explicit", "--load-model", "tiny-cnn") as live, \
+            httpx.Client(base_url=live.base, timeout=60) as http:
+        rows = {(r["name"], r["version"]): r for r in http.post("/v2/repository/index").json()}
+        assert rows[("tiny-cnn", "2")]["state"] == "READY"
+        assert rows[("tiny-charlm", "1")]["state"] == "UNAVAILABLE"
+        assert "--model-control explicit" in rows[("tiny-charlm", "1")]["reason"]
+        r = http.post("/v2/models/tiny-charlm/generate", json={"text_input": "a"})
+        assert r.status_code == 503 and "UNAVAILABLE" in r.json()["error"]
+        out = subprocess.run([sys.executable, "-m", "deepserve.cli", "models", "load", "tiny-charlm", "--url",
+                              live.base], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "READY" in out.stdout, out.stderr  # no admin key: loopback may
+        assert http.post("/v2/models/tiny-charlm/generate", json={"text_input": "a"}).status_code == 200
+
+
 def test_tritonclient_model_control_with_headers(server):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
