@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact
-from tests.live_server import ROOT, serve
+from tests.live_server import ROOT, running_server
 
 USER, ADMIN, FILE_KEY = "user-key-5f1c", "admin-key-9e2a", "file-key-1"
 AS_USER = {"Authorization": f"Bearer {USER}"}
@@ -48,9 +48,9 @@ def server(staging, tmp_path_factory):
     key_file.write_text(f"# rotated by editing\n{FILE_KEY}\n")
     flags = ("--api-key", USER, "--api-key-file", str(key_file), "--metrics-auth", "--max-body-mb", "0.25",
              "--max-image-pixels", "20000", "--cors-allow-origin", "https://ui.example")
-    with serve(repo, tmp_path_factory.mktemp("ops-log"), *flags, env={"DEEPSERVE_ADMIN_API_KEY": ADMIN}) as live:
-        live.repository, live.key_file = repo, key_file
-        yield live
+    log_dir = tmp_path_factory.mktemp("ops-log")
+    with running_server(repo, log_dir, *flags, env={"DEEPSERVE_ADMIN_API_KEY": ADMIN}) as live:
+        yield {**live, "repository": repo, "key_file": key_file}
 
 
 # ---------------------------------------------------------------------------------------------- rollout
@@ -108,7 +108,7 @@ async def test_reloads_and_a_new_version_under_mixed_load_fail_no_request(server
     stop = asyncio.Event()
     # idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under a new request
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=server.base, headers=AS_USER, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=server["base"], headers=AS_USER, timeout=60, limits=limits) as client:
         started = time.monotonic()
         workers = [asyncio.create_task(_load_until(stop, _classify, client, seen, failures)) for _ in range(12)]
         workers += [asyncio.create_task(_load_until(stop, _stream, client, seen, failures)) for _ in range(6)]
@@ -118,7 +118,7 @@ async def test_reloads_and_a_new_version_under_mixed_load_fail_no_request(server
                 assert r.status_code == 200 and r.json()[0]["state"] == "READY", r.text
         served_before_v2 = len(seen)
         for name in ("tiny-cnn", "tiny-charlm"):
-            shutil.copytree(staging / name / "2", server.repository / name / "2")
+            shutil.copytree(staging / name / "2", server["repository"] / name / "2")
             r = await client.post(f"/v2/repository/models/{name}/load", headers=AS_ADMIN)
             assert [row["state"] for row in r.json()] == ["READY", "READY"], r.text
         await asyncio.sleep(max(3.0, 10.0 - (time.monotonic() - started)))  # keep the load on after the rollout
@@ -148,7 +148,7 @@ async def test_unload_under_load_answers_503_naming_the_state(server):
     stop = asyncio.Event()
 
     limits = httpx.Limits(keepalive_expiry=2.0)  # see the test above
-    async with httpx.AsyncClient(base_url=server.base, headers=AS_USER, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=server["base"], headers=AS_USER, timeout=60, limits=limits) as client:
         async def worker() -> None:
             while not stop.is_set():
                 try:
@@ -182,8 +182,8 @@ async def test_unload_under_load_answers_503_naming_the_state(server):
 def test_poll_mode_serves_a_new_version_once_it_is_copied(staging, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(staging / "tiny-cnn" / "1", repo / "tiny-cnn" / "1")
-    with serve(repo, tmp_path, "--model-control", "poll", "--poll-interval", "0.2") as live, \
-            httpx.Client(base_url=live.base, timeout=60) as http:
+    with running_server(repo, tmp_path, "--model-control", "poll", "--poll-interval", "0.2") as live, \
+            httpx.Client(base_url=live["base"], timeout=60) as http:
         assert http.post("/v2/models/tiny-cnn/infer", json=INFER_BODY).json()["model_version"] == "1"
         shutil.copytree(staging / "tiny-cnn" / "2", repo / "tiny-cnn" / "tmp-2")
         (repo / "tiny-cnn" / "tmp-2").rename(repo / "tiny-cnn" / "2")  # how to copy in: whole, then renamed
@@ -193,13 +193,13 @@ def test_poll_mode_serves_a_new_version_once_it_is_copied(staging, tmp_path):
                 break
             time.sleep(0.1)
         assert http.post("/v2/models/tiny-cnn/infer", json=INFER_BODY).json()["model_version"] == "2"
-        assert "versions [2] added or changed" in live.log()
+        assert "versions [2] added or changed" in live["stderr"].read_text()
 
 
 
 def test_explicit_mode_loads_the_named_models_and_the_cli_loads_the_rest_on_loopback(staging, tmp_path):
-    with serve(staging, tmp_path, "--model-control", "explicit", "--load-model", "tiny-cnn") as live, \
-            httpx.Client(base_url=live.base, timeout=60) as http:
+    with running_server(staging, tmp_path, "--model-control", "explicit", "--load-model", "tiny-cnn") as live, \
+            httpx.Client(base_url=live["base"], timeout=60) as http:
         rows = {(r["name"], r["version"]): r for r in http.post("/v2/repository/index").json()}
         assert rows[("tiny-cnn", "2")]["state"] == "READY"
         assert rows[("tiny-charlm", "1")]["state"] == "UNAVAILABLE"
@@ -207,7 +207,7 @@ def test_explicit_mode_loads_the_named_models_and_the_cli_loads_the_rest_on_loop
         r = http.post("/v2/models/tiny-charlm/generate", json={"text_input": "a"})
         assert r.status_code == 503 and "UNAVAILABLE" in r.json()["error"]
         out = subprocess.run([sys.executable, "-m", "deepserve.cli", "models", "load", "tiny-charlm", "--url",
-                              live.base], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                              live["base"]], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "READY" in out.stdout, out.stderr  # no admin key: loopback may
         assert http.post("/v2/models/tiny-charlm/generate", json={"text_input": "a"}).status_code == 200
 
@@ -216,7 +216,7 @@ def test_tritonclient_model_control_with_headers(server):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server['port']}")
     with pytest.raises(InferenceServerException, match="admin API key"):
         client.get_model_repository_index()
     rows = client.get_model_repository_index(headers=AS_ADMIN)
@@ -238,11 +238,11 @@ def test_sdk_and_cli_control_models_with_keys(server, monkeypatch):
     from deepserve.clients import AsyncClient, AuthenticationError, Client, ModelUnavailableError
 
     monkeypatch.setenv("DEEPSERVE_API_KEY", USER)
-    with Client(server.base) as client:  # the key from the environment
+    with Client(server["base"]) as client:  # the key from the environment
         assert {m.name for m in client.models()} == {"tiny-cnn", "tiny-charlm"}
         with pytest.raises(AuthenticationError):
             client.unload_model("tiny-cnn")
-    with Client(server.base, api_key=ADMIN, max_retries=3) as admin:
+    with Client(server["base"], api_key=ADMIN, max_retries=3) as admin:
         assert all(r.state == "READY" for r in admin.repository_index(ready=True))
         assert {r.state for r in admin.unload_model("tiny-cnn")} == {"UNAVAILABLE"}
         slept: list[float] = []
@@ -252,13 +252,13 @@ def test_sdk_and_cli_control_models_with_keys(server, monkeypatch):
         assert slept == []  # not retried as if it were overload
 
     async def index_async() -> list:
-        async with AsyncClient(server.base, api_key=ADMIN) as client:
+        async with AsyncClient(server["base"], api_key=ADMIN) as client:
             return await client.repository_index()
 
     assert {r.state for r in asyncio.run(index_async()) if r.name == "tiny-cnn"} == {"UNAVAILABLE"}
     env = {**os.environ, "DEEPSERVE_ADMIN_API_KEY": ADMIN}
     env.pop("DEEPSERVE_API_KEY")
-    out = subprocess.run([sys.executable, "-m", "deepserve.cli", "models", "load", "tiny-cnn", "--url", server.base,
+    out = subprocess.run([sys.executable, "-m", "deepserve.cli", "models", "load", "tiny-cnn", "--url", server["base"],
                           "--config", '{"max_batch_size": 4}', "--json"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -288,7 +288,7 @@ def _assert_401(r: httpx.Response) -> None:
 
 
 def test_every_route_family_needs_its_key(server):
-    with httpx.Client(base_url=server.base, timeout=60) as http:
+    with httpx.Client(base_url=server["base"], timeout=60) as http:
         for method, path, body in PROTECTED + ADMIN_ONLY:
             _assert_401(http.request(method, path, json=body))
             _assert_401(http.request(method, path, json=body, headers={"Authorization": "Bearer wrong"}))
@@ -313,19 +313,19 @@ def test_every_route_family_needs_its_key(server):
 
 
 def test_key_file_rotation_and_keys_never_logged(server):
-    with httpx.Client(base_url=server.base, timeout=60) as http:
+    with httpx.Client(base_url=server["base"], timeout=60) as http:
         _assert_401(http.get("/v2/models"))
         assert http.get("/v2/models", headers={"Authorization": f"Bearer {FILE_KEY}"}).status_code == 200
-        server.key_file.write_text("file-key-2\n")
+        server["key_file"].write_text("file-key-2\n")
         _assert_401(http.get("/v2/models", headers={"Authorization": f"Bearer {FILE_KEY}"}))
         assert http.get("/v2/models", headers={"Authorization": "Bearer file-key-2"}).status_code == 200
-        server.key_file.write_text(f"{FILE_KEY}\n")
+        server["key_file"].write_text(f"{FILE_KEY}\n")
         metrics = http.get("/metrics", headers=AS_USER).text
     assert 'deepserve_rejected_requests_total{reason="missing_api_key"}' in metrics
     assert 'deepserve_rejected_requests_total{reason="invalid_api_key"}' in metrics
     assert 'deepserve_model_state{model="tiny-cnn",state="READY",version="1"} 1.0' in metrics
     assert "deepserve_model_load_seconds_count" in metrics
-    log = server.log()
+    log = server["stderr"].read_text() + server["stdout"].read_text()
     assert all(key not in log for key in (USER, ADMIN, FILE_KEY, "file-key-2")) and "wrong" not in log
 
 
@@ -341,7 +341,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_limits_answer_4xx_naming_the_setting(server):
-    with httpx.Client(base_url=server.base, headers=AS_USER, timeout=60) as http:
+    with httpx.Client(base_url=server["base"], headers=AS_USER, timeout=60) as http:
         big = http.post("/v2/models/tiny-cnn/infer", content=b"{" + b" " * 300_000 + b"}",
                         headers={"Content-Type": "application/json"})
         assert big.status_code == 413 and "--max-body-mb" in big.json()["error"]
@@ -368,11 +368,11 @@ def test_limits_answer_4xx_naming_the_setting(server):
 def test_openai_sdk_with_api_key(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=USER, max_retries=0)
+    client = openai.OpenAI(base_url=f"{server['base']}/v1", api_key=USER, max_retries=0)
     completion = client.completions.create(model="tiny-charlm", prompt="the ", max_tokens=4, temperature=0)
     assert completion.choices[0].text
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0).models.list()
+        openai.OpenAI(base_url=f"{server['base']}/v1", api_key="wrong", max_retries=0).models.list()
 
 
 @pytest.fixture
