@@ -19,15 +19,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import deepserve
+from deepserve.serve.auth import AccessPolicy, AuthGate
 from deepserve.serve.errors import ServeError
 from deepserve.serve.http_util import (
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, DirectRoute, HotPath, error_response,
 )
 from deepserve.serve.metrics import RequestMetricsMiddleware
+from deepserve.serve.model_state import request_leases
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.repository import ModelRepository
 from deepserve.serve.request_context import current_request_id, request_id_from
@@ -47,6 +50,8 @@ def _field(loc: tuple) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        if exc.reject_reason is not None:
+            request.app.state.repository.metrics.reject(exc.reject_reason)
         return error_response(exc)
 
     @app.exception_handler(Exception)
@@ -86,11 +91,14 @@ def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
 class DeepServeApp(FastAPI):
     """FastAPI with a front door: every HTTP request gets its request id (``request_context``), echoed as
     ``X-Request-Id``; while draining (SIGTERM) new requests are answered 503 with ``Connection: close``; then
-    ``hot_path`` answers the per-request inference routes (v2 infer, predictions, Triton generate) before the
-    middleware stack is entered; everything else (metadata, OpenAI completions, docs, metrics) takes the normal
-    path. An unexpected error is logged under the request id and answered with a JSON 500 naming that id."""
+    ``gate`` (CORS, API keys), when set, and ``hot_path``, which answers the per-request inference routes (v2
+    infer, predictions, Triton generate) before the middleware stack is entered; everything else (metadata,
+    OpenAI completions, docs, metrics) takes the normal path. Each request holds the servables it looks up until
+    it is answered (``model_state.request_leases``). An unexpected error is logged under the request id and
+    answered with a JSON 500 naming that id."""
 
     hot_path: HotPath | None = None
+    gate: ASGIApp | None = None
     draining: bool = False
     """Set on SIGTERM: requests in flight finish, new ones are refused (``serve/shutdown.py``)."""
     aborted: int = 0
@@ -116,9 +124,7 @@ class DeepServeApp(FastAPI):
             if problem is not None or self.draining:
                 await _refusal(problem)(scope, receive, send_with_id)
                 return
-            scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
-            if self.hot_path is None or not await self.hot_path(scope, receive, send_with_id):
-                await super().__call__(scope, receive, send_with_id)
+            await (self.gate or self.dispatch)(scope, receive, send_with_id)
         except asyncio.CancelledError:
             self.aborted += 1
             raise
@@ -129,6 +135,14 @@ class DeepServeApp(FastAPI):
                                              f"request id {request_id}"}, status_code=500)(scope, receive, send_with_id)
         finally:
             current_request_id.reset(token)
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with request_leases():
+            if self.hot_path is not None:
+                scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
+                if await self.hot_path(scope, receive, send):
+                    return
+            await super().__call__(scope, receive, send)
 
 
 def _refusal(problem: str | None) -> JSONResponse:
@@ -146,11 +160,15 @@ def create_app(
     device: str = "auto",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    access: AccessPolicy | None = None,
+    cors_allow_origins: list[str] | None = None,
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> DeepServeApp:
     """The app serving ``repository`` (a path, scanned now, or a ready-made ``ModelRepository``).
 
-    ``settings`` overrides ``ModelSettings`` fields for every model (CLI flags); ``device`` is auto|cpu|cuda.
+    ``settings`` overrides ``ModelSettings`` fields for every model (CLI flags); ``device`` is auto|cpu|cuda;
+    ``access`` holds the API keys (None: every route open, model control on loopback only);
+    ``cors_allow_origins`` turns CORS on for those origins (``*`` for any).
     """
     if not isinstance(repository, ModelRepository):
         repository = ModelRepository(repository, overrides=settings, device=device, max_pixels=max_pixels)
@@ -175,12 +193,12 @@ def create_app(
     app.state.max_json_depth = max_json_depth
     install_error_handlers(app)
 
-    from deepserve.serve import predictions, v2
+    from deepserve.serve import control, predictions, v2
 
     # The classification routes go on the app's own router, not through include_router: this FastAPI matches
     # a request to an included router's routes twice (match, then dispatch), a cost every request pays.
     # Route objects hold no per-app state (handlers reach the repository through request.app).
-    app.router.routes.extend([*v2.router.routes, *predictions.router.routes])
+    app.router.routes.extend([*v2.router.routes, *predictions.router.routes, *control.router.routes])
     optional_hot: list = []
     for name in OPTIONAL_ROUTERS:
         try:
@@ -206,6 +224,12 @@ def create_app(
     # generate) goes through the front door
     hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes, *optional_hot)
                   if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
-    app.hot_path = HotPath(hot_routes, metrics.observe_request)
+    app.hot_path = HotPath(hot_routes, metrics.observe_request, metrics.reject)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # every other route
+    gate: ASGIApp = AuthGate(app.dispatch, access or AccessPolicy.open(), metrics.reject)
+    if cors_allow_origins:  # outside the key check: browsers send preflights without credentials
+        gate = CORSMiddleware(gate, allow_origins=cors_allow_origins, allow_methods=["*"], allow_headers=["*"],
+                              expose_headers=["Retry-After", "WWW-Authenticate", "Inference-Header-Content-Length",
+                                              "X-Request-Id"])
+    app.gate = gate
     return app

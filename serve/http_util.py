@@ -26,7 +26,7 @@ from deepserve.serve.errors import BadRequest, PayloadTooLarge, ServeError, Unsu
 
 log = logging.getLogger("deepserve.serve")
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays and objects a JSON body may have (``--max-json-depth``): a v2 tensor of rank 8
 inside its request needs 11."""
@@ -222,10 +222,13 @@ class HotPath:
     and HTTP exceptions get the same ``{"error": ...}`` answer as the app's handlers; anything else
     propagates (a 500, logged by the server) after being counted."""
 
-    def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None]) -> None:
+    def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None],
+                 reject: Callable[[str], None] | None = None) -> None:
         self.routes = routes
         self.observe = observe
         """``observe(model, endpoint, status, seconds)``, the request metrics."""
+        self.reject = reject
+        """``reject(reason)``: counts a request refused by a limit."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer the request if a hot route matches it; ``False`` (nothing sent) otherwise."""
@@ -249,6 +252,8 @@ class HotPath:
             try:
                 response = await route.endpoint(Request(scope, receive, send), **scope["path_params"])
             except ServeError as exc:
+                if exc.reject_reason is not None and self.reject is not None:
+                    self.reject(exc.reject_reason)
                 response = error_response(exc)
             except StarletteHTTPException as exc:
                 response = JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
@@ -260,8 +265,10 @@ class HotPath:
 
 
 def error_response(exc: ServeError) -> JSONResponse:
-    """The v2 error shape ``{"error": message}`` with the exception's status and headers. A server-side
-    failure's details go to the log (under the request id), not into the answer."""
+    """The v2 error shape ``{"error": message}`` (and ``code`` for the errors that have one) with the
+    exception's status and headers. A server-side failure's details go to the log (under the request id), not
+    into the answer."""
     if exc.status >= 500:
         log.warning("answered %d: %s", exc.status, getattr(exc, "detail", exc.message))
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    body = {"error": exc.message} if exc.code is None else {"error": exc.message, "code": exc.code}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)

@@ -187,7 +187,10 @@ async def test_request_ids_are_echoed_made_or_refused(client):
 async def test_a_batch_larger_than_the_queue_can_ever_hold_is_413(client):
     settings = (await client.get("/v2/models/tiny-cnn/config")).json()
     too_many = settings["max_batch_size"] * 1024 + 1  # default max_queue_size 1024
-    r = await client.post(INFER, json=tensor_request(too_many))
+    binary = np.zeros((too_many, 1, 8, 8), dtype=np.float32).tobytes()  # the binary extension: 8 MB, not 40
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [too_many, 1, 8, 8],
+                                     "parameters": {"binary_data_size": len(binary)}}]}).encode()
+    r = await client.post(INFER, content=header + binary, headers={"inference-header-content-length": str(len(header))})
     assert r.status_code == 413 and "max_queue_size" in r.json()["error"], r.text  # was 429, "retry later"
 
 
