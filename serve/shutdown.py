@@ -4,7 +4,7 @@
   closes idle keep-alive connections at once, so a client that sends its next request on one just then gets a
   reset. Here the app is told first (``DeepServeApp.draining``: new requests get 503 with ``Connection: close``,
   which uvicorn honours by closing after the answer), and idle connections stay open, answering that way,
-  until the last request in flight has finished; then they close.
+  until the last request in flight has finished and at least ``DRAIN_LINGER_S``; then they close.
 - **Exit status.** uvicorn re-raises the signal after a graceful shutdown, so the process dies "killed by
   SIGTERM"; ``serve`` exits 0 after a clean drain instead (``run_server``), 1 when requests had to be cancelled.
 - **Slow headers.** uvicorn times out idle keep-alive connections (``--keep-alive-s``) but never a client that
@@ -25,6 +25,8 @@ DEFAULT_KEEP_ALIVE_S = 75.0
 """Idle keep-alive timeout: longer than load balancers' usual 60 s, so the balancer, not the server, closes an
 idle connection (a server closing first races the balancer's next request: the classic source of 502s)."""
 DEFAULT_HEADER_TIMEOUT_S = 20.0
+DRAIN_LINGER_S = 0.5
+"""How long idle connections stay open after SIGTERM at the least (see ``_DrainingMixin.shutdown``)."""
 _PROTOCOLS = {"h11": ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
               "httptools": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol")}
 _TIMEOUT_BODY = b'{"error": "request headers not received in time (--header-timeout-s)"}'
@@ -38,6 +40,7 @@ class _DrainingMixin:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None
     _draining = False
+    _lingered = False
 
     def busy(self) -> bool:
         """A request is being answered on this connection."""
@@ -77,20 +80,29 @@ class _DrainingMixin:
 
     def shutdown(self) -> None:
         self._draining = True
-        if self.busy() or not any(c.busy() for c in self.connections):  # type: ignore[attr-defined]
-            super().shutdown()  # type: ignore[misc]  # finish and close, or close now: nothing to wait for
-        # else: idle while others drain; a request sent on it now is answered 503 + Connection: close
+        if self.busy():
+            super().shutdown()  # type: ignore[misc]  # answer with Connection: close, then close
+            return
+        # Idle: stay open while others drain, and at least DRAIN_LINGER_S, so that a request already on its way
+        # is answered 503 + Connection: close rather than meeting a closed socket (a reset)
+        self.loop.call_later(DRAIN_LINGER_S, self._linger_over)  # type: ignore[attr-defined]
+
+    def _linger_over(self) -> None:
+        self._lingered = True
+        self._close_idle_when_drained()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
-        if self._draining and not any(c.busy() for c in self.connections):  # type: ignore[attr-defined]
-            for connection in list(self.connections):  # type: ignore[attr-defined]
-                if connection._draining:
-                    connection.close_idle()
+        if self._draining:
+            self._close_idle_when_drained()
 
-    def close_idle(self) -> None:
-        if not self.busy() and not self.transport.is_closing():  # type: ignore[attr-defined]
-            super().shutdown()  # type: ignore[misc]
+    def _close_idle_when_drained(self) -> None:
+        connections = list(self.connections)  # type: ignore[attr-defined]
+        if any(c.busy() for c in connections):
+            return  # the last response to complete closes them
+        for c in connections:
+            if c._draining and c._lingered and not c.busy() and not c.transport.is_closing():
+                super(_DrainingMixin, c).shutdown()  # type: ignore[misc]
 
 
 def draining_protocol(http: str, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> type[asyncio.Protocol]:
