@@ -104,7 +104,9 @@ class GenerationServable(Servable):
         tok = self.tokenizer
         assert tok is not None
         ids = tok.encode(text)
-        if not ids and not self.is_seq2seq:  # a language model needs a first token to condition on
+        if not ids and self.is_seq2seq:  # nothing to attend to: the encoder output would be empty
+            raise BadRequest(f"prompt must have at least one token for a seq2seq model, got {text!r}")
+        if not ids:  # a language model needs a first token to condition on
             start = tok.encode("\n")
             ids = start if start and start[0] != tok.unk_id else [tok.unk_id]
         self.limits.check_prompt(len(ids), "prompt")

@@ -66,6 +66,9 @@ def _triton_request(body: dict[str, Any]) -> tuple[str, GenerationParams]:
     unknown = sorted(set(body) - {"text_input", "parameters", "id"})
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}; the generate body has text_input and parameters")
+    ident = body.get("id")
+    if ident is not None and not isinstance(ident, str):  # echoed back: the schema says string (or null)
+        raise BadRequest(f"id must be a string, got {ident!r}")
     text = body.get("text_input")
     if isinstance(text, list) and len(text) == 1:
         text = text[0]

@@ -145,6 +145,18 @@ class Seq2SeqStepModel(StepModel):
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
         return logits
 
+    def _keep_sources(self, kept: np.ndarray) -> None:
+        """Keep sources ``kept`` (in that order) and trim the source axis to the longest of them. The cross K/V
+        and the source pad mask change together: a mask and K/V that disagree on the sources would hand the next
+        request another request's source (and a stale one a shape the graph refuses)."""
+        g = self.decode
+        same = is_identity(kept, self.sources)
+        src_pad = self.src_pad_src if same else g.take(self.src_pad_src, kept, 0)
+        keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
+        if not same or keep < src_pad.shape[1]:
+            self.cross_src = [g.take(x[:, :, :keep], kept, 0) for x in self.cross_src]
+        self.src_pad_src = src_pad[:, :keep]
+
     def _take_rows(self, slot: int, x: Array, index: np.ndarray) -> Array:
         """``x`` rows ``index``. On numpy, into one of two buffers kept per cache tensor (the one ``x`` is not in):
         a fresh multi-megabyte array each step costs more in page faults than the copy itself."""
@@ -196,15 +208,11 @@ class Seq2SeqStepModel(StepModel):
         self.positions = self.positions[index]
         row_src = self.row_src[index]
         if regroup:
-            # keep the sources some row still reads, numbered in row order; trim the source axis to the longest
+            # keep the sources some row still reads, numbered in row order
             kept, first_row, row_src = np.unique(row_src, return_index=True, return_inverse=True)
             order = np.argsort(first_row, kind="stable")
             kept, row_src = kept[order], np.argsort(order)[row_src]
-            src_pad = self.src_pad_src if is_identity(kept, self.sources) else g.take(self.src_pad_src, kept, 0)
-            keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
-            self.src_pad_src = src_pad[:, :keep]
-            if not is_identity(kept, self.sources) or keep < src_pad.shape[1]:
-                self.cross_src = [g.take(x[:, :, :keep], kept, 0) for x in self.cross_src]
+            self._keep_sources(kept)
         if regroup or not np.array_equal(row_src, self.row_src):
             self.row_src = row_src.astype(np.int64, copy=False)
             self._rows_moved()
