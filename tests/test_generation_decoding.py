@@ -508,6 +508,54 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     run(main())
 
 
+def test_admission_predicts_when_rows_free_and_sheds_what_would_wait_too_long():
+    """Rows free as running requests end and the waiting ones ahead take them first; a request that would wait
+    longer than a typical request runs, or miss its deadline, is refused at once with Retry-After."""
+    from deepserve.serve.generation.admission import Admission, Slot
+
+    a = Admission(max_running_rows=4)
+    running, waiting = [Slot(2, 10), Slot(2, 30)], [Slot(2, 5)]
+    assert a.wait_steps(running, waiting, Slot(2, 8)) == 15  # the waiting one takes the rows freed at 10
+    assert a.wait_steps(running, [], Slot(4, 8)) == 30 and a.wait_steps([Slot(1, 9)], [], Slot(3, 8)) == 0
+    a.observe(0.01)
+    a.check(running, [], Slot(2, 12), time_left_s=1.0)  # starts after 10 steps, typical length now 12
+    with pytest.raises(Overloaded) as late:
+        a.check(running, [], Slot(2, 12), time_left_s=0.15)  # 0.10 s waiting + 0.12 s running
+    assert "deadline" in late.value.message
+    with pytest.raises(Overloaded) as full:
+        a.check(running, waiting, Slot(2, 8), time_left_s=10.0)  # 15 steps > 12
+    assert full.value.headers["Retry-After"] == "1" and full.value.status == 429
+
+
+def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at_once():
+    """Two rows, requests of 20 steps: two run, two wait one request's run time, the others are refused with
+    429 before they cost a step; every admitted request then completes."""
+    model = TableModel(vocab_size=4, eos_id=None, seed=1)
+
+    async def main():
+        s = await started(model, max_running_rows=2, max_waiting=100)
+        try:
+            await s.generate("a", {"temperature": 0, "max_new_tokens": 3})  # the scheduler learns its step time
+            model.gate = threading.Semaphore(0)  # hold the batch still while the burst arrives
+            admitted, refused = [], []
+            for _ in range(12):
+                try:
+                    admitted.append(s.submit("ab", {"temperature": 0, "max_new_tokens": 20}))
+                except Overloaded as e:
+                    refused.append(e)
+            model.gate.release(1000)
+            results = [await s.wait(j) for j in admitted]
+            return results, refused
+        finally:
+            gate, model.gate = model.gate, None
+            gate.release(1000)
+            await s.stop()
+
+    results, refused = run(main())
+    assert len(results) == 4 and all(r.completion_tokens == 20 for r in results)
+    assert len(refused) == 8 and all(e.status == 429 and "Retry-After" in e.headers for e in refused)
+
+
 def test_stop_strings_processors_and_streaming_text():
     model = TableModel(vocab_size=4, eos_id=None, seed=4, scale=1.0)
 

@@ -123,8 +123,9 @@ class GenerationServable(Servable):
         return Greedy(), None
 
     def submit(self, text: str, params: GenerationParams | dict | None, *, stream: bool = False,
-               timeout_s: float | None = None, ready_check: bool = True) -> Job:
-        """Validate, tokenize and queue one request. Raises ``BadRequest`` / ``Overloaded`` / ``NotReady``."""
+               timeout_s: float | None = None, deadline: float | None = None, ready_check: bool = True) -> Job:
+        """Validate, tokenize and queue one request. Raises ``BadRequest`` / ``Overloaded`` / ``NotReady``.
+        ``deadline`` (``time.monotonic()``) wins over ``timeout_s``, which wins over the model's setting."""
         if ready_check and not self.ready:
             raise NotReady(f"model {self.manifest.name!r} is not ready: {self.reason}")
         if self.scheduler is None or self.model is None:
@@ -136,10 +137,11 @@ class GenerationServable(Servable):
         max_new = self.limits.apply(params)
         prompt = self.encode_prompt(text)
         strategy, beam = self.make_strategy(params, max_new)
-        timeout = timeout_s if timeout_s is not None else self.settings.request_timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.request_timeout_s)
         job = Job(params, prompt, max_new, strategy=strategy,
                   processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
-                  stream=stream, deadline=time.monotonic() + timeout, loop=asyncio.get_running_loop(),
+                  stream=stream, deadline=deadline, loop=asyncio.get_running_loop(),
                   history_includes_prompt=not self.is_seq2seq)
         if beam is not None and params.stop:
             beam.ends_with_stop = job.ends_with_stop

@@ -31,6 +31,7 @@ from deepserve.serve.generation.params import GenerationParams
 from deepserve.serve.generation.schemas import (
     Completion, CompletionChunk, CompletionRequest, ModelList, OpenAIError, inline_schema, json_body, responses,
 )
+from deepserve.serve.http_util import deadline_from
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
@@ -134,9 +135,10 @@ async def completions(request: Request):
     if not isinstance(stream, bool):
         raise BadRequest(f"stream must be true or false, got {stream!r}")
     jobs: list[Job] = []
+    deadline = deadline_from(request)
     try:
         for p in prompts:
-            jobs.append(servable.submit(p, params, stream=stream))
+            jobs.append(servable.submit(p, params, stream=stream, deadline=deadline))
     except BaseException as e:
         for j in jobs:
             servable.cancel(j)

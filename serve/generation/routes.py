@@ -28,7 +28,7 @@ from deepserve.serve.generation.params import GenerationParams
 from deepserve.serve.generation.schemas import (
     GenerateRequest, GenerateResponse, GenerateStreamEvent, TritonError, json_body, responses,
 )
-from deepserve.serve.http_util import DirectRoute
+from deepserve.serve.http_util import DirectRoute, deadline_from
 
 router = APIRouter(tags=["generation"])
 # The Triton routes are ``DirectRoute``s: no per-request dependency solving or response serialisation. The event
@@ -88,7 +88,7 @@ async def _generate(request: Request, model: str, version: str | None) -> Respon
     body = await read_json(request)
     servable = generation_servable(request, model, version)
     text, params = _triton_request(body)
-    job = servable.submit(text, params)
+    job = servable.submit(text, params, deadline=deadline_from(request))
     result = await run_to_result(request, servable, job)
     best = result.outputs[0]
     answer = {**_head(servable), "text_output": best.text, "finish_reason": best.finish_reason,
@@ -106,7 +106,7 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     body = await read_json(request)
     servable = generation_servable(request, model, version)
     text, params = _triton_request(body)
-    job = servable.submit(text, params, stream=True)  # errors here are plain HTTP errors
+    job = servable.submit(text, params, stream=True, deadline=deadline_from(request))  # errors: plain HTTP ones
     head = _head(servable)
     tok = servable.tokenizer
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
+from deepserve.serve.generation.admission import Admission, Slot
 from deepserve.serve.generation.jobs import Event, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
 from deepserve.serve.generation.strategies import (
@@ -59,6 +60,7 @@ class Scheduler:
         self.cancels = False  # a running request may have been cancelled since the last look
         self.next_deadline = float("inf")  # the earliest deadline of the running requests
         self.steps = 0
+        self.admission = Admission(max_running_rows)
 
     # ---- asyncio side --------------------------------------------------------------------------------------
 
@@ -73,10 +75,19 @@ class Scheduler:
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} generation requests are already waiting "
                                  f"(max_waiting={self.max_waiting})", retry_after_s=1.0)
+            self.admission.check(self._running_slots(), [Slot(j.reserve, j.max_new_tokens) for j in self.waiting],
+                                 Slot(job.reserve, job.max_new_tokens), job.deadline - time.monotonic())
             self.waiting.append(job)
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
                 self.wake.set()
+
+    def _running_slots(self) -> list[Slot]:
+        """The running requests' rows and remaining steps (read from the event loop: a step may be under way,
+        which makes this at most one step stale)."""
+        col = self.log.col
+        return [Slot(j.reserve, (j.col0 + j.max_new_tokens - col) if j.plain else j.max_new_tokens - j.generated)
+                for j in list(self.running) if not j.finished]
 
     def cancel(self, job: Job) -> None:
         """Free the request's rows at the next step boundary (client gone, or deadline)."""
@@ -123,7 +134,9 @@ class Scheduler:
         self._admit(outbox)
         self._notify()
         if self.running:
+            t0 = time.perf_counter()
             self._step(outbox)
+            self.admission.observe(time.perf_counter() - t0)
         deliver(outbox)
         self._notify()
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deepserve.serve.schemas import ErrorBody
+from deepserve.serve.schemas import TIMEOUT_HEADER_PARAMETER, ErrorBody
 
 # ---- Triton generate extension -----------------------------------------------------------------------------
 
@@ -227,8 +227,10 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring ``model`` as the required JSON request body."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
+    """``openapi_extra`` declaring ``model`` as the required JSON request body (and the deadline header every
+    generation route reads)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}},
+            "parameters": [TIMEOUT_HEADER_PARAMETER]}
 
 
 def responses(ok: type[BaseModel], error: type[BaseModel], *, stream: type[BaseModel] | None = None
