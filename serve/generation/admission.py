@@ -18,9 +18,10 @@ from typing import Iterable
 
 from deepserve.serve.errors import Overloaded
 
-AVERAGE_WEIGHT = 0.2
+AVERAGE_WEIGHT = 0.05
 """Weight of the newest value in the moving averages of the step time and of the admitted requests' lengths
-(they follow a batch that fills within a few steps, yet one outlier does not swing them)."""
+(they follow a batch that fills within tens of steps, yet one step that waited for the GIL does not swing
+them)."""
 
 
 @dataclass(frozen=True)

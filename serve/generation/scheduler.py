@@ -61,6 +61,7 @@ class Scheduler:
         self.next_deadline = float("inf")  # the earliest deadline of the running requests
         self.steps = 0
         self.admission = Admission(max_running_rows)
+        self._last_step: float | None = None  # when the previous iteration with running rows began
 
     # ---- asyncio side --------------------------------------------------------------------------------------
 
@@ -129,14 +130,16 @@ class Scheduler:
                 self._fail_all(InferenceFailed(f"generation failed: {type(e).__name__}: {e}"))
 
     def _iteration(self) -> None:
+        now = time.perf_counter()
+        if self.running and self._last_step is not None:  # a step's wall time: selection, joins, the GIL included
+            self.admission.observe(now - self._last_step)
+        self._last_step = now if self.running else None
         outbox: list[tuple[Job, Event]] = []
         self._expire(outbox)
         self._admit(outbox)
         self._notify()
         if self.running:
-            t0 = time.perf_counter()
             self._step(outbox)
-            self.admission.observe(time.perf_counter() - t0)
         deliver(outbox)
         self._notify()
 
