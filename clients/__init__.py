@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         APIConnectionError,
         BadRequestError,
         DeepserveError,
+        InvalidParameterError,
         NotFoundError,
         OverloadedError,
         RequestTimeoutError,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     )
     from .sync import Client
     from .types import (
+        GenerateParams,
         GenerateResult,
         InferResult,
         ModelInfo,
@@ -41,6 +43,7 @@ _EXPORTS = {
         for name in (
             "DeepserveError",
             "BadRequestError",
+            "InvalidParameterError",
             "NotFoundError",
             "OverloadedError",
             "RequestTimeoutError",
@@ -51,6 +54,7 @@ _EXPORTS = {
     **{
         name: "types"
         for name in (
+            "GenerateParams",
             "GenerateResult",
             "InferResult",
             "ModelInfo",
@@ -68,8 +72,10 @@ __all__ = [
     "BadRequestError",
     "Client",
     "DeepserveError",
+    "GenerateParams",
     "GenerateResult",
     "InferResult",
+    "InvalidParameterError",
     "ModelInfo",
     "ModelMetadata",
     "NotFoundError",

@@ -124,6 +124,30 @@ def test_parameter_combinations_and_caps_name_the_field():
     assert limits.apply(GenerationParams()) == 32  # the default is lowered to the cap
 
 
+def test_one_declaration_gives_the_checks_the_schemas_and_the_error_data():
+    """The request schemas carry the bounds the server enforces, renamed for OpenAI; errors carry the parameter
+    as data; the SDK's GenerateParams is the same declaration, keyword-only."""
+    from deepserve.clients import GenerateParams
+    from deepserve.serve.generation.params import InvalidParameter
+    from deepserve.serve.generation.schemas import COMPLETION_FIELDS, generate_request_schema
+
+    declared = generate_request_schema()["properties"]["parameters"]["anyOf"][0]["properties"]
+    assert declared["top_p"]["exclusiveMinimum"] == 0 and declared["top_p"]["maximum"] == 1
+    assert declared["repetition_penalty"]["exclusiveMinimum"] == 0 and declared["temperature"]["maximum"] == 100
+    assert COMPLETION_FIELDS["max_tokens"]["anyOf"][0]["minimum"] == 1 and COMPLETION_FIELDS["max_tokens"]["default"] == 16
+    assert COMPLETION_FIELDS["top_k"]["anyOf"][0]["minimum"] == -1
+    for name, too_low in (("top_p", 0.0), ("repetition_penalty", 0), ("temperature", -1), ("num_beams", 0)):
+        bound = declared[name].get("minimum", declared[name].get("exclusiveMinimum"))
+        assert too_low <= bound
+        with pytest.raises(InvalidParameter) as err:
+            GenerationParams.from_dict({name: too_low})
+        assert (err.value.parameter, err.value.error.value, err.value.status) == (name, too_low, 400)
+    assert GenerateParams is not GenerationParams and issubclass(GenerationParams, GenerateParams)
+    with pytest.raises(TypeError):
+        GenerateParams(64)  # keyword-only
+    assert GenerateParams(num_beams=4, stop="x").changed() == {"num_beams": 4, "stop": ["x"]}
+
+
 def test_defaults_do_not_depend_on_a_parameters_object():
     assert GenerationParams.from_dict(None) == GenerationParams.from_dict({}) == GenerationParams()
     assert GenerationParams(stop="x").stop == ["x"] and GenerationParams(logprobs=True).logprobs == 0

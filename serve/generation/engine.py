@@ -15,9 +15,9 @@ from typing import Any, AsyncIterator
 
 from deepserve.manifest import Manifest
 from deepserve.serve import backends
-from deepserve.serve.errors import BadRequest, DeadlineExceeded, NotReady, ShuttingDown
+from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
 from deepserve.serve.generation.jobs import Event, Job, Result
-from deepserve.serve.generation.params import GenerationParams, Limits
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, check
 from deepserve.serve.generation.processors import build_processors
 from deepserve.serve.generation.scheduler import Scheduler
 from deepserve.serve.generation.step_models import StepModel, open_step_model
@@ -105,7 +105,7 @@ class GenerationServable(Servable):
         assert tok is not None
         ids = tok.encode(text)
         if not ids and self.is_seq2seq:  # nothing to attend to: the encoder output would be empty
-            raise BadRequest(f"prompt must have at least one token for a seq2seq model, got {text!r}")
+            raise InvalidParameter.of("prompt", "must have at least one token for a seq2seq model", text)
         if not ids:  # a language model needs a first token to condition on
             start = tok.encode("\n")
             ids = start if start and start[0] != tok.unk_id else [tok.unk_id]
@@ -130,8 +130,7 @@ class GenerationServable(Servable):
             raise NotReady(f"model {self.manifest.name!r} is not ready: {self.reason}")
         if self.scheduler is None or self.model is None:
             raise NotReady(f"model {self.manifest.name!r} is not started")
-        if not isinstance(text, str):
-            raise BadRequest(f"prompt must be a string, got {type(text).__name__}")
+        check(isinstance(text, str), "prompt", "must be a string", type(text).__name__)
         if not isinstance(params, GenerationParams):
             params = GenerationParams.from_dict(params)
         max_new = self.limits.apply(params)

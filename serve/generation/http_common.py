@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from deepserve.serve.errors import BadRequest, NotFound, ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event, Job, Result
-from deepserve.serve.generation.schemas import CompletionRequest
+from deepserve.serve.generation.params import InvalidParameter
 from deepserve.serve.http_util import read_body
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -93,17 +93,15 @@ def sse(data: Any) -> bytes:
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                  415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
                  504: "timeout_error"}
-_FIELDS = set(CompletionRequest.model_fields)
 
 
 def openai_error(error: ServeError) -> dict[str, Any]:
     """``{"error": {"message", "type", "param", "code"}}``: what the openai SDK reads (``APIError.message``
     ends with ``error.message``; ``.type``, ``.param`` and ``.code`` come from the same object). ``param`` is
-    the request field the message starts with, if any (our messages name the field first)."""
-    first = error.message.split(" ", 1)[0].split("[", 1)[0]
+    the request field an ``InvalidParameter`` names."""
     code = "model_not_found" if isinstance(error, NotFound) else "rate_limit_exceeded" if error.status == 429 else None
     return {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
-                      "param": first if first in _FIELDS else None, "code": code}}
+                      "param": error.parameter if isinstance(error, InvalidParameter) else None, "code": code}}
 
 
 class OpenAIRoute(APIRoute):

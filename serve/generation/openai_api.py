@@ -21,74 +21,54 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from deepserve.serve.errors import BadRequest, ServeError
+from deepserve.serve.errors import ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
     SSE_HEADERS, OpenAIRoute, abandon, cancel_on_disconnect, generation_servable, openai_error, read_json, sse,
 )
 from deepserve.serve.generation.jobs import Event, Job, Output, Result, TokenLogprobs
-from deepserve.serve.generation.params import GenerationParams
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.schemas import (
-    Completion, CompletionChunk, CompletionRequest, ModelList, OpenAIError, inline_schema, json_body, responses,
+    COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
+    completion_request_schema, inline_schema, request_body, responses,
 )
 from deepserve.serve.http_util import deadline_from
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
-# OpenAI field -> GenerationParams field
-_RENAMED = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "min_tokens": "min_new_tokens"}
-_PASSED = ("temperature", "top_p", "seed", "stop", "logprobs", "top_k", "num_beams", "length_penalty",
-           "early_stopping", "repetition_penalty", "no_repeat_ngram_size")
-_IGNORED = ("user", "suffix", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "stream_options",
-            "echo")
-_KNOWN = {"model", "prompt", "stream", "use_beam_search", *_RENAMED, *_PASSED, *_IGNORED}
-
-
-def _openai_name(message: str) -> str:
-    for openai, ours in _RENAMED.items():
-        if message.startswith(ours):
-            return openai + message[len(ours):]
-    return message
-
-
 def to_params(body: dict[str, Any]) -> GenerationParams:
-    unknown = sorted(set(body) - _KNOWN)
+    """The ``GenerationParams`` of a completion request; errors name the OpenAI field."""
+    unknown = sorted(set(body) - set(COMPLETION_FIELDS))
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}")
-    if body.get("echo"):
-        raise BadRequest("echo is not supported, got True")
+        raise InvalidParameter.of(unknown[0], f"is not a completion field (unknown: {unknown})", body[unknown[0]])
+    check(not body.get("echo"), "echo", "is not supported", body.get("echo"))
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise BadRequest(f"{name} is not supported (use repetition_penalty), got {body[name]!r}")
+        check(body.get(name) in (None, 0, 0.0), name, "is not supported (use repetition_penalty)", body.get(name))
     raw: dict[str, Any] = {"max_new_tokens": 16}
-    for openai, ours in _RENAMED.items():
-        if body.get(openai) is not None:
-            raw[ours] = body[openai]
-    for name in _PASSED:
-        if body.get(name) is not None:
-            raw[name] = body[name]
+    raw.update({OPENAI_TO_OURS[k]: v for k, v in body.items() if k in OPENAI_TO_OURS and v is not None})
     if raw.get("top_k") == -1:
         raw["top_k"] = 0
     use_beam = body.get("use_beam_search", False)
-    if not isinstance(use_beam, bool):
-        raise BadRequest(f"use_beam_search must be true or false, got {use_beam!r}")
+    check(isinstance(use_beam, bool), "use_beam_search", "must be true or false", use_beam)
     if use_beam and "num_beams" not in raw:
         raw["num_beams"] = raw.get("num_return_sequences", 1)
-        if raw["num_beams"] == 1:
-            raise BadRequest("use_beam_search needs num_beams > 1 (or n > 1), got num_beams=1")
-    try:
-        return GenerationParams(**raw)
-    except BadRequest as e:
-        raise BadRequest(_openai_name(e.message)) from None
+        check(raw["num_beams"] > 1, "use_beam_search", "needs num_beams > 1 (or n > 1)", use_beam)
+    return GenerationParams(**raw)
+
+
+def openai_named(error: InvalidParameter) -> InvalidParameter:
+    """``error`` naming the OpenAI field (``max_tokens``, not ``max_new_tokens``)."""
+    name = OURS_TO_OPENAI.get(error.parameter)
+    return error if name is None or name == error.parameter else InvalidParameter(error.error.renamed(name))
 
 
 def _prompts(body: dict[str, Any]) -> list[str]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
-    raise BadRequest(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    check(isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) for p in prompt), "prompt",
+          "must be a string or a non-empty list of strings", prompt)
+    return prompt
 
 
 def _logprobs_json(lp: TokenLogprobs, tok: Any, offset: int = 0) -> tuple[dict[str, Any], int]:
@@ -117,7 +97,7 @@ def _usage(results: list[Result]) -> dict[str, int]:
 
 
 @router.post("/v1/completions", summary="OpenAI-compatible text completion", response_model=None,
-             openapi_extra=json_body(CompletionRequest),
+             openapi_extra=request_body(completion_request_schema()),
              responses={**responses(Completion, OpenAIError), 200: {
                  "model": Completion, "description": "A text_completion object; with stream, server-sent events "
                                                      "of CompletionChunk objects ending with `data: [DONE]`",
@@ -125,25 +105,22 @@ def _usage(results: list[Result]) -> dict[str, int]:
 async def completions(request: Request):
     body = await read_json(request)
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(f"model must be a model name, got {model!r}")
+    check(isinstance(model, str) and bool(model), "model", "must be a model name", model)
     name, _, version = model.partition(":")
     servable = generation_servable(request, name, version or None)
-    prompts = _prompts(body)
-    params = to_params(body)
     stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest(f"stream must be true or false, got {stream!r}")
+    check(isinstance(stream, bool), "stream", "must be true or false", stream)
     jobs: list[Job] = []
     deadline = deadline_from(request)
     try:
+        prompts, params = _prompts(body), to_params(body)
         for p in prompts:
             jobs.append(servable.submit(p, params, stream=stream, deadline=deadline))
     except BaseException as e:
         for j in jobs:
             servable.cancel(j)
-        if isinstance(e, BadRequest):
-            raise BadRequest(_openai_name(e.message)) from None
+        if isinstance(e, InvalidParameter):
+            raise openai_named(e) from None
         raise
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model}

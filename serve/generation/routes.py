@@ -17,16 +17,16 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deepserve.serve.errors import BadRequest, ServeError
+from deepserve.serve.errors import ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
     SSE_HEADERS, generation_servable, read_json, run_to_result, sse,
 )
 from deepserve.serve.generation.jobs import Event, Output, TokenLogprobs
 from deepserve.serve.generation.openai_api import router as openai_router
-from deepserve.serve.generation.params import GenerationParams
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.schemas import (
-    GenerateRequest, GenerateResponse, GenerateStreamEvent, TritonError, json_body, responses,
+    GenerateResponse, GenerateStreamEvent, TritonError, generate_request_schema, request_body, responses,
 )
 from deepserve.serve.http_util import DirectRoute, deadline_from
 
@@ -35,9 +35,9 @@ router = APIRouter(tags=["generation"])
 # loop's time per request is what caps continuous batching over HTTP (it also shares the GIL with the scheduler
 # thread); with the one-event ``wait`` this took its CPU per /generate request from ~0.53 to ~0.34 ms.
 triton_router = APIRouter(route_class=DirectRoute)  # tagged where ``router`` includes it
-_GENERATE = dict(openapi_extra=json_body(GenerateRequest), responses=responses(GenerateResponse, TritonError),
+_GENERATE = dict(openapi_extra=request_body(generate_request_schema()), responses=responses(GenerateResponse, TritonError),
                  response_model=None)
-_STREAM = dict(openapi_extra=json_body(GenerateRequest),
+_STREAM = dict(openapi_extra=request_body(generate_request_schema()),
                responses=responses(GenerateResponse, TritonError, stream=GenerateStreamEvent))
 
 
@@ -65,15 +65,14 @@ def output_json(o: Output, tokenizer: Any) -> dict[str, Any]:
 def _triton_request(body: dict[str, Any]) -> tuple[str, GenerationParams]:
     unknown = sorted(set(body) - {"text_input", "parameters", "id"})
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; the generate body has text_input and parameters")
-    ident = body.get("id")
-    if ident is not None and not isinstance(ident, str):  # echoed back: the schema says string (or null)
-        raise BadRequest(f"id must be a string, got {ident!r}")
+        raise InvalidParameter.of(unknown[0], f"is not a field of the generate body (unknown: {unknown}; known: "
+                                              "text_input, parameters, id)", body[unknown[0]])
+    ident = body.get("id")  # echoed back: the schema says string (or null)
+    check(ident is None or isinstance(ident, str), "id", "must be a string", ident)
     text = body.get("text_input")
     if isinstance(text, list) and len(text) == 1:
         text = text[0]
-    if not isinstance(text, str):
-        raise BadRequest(f"text_input must be a string, got {text!r}")
+    check(isinstance(text, str), "text_input", "must be a string", text)
     params = dict(body.get("parameters") or {}) if isinstance(body.get("parameters"), dict) else body.get("parameters")
     if isinstance(params, dict):
         params.pop("stream", None)  # Triton clients send it; the endpoint decides
