@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Plan, backends, measure
+from benchmarks.common import Plan, backends, measure, paired, paired_ratio
 from benchmarks.loadgen import Request, Response, json_request
 from benchmarks.models import MODELS, corpus_lines, manifest, serving_repository
 from benchmarks.results import Plot, Report, Table
@@ -202,3 +202,63 @@ def run_engine(report: Report, source: Path, p: Plan) -> dict[str, Any]:
                       int8["tokens_per_s"] >= 2000, "onnx, dynamically quantized graphs")
     report.data["engine"] = runs
     return runs
+
+
+OVERLOAD_FACTORS = (1, 2, 4)
+"""Offered load as multiples of the measured capacity."""
+
+
+def _overload_cell(port: int, reqs: list[Request], rate: float, seconds: float, n: int) -> dict[str, Any]:
+    from benchmarks.loadgen import LoadSpec, run_open_loop
+
+    spec = LoadSpec("127.0.0.1", port, tuple(reqs), 1024, seconds, 100000, drain_s=30.0)
+    result = asyncio.run(run_open_loop(spec, rate, token_counter(n)))
+    offered = int(seconds * rate)
+    return {**result.summary(), "offered": offered, "shed": result.errors.get("429", 0) / max(1, offered)}
+
+
+def run_overload(report: Report, source: Path, p: Plan) -> dict[str, Any]:
+    """Char-LM goodput under overload: capacity (a closed loop that keeps ``max_running_rows`` requests in flight)
+    and open-loop arrivals at 1, 2 and 4 times the capacity's request rate, each overloaded cell paired with a
+    capacity cell measured just before or after it (ABBA order over the rounds)."""
+    section = report.section("Scenario 3c — generation under overload (char-LM, greedy)")
+    n, rows, seconds = 8 * p.gen_tokens, 64, max(4 * p.cell_s, 3.0)  # model-bound: HTTP is a small share
+    repository = serving_repository(source, {"charlm-cb": ("charlm", {"max_running_rows": rows})})
+    reqs = requests_for("charlm-cb", prompts("charlm"), "greedy", n)
+    table = Table(["offered", "round", "requests offered", "goodput tokens/s", "capacity tokens/s (paired)",
+                   "goodput / capacity", "admitted p50 ms", "admitted p99 ms", "capacity p99 ms (paired)",
+                   "p99 / capacity p99", "shed (429)", "other errors"])
+    rounds: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    with ServerProcess("deepserve", repository=repository, device=p.device) as server:
+        def capacity() -> dict[str, Any]:
+            return measure(server.port, reqs, rows, p, count_tokens=token_counter(n), duration_s=seconds,
+                           warmup=rows).row()
+
+        for f in OVERLOAD_FACTORS:
+            caps: list[dict[str, Any]] = []
+            rounds[f] = paired(lambda: (caps.append(capacity()) or caps[-1]),
+                               lambda: _overload_cell(server.port, reqs, f * caps[-1]["rps"], seconds, n),
+                               p.paired_rounds if f == 4 else 1)
+    ratios = {}
+    for f, pairs in rounds.items():
+        for i, (cap, c) in enumerate(pairs):
+            others = {k: v for k, v in c["errors"].items() if k != "429"}
+            table.add(f"{f}x open loop", i + 1, c["offered"], c["tokens_per_s"], cap["tokens_per_s"],
+                      c["tokens_per_s"] / cap["tokens_per_s"], c["p50_ms"], c["p99_ms"], cap["p99_ms"],
+                      (c["p99_ms"] or float("inf")) / cap["p99_ms"], f"{100 * c['shed']:.0f} %", others or "—")
+        ratios[f] = (paired_ratio([(c["tokens_per_s"], cap["tokens_per_s"]) for cap, c in pairs]),
+                     paired_ratio([(c["p99_ms"] or float("inf"), cap["p99_ms"]) for cap, c in pairs]))
+    section.blocks.append(f"Every request generates {n} tokens (greedy, min_new_tokens = max_new_tokens), "
+                          f"max_running_rows {rows}, default 30 s deadline, {seconds:.0f} s per cell; the load "
+                          "generator shares the 2 cores with the server. The offered rate is a multiple of the "
+                          "request rate of the capacity cell measured just before it; ratios are judged per round "
+                          "(median over rounds), since this shared VM's speed drifts between cells.")
+    section.blocks.append(table)
+    good, p99 = ratios[4]
+    report.target("char-LM at 4x offered load: goodput / capacity tokens/s (paired)", ">= 0.80", good,
+                  None if good is None else good >= 0.8)
+    report.target("char-LM at 4x offered load: admitted p99 / capacity p99 (paired)", "<= 3", p99,
+                  None if p99 is None else p99 <= 3)
+    report.data["overload"] = {f"{f}x": [{"capacity": cap, "offered": c} for cap, c in pairs]
+                               for f, pairs in rounds.items()}
+    return report.data["overload"]
