@@ -498,21 +498,21 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     model.gate = threading.Semaphore(0)
 
     async def main():
-        s = await started(model, max_running_rows=4, max_waiting=1)
+        s = await started(model, max_running_rows=4, max_waiting=1, max_new_tokens=100)
         try:
             job = s.submit("ab", {"temperature": 0, "max_new_tokens": 50}, stream=True)
             model.gate.release()
             stream = s.events(job)
             first = await stream.__anext__()
             assert first.kind == "delta" and s.scheduler.model.rows == 1
-            blocker = s.submit("a", {"num_beams": 4, "max_new_tokens": 3})  # needs all 4 rows: waits
+            blocker = s.submit("a", {"num_beams": 4, "max_new_tokens": 100})  # needs all 4 rows: waits
             with pytest.raises(Overloaded) as over:
                 s.submit("a", {"temperature": 0})
             assert over.value.status == 429 and "Retry-After" in over.value.headers
             await stream.aclose()  # the client goes away
             model.gate.release()  # at most one more step: the cancelled rows are gone before the next
             assert await asyncio.to_thread(s.scheduler.wait_until, lambda: job not in s.scheduler.running, 10.0)
-            model.gate.release(3)  # the beam request's three steps
+            model.gate.release(100)  # the beam request's steps
             result = await s.wait(blocker)
             assert result.outputs[0].finish_reason == "length"
             # a request whose deadline passes while running ends with DeadlineExceeded
@@ -542,18 +542,22 @@ def test_admission_predicts_when_rows_free_and_sheds_what_would_wait_too_long():
     assert a.wait_steps(running, waiting, Slot(2, 8)) == 15  # the waiting one takes the rows freed at 10
     assert a.wait_steps(running, [], Slot(4, 8)) == 30 and a.wait_steps([Slot(1, 9)], [], Slot(3, 8)) == 0
     a.observe(0.01)
-    a.check(running, [], Slot(2, 12), time_left_s=1.0)  # starts after 10 steps, typical length now 12
+    a.check(0, Slot(2, 24), 1.0, lambda: running, lambda: [])  # starts after 10 steps <= 24 / 2: typical now 24
+    assert a.last_start == 10
     with pytest.raises(Overloaded) as late:
-        a.check(running, [], Slot(2, 12), time_left_s=0.15)  # 0.10 s waiting + 0.12 s running
+        a.check(0, Slot(2, 24), 0.3, lambda: running, lambda: [])  # 0.10 s waiting + 0.24 s running
     assert "deadline" in late.value.message
     with pytest.raises(Overloaded) as full:
-        a.check(running, waiting, Slot(2, 8), time_left_s=10.0)  # 15 steps > 12
+        a.check(0, Slot(2, 8), 10.0, lambda: running, lambda: waiting)  # waits 15 steps > 24 / 2
     assert full.value.headers["Retry-After"] == "1" and full.value.status == 429
+    a.last_start = 100  # the last admitted request starts 100 steps from now: no need to look at the others
+    with pytest.raises(Overloaded):
+        a.check(0, Slot(1, 8), 10.0, lambda: pytest.fail("looked"), lambda: pytest.fail("looked"))
 
 
 def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at_once():
-    """Two rows, requests of 20 steps: two run, two wait one request's run time, the others are refused with
-    429 before they cost a step; every admitted request then completes."""
+    """Two rows, requests of 20 steps: two run, the others would wait a whole run and are refused with 429 before
+    they cost a step; a request twice as long may wait that long, and is queued. Every admitted one completes."""
     model = TableModel(vocab_size=4, eos_id=None, seed=1)
 
     async def main():
@@ -562,9 +566,9 @@ def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at
             await s.generate("a", {"temperature": 0, "max_new_tokens": 3})  # the scheduler learns its step time
             model.gate = threading.Semaphore(0)  # hold the batch still while the burst arrives
             admitted, refused = [], []
-            for _ in range(12):
+            for n in [20] * 12 + [40]:
                 try:
-                    admitted.append(s.submit("ab", {"temperature": 0, "max_new_tokens": 20}))
+                    admitted.append(s.submit("ab", {"temperature": 0, "max_new_tokens": n}))
                 except Overloaded as e:
                     refused.append(e)
             model.gate.release(1000)
@@ -576,8 +580,8 @@ def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at
             await s.stop()
 
     results, refused = run(main())
-    assert len(results) == 4 and all(r.completion_tokens == 20 for r in results)
-    assert len(refused) == 8 and all(e.status == 429 and "Retry-After" in e.headers for e in refused)
+    assert [r.completion_tokens for r in results] == [20, 20, 40]
+    assert len(refused) == 10 and all(e.status == 429 and "Retry-After" in e.headers for e in refused)
 
 
 def test_stop_strings_processors_and_streaming_text():

@@ -13,6 +13,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from deepserve.generation import GenerationParams as BaseParams
 from deepserve.manifest import Manifest
 from deepserve.serve import backends
 from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
@@ -131,13 +132,14 @@ class GenerationServable(Servable):
         if self.scheduler is None or self.model is None:
             raise NotReady(f"model {self.manifest.name!r} is not started")
         check(isinstance(text, str), "prompt", "must be a string", type(text).__name__)
-        if not isinstance(params, GenerationParams):
+        if not isinstance(params, BaseParams):  # the SDK's GenerateParams is one too
             params = GenerationParams.from_dict(params)
         max_new = self.limits.apply(params)
-        prompt = self.encode_prompt(text)
-        strategy, beam = self.make_strategy(params, max_new)
         if deadline is None:
             deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.request_timeout_s)
+        self.scheduler.admit(params.rows, max_new, deadline)
+        prompt = self.encode_prompt(text)
+        strategy, beam = self.make_strategy(params, max_new)
         job = Job(params, prompt, max_new, strategy=strategy,
                   processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
                   stream=stream, deadline=deadline, loop=asyncio.get_running_loop(),

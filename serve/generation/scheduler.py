@@ -69,15 +69,24 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="generation-scheduler", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def admit(self, rows: int, max_new_tokens: int, deadline: float) -> None:
+        """Refuse at once (``ShuttingDown``, or ``Overloaded``: 429 with Retry-After) a request of ``rows`` rows and
+        up to ``max_new_tokens`` steps that could not start soon or finish by ``deadline``; called before the
+        request is tokenized, so that a refusal costs little."""
         with self.lock:
             if self.closing:
                 raise ShuttingDown()
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} generation requests are already waiting "
                                  f"(max_waiting={self.max_waiting})", retry_after_s=1.0)
-            self.admission.check(self._running_slots(), [Slot(j.reserve, j.max_new_tokens) for j in self.waiting],
-                                 Slot(job.reserve, job.max_new_tokens), job.deadline - time.monotonic())
+            self.admission.check(self.steps, Slot(rows, max_new_tokens), deadline - time.monotonic(),
+                                 self._running_slots, lambda: [Slot(j.reserve, j.max_new_tokens) for j in self.waiting])
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` (after ``admit``)."""
+        with self.lock:
+            if self.closing:
+                raise ShuttingDown()
             self.waiting.append(job)
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
