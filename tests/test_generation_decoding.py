@@ -656,7 +656,7 @@ def test_stream_events_ready_together_come_as_one_batch_and_errors_follow_their_
 
 
 def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_request_result(monkeypatch):
-    from deepserve.serve.generation import processors
+    from deepserve.serve.generation import params as processors
 
     prompts = ["a", "b", "ab", "ba", "c", "cab"]
 

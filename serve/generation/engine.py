@@ -18,8 +18,7 @@ from deepserve.manifest import Manifest
 from deepserve.serve import backends
 from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
 from deepserve.serve.generation.jobs import Event, Job, Result
-from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, check
-from deepserve.serve.generation.processors import build_processors
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, build_processors, check
 from deepserve.serve.generation.scheduler import Scheduler
 from deepserve.serve.generation.step_models import StepModel, open_step_model
 from deepserve.serve.generation.strategies import BeamSearch, Greedy, Sampling, Strategy
@@ -160,9 +159,7 @@ class GenerationServable(Servable):
         waits (a grace second over it: the scheduler normally reports it itself, between steps). One timer
         per request rather than a ``wait_for`` per event: 32 streams make thousands of events a second, and
         each ``wait_for`` costs a task."""
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()) + 1.0, job.events.put_nowait,
-                                Event("timeout"))
+        timer = _deadline_timer(job)
         queue = job.events
         try:
             while True:
@@ -202,9 +199,7 @@ class GenerationServable(Servable):
                     assert event.result is not None
                     return event.result
             raise ShuttingDown()  # pragma: no cover - events always end with done or an error
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()) + 1.0, job.events.put_nowait,
-                                Event("timeout"))
+        timer = _deadline_timer(job)
         try:
             event = await job.events.get()
         finally:  # also when the caller is cancelled (client gone): the job's rows are freed next step
@@ -224,3 +219,10 @@ class GenerationServable(Servable):
         job = self.submit(text, params, timeout_s=timeout_s, ready_check=ready_check)
         return await self.wait(job)
 
+
+
+def _deadline_timer(job: Job) -> asyncio.TimerHandle:
+    """The engine's own deadline for a waiting caller: a ``timeout`` event a grace second after the job's
+    deadline (the scheduler normally reports it itself, between steps), for a job it dropped or never saw."""
+    return asyncio.get_running_loop().call_later(max(0.0, job.deadline - time.monotonic()) + 1.0,
+                                                 job.events.put_nowait, Event("timeout"))

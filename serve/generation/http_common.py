@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Coroutine
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 
 from deepserve.serve.errors import BadRequest, NotFound, ServeError
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.jobs import Event, Job, Result
+from deepserve.serve.generation.jobs import Event, Job, Result, TokenLogprobs
 from deepserve.serve.generation.params import InvalidParameter
 from deepserve.serve.http_util import read_body
 
@@ -86,6 +86,46 @@ async def run_to_result(request: Request, servable: GenerationServable, job: Job
 
 def sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+Piece = tuple[int, str, "str | None", "TokenLogprobs | None"]
+"""What a stream sends for one output index: (index, new text, finish reason or None, new tokens' logprobs)."""
+
+
+def pieces(job: Job, event: Event) -> Iterator[Piece]:
+    """The pieces an event of ``job`` owes its stream: a delta's text (to every index, for the prefix all beams
+    share), then with the result what each output still owes (beam search: every returned sequence)."""
+    if event.kind == "delta":
+        indices = range(job.params.num_return_sequences) if event.index < 0 else (event.index,)
+        for i in indices:
+            yield i, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs")
+    elif event.result is not None:
+        for o in event.result.outputs:
+            rest, lp = job.remaining_text(o.index, o.text), job.final_logprobs(o)
+            if job.is_beam or rest or lp is not None:
+                yield o.index, rest, o.finish_reason, lp
+
+
+async def sse_stream(servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
+                     error: Callable[[ServeError], bytes], end: bytes = b"") -> AsyncIterator[bytes]:
+    """The server-sent events of ``jobs`` (one after the other; all were queued at once), each piece rendered by
+    ``encode(job number, piece)``: the Triton and OpenAI streams differ only in that and in ``error`` (the last
+    event of a stream that fails) and ``end``. Events ready together go out as one write (a stream that fell
+    behind catches up); leaving early (client gone) cancels every job."""
+    try:
+        for i, job in enumerate(jobs):
+            async with aclosing(servable.event_batches(job)) as batches:
+                async for batch in batches:
+                    out = [encode(i, piece) for event in batch for piece in pieces(job, event)]
+                    if out:
+                        yield b"".join(out)
+        if end:
+            yield end
+    except ServeError as e:
+        yield error(e)
+    finally:
+        for job in jobs:
+            servable.cancel(job)
 
 
 # ---- OpenAI's error shape for /v1 -------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deepserve.serve.generation.params import GenerationParams
-from deepserve.serve.generation.processors import Processor
+from deepserve.serve.generation.params import GenerationParams, Processor
 from deepserve.serve.generation.strategies import BeamSearch, Strategy, _tops
 from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
 

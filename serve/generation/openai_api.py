@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from deepserve.serve.errors import ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, OpenAIRoute, abandon, cancel_on_disconnect, generation_servable, openai_error, read_json, sse,
+    SSE_HEADERS, OpenAIRoute, Piece, abandon, cancel_on_disconnect, generation_servable, openai_error, read_json,
+    sse, sse_stream,
 )
-from deepserve.serve.generation.jobs import Event, Job, Output, Result, TokenLogprobs
+from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.schemas import (
     COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
@@ -143,44 +142,20 @@ async def completions(request: Request):
     return {**head, "choices": choices, "usage": _usage(results)}
 
 
-async def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> AsyncIterator[bytes]:
+def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> AsyncIterator[bytes]:
     tok = servable.tokenizer
     offsets: dict[int, int] = {}  # choice -> text offset of its next token (logprobs.text_offset)
 
-    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None) -> bytes:
+    def chunk(i: int, piece: Piece) -> bytes:
+        index, text, finish, lp = piece
+        index += i * n  # prompt i's choices
         logprobs = None
         if lp is not None:
             logprobs, offsets[index] = _logprobs_json(lp, tok, offsets.get(index, 0))
         return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                          "finish_reason": finish}]})
 
-    def render(i: int, job: Job, event: Event, out: list[bytes]) -> None:
-        if event.kind == "delta":
-            indices = range(n) if event.index < 0 else [event.index]
-            for k in indices:
-                out.append(chunk(i * n + k, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs")))
-        elif event.result is not None:
-            for o in event.result.outputs:
-                rest = job.remaining_text(o.index, o.text)
-                lp = job.final_logprobs(o)
-                if job.is_beam or rest or lp is not None:
-                    out.append(chunk(i * n + o.index, rest, o.finish_reason, lp))
-
-    try:
-        for i, job in enumerate(jobs):  # several prompts: one after the other (all were queued at once)
-            async with aclosing(servable.event_batches(job)) as batches:  # a client gone cancels the job now
-                async for batch in batches:
-                    out: list[bytes] = []
-                    for event in batch:
-                        render(i, job, event, out)
-                    if out:
-                        yield b"".join(out)  # events that were ready together: one write
-        yield b"data: [DONE]\n\n"
-    except ServeError as e:
-        yield sse(openai_error(e))
-    finally:
-        for job in jobs:
-            servable.cancel(job)
+    return sse_stream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
 
 
 @router.get("/v1/models", summary="OpenAI-compatible model list (generation models)", response_model=None,

@@ -11,18 +11,16 @@ the app turns into ``{"error": "..."}`` with the right status. The shapes are de
 
 from __future__ import annotations
 
-from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deepserve.serve.errors import ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, generation_servable, read_json, run_to_result, sse,
+    SSE_HEADERS, Piece, generation_servable, read_json, run_to_result, sse, sse_stream,
 )
-from deepserve.serve.generation.jobs import Event, Output, TokenLogprobs
+from deepserve.serve.generation.jobs import Output, TokenLogprobs
 from deepserve.serve.generation.openai_api import router as openai_router
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.schemas import (
@@ -106,38 +104,15 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     servable = generation_servable(request, model, version)
     text, params = _triton_request(body)
     job = servable.submit(text, params, stream=True, deadline=deadline_from(request))  # errors: plain HTTP ones
-    head = _head(servable)
-    tok = servable.tokenizer
+    head, tok = _head(servable), servable.tokenizer
 
-    def render(event: Event, out: list[bytes]) -> None:
-        if event.kind == "delta":
-            indices = range(params.num_return_sequences) if event.index < 0 else [event.index]
-            lp = event.extra.get("logprobs")
-            for i in indices:
-                data = {**head, "index": i, "text_output": event.text,
-                        "finish_reason": event.extra.get("finish_reason")}
-                out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
-        elif event.result is not None:
-            for o in event.result.outputs:
-                rest = job.remaining_text(o.index, o.text)
-                lp = job.final_logprobs(o)
-                if job.is_beam or rest or lp is not None:
-                    data = {**head, "index": o.index, "text_output": rest, "finish_reason": o.finish_reason}
-                    out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
+    def encode(_: int, piece: Piece) -> bytes:
+        index, text, finish, lp = piece
+        data = {**head, "index": index, "text_output": text, "finish_reason": finish}
+        return sse({**data, **logprobs_json(lp, tok)} if lp is not None else data)
 
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            async with aclosing(servable.event_batches(job)) as batches:  # a client gone cancels the job now
-                async for batch in batches:
-                    out: list[bytes] = []
-                    for event in batch:
-                        render(event, out)
-                    if out:
-                        yield b"".join(out)  # events that were ready together: one write
-        except ServeError as e:
-            yield sse({"error": e.message, "status": e.status})
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    events = sse_stream(servable, [job], encode, lambda e: sse({"error": e.message, "status": e.status}))
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @triton_router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)",
