@@ -114,9 +114,11 @@ class GenerationParams:
                                                             "none can under the best-case bound.")
     num_return_sequences: int = _param(1, "Sequences to return: independent samples, or the n best beam "
                                           "hypotheses (n <= num_beams).", "integer", ge=1)
-    logprobs: int | bool | None = _param(None, f"Return each generated token's log-probability (after temperature "
-                                               f"and the logit processors) plus this many most likely alternatives "
-                                               f"(0-{MAX_LOGPROBS}; true: 0); null: off.")
+    logprobs: int | bool | None = _param(None, f"Return each generated token's log-probability plus this many most "
+                                               f"likely alternatives (0-{MAX_LOGPROBS}; true: 0); null: off. Greedy "
+                                               f"and sampling report the model's distribution (before temperature, "
+                                               f"top-k/top-p and the logit processors, as the OpenAI API); beam "
+                                               f"search the processed scores it ranks by.")
 
     def __post_init__(self) -> None:
         _check_declared(self)

@@ -21,7 +21,7 @@ from deepserve.serve.generation.jobs import Event, Job, Result
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, build_processors, check
 from deepserve.serve.generation.scheduler import Scheduler
 from deepserve.serve.generation.step_models import StepModel, open_step_model
-from deepserve.serve.generation.strategies import BeamSearch, Greedy, Sampling, Strategy
+from deepserve.serve.generation.strategies import BeamSearch, Sampling
 from deepserve.serve.generation.tokenizers import Tokenizer, load_tokenizer
 from deepserve.serve.servable import Servable
 
@@ -112,15 +112,13 @@ class GenerationServable(Servable):
         self.limits.check_prompt(len(ids), "prompt")
         return ids
 
-    def make_strategy(self, params: GenerationParams, max_new: int) -> tuple[Strategy, Any]:
+    def make_strategy(self, params: GenerationParams, max_new: int) -> BeamSearch | Sampling | None:
+        """The request's beam search or sampler; None for greedy decoding (an argmax needs no state)."""
         if params.strategy == "beam":
-            beam = BeamSearch(num_beams=params.num_beams, max_new_tokens=max_new,
+            return BeamSearch(num_beams=params.num_beams, max_new_tokens=max_new,
                               length_penalty=params.length_penalty, early_stopping=params.early_stopping,
                               eos_id=self.model.eos_id, logprobs=params.logprobs)
-            return beam, beam
-        if params.strategy == "sample":
-            return Sampling(params, params.num_return_sequences), None
-        return Greedy(), None
+        return Sampling(params) if params.strategy == "sample" else None
 
     def submit(self, text: str, params: GenerationParams | dict | None, *, stream: bool = False,
                timeout_s: float | None = None, deadline: float | None = None, ready_check: bool = True) -> Job:
@@ -138,13 +136,13 @@ class GenerationServable(Servable):
             deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.request_timeout_s)
         self.scheduler.admit(params.rows, max_new, deadline)
         prompt = self.encode_prompt(text)
-        strategy, beam = self.make_strategy(params, max_new)
+        strategy = self.make_strategy(params, max_new)
         job = Job(params, prompt, max_new, strategy=strategy,
                   processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
                   stream=stream, deadline=deadline, loop=asyncio.get_running_loop(),
                   history_includes_prompt=not self.is_seq2seq)
-        if beam is not None and params.stop:
-            beam.ends_with_stop = job.ends_with_stop
+        if isinstance(strategy, BeamSearch) and params.stop:
+            strategy.ends_with_stop = job.ends_with_stop
         self.scheduler.submit(job)
         return job
 

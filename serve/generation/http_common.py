@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 from fastapi import Request
@@ -50,16 +50,6 @@ async def _call_on_disconnect(request: Request, on_gone: Callable[[], None]) -> 
             return
 
 
-@asynccontextmanager
-async def cancel_on_disconnect(request: Request, on_gone: Callable[[], None]) -> AsyncIterator[None]:
-    """While the body runs, a client disconnect calls ``on_gone`` (the job's rows are freed next step)."""
-    task = asyncio.create_task(_call_on_disconnect(request, on_gone))
-    try:
-        yield
-    finally:
-        task.cancel()
-
-
 class ClientGone(ServeError):
     """The client closed the connection before its answer (nginx's 499): nobody reads that answer, but the
     request ends now, and counted, rather than when its deadline timer fires."""
@@ -74,12 +64,11 @@ def abandon(servable: GenerationServable, job: Job) -> None:
     job.events.put_nowait(Event("error", error=ClientGone("the client closed the connection")))
 
 
-async def run_to_result(request: Request, servable: GenerationServable, job: Job) -> Result:
-    """``servable.wait(job)``, a client disconnect cancelling the job: ``cancel_on_disconnect`` written out, which
-    spares the event loop an async context manager per request."""
-    watch = asyncio.create_task(_call_on_disconnect(request, lambda: abandon(servable, job)))
+async def run_to_results(request: Request, servable: GenerationServable, jobs: list[Job]) -> list[Result]:
+    """Each job's ``servable.wait``, one watcher cancelling every job if the client disconnects meanwhile."""
+    watch = asyncio.create_task(_call_on_disconnect(request, lambda: [abandon(servable, j) for j in jobs]))
     try:
-        return await servable.wait(job)
+        return [await servable.wait(j) for j in jobs]
     finally:
         watch.cancel()
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deepserve.serve.generation.params import GenerationParams, Processor
-from deepserve.serve.generation.strategies import BeamSearch, Strategy, _tops
+from deepserve.serve.generation.strategies import BeamSearch, Sampling, _tops
 from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
 
 _ids = itertools.count()
@@ -90,7 +90,7 @@ class Job:
     """A request: parameters, prompt ids, strategy, and a queue of events for the asyncio side."""
 
     def __init__(self, params: GenerationParams, prompt_ids: list[int], max_new_tokens: int, *,
-                 strategy: Strategy, processors: list[Processor], tokenizer: Tokenizer, stream: bool,
+                 strategy: BeamSearch | Sampling | None, processors: list[Processor], tokenizer: Tokenizer, stream: bool,
                  deadline: float, loop: asyncio.AbstractEventLoop | None, history_includes_prompt: bool) -> None:
         self.id = next(_ids)
         self.params = params

@@ -22,8 +22,8 @@ from fastapi.responses import StreamingResponse
 
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, OpenAIRoute, Piece, abandon, cancel_on_disconnect, generation_servable, openai_error, read_json,
-    sse, sse_stream,
+    SSE_HEADERS, OpenAIRoute, Piece, generation_servable, openai_error, read_json, run_to_results, sse,
+    sse_stream,
 )
 from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
@@ -128,12 +128,7 @@ async def completions(request: Request):
         return StreamingResponse(_stream(servable, jobs, head, n), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
-    def cancel_all() -> None:
-        for j in jobs:
-            abandon(servable, j)
-
-    async with cancel_on_disconnect(request, cancel_all):
-        results = [await servable.wait(j) for j in jobs]
+    results = await run_to_results(request, servable, jobs)
     choices = [
         {"index": i * n + o.index, "text": o.text, "logprobs": _output_logprobs(o, servable.tokenizer),
          "finish_reason": o.finish_reason}

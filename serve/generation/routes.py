@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, Piece, generation_servable, read_json, run_to_result, sse, sse_stream,
+    SSE_HEADERS, Piece, generation_servable, read_json, run_to_results, sse, sse_stream,
 )
 from deepserve.serve.generation.jobs import Output, TokenLogprobs
 from deepserve.serve.generation.openai_api import router as openai_router
@@ -86,7 +86,7 @@ async def _generate(request: Request, model: str, version: str | None) -> Respon
     servable = generation_servable(request, model, version)
     text, params = _triton_request(body)
     job = servable.submit(text, params, deadline=deadline_from(request))
-    result = await run_to_result(request, servable, job)
+    result, = await run_to_results(request, servable, [job])
     best = result.outputs[0]
     answer = {**_head(servable), "text_output": best.text, "finish_reason": best.finish_reason,
               "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}}

@@ -94,16 +94,20 @@ OPENAI_TO_OURS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "
 """OpenAI completion field -> ``GenerationParams`` field (after ``stream``, the extensions the SDK sends through
 ``extra_body``)."""
 OURS_TO_OPENAI = {ours: openai for openai, ours in OPENAI_TO_OURS.items()}
-_OPENAI_CHANGES: dict[str, dict[str, Any]] = {
-    "max_tokens": {"default": 16}, "top_k": {"minimum": -1, "description": "-1 or 0 disables."},
-    "num_beams": {"description": "Beam width; defaults to n with use_beam_search."},
-}
+_OPENAI_DEFAULTS = {"max_tokens": 16}
+_OPENAI_DOCS = {"max_tokens": "Most tokens to generate (default 16).", "n": "Choices per prompt (samples, or the n "
+                "best beam hypotheses).", "min_tokens": "EOS and stop strings are ignored before this many tokens."}
+_OPENAI_MINIMUM = {"top_k": -1}  # -1 disables, as 0 does
 
 
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return schema if "anyOf" in schema and {"type": "null"} in schema["anyOf"] else \
-        {"anyOf": [{k: v for k, v in schema.items() if k not in ("default", "description")}, {"type": "null"}],
-         **{k: v for k, v in schema.items() if k in ("default", "description")}}
+def _openai_field(openai: str) -> dict[str, Any]:
+    """A generation parameter as a completion field: its schema, renamed, OpenAI's default, null accepted."""
+    schema = parameter_schema(OPENAI_TO_OURS[openai])
+    meta = {"default": _OPENAI_DEFAULTS.get(openai, schema.pop("default")), "description": _OPENAI_DOCS.get(openai, schema.pop("description"))}
+    options = schema["anyOf"] if "anyOf" in schema else [schema]
+    if openai in _OPENAI_MINIMUM:
+        options = [{**o, "minimum": _OPENAI_MINIMUM[openai]} if o.get("type") == "integer" else o for o in options]
+    return {"anyOf": [o for o in options if o != {"type": "null"}] + [{"type": "null"}], **meta}
 
 
 def _completion_fields() -> dict[str, dict[str, Any]]:
@@ -112,15 +116,8 @@ def _completion_fields() -> dict[str, dict[str, Any]]:
         "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
         "stream": {"type": ["boolean", "null"], "default": False},
         "use_beam_search": {"type": ["boolean", "null"], "default": False},
+        **{openai: _openai_field(openai) for openai in OPENAI_TO_OURS},
     }
-    for openai, ours in OPENAI_TO_OURS.items():
-        schema = parameter_schema(ours)
-        inner = schema["anyOf"][0] if "anyOf" in schema and len(schema["anyOf"]) == 2 else None
-        if inner is not None and "minimum" in _OPENAI_CHANGES.get(openai, {}):
-            inner = {**inner, "minimum": _OPENAI_CHANGES[openai]["minimum"]}
-            schema = {**schema, "anyOf": [inner, schema["anyOf"][1]]}
-        changes = {k: v for k, v in _OPENAI_CHANGES.get(openai, {}).items() if inner is None or k != "minimum"}
-        fields[openai] = _nullable({**schema, **changes})
     for name, what in (("user", "Ignored."), ("suffix", "Ignored."), ("best_of", "Ignored."),
                        ("presence_penalty", "Only 0 (use repetition_penalty)."),
                        ("frequency_penalty", "Only 0 (use repetition_penalty)."), ("logit_bias", "Ignored."),

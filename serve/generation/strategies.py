@@ -1,15 +1,13 @@
-"""Decoding strategies behind one small interface: ``select(scores[rows, V]) -> (tokens, parents)``.
+"""How tokens are chosen: greedy and sampling row-wise over the whole batch (``greedy_tokens``, ``sample_tokens``),
+beam search per request (``BeamSearch.select``, vectorised over requests by ``select_many``).
 
-``parents[i]`` is the row (within the request's block) whose state row i continues; ``None`` means rows keep
-their places (greedy, sampling). Greedy and sampling are row-wise, so the scheduler runs every such row of
-the batch through ``greedy_tokens`` / ``sample_tokens`` at once; ``Greedy.select`` / ``Sampling.select`` are
-those same functions on one request's block, which is what makes batched and lone results identical.
-Row-wise also means numerically row-independent: a row's result never depends on the other rows.
+Greedy and sampled rows keep their places; a beam step returns, for each next beam, the row (within the
+request's block) it continues. Row-wise selection is numerically row-independent: a row's result never depends
+on the other rows, which is what makes batched and lone results identical.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,42 +96,17 @@ def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
     return top
 
 
-class Strategy(ABC):
-    """How one request picks its next tokens."""
+class Sampling:
+    """A sampling request's settings and its own generator (one uniform per row per step); the scheduler samples
+    every sampled row of the batch at once with ``sample_tokens``."""
 
-    rows: int
-    """Rows of the batch the request occupies now."""
-
-    @abstractmethod
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """scores (rows, V) after processors -> next tokens (rows',), parents (rows',) or None for identity."""
-
-
-class Greedy(Strategy):
-    def __init__(self, rows: int = 1) -> None:
-        self.rows = rows
-
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, None]:
-        return greedy_tokens(scores), None
-
-
-class Sampling(Strategy):
-    """Temperature / top-k / top-p sampling from the request's own generator (one uniform per row per step)."""
-
-    def __init__(self, params: GenerationParams, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, params: GenerationParams) -> None:
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self.temperature, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
 
     def draw(self, n: int) -> np.ndarray:
         """One uniform per live row, in row order."""
         return self.rng.random(n)
-
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, None]:
-        n = len(scores)
-        full = np.full
-        return sample_tokens(scores, full(n, self.temperature, np.float32), full(n, self.top_k),
-                             full(n, self.top_p), self.draw(n)), None
 
 
 @dataclass
@@ -147,7 +120,7 @@ class Hypothesis:
 
 
 @dataclass
-class BeamSearch(Strategy):
+class BeamSearch:
     """Beam search as a flattened top-k over (live beams x vocab), with Hugging Face's BeamHypotheses rules:
     the 2 x num_beams best candidates are scanned in order; an EOS (or stop-string) candidate ranked below
     num_beams is dropped, one ranked within becomes a finished hypothesis; the others fill the next beams.
