@@ -26,8 +26,10 @@ from deepserve.export import formats as fmt
 from deepserve.export import parity, writer
 from deepserve.export.quantize import evaluate_variant, int8_plan
 from deepserve.export.errors import ExportError, ParityError
-from deepserve.export.graphs import KV_LAYOUT, MODEL_TASKS, GraphDef, TaskGraphs, build_graphs
-from deepserve.manifest import GraphSpec, Manifest, ManifestError, hash_directory, load_manifest, sha256_file
+from deepserve.export.graphs import MODEL_TASKS, GraphDef, TaskGraphs, build_graphs
+from deepserve.manifest import (
+    GraphSpec, Manifest, ManifestError, StepGraphContract, hash_directory, load_manifest, sha256_file,
+)
 
 REFERENCE_FILE = "parity.npz"
 
@@ -143,10 +145,11 @@ def _verify_artifact(directory: Path) -> dict[str, Any]:
         manifest = load_manifest(directory, verify=True)
     except ManifestError as e:
         raise ExportError(str(e)) from None
-    layout = manifest.model.get("kv_layout")
-    if manifest.task == "seq2seq" and layout != KV_LAYOUT:
-        raise ExportError(f"{directory}: manifest model.kv_layout is {layout!r}, but this deepserve's seq2seq graphs "
-                          f"take {KV_LAYOUT!r} key/value caches; re-export the checkpoint with `deepserve export`")
+    if manifest.task == "seq2seq":
+        try:
+            StepGraphContract.of(manifest)  # the layout and sizes serve will drive
+        except ManifestError as e:
+            raise ExportError(f"{directory}: {e}") from None
     unlisted = sorted(set(hash_directory(directory)) - set(manifest.files))
     if unlisted:
         raise ExportError(f"{directory}: {', '.join(unlisted)} not listed in manifest.json")

@@ -14,14 +14,8 @@ import torch
 import torch.nn as nn
 
 from deepserve.export.errors import ExportError
-from deepserve.manifest import TensorSpec
+from deepserve.manifest import StepGraphContract, TensorSpec
 from deepserve.train.models.seq2seq import attend
-
-KV_LAYOUT = "per-layer-shared-cross"
-"""Manifest ``model.kv_layout`` of seq2seq artifacts: one cross / past / present K and V tensor per decoder
-layer (``cross_k_0``, ``past_k_0``, ``present_k_0``, ...), each [batch,H,len,Dh]; ``decode_step`` takes the cross
-K/V (and ``src_pad_mask``) of N sources for B = N * G rows, rows n*G .. n*G+G-1 reading source n (N = B: one
-source per row, as before). Was ``per-layer`` (cross K/V per row), whose graphs mis-read shared cross K/V."""
 
 # model type -> task it must come with
 MODEL_TASKS = {
@@ -290,9 +284,10 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
     kv_src = ("sources", heads, "src_len", head_dim)  # decode_step: B = sources * G rows (see _grouped_step)
     kv_past = ("batch", heads, "past_len", head_dim)
     kv_present = ("batch", heads, "present_len", head_dim)
-    cross = [_spec(f"cross_{kv}_{i}", "float32", "batch", *kv_src[1:]) for i in range(layers) for kv in "kv"]
-    layer_inputs = [_spec(f"{name}_{kv}_{i}", "float32", *(kv_src if name == "cross" else kv_past))
-                    for i in range(layers) for name in ("cross", "past") for kv in "kv"]
+    contract = StepGraphContract(int(layers), int(heads), int(head_dim), int(vocab_size))
+    cross = [_spec(n, "float32", "batch", *kv_src[1:]) for n in contract.names("cross")]
+    layer_inputs = [_spec(n, "float32", *(kv_src if n.startswith("cross") else kv_past))
+                    for n in contract.names(("cross", "past"))]
     encode_graph = GraphDef(
         name="encode",
         module=encode,
@@ -311,18 +306,10 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
             *layer_inputs,
         ],
         outputs=[_spec("logits", "float32", "batch", vocab_size)]
-        + [_spec(f"present_{kv}_{i}", "float32", *kv_present) for i in range(layers) for kv in "kv"],
+        + [_spec(n, "float32", *kv_present) for n in contract.names("present")],
         example=(tokens, positions, src_mask, past_mask, *per_layer),
     )
-    facts = {
-        "type": model_type,
-        "n_decoder_layers": int(layers),
-        "n_heads": int(heads),
-        "head_dim": int(head_dim),
-        "d_model": int(d_model),
-        "vocab_size": int(vocab_size),
-        "kv_layout": KV_LAYOUT,
-    }
+    facts = {"type": model_type, "d_model": int(d_model), **contract.facts()}
     return TaskGraphs({"encode": encode_graph, "decode_step": decode_graph}, facts)
 
 

@@ -165,16 +165,11 @@ class GenerationServable(Servable):
                 while not queue.empty() and batch[-1].kind == "delta":
                     batch.append(queue.get_nowait())
                 last = batch[-1]
-                if last.kind in ("timeout", "error"):
-                    if len(batch) > 1:
-                        yield batch[:-1]
-                    if last.kind == "timeout":
-                        self.cancel(job)
-                        raise DeadlineExceeded("the request's deadline passed during generation")
-                    assert last.error is not None
-                    raise last.error
+                if last.kind in ("timeout", "error") and len(batch) > 1:
+                    yield batch[:-1]  # the text before the error still goes out
+                result = _result(last)
                 yield batch
-                if last.kind == "done":
+                if result is not None:
                     return
         finally:
             timer.cancel()
@@ -193,8 +188,7 @@ class GenerationServable(Servable):
         one ``get`` under the deadline timer, without the two async generators of ``events``."""
         if job.stream:
             async for event in self.events(job):
-                if event.kind == "done":
-                    assert event.result is not None
+                if event.result is not None:
                     return event.result
             raise ShuttingDown()  # pragma: no cover - events always end with done or an error
         timer = _deadline_timer(job)
@@ -204,13 +198,9 @@ class GenerationServable(Servable):
             timer.cancel()
             if not job.finished:
                 self.cancel(job)
-        if event.kind == "done":
-            assert event.result is not None
-            return event.result
-        if event.kind == "timeout":
-            raise DeadlineExceeded("the request's deadline passed during generation")
-        assert event.error is not None
-        raise event.error
+        result = _result(event)
+        assert result is not None
+        return result
 
     async def generate(self, text: str, params: GenerationParams | dict | None = None, *,
                        timeout_s: float | None = None, ready_check: bool = True) -> Result:
@@ -218,9 +208,18 @@ class GenerationServable(Servable):
         return await self.wait(job)
 
 
-
 def _deadline_timer(job: Job) -> asyncio.TimerHandle:
     """The engine's own deadline for a waiting caller: a ``timeout`` event a grace second after the job's
     deadline (the scheduler normally reports it itself, between steps), for a job it dropped or never saw."""
     return asyncio.get_running_loop().call_later(max(0.0, job.deadline - time.monotonic()) + 1.0,
                                                  job.events.put_nowait, Event("timeout"))
+
+
+def _result(event: Event) -> Result | None:
+    """The result a ``done`` event carries, None for a delta; raises the error a failed request ends with."""
+    if event.kind == "timeout":
+        raise DeadlineExceeded("the request's deadline passed during generation")
+    if event.kind == "error":
+        assert event.error is not None
+        raise event.error
+    return event.result

@@ -8,12 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from deepserve.manifest import cache_names
 from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
-
-KV_LAYOUT = "per-layer-shared-cross"
-"""The seq2seq cache layout this engine drives (manifest ``model.kv_layout``, written by export): one tensor per
-decoder layer, and ``decode_step`` takes the cross K/V of N sources for B = N * G rows (G rows per source)."""
-
 
 class Seq2SeqStepModel(StepModel):
     """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
@@ -33,9 +29,8 @@ class Seq2SeqStepModel(StepModel):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
         self.rows = 0
-        self.cross_names = [f"cross_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        self.past_names = [f"past_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        self.present_names = [f"present_{kv}_{i}" for i in range(layers) for kv in "kv"]
+        self.cross_names, self.past_names, self.present_names = (cache_names(k, layers)
+                                                                 for k in ("cross", "past", "present"))
         g = decode
         empty = g.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
         self.cross_src: list[Array] = [empty] * (2 * layers)  # cross_names order, each (N,H,S,Dh), one per source
