@@ -271,9 +271,23 @@ class StepGraphContract:
         missing = [k for k in ("n_decoder_layers", "n_heads", "head_dim", "vocab_size") if k not in facts]
         if missing:
             raise ManifestError(f"manifest model lacks {missing} (seq2seq step graphs)")
-        return cls(int(facts["n_decoder_layers"]), int(facts["n_heads"]), int(facts["head_dim"]),
-                   int(facts["vocab_size"]), int(special.get("pad", 0)), int(special.get("bos", 2)),
-                   int(special.get("eos", 3)))
+        contract = cls(int(facts["n_decoder_layers"]), int(facts["n_heads"]), int(facts["head_dim"]),
+                       int(facts["vocab_size"]), int(special.get("pad", 0)), int(special.get("bos", 2)),
+                       int(special.get("eos", 3)))
+        contract.check(manifest)
+        return contract
+
+    def check(self, manifest: Manifest) -> None:
+        """Raise ``ManifestError`` naming any per-layer tensor the graphs lack."""
+        enc, dec = manifest.graphs["encode"], manifest.graphs["decode_step"]
+        need = {"encode outputs": (self.names("cross"), enc.outputs),
+                "decode_step inputs": (self.names(("cross", "past")), dec.inputs),
+                "decode_step outputs": (["logits", *self.names("present")], dec.outputs)}
+        for what, (names, specs) in need.items():
+            missing = sorted(set(names) - {t.name for t in specs})
+            if missing:
+                raise ManifestError(f"the seq2seq graphs do not match model.n_decoder_layers={self.layers}: "
+                                    f"{what} lack {missing}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -139,6 +139,10 @@ def test_seq2seq_artifact_with_stacked_caches_is_refused_by_name(repo, tmp_path)
     del manifest.model["kv_layout"]
     with pytest.raises(ValueError, match="kv_layout is None.*re-export"):
         open_step_model(manifest, repo / "tiny-seq2seq" / "1", backend="onnx", device="cpu", threads=1)
+    manifest = load_manifest(repo / "tiny-seq2seq" / "1")
+    manifest.model["n_decoder_layers"] += 1  # the contract promises a layer the graphs do not have
+    with pytest.raises(ValueError, match=r"n_decoder_layers=3: encode outputs lack \['cross_k_2', 'cross_v_2'\]"):
+        open_step_model(manifest, repo / "tiny-seq2seq" / "1", backend="onnx", device="cpu", threads=1)
 
 
 def test_seq2seq_batching_does_not_change_greedy_or_beam(repo):

@@ -283,36 +283,24 @@ class Scheduler:
 
     def _make_plan(self) -> StepPlan:
         """Group the running requests' rows by how their tokens are chosen."""
-        greedy: list[int] = []
-        plan = StepPlan(greedy=slice(None), any_greedy=False, starts=[j.start for j in self.running])
-        sample: list[int] = []
-        temp, topk, topp = [], [], []
-        for j in self.running:
-            rows = range(j.start, j.start + j.rows)
-            if j.is_beam:
-                plan.beams.append(j)
-            elif isinstance(j.strategy, Sampling):
-                sample.extend(rows)
-                temp.extend([j.strategy.temperature] * j.rows)
-                topk.extend([j.strategy.top_k] * j.rows)
-                topp.extend([j.strategy.top_p] * j.rows)
-                plan.samplers.append(j)
-            else:
-                greedy.extend(rows)
-            if j.processors and not j.is_beam:
-                plan.processed.append(j)
-            if j.params.logprobs is not None and not j.is_beam:
-                plan.with_logprobs.append(j)
-            if not j.plain:
-                plan.visited.append(j)
-        if len(greedy) != self.model.rows:
-            plan.greedy = np.asarray(greedy, np.int64)
-        plan.any_greedy = bool(greedy)
-        plan.sample = np.asarray(sample, np.int64)
-        plan.temperature = np.asarray(temp, np.float32)
-        plan.top_k = np.asarray(topk, np.int64)
-        plan.top_p = np.asarray(topp, np.float64)
-        return plan
+        running = self.running
+        sampled = [j for j in running if isinstance(j.strategy, Sampling)]
+        greedy = [r for j in running if j.strategy is None for r in range(j.start, j.start + j.rows)]
+        widths = [j.rows for j in sampled]
+
+        def per_row(name: str, dtype: type) -> np.ndarray:
+            return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), widths)
+
+        rows = [j for j in running if not j.is_beam]
+        return StepPlan(
+            greedy=slice(None) if len(greedy) == self.model.rows else np.asarray(greedy, np.int64),
+            any_greedy=bool(greedy), starts=[j.start for j in running],
+            sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
+            temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
+            top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
+            processed=[j for j in rows if j.processors],
+            with_logprobs=[j for j in rows if j.params.logprobs is not None],
+            visited=[j for j in running if not j.plain])
 
     def _step(self, outbox: list) -> None:
         """One step: run the model over every row, select each row's token, update the requests and the batch."""

@@ -77,17 +77,6 @@ class Seq2SeqStepModel(StepModel):
     def _rows_moved(self) -> None:
         self._rows_cache, self._grouped = None, None
 
-    def check_graphs(self) -> None:
-        """Raise ValueError naming any per-layer input or output the graphs lack."""
-        need = {"encode outputs": (self.cross_names, self.encode.output_names),
-                "decode_step inputs": (self.cross_names + self.past_names, self.decode.input_names),
-                "decode_step outputs": (["logits", *self.present_names], self.decode.output_names)}
-        for what, (names, have) in need.items():
-            missing = [n for n in names if n not in have]
-            if missing:
-                raise ValueError(f"the seq2seq graphs do not match model.n_decoder_layers={self.layers}: "
-                                 f"{what} lack {missing}")
-
     def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
         g = self.decode
         n, s = len(prompts), max(len(p) for p in prompts)
