@@ -244,13 +244,19 @@ class StepGraphContract:
     with ``of``."""
 
     layers: int
+    """Decoder layers: one cross, past and present K and V tensor each."""
     heads: int
+    """Attention heads (axis 1 of every cache tensor)."""
     head_dim: int
+    """Size of one head (axis 3)."""
     vocab_size: int
+    """Width of ``logits``."""
     pad_id: int = 0
     bos_id: int = 2
+    """The first input token of every target."""
     eos_id: int = 3
     kv_layout: str = KV_LAYOUT
+    """How the caches are laid out; serve drives ``KV_LAYOUT`` only."""
 
     def facts(self) -> dict[str, Any]:
         """The manifest ``model`` entries export writes."""
