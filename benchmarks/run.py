@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commit() -> str:
+    """The commit measured (a results file names it), with ``+changes`` when the tree differs from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if git("status", "--porcelain") else "")
+    except OSError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmarks.common import plan
@@ -51,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if gpu_name() is None:
             print("error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
             return 2
-    report = Report("deepserve benchmarks", settings={**p.settings(), "scenarios": ",".join(chosen)})
+    report = Report("deepserve benchmarks", settings={**p.settings(), "scenarios": ",".join(chosen),
+                                                      "commit": _commit()})
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     cache = args.cache or work
     repository, checkpoints = cache / "repository", cache / "checkpoints"
