@@ -134,8 +134,9 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
 
 
 async def _engine_run(directory: Path, requests: int, source_tokens: int, new_tokens: int, device: str,
-                      backend: str, precision: str = "fp32", waves: int = 1) -> dict[str, Any]:
-    """``waves`` times, ``requests`` beam-4 requests submitted at once to one loaded engine; the median wave."""
+                      backend: str, precision: str = "fp32", waves: int = 1, beams: int = 4) -> dict[str, Any]:
+    """``waves`` times, ``requests`` requests (beam search of ``beams``, or greedy for 1) submitted at once to one
+    loaded engine; the median wave."""
     from deepserve.manifest import load_manifest
     from deepserve.serve.generation.engine import GenerationServable
     from deepserve.serve.settings import ModelSettings
@@ -146,7 +147,7 @@ async def _engine_run(directory: Path, requests: int, source_tokens: int, new_to
     await servable.start()
     await servable.warmup()
     texts = [_cut(t, source_tokens) for t in corpus_lines(requests)]
-    params = {"num_beams": 4, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    params = {"num_beams": beams, "temperature": 0.0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     rates, walls = [], []
     try:
         await asyncio.gather(*(servable.generate(t, params) for t in texts[:4]))  # warm the batch shapes
