@@ -678,3 +678,61 @@ def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_reque
     assert all(len(ids) >= 3 for r in batched for ids, _, _ in r)
     monkeypatch.setattr(processors.MinNewTokens, "needs_history", True)  # forces the per-request selection
     assert outputs(3) == batched
+
+
+# ---------------------------------------------------------------------------------------------- transformers parity
+
+
+class HFModel(TableModel):
+    """The scheduler's rows driven by a Hugging Face causal LM: each step recomputes the row's whole history
+    (tiny model; no cache to get wrong)."""
+
+    def __init__(self, model, eos_id: int) -> None:
+        super().__init__(vocab_size=model.config.vocab_size, eos_id=eos_id)
+        self.model = model
+
+    def logits_for(self, history: tuple[int, ...]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([history])).logits[0, -1].numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("length_penalty, early_stopping", [(0.7, True), (1.0, False), (2.0, "never")])
+def test_beam_search_n_best_equals_transformers_generate(length_penalty, early_stopping):
+    """Same weights, same prompt: our n-best hypotheses, their order and length-penalised scores are those of
+    ``transformers``' ``generate(num_beams=...)``."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=12, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                                     eos_token_id=3, pad_token_id=0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(8)  # peaked distributions
+        hf.transformer.wte.weight[3] *= 2  # (tied to the output) EOS wins often enough for finished hypotheses
+    vocab = ["<unk>", *"abcdefghijk"]  # id 3 ("c") is EOS
+    params = dict(num_beams=4, num_return_sequences=3, max_new_tokens=6, length_penalty=length_penalty,
+                  early_stopping=early_stopping)
+
+    async def ours(prompt: str):
+        s = await started(HFModel(hf, eos_id=3), vocab=vocab)
+        try:
+            return await s.generate(prompt, params)
+        finally:
+            await s.stop()
+
+    reasons = set()
+    for prompt in ("efg", "jab", "k"):  # ids [5, 6, 7], [10, 1, 2], [11]
+        ids = [vocab.index(ch) for ch in prompt]
+        theirs = hf.generate(torch.tensor([ids]), do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0, eos_token_id=3,
+                             **params)
+        want = [[t for t in seq[len(ids):].tolist()] for seq in theirs.sequences]
+        want = [seq[: seq.index(3)] if 3 in seq else seq for seq in want]  # EOS and the padding after it
+        got = run(ours(prompt)).outputs
+        reasons.update(o.finish_reason for o in got)
+        assert [o.token_ids for o in got] == want, prompt
+        np.testing.assert_allclose([o.score for o in got], theirs.sequences_scores.numpy(), rtol=1e-4, atol=1e-5)
+    assert reasons == {"eos", "length"}  # finished hypotheses competed with live beams
