@@ -17,7 +17,7 @@ from deepserve.generation import GenerationParams as BaseParams
 from deepserve.manifest import Manifest
 from deepserve.serve import backends
 from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
-from deepserve.serve.generation.jobs import Event, Job, Result
+from deepserve.serve.generation.jobs import Event, EventKind, Job, Result
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, build_processors, check
 from deepserve.serve.generation.scheduler import Scheduler
 from deepserve.serve.generation.step_models import StepModel, open_step_model
@@ -162,10 +162,10 @@ class GenerationServable(Servable):
         try:
             while True:
                 batch = [await queue.get()]
-                while not queue.empty() and batch[-1].kind == "delta":
+                while not queue.empty() and batch[-1].kind == EventKind.DELTA:
                     batch.append(queue.get_nowait())
                 last = batch[-1]
-                if last.kind in ("timeout", "error") and len(batch) > 1:
+                if last.kind in (EventKind.TIMEOUT, EventKind.ERROR) and len(batch) > 1:
                     yield batch[:-1]  # the text before the error still goes out
                 result = _result(last)
                 yield batch
@@ -212,14 +212,14 @@ def _deadline_timer(job: Job) -> asyncio.TimerHandle:
     """The engine's own deadline for a waiting caller: a ``timeout`` event a grace second after the job's
     deadline (the scheduler normally reports it itself, between steps), for a job it dropped or never saw."""
     return asyncio.get_running_loop().call_later(max(0.0, job.deadline - time.monotonic()) + 1.0,
-                                                 job.events.put_nowait, Event("timeout"))
+                                                 job.events.put_nowait, Event(EventKind.TIMEOUT))
 
 
 def _result(event: Event) -> Result | None:
     """The result a ``done`` event carries, None for a delta; raises the error a failed request ends with."""
-    if event.kind == "timeout":
+    if event.kind == EventKind.TIMEOUT:
         raise DeadlineExceeded("the request's deadline passed during generation")
-    if event.kind == "error":
+    if event.kind == EventKind.ERROR:
         assert event.error is not None
         raise event.error
     return event.result

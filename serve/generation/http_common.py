@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 
 from deepserve.serve.errors import BadRequest, NotFound, ServeError
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.jobs import Event, Job, Result, TokenLogprobs
+from deepserve.serve.generation.jobs import Event, EventKind, Job, Result, TokenLogprobs
 from deepserve.serve.generation.params import InvalidParameter
 from deepserve.serve.http_util import read_body
 
@@ -42,12 +42,10 @@ def generation_servable(request: Request, model: str, version: str | None) -> Ge
 
 
 async def _call_on_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
-    """Wait for the client to disconnect, then call ``on_gone``."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            on_gone()
-            return
+    """Wait for the client to disconnect (other messages: the rest of a body nobody reads), then call ``on_gone``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    on_gone()
 
 
 class ClientGone(ServeError):
@@ -61,7 +59,7 @@ def abandon(servable: GenerationServable, job: Job) -> None:
     """Its client hung up: free the job's rows at the next step and end its ``wait`` now (no-op once finished:
     the result is already queued ahead of the error)."""
     servable.cancel(job)
-    job.events.put_nowait(Event("error", error=ClientGone("the client closed the connection")))
+    job.events.put_nowait(Event(EventKind.ERROR, error=ClientGone("the client closed the connection")))
 
 
 async def run_to_results(request: Request, servable: GenerationServable, jobs: list[Job]) -> list[Result]:
@@ -84,7 +82,7 @@ Piece = tuple[int, str, "str | None", "TokenLogprobs | None"]
 def pieces(job: Job, event: Event) -> Iterator[Piece]:
     """The pieces an event of ``job`` owes its stream: a delta's text (to every index, for the prefix all beams
     share), then with the result what each output still owes (beam search: every returned sequence)."""
-    if event.kind == "delta":
+    if event.kind == EventKind.DELTA:
         indices = range(job.params.num_return_sequences) if event.index < 0 else (event.index,)
         for i in indices:
             yield i, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs")

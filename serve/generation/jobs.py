@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable
 
 import numpy as np
@@ -165,7 +166,7 @@ class Job:
                     extra = {"finish_reason": seq.finish_reason}
                     if lp is not None:
                         extra["logprobs"] = lp
-                    events.append(Event("delta", index=seq.index, text=text, extra=extra))
+                    events.append(Event(EventKind.DELTA, index=seq.index, text=text, extra=extra))
         self.live = [s for s in self.row_seqs if s.finish_reason is None]
         return events
 
@@ -326,10 +327,17 @@ class TokenLog:
         self.data = self.data[index]
 
 
+class EventKind(str, Enum):
+    """What an ``Event`` tells the request's caller: new streamed text (``DELTA``; index -1: the prefix every beam
+    shares), the result (``DONE``), a failure (``ERROR``), or the engine's own deadline timer (``TIMEOUT``). A
+    ``str`` enum: it compares equal to its value."""
+
+    DELTA, DONE, ERROR, TIMEOUT = "delta", "done", "error", "timeout"
+
+
 @dataclass
 class Event:
-    kind: str
-    """delta | done | error (| timeout: the engine's own deadline timer)"""
+    kind: EventKind
     index: int = 0
     text: str = ""
     result: Result | None = None

@@ -26,7 +26,7 @@ import numpy as np
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
 from deepserve.serve.generation.admission import Admission, Slot
-from deepserve.serve.generation.jobs import Event, Job, TokenLog, deliver
+from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
 from deepserve.serve.generation.strategies import (
     BeamSearch, Sampling, greedy_tokens, log_softmax, sample_tokens,
@@ -237,7 +237,7 @@ class Scheduler:
         if gone:
             for j in gone:
                 if not j.cancelled:
-                    outbox.append((j, Event("error", error=DeadlineExceeded(
+                    outbox.append((j, Event(EventKind.ERROR, error=DeadlineExceeded(
                         "the request's deadline passed during generation"))))
                 j.finished = True
             self._compact(keep_jobs=[j for j in self.running if not j.finished])
@@ -252,7 +252,7 @@ class Scheduler:
                 if job.cancelled or job.deadline < now:
                     self.waiting.popleft()
                     if not job.cancelled:
-                        outbox.append((job, Event("error", error=DeadlineExceeded(
+                        outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
                             "the request's deadline passed while it waited for a decoding slot"))))
                     continue
                 if self.reserved + job.reserve > self.max_running_rows:
@@ -474,7 +474,7 @@ class Scheduler:
         if j.stream:
             text = j.beam_delta()
             if text:
-                outbox.append((j, Event("delta", index=-1, text=text)))
+                outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
         if beam.done:
             for h in beam.best(j.params.num_return_sequences):
                 self.metrics.finished(h.finish_reason)
@@ -486,7 +486,7 @@ class Scheduler:
         if j.t_first is not None and result.completion_tokens > 1:
             per = (time.perf_counter() - j.t_first) / max(1, j.generated - 1)
             self.metrics.tpot.observe(per)
-        outbox.append((j, Event("done", result=result)))
+        outbox.append((j, Event(EventKind.DONE, result=result)))
 
     def _compact(self, keep_jobs: list[Job]) -> None:
         index = np.concatenate([np.arange(j.start, j.start + j.rows) for j in keep_jobs]) if keep_jobs \
@@ -508,7 +508,7 @@ class Scheduler:
         self.metrics.running.set(self.model.rows)
 
     def _fail_all(self, error: Exception) -> None:
-        outbox = [(j, Event("error", error=error)) for j in self.running]
+        outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
         for j in self.running:
             j.finished = True
         try:
