@@ -91,8 +91,9 @@ class Job:
     """A request: parameters, prompt ids, strategy, and a queue of events for the asyncio side."""
 
     def __init__(self, params: GenerationParams, prompt_ids: list[int], max_new_tokens: int, *,
-                 strategy: BeamSearch | Sampling | None, processors: list[Processor], tokenizer: Tokenizer, stream: bool,
-                 deadline: float, loop: asyncio.AbstractEventLoop | None, history_includes_prompt: bool) -> None:
+                 strategy: BeamSearch | Sampling | None, processors: list[Processor], tokenizer: Tokenizer,
+                 stream: bool, deadline: float, loop: asyncio.AbstractEventLoop | None,
+                 history_includes_prompt: bool) -> None:
         self.id = next(_ids)
         self.params = params
         self.prompt_ids = prompt_ids

@@ -15,23 +15,63 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Coroutine
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+
+from deepserve.serve.errors import BadRequest, NotFound, ServeError
 
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, OpenAIRoute, Piece, generation_servable, openai_error, read_json, run_to_results, sse,
-    sse_stream,
-)
 from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
+from deepserve.serve.generation.routes import (
+    SSE_HEADERS, Piece, generation_servable, read_json, run_to_results, sse, sse_stream,
+)
 from deepserve.serve.generation.schemas import (
     COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
     completion_request_schema, inline_schema, request_body, responses,
 )
 from deepserve.serve.http_util import deadline_from
+
+# ---- OpenAI's error shape -----------------------------------------------------------------------------------
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                 415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+                 504: "timeout_error"}
+
+
+def openai_error(error: ServeError) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}``: what the openai SDK reads (``APIError.message``
+    ends with ``error.message``; ``.type``, ``.param`` and ``.code`` come from the same object). ``param`` is
+    the request field an ``InvalidParameter`` names."""
+    code = "model_not_found" if isinstance(error, NotFound) else "rate_limit_exceeded" if error.status == 429 else None
+    return {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
+                      "param": error.parameter if isinstance(error, InvalidParameter) else None, "code": code}}
+
+
+class OpenAIRoute(APIRoute):
+    """Routes under /v1 answer errors in OpenAI's shape. The app's handlers (``serve/app.py``) answer
+    ``{"error": "..."}`` for every route, so /v1 catches its errors here, before they reach them."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def openai_errors(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ServeError as e:
+                return JSONResponse(openai_error(e), status_code=e.status, headers=e.headers)
+            except RequestValidationError as e:
+                problems = [f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}"
+                            for err in e.errors()]
+                return JSONResponse(openai_error(BadRequest("; ".join(problems) or "invalid request")),
+                                    status_code=400)
+
+        return openai_errors
+
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 

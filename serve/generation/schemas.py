@@ -103,7 +103,8 @@ _OPENAI_MINIMUM = {"top_k": -1}  # -1 disables, as 0 does
 def _openai_field(openai: str) -> dict[str, Any]:
     """A generation parameter as a completion field: its schema, renamed, OpenAI's default, null accepted."""
     schema = parameter_schema(OPENAI_TO_OURS[openai])
-    meta = {"default": _OPENAI_DEFAULTS.get(openai, schema.pop("default")), "description": _OPENAI_DOCS.get(openai, schema.pop("description"))}
+    meta = {"default": _OPENAI_DEFAULTS.get(openai, schema.pop("default")),
+            "description": _OPENAI_DOCS.get(openai, schema.pop("description"))}
     options = schema["anyOf"] if "anyOf" in schema else [schema]
     if openai in _OPENAI_MINIMUM:
         options = [{**o, "minimum": _OPENAI_MINIMUM[openai]} if o.get("type") == "integer" else o for o in options]
