@@ -7,7 +7,8 @@
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
 and seq2seq through the server), engine (3b: the seq2seq engine in process), overload (3c: char-LM goodput at
 1-4x capacity), peer (3d: the seq2seq engine vs CTranslate2, same weights; the bench extra), model (4: eager /
-TorchScript / ONNX Runtime latency). Models have fixed random weights and are exported into a temporary repository
+TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady). Models have
+fixed random weights and are exported into a temporary repository
 (``--cache DIR`` keeps it between runs).
 """
 
@@ -19,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model", "overload", "peer")
+SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
-         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "overload": ["charlm"],
-         "peer": ["seq2seq"]}
+         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
+         "overload": ["charlm"], "peer": ["seq2seq"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,16 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commit() -> str:
-    """The commit measured (a results file names it), with ``+changes`` when the tree differs from it."""
+    """The commit measured (``git describe``: ``-dirty`` when the tree has changes), or ``unknown``."""
     import subprocess
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-
     try:
-        return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if git("status", "--porcelain") else "")
-    except OSError:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.generation import run_engine
 
                 run_engine(report, repository, p)
+            elif scenario == "rollout":
+                from benchmarks.rollout import run_scenario as run_rollout
+
+                run_rollout(report, repository, p)
             elif scenario == "overload":
                 from benchmarks.generation import run_overload
 

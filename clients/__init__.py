@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from .aio import AsyncClient
     from .errors import (
         APIConnectionError,
+        AuthenticationError,
         BadRequestError,
         DeepserveError,
         InvalidParameterError,
+        ModelUnavailableError,
         NotFoundError,
         OverloadedError,
         RequestTimeoutError,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
         ModelInfo,
         ModelMetadata,
         Prediction,
+        RepositoryEntry,
         Sequence,
         StreamEvent,
         TensorInfo,
@@ -42,8 +45,10 @@ _EXPORTS = {
         name: "errors"
         for name in (
             "DeepserveError",
+            "AuthenticationError",
             "BadRequestError",
             "InvalidParameterError",
+            "ModelUnavailableError",
             "NotFoundError",
             "OverloadedError",
             "RequestTimeoutError",
@@ -60,6 +65,7 @@ _EXPORTS = {
             "ModelInfo",
             "ModelMetadata",
             "Prediction",
+            "RepositoryEntry",
             "Sequence",
             "StreamEvent",
             "TensorInfo",
@@ -69,6 +75,7 @@ _EXPORTS = {
 __all__ = [
     "APIConnectionError",
     "AsyncClient",
+    "AuthenticationError",
     "BadRequestError",
     "Client",
     "DeepserveError",
@@ -78,9 +85,11 @@ __all__ = [
     "InvalidParameterError",
     "ModelInfo",
     "ModelMetadata",
+    "ModelUnavailableError",
     "NotFoundError",
     "OverloadedError",
     "Prediction",
+    "RepositoryEntry",
     "RequestTimeoutError",
     "Sequence",
     "ServerError",

@@ -63,6 +63,8 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except ServeError as e:
+                if e.reject_reason is not None:
+                    request.app.state.repository.metrics.reject(e.reject_reason)
                 return JSONResponse(openai_error(e), status_code=e.status, headers=e.headers)
             except RequestValidationError as e:
                 problems = [f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}"
@@ -98,7 +100,9 @@ def to_params(body: dict[str, Any]) -> GenerationParams:
 def openai_named(error: InvalidParameter) -> InvalidParameter:
     """``error`` naming the OpenAI field (``max_tokens``, not ``max_new_tokens``)."""
     name = OURS_TO_OPENAI.get(error.parameter)
-    return error if name is None or name == error.parameter else InvalidParameter(error.error.renamed(name))
+    if name is None or name == error.parameter:
+        return error
+    return InvalidParameter(error.error.renamed(name), reject_reason=error.reject_reason)
 
 
 def _prompts(body: dict[str, Any]) -> list[str]:

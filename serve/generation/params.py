@@ -21,11 +21,13 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class InvalidParameter(BadRequest):
-    """A 400 naming one request parameter: ``parameter`` and ``value`` are data, the message says why."""
+    """A 400 naming one request parameter: ``parameter`` and ``value`` are data, the message says why. Over a
+    server cap, ``reject_reason`` says which (counted in ``deepserve_rejected_requests``)."""
 
-    def __init__(self, error: ParameterError) -> None:
+    def __init__(self, error: ParameterError, *, reject_reason: str | None = None) -> None:
         super().__init__(error.message)
         self.error = error
+        self.reject_reason = reject_reason
 
     @property
     def parameter(self) -> str:
@@ -36,10 +38,11 @@ class InvalidParameter(BadRequest):
         return cls(ParameterError(parameter, reason, value))
 
 
-def check(condition: bool, name: str, message: str, value: Any) -> None:
-    """Raise ``InvalidParameter('<name> <message>, got <value>')`` unless ``condition``."""
+def check(condition: bool, name: str, message: str, value: Any, limit: str | None = None) -> None:
+    """Raise ``InvalidParameter('<name> <message>, got <value>')`` unless ``condition`` (counted under ``limit``
+    for a server cap)."""
     if not condition:
-        raise InvalidParameter.of(name, message, value)
+        raise InvalidParameter(ParameterError(name, message, value), reject_reason=limit)
 
 
 @dataclass(kw_only=True)
@@ -78,7 +81,8 @@ class Limits:
         n = params.max_new_tokens
         if n is None:
             n = min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
-        check(n <= self.max_new_tokens, "max_new_tokens", f"exceeds the server's cap of {self.max_new_tokens}", n)
+        check(n <= self.max_new_tokens, "max_new_tokens", f"exceeds the server's cap of {self.max_new_tokens}", n,
+              limit="max_new_tokens")
         check(params.min_new_tokens <= n, "min_new_tokens", f"must not exceed max_new_tokens ({n})",
               params.min_new_tokens)
         product = params.num_beams * params.num_return_sequences
@@ -93,7 +97,7 @@ class Limits:
     def check_prompt(self, n_tokens: int, name: str = "prompt") -> None:
         check(n_tokens <= self.max_prompt_length, name,
               f"is too long: {n_tokens} tokens, more than the cap max_prompt_length={self.max_prompt_length}",
-              f"{n_tokens} tokens")
+              f"{n_tokens} tokens", limit="prompt_length")
 
 
 # ---- logit processors ---------------------------------------------------------------------------------------
