@@ -17,7 +17,7 @@ from deepserve.generation import GenerationParams as BaseParams
 from deepserve.manifest import Manifest
 from deepserve.serve import backends
 from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
-from deepserve.serve.generation.jobs import Event, EventKind, Job, Result
+from deepserve.serve.generation.jobs import Event, EventKind, Job, Result, StopMatcher
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, build_processors, check
 from deepserve.serve.generation.scheduler import Scheduler
 from deepserve.serve.generation.step_models import StepModel, open_step_model
@@ -115,9 +115,10 @@ class GenerationServable(Servable):
     def make_strategy(self, params: GenerationParams, max_new: int) -> BeamSearch | Sampling | None:
         """The request's beam search or sampler; None for greedy decoding (an argmax needs no state)."""
         if params.strategy == "beam":
+            stops = StopMatcher(self.tokenizer, params.stop, params.min_new_tokens) if params.stop else None
             return BeamSearch(num_beams=params.num_beams, max_new_tokens=max_new,
                               length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                              eos_id=self.model.eos_id, logprobs=params.logprobs)
+                              eos_id=self.model.eos_id, logprobs=params.logprobs, ends_with_stop=stops)
         return Sampling(params) if params.strategy == "sample" else None
 
     def submit(self, text: str, params: GenerationParams | dict | None, *, stream: bool = False,
@@ -141,8 +142,6 @@ class GenerationServable(Servable):
                   processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
                   stream=stream, deadline=deadline, loop=asyncio.get_running_loop(),
                   history_includes_prompt=not self.is_seq2seq)
-        if isinstance(strategy, BeamSearch) and params.stop:
-            strategy.ends_with_stop = job.ends_with_stop
         self.scheduler.submit(job)
         return job
 

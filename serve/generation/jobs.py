@@ -87,6 +87,24 @@ def holdback(text: str, stops: list[str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class StopMatcher:
+    """Beam candidates: whether a sequence's last token completes one of ``stops`` (from ``min_new_tokens`` on).
+    Given to the request's ``BeamSearch`` when both are built, so neither refers to the other."""
+
+    tokenizer: Tokenizer
+    stops: list[str]
+    min_new_tokens: int
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if len(tokens) < max(1, self.min_new_tokens):
+            return False
+        text = stable_text(self.tokenizer, tokens)
+        prev = stable_text(self.tokenizer, tokens[:-1])
+        width = max(len(s) for s in self.stops)
+        return find_stop(text, self.stops, max(0, len(prev) - width + 1)) >= 0
+
+
 class Job:
     """A request: parameters, prompt ids, strategy, and a queue of events for the asyncio side."""
 
@@ -192,15 +210,6 @@ class Job:
             if pos >= 0:
                 seq.text = seq.text[:pos]
                 seq.finish_reason = "stop"
-
-    def ends_with_stop(self, tokens: list[int]) -> bool:
-        """Beam candidates: whether the last token completes a stop string."""
-        if len(tokens) < max(1, self.params.min_new_tokens):
-            return False
-        text = stable_text(self.tokenizer, tokens)
-        prev = stable_text(self.tokenizer, tokens[:-1])
-        width = max(len(s) for s in self.stops)
-        return find_stop(text, self.stops, max(0, len(prev) - width + 1)) >= 0
 
     def delta(self, seq: SeqState) -> str:
         """Streamable new text of ``seq`` (all of it once finished)."""
