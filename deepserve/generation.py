@@ -115,10 +115,11 @@ class GenerationParams:
     num_return_sequences: int = _param(1, "Sequences to return: independent samples, or the n best beam "
                                           "hypotheses (n <= num_beams).", "integer", ge=1)
     logprobs: int | bool | None = _param(None, f"Return each generated token's log-probability plus this many most "
-                                               f"likely alternatives (0-{MAX_LOGPROBS}; true: 0); null: off. Greedy "
-                                               f"and sampling report the model's distribution (before temperature, "
-                                               f"top-k/top-p and the logit processors, as the OpenAI API); beam "
-                                               f"search the processed scores it ranks by.")
+                                               f"likely alternatives (0-{MAX_LOGPROBS}; true: 0); null: off. Every "
+                                               f"strategy reports the model's own distribution: before "
+                                               f"temperature, top-k/top-p and the logit processors (repetition "
+                                               f"penalty, no-repeat n-gram, min_new_tokens), as the OpenAI API "
+                                               f"does.")
 
     def __post_init__(self) -> None:
         _check_declared(self)

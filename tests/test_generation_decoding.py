@@ -736,3 +736,24 @@ def test_beam_search_n_best_equals_transformers_generate(length_penalty, early_s
         assert [o.token_ids for o in got] == want, prompt
         np.testing.assert_allclose([o.score for o in got], theirs.sequences_scores.numpy(), rtol=1e-4, atol=1e-5)
     assert reasons == {"eos", "length"}  # finished hypotheses competed with live beams
+
+
+def test_logprobs_are_the_models_distribution_for_every_strategy():
+    """With a repetition penalty changing the ranking, greedy, sampled and beam tokens all report the model's own
+    log-probability (before temperature and processors), as the OpenAI API does."""
+    model = TableModel(vocab_size=4, eos_id=None, seed=7)
+
+    async def main():
+        s = await started(model)
+        try:
+            return [await s.generate("ab", {**p, "max_new_tokens": 5, "logprobs": 1, "repetition_penalty": 3.0})
+                    for p in ({"temperature": 0}, {"temperature": 0.7, "seed": 3}, {"num_beams": 3})]
+        finally:
+            await s.stop()
+
+    prompt = (1, 2)
+    for result in run(main()):
+        out = result.outputs[0]
+        want = [float(log_softmax(model.logits_for(prompt + tuple(out.token_ids[:i]))[None])[0, t])
+                for i, t in enumerate(out.token_ids)]
+        np.testing.assert_allclose(out.logprobs, want, rtol=1e-5)

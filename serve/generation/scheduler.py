@@ -332,8 +332,8 @@ class Scheduler:
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
 
     def _process(self, plan: StepPlan, logits: np.ndarray) -> dict[int, np.ndarray]:
-        """Row requests' logprobs (the model's distribution, before the processors: what the OpenAI API reports
-        for plain rows) and their logit processors, applied to their blocks in place."""
+        """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
+        ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place."""
         raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in plan.with_logprobs}
         for j in plan.processed:
             block = logits[j.start: j.start + j.rows]
@@ -464,12 +464,13 @@ class Scheduler:
         beam = j.strategy
         assert isinstance(beam, BeamSearch)
         if not j.beam_out:  # not already selected by the vectorised path
-            scores = log_softmax(logits)
-            if j.processors:
+            scores = model_lp = log_softmax(logits)
+            if j.processors:  # they rank the candidates; logprobs report the model's own distribution
+                scores = model_lp.copy() if j.params.logprobs is not None else model_lp
                 hist = j.histories() if j.needs_history else []
                 for p in j.processors:
                     p(scores, hist, j.generated - 1)
-            toks, parents = beam.select(scores)
+            toks, parents = beam.select(scores, model_lp)
             j.beam_out = (parents, toks)
         if j.stream:
             text = j.beam_delta()

@@ -181,9 +181,11 @@ class BeamSearch:
             best = self._penalised(best_sum, length)
         return self._worst() >= best
 
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """scores: log-probs (rows, V) after processors. Returns the next beams' tokens and parents; sets
-        ``done`` (then ``rows`` is 0) when the search is over."""
+    def select(self, scores: np.ndarray, model_lp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """scores: log-probs (rows, V) after processors, which rank the candidates; ``model_lp``: the model's own
+        log-probs before them (what logprobs report, as for greedy and sampling; default ``scores``). Returns
+        the next beams' tokens and parents; sets ``done`` (then ``rows`` is 0) when the search is over."""
+        lps = scores if model_lp is None else model_lp
         k, V = scores.shape
         cand = (self.scores[:, None] + scores).ravel()  # (k*V,)
         if self.ends_with_stop is None and self.logprobs is None:
@@ -216,8 +218,8 @@ class BeamSearch:
                 if rank >= self.num_beams:
                     continue
                 tokens = self.seqs[beam].tolist() + ([] if reason == "eos" else [tok])
-                lp = float(scores[beam, tok]) if want_lp and reason == "stop" else None
-                tops = _tops(scores[beam], self.logprobs) if lp is not None else None
+                lp = float(lps[beam, tok]) if want_lp and reason == "stop" else None
+                tops = _tops(lps[beam], self.logprobs) if lp is not None else None
                 self._add(tokens, s, length, reason, beam, lp, tops)
             else:
                 next_beams.append(beam)
@@ -228,8 +230,8 @@ class BeamSearch:
         parents = np.asarray(next_beams, np.int64)
         tokens = np.asarray(next_tokens, np.int64)
         if want_lp:
-            self.token_lp = np.concatenate([self.token_lp[parents], scores[parents, tokens][:, None]], axis=1)
-            self.top_lp = [self.top_lp[b] + [_tops(scores[b], self.logprobs)] for b in next_beams]
+            self.token_lp = np.concatenate([self.token_lp[parents], lps[parents, tokens][:, None]], axis=1)
+            self.top_lp = [self.top_lp[b] + [_tops(lps[b], self.logprobs)] for b in next_beams]
         self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
         self.scores = np.asarray(next_sums, np.float64)
         best_sum = float(cand[top[0]]) if len(top) else -np.inf
