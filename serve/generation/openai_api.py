@@ -6,7 +6,7 @@ top_k (-1 or 0 disables), use_beam_search, num_beams (defaults to n with use_bea
 length_penalty, early_stopping, repetition_penalty, min_tokens, no_repeat_ngram_size. A seq2seq model takes
 its source sentence as the prompt. Error messages name the OpenAI field (``max_tokens``, not
 ``max_new_tokens``) and come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
-(``http_common.OpenAIRoute``), also as the last event of a stream that fails. With ``stream`` and
+(``OpenAIRoute``), also as the last event of a stream that fails. With ``stream`` and
 ``logprobs``, each chunk carries the logprobs of the tokens generated since the previous chunk of its choice
 (beam search: all of them in each choice's final chunk).
 """

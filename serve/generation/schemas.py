@@ -1,6 +1,6 @@
 """OpenAPI declarations of the generation routes: request bodies and response shapes as pydantic models.
 
-The routes read their bodies by hand (``http_common.read_json``: field-named errors from ``GenerationParams``,
+The routes read their bodies by hand (``routes.read_json``: field-named errors from ``GenerationParams``,
 invalid UTF-8 tolerated) and answer plain dicts, so nothing here runs per request. Request bodies are JSON
 schemas derived from the one declaration of the generation parameters (``deepserve.generation``), inlined into
 each operation's ``openapi_extra``; response models are declared through ``responses=`` and land in
