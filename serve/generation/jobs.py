@@ -33,6 +33,12 @@ class Output:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
+    def token_logprobs(self) -> TokenLogprobs | None:
+        """The tokens that carry logprobs (an EOS that ended the sequence does not), with theirs; None if off."""
+        if self.logprobs is None:
+            return None
+        return TokenLogprobs(self.token_ids[: len(self.logprobs)], self.logprobs, self.top_logprobs or [])
+
 
 @dataclass
 class TokenLogprobs:
@@ -231,11 +237,8 @@ class Job:
     def final_logprobs(self, out: Output) -> TokenLogprobs | None:
         """Streaming with logprobs, once the result is known: what output ``out`` still owes (beam search:
         all of it, as hypotheses only settle at the end)."""
-        if out.logprobs is None:
-            return None
-        if self.is_beam:
-            n = len(out.logprobs)
-            return TokenLogprobs(out.token_ids[:n], out.logprobs, out.top_logprobs or [])
+        if out.logprobs is None or self.is_beam:
+            return out.token_logprobs()
         return self.logprob_delta(self.seqs[out.index])
 
     def beam_delta(self) -> str:

@@ -127,10 +127,8 @@ def _logprobs_json(lp: TokenLogprobs, tok: Any, offset: int = 0) -> tuple[dict[s
 
 
 def _output_logprobs(o: Output, tok: Any) -> dict[str, Any] | None:
-    if o.logprobs is None:
-        return None
-    n = len(o.logprobs)
-    return _logprobs_json(TokenLogprobs(o.token_ids[:n], o.logprobs, o.top_logprobs or []), tok)[0]
+    lp = o.token_logprobs()
+    return None if lp is None else _logprobs_json(lp, tok)[0]
 
 
 def _usage(results: list[Result]) -> dict[str, int]:

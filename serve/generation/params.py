@@ -26,12 +26,7 @@ class InvalidParameter(BadRequest):
 
     def __init__(self, error: ParameterError, *, reject_reason: str | None = None) -> None:
         super().__init__(error.message)
-        self.error = error
-        self.reject_reason = reject_reason
-
-    @property
-    def parameter(self) -> str:
-        return self.error.parameter
+        self.error, self.parameter, self.reject_reason = error, error.parameter, reject_reason
 
     @classmethod
     def of(cls, parameter: str, reason: str, value: Any) -> InvalidParameter:

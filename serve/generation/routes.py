@@ -152,12 +152,8 @@ def output_json(o: Output, tokenizer: Any) -> dict[str, Any]:
                            "num_tokens": len(o.token_ids)}
     if o.score is not None:
         out["score"] = o.score
-    if o.logprobs is not None:
-        out["tokens"] = [tokenizer.token_text(t) for t in o.token_ids[: len(o.logprobs)]]
-        out["logprobs"] = o.logprobs
-        if o.top_logprobs and any(o.top_logprobs):
-            out["top_logprobs"] = [{tokenizer.token_text(t): lp for t, lp in tops} for tops in o.top_logprobs]
-    return out
+    lp = o.token_logprobs()
+    return out if lp is None else {**out, **logprobs_json(lp, tokenizer)}
 
 
 def _triton_request(body: dict[str, Any]) -> tuple[str, GenerationParams]:

@@ -349,7 +349,7 @@ class Scheduler:
         if plan.any_greedy:
             chosen[plan.greedy] = greedy_tokens(logits[plan.greedy])
         if len(plan.sample):
-            u = np.concatenate([j.strategy.draw(j.rows) for j in plan.samplers])
+            u = np.concatenate([j.strategy.rng.random(j.rows) for j in plan.samplers])  # a uniform per row
             chosen[plan.sample] = sample_tokens(logits[plan.sample], plan.temperature, plan.top_k, plan.top_p, u)
         return chosen
 

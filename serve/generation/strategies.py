@@ -104,10 +104,6 @@ class Sampling:
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self.temperature, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
 
-    def draw(self, n: int) -> np.ndarray:
-        """One uniform per live row, in row order."""
-        return self.rng.random(n)
-
 
 @dataclass
 class Hypothesis:
