@@ -5,6 +5,7 @@ summary prints where."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,20 @@ WAIT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Any:
+def server_logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("playground-server")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, server_logs) -> Any:
     root = tmp_path_factory.mktemp("playground-repo")
     make_classifier_artifact(root, "tiny-digits", quantize=False, formats=("onnx",))
     make_charlm_artifact(root, "tiny-charlm", quantize=False, formats=("onnx",))
     make_seq2seq_artifact(root, "tiny-seq2seq", quantize=False, formats=("onnx",))
-    with running_server(root, tmp_path_factory.mktemp("playground-server"),
+    shutil.copytree(root / "tiny-digits", root / "tampered")  # listed as unavailable, with the reason
+    with open(root / "tampered/1/model.onnx", "ab") as f:
+        f.write(b"\0")
+    with running_server(root, server_logs,
                         env={"DEEPSERVE_MAX_NEW_TOKENS": str(LONG)}) as url:
         yield url
 
@@ -114,11 +123,23 @@ def generate(page: Any, model: str, mode: str, **fields: Any) -> None:
 # ---- tests ----------------------------------------------------------------------------------------------
 
 
+def test_the_server_prints_the_playgrounds_address_first(base, server_logs):
+    first = (server_logs / "server-stdout.txt").read_text().splitlines()[0]
+    assert first.startswith(f"deepserve: playground at {base}/ ")
+    page = httpx.get(first.split(" at ", 1)[1].split()[0])
+    assert page.status_code == 200 and "<title>deepserve playground</title>" in page.text
+
+
 def test_page_loads_with_every_model_and_snippets_and_no_console_errors(page):
     page.open()
-    rows = page.page.eval_on_selector_all("#models-table tbody tr", "rs => rs.map(r => r.innerText)")
-    assert len(rows) == 3 and all("READY" in r and "onnxruntime_onnx" in r and "fp32" in r for r in rows), rows
-    assert {r.split("\t")[0] for r in rows} == {"tiny-digits", "tiny-charlm", "tiny-seq2seq"}
+    rows = {r[0]: r[1:] for r in page.page.eval_on_selector_all(
+        "#models-table tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))")}
+    assert set(rows) == {"tiny-digits", "tiny-charlm", "tiny-seq2seq", "tampered"}
+    for name, task in (("tiny-digits", "image-classification"), ("tiny-charlm", "char-lm"), ("tiny-seq2seq", "seq2seq")):
+        assert rows[name] == ["1", task, "onnxruntime_onnx", "fp32", "READY", ""]
+    tampered = httpx.get(f"{page.base}/v2/models").json()["models"]
+    reason = next(m for m in tampered if m["name"] == "tampered")["version_status"][0]["reason"]
+    assert rows["tampered"][4:] == ["UNAVAILABLE", reason] and "sha256" in reason
     page.page.click("summary:has-text('tiny-digits')")
     page.page.click("details:has-text('tiny-digits') button[role=tab]:has-text('tritonclient')")
     snippet = page.page.locator("details:has-text('tiny-digits') .snippet:visible code").inner_text()

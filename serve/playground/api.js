@@ -67,11 +67,6 @@ export async function json(path, options = {}) {
   return response.json();
 }
 
-export function postJson(path, body, options = {}) {
-  return json(path, { ...options, method: "POST", headers: { "Content-Type": "application/json" },
-                      body: JSON.stringify(body) });
-}
-
 /**
  * POST a JSON body and call onEvent(data) for each server-sent event. fetch() streaming, not EventSource,
  * because EventSource can neither POST nor send an Authorization header. Aborting `signal` closes the

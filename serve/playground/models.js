@@ -1,32 +1,35 @@
-// Models panel: the repository index (every model and version, with state and reason), each version's
+// Models panel: the model index (every model and version, with state and reason), each ready version's
 // metadata (task, backend) and config (precision), and copyable "how to call it" snippets.
-import { ApiError, json, postJson, showError } from "./api.js";
+import { json, showError } from "./api.js";
 
 const BASE = window.location.origin;
 
 async function versionDetails(name, version) {
   const path = `/v2/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`;
-  try {
-    const [meta, config] = await Promise.all([json(path), json(`${path}/config`)]);
-    return { meta, config };
-  } catch (e) {
-    if (e instanceof ApiError) return { meta: null, config: null }; // not ready: the index says why
-    throw e;
-  }
+  const [meta, config] = await Promise.all([json(path), json(`${path}/config`)]);
+  return { meta, config };
 }
 
-/** Every model: {name, task, ready, versions: [{version, state, reason, meta, config}]}. */
+function state(v) {
+  if (v.ready) return "READY";
+  return v.reason === "loading" ? "LOADING" : "UNAVAILABLE";
+}
+
+/** Every model: {name, task, ready, versions: [{version, state, reason, meta, config}]}, from GET /v2/models
+ * (the index an API key may read; Triton's POST /v2/repository/index is for admins) and each ready version's
+ * metadata and config. */
 export async function loadModels() {
-  const [index, rows] = await Promise.all([json("/v2/models"), postJson("/v2/repository/index", {})]);
-  const models = [];
-  for (const m of index.models) {
-    const versions = [];
-    for (const row of rows.filter((r) => r.name === m.name)) {
-      versions.push({ ...row, ...(row.version ? await versionDetails(m.name, row.version) : {}) });
-    }
-    models.push({ name: m.name, task: m.task, ready: m.ready, versions });
-  }
-  return models;
+  const index = await json("/v2/models");
+  return Promise.all(index.models.map(async (m) => {
+    const versions = m.version_status.length ? m.version_status : [{ version: "", ready: false, reason: m.reason }];
+    return {
+      name: m.name, task: m.task, ready: m.ready,
+      versions: await Promise.all(versions.map(async (v) => ({
+        version: v.version, state: state(v), reason: v.reason,
+        ...(v.ready ? await versionDetails(m.name, v.version) : {}),
+      }))),
+    };
+  }));
 }
 
 function cell(text, className) {
