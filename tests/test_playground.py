@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.browser import chromium, running_server, scrape
+from tests.browser import chromium
+from tests.live_server import running_server, scrape
 
 LONG = 100_000
 """The server's max_new_tokens cap here: a generation long enough to still be running when stopped."""
@@ -37,9 +38,9 @@ def base(tmp_path_factory, server_logs) -> Any:
     shutil.copytree(root / "tiny-digits", root / "tampered")  # listed as unavailable, with the reason
     with open(root / "tampered/1/model.onnx", "ab") as f:
         f.write(b"\0")
-    with running_server(root, server_logs,
-                        env={"DEEPSERVE_MAX_NEW_TOKENS": str(LONG)}) as url:
-        yield url
+    with running_server(root, server_logs, "--log-level", "warning",
+                        env={"DEEPSERVE_MAX_NEW_TOKENS": str(LONG)}) as server:
+        yield server["base"]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def generate(page: Any, model: str, mode: str, **fields: Any) -> None:
 
 
 def test_the_server_prints_the_playgrounds_address_first(base, server_logs):
-    first = (server_logs / "server-stdout.txt").read_text().splitlines()[0]
+    first = (server_logs / "stdout.txt").read_text().splitlines()[0]
     assert first.startswith(f"deepserve: playground at {base}/ ")
     page = httpx.get(first.split(" at ", 1)[1].split()[0])
     assert page.status_code == 200 and "<title>deepserve playground</title>" in page.text

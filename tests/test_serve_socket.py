@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,14 +18,7 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.live_server import ROOT, free_port, running_server
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +35,9 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "stderr.txt"
-    stdout = log.with_name("stdout.txt")
-    cmd = [sys.executable, "-X", "importtime", "-m", "deepserve.cli", "serve", "--repository", str(repository),
-           "--port", str(port), "--device", "cpu", "--max-queue-delay-ms", "10", "--log-level", "info"]
-    with open(log, "wb") as err, open(stdout, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
-        yield {"base": base, "port": port, "proc": proc, "stderr": log, "stdout": stdout}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with running_server(repository, tmp_path_factory.mktemp("server-log"), "--max-queue-delay-ms", "10",
+                        "--log-level", "info", python_args=("-X", "importtime")) as s:
+        yield s
 
 
 def images(n: int, seed: int) -> np.ndarray:
