@@ -63,7 +63,8 @@ function card(title) {
 
 function renderFinal(el, m, texts, scores, reasons) {
   const n = texts.length;
-  el.querySelector(".label").textContent = m === Mode.BEAM ? `${n}-best hypotheses` : (n > 1 ? `${n} sequences` : "");
+  const beamLabel = n > 1 ? `${n}-best hypotheses` : "best hypothesis";
+  el.querySelector(".label").textContent = m === Mode.BEAM ? beamLabel : (n > 1 ? `${n} sequences` : "");
   if (n <= 1 && m !== Mode.BEAM) return;
   el.querySelector(".text").hidden = true;
   const list = el.querySelector(".nbest");

@@ -97,7 +97,7 @@ function sparkline(points) {
   const w = 200, h = 40;
   const ys = points.map((v) => v ?? 0);
   const max = Math.max(...ys, 1e-9);
-  const coords = ys.map((v, i) => `${(i * w) / (POINTS - 1)},${h - 2 - (v / max) * (h - 4)}`);
+  const coords = ys.map((v, i) => `${(i * w) / Math.max(ys.length - 1, 1)},${h - 2 - (v / max) * (h - 4)}`);
   return `<svg viewBox="0 0 ${w} ${h}" preserveAspectRatio="none" aria-hidden="true">` +
          `<polyline points="${coords.join(" ")}" /></svg>`;
 }
