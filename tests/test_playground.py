@@ -276,6 +276,7 @@ def test_invalid_inputs_show_the_servers_error_next_to_the_control(page):
     beams_error = page.page.locator(".control:has(#gen-beams) .error")
     beams_error.wait_for(state="visible", timeout=WAIT_MS)
     assert beams_error.inner_text() == expected
+    assert page.page.get_attribute("#gen-beams", "aria-invalid") == "true"
     print(page.shoot("generate-error", "#generate"))
 
     page.page.fill("#gen-beams", "2")

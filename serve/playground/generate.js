@@ -39,16 +39,21 @@ function parameters(m) {
 
 function clearErrors() {
   for (const el of document.querySelectorAll("#generate-form .error")) showError(el, "");
+  for (const el of document.querySelectorAll("#generate-form [aria-invalid]")) el.removeAttribute("aria-invalid");
 }
 
 /** Show the server's message next to the control it names (the prompt, a parameter), else under the buttons. */
 function showRequestError(message) {
   for (const input of document.querySelectorAll("#generate [data-param]")) {
     if (new RegExp(`\\b${input.dataset.param}\\b`).test(message) && !input.closest(".control").hidden) {
+      input.setAttribute("aria-invalid", "true"); // screen readers announce the field as wrong
       return showError(input.closest(".control").querySelector(".error"), message);
     }
   }
-  if (/prompt|text_input/.test(message)) return showError($("gen-prompt-error"), message);
+  if (/prompt|text_input/.test(message)) {
+    $("gen-prompt").setAttribute("aria-invalid", "true");
+    return showError($("gen-prompt-error"), message);
+  }
   showError($("gen-error"), message);
 }
 
