@@ -8,7 +8,7 @@ const CHARTS = [
   { id: "requests", title: "requests/s", unit: "" },
   { id: "p50", title: "p50 latency", unit: "ms" },
   { id: "p99", title: "p99 latency", unit: "ms" },
-  { id: "batch", title: "mean batch size", unit: "rows" },
+  { id: "batch", title: "batch size", unit: "rows, mean" },
   { id: "queue", title: "queue depth", unit: "" },
   { id: "tokens", title: "tokens/s", unit: "" },
   { id: "running", title: "running rows", unit: "" },
