@@ -1,27 +1,21 @@
-"""`deepserve serve` in a subprocess on a free loopback port, for tests that talk to it over a real socket."""
+"""`deepserve serve` in a subprocess on a free loopback port, as a context manager, for tests that talk to it over
+a real socket."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
+
+from tests.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -39,17 +33,7 @@ def running_server(repository: Path, log_dir: Path, *flags: str, python_args: Se
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{err.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"server not ready in time:\n{err.read_text()[-3000:]}")
+        wait_ready(proc, base, err)
         yield {"base": base, "port": port, "proc": proc, "stdout": out, "stderr": err}
     finally:
         if proc.poll() is None:

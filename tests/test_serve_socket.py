@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.live_server import ROOT, free_port, running_server
+from tests.live_server import running_server
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
