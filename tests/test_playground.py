@@ -214,6 +214,25 @@ def test_sampling_streams_text_growing_over_frames_then_finishes_as_the_api_answ
     assert page.errors == []
 
 
+def test_beam_search_streams_the_shared_prefix_growing_then_the_n_best_list(page):
+    page.open()
+    page.page.evaluate("""() => { window.prefixes = [];
+        const tick = () => { const card = document.querySelector('#gen-outputs .output');
+            if (card?.dataset.state === 'running' && card.querySelector('.label').textContent.includes('shared prefix'))
+                window.prefixes.push(card.querySelector('.text').textContent);
+            requestAnimationFrame(tick); };
+        requestAnimationFrame(tick); }""")
+    generate(page, "tiny-charlm", "beam", prompt="The ", beams=4, n=2, length_penalty=1, max_new=1500)
+    page.page.wait_for_selector("#gen-outputs .output[data-state=done] .nbest li", timeout=WAIT_MS)
+    prefixes = page.page.evaluate("window.prefixes")
+    assert len(set(prefixes)) >= 3 and all(b.startswith(a) for a, b in zip(prefixes, prefixes[1:]))
+    shown = page.page.eval_on_selector_all("#gen-outputs .nbest li", "ls => ls.map(l => l.dataset.text)")
+    answer = httpx.post(f"{page.base}/v2/models/tiny-charlm/generate", timeout=60, json={"text_input": "The ",
+                        "parameters": {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 1500}}).json()
+    assert shown == [s["text_output"] for s in answer["sequences"]]
+    assert all(text.startswith(prefixes[-1]) for text in shown)  # what streamed is what every beam kept
+
+
 def test_beam_search_n_best_list_equals_the_apis_and_compare_runs_all_three(page):
     page.open()
     prompt = "What is the tens digit of 52873?"

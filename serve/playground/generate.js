@@ -100,8 +100,12 @@ async function run(m, model, prompt, params, el) {
     if (e.score !== undefined) scores[e.index] = e.score;
     if (e.text_output && firstAt === null) firstAt = performance.now();
     if (e.index === 0 || m !== Mode.BEAM) tokens += e.tokens?.length ?? 0;
-    el.querySelector(".text").textContent = texts[0] ?? "";
-    if (m === Mode.BEAM) el.querySelector(".label").textContent = "shared prefix of the live beams";
+    if (m !== Mode.BEAM) {
+      el.querySelector(".text").textContent = texts[0] ?? "";
+    } else if (!e.finish_reason) { // what every live beam agrees on; final events carry each hypothesis' rest
+      el.querySelector(".text").textContent = texts[e.index];
+      el.querySelector(".label").textContent = "shared prefix of the live beams";
+    }
   };
   try {
     await streamEvents(`/v2/models/${encodeURIComponent(model)}/generate_stream`,
