@@ -151,6 +151,10 @@ async function previewFile(file, pre) {
 async function classifyFile(file) {
   if (!file) return;
   $("classify-file-name").textContent = `${file.name} (${file.size} bytes)`;
+  const thumbnail = $("classify-file-preview");
+  if (thumbnail.src) URL.revokeObjectURL(thumbnail.src);
+  Object.assign(thumbnail, { src: URL.createObjectURL(file), hidden: false });
+  thumbnail.onerror = () => { thumbnail.hidden = true; }; // not an image the browser can show
   const pre = current() && preprocessingOf(current());
   if (pre) await previewFile(file, pre);
   await classify(file, file.type || "application/octet-stream", file.name);
