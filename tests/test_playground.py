@@ -381,3 +381,31 @@ def test_docs_and_redoc_render_with_the_network_blocked(browser, base, shots):
         assert [url for url in outside if not url.endswith("/redoc/logo-mini.svg")] == []
     finally:
         context.close()
+
+
+def test_a_401_asks_for_the_api_key_once_and_every_request_sends_it(browser, tmp_path_factory, shots):
+    root = tmp_path_factory.mktemp("keyed-repo")
+    make_charlm_artifact(root, "tiny-charlm", quantize=False, formats=("onnx",))
+    logs = tmp_path_factory.mktemp("keyed-server")
+    with running_server(root, logs, "--api-key", "s3cret", "--log-level", "warning") as server:
+        assert httpx.get(f"{server['base']}/v2/models").status_code == 401  # the key is really needed
+        context = browser.new_context()
+        try:
+            page = Page(context.new_page(), server["base"], shots)
+            # count the prompts: every request of the first load gets a 401 at once, one dialog asks
+            page.page.add_init_script("""window.asked = 0; const show = HTMLDialogElement.prototype.showModal;
+                HTMLDialogElement.prototype.showModal = function () { window.asked++; return show.call(this); };""")
+            page.page.goto(server["base"] + "/")
+            page.page.wait_for_selector("#key-dialog[open]", timeout=WAIT_MS)
+            page.shoot("api-key")
+            page.page.fill("#key-input", "s3cret")
+            page.page.click("#key-form button[value=ok]")
+            page.page.wait_for_selector("body[data-ready]", timeout=WAIT_MS)
+            assert page.page.locator("#models-table tbody tr").count() == 1
+            assert page.page.evaluate("sessionStorage.getItem('deepserve.apiKey')") == "s3cret"
+            generate(page, "tiny-charlm", "sampling", prompt="The ", max_new=200)  # a stream sends it too
+            page.page.wait_for_selector("#gen-outputs .output[data-state=done]", timeout=WAIT_MS)
+            page.page.wait_for_selector("#charts[data-scrapes='3']", timeout=WAIT_MS)
+            assert page.page.evaluate("window.asked") == 1
+        finally:
+            context.close()
