@@ -15,15 +15,11 @@ import pytest
 from PIL import Image
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.browser import chromium
+from tests.browser import WAIT_MS, Page, chromium, generate
 from tests.live_server import running_server, scrape
 
 LONG = 100_000
 """The server's max_new_tokens cap here: a generation long enough to still be running when stopped."""
-WAIT_MS = 30_000
-"""How long the page may take to show something (bounded waits, not timing assertions)."""
-
-
 @pytest.fixture(scope="module")
 def server_logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("playground-server")
@@ -58,29 +54,6 @@ def shots(tmp_path_factory, request) -> Any:
         print(f"\nplayground screenshots: {directory}")
 
 
-class Page:
-    """A loaded playground page and every console error and uncaught exception it produced."""
-
-    def __init__(self, page: Any, base: str, shots: Path) -> None:
-        self.page, self.base, self.shots = page, base, shots
-        self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-    def open(self, path: str = "/") -> Page:
-        self.page.goto(self.base + path)
-        self.page.wait_for_selector("body[data-ready]", timeout=WAIT_MS)
-        return self
-
-    def shoot(self, name: str, selector: str | None = None) -> Path:
-        path = self.shots / f"{name}.png"
-        if selector is None:
-            self.page.screenshot(path=path, full_page=True)
-        else:
-            self.page.locator(selector).screenshot(path=path)
-        return path
-
-
 @pytest.fixture
 def page(browser, base, shots) -> Any:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -108,17 +81,6 @@ def model_input(page: Any) -> np.ndarray:
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height);
         return {w: c.width, h: c.height, px: Array.from(d.data)}; }""")
     return np.array(data["px"], dtype=np.uint8).reshape(data["h"], data["w"], 4)[:, :, 0]
-
-
-def generate(page: Any, model: str, mode: str, **fields: Any) -> None:
-    p = page.page
-    p.select_option("#gen-model", model)
-    if "prompt" in fields:
-        p.fill("#gen-prompt", fields.pop("prompt"))
-    p.check(f'input[name="mode"][value="{mode}"]')
-    for selector, value in fields.items():
-        p.fill(f"#gen-{selector.replace('_', '-')}", str(value))
-    p.click("#gen-run")
 
 
 # ---- tests ----------------------------------------------------------------------------------------------
