@@ -184,7 +184,7 @@ def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any],
     offsets: dict[int, int] = {}  # choice -> text offset of its next token (logprobs.text_offset)
 
     def chunk(i: int, piece: Piece) -> bytes:
-        index, text, finish, lp = piece
+        index, text, finish, lp, _ = piece  # OpenAI's chunks carry no score
         index += i * n  # prompt i's choices
         logprobs = None
         if lp is not None:

@@ -86,8 +86,9 @@ def sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-Piece = tuple[int, str, "str | None", "TokenLogprobs | None"]
-"""What a stream sends for one output index: (index, new text, finish reason or None, new tokens' logprobs)."""
+Piece = tuple[int, str, "str | None", "TokenLogprobs | None", "float | None"]
+"""What a stream sends for one output index: (index, new text, finish reason or None, new tokens' logprobs, beam
+score in a sequence's final piece)."""
 
 
 def pieces(job: Job, event: Event) -> Iterator[Piece]:
@@ -96,12 +97,12 @@ def pieces(job: Job, event: Event) -> Iterator[Piece]:
     if event.kind == EventKind.DELTA:
         indices = range(job.params.num_return_sequences) if event.index < 0 else (event.index,)
         for i in indices:
-            yield i, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs")
+            yield i, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs"), None
     elif event.result is not None:
         for o in event.result.outputs:
             rest, lp = job.remaining_text(o.index, o.text), job.final_logprobs(o)
             if job.is_beam or rest or lp is not None:
-                yield o.index, rest, o.finish_reason, lp
+                yield o.index, rest, o.finish_reason, lp, o.score
 
 
 async def sse_stream(servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
@@ -203,8 +204,10 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     head, tok = _head(servable), servable.tokenizer
 
     def encode(_: int, piece: Piece) -> bytes:
-        index, text, finish, lp = piece
+        index, text, finish, lp, score = piece
         data = {**head, "index": index, "text_output": text, "finish_reason": finish}
+        if score is not None:  # beam search, in each sequence's final event
+            data["score"] = score
         return sse({**data, **logprobs_json(lp, tok)} if lp is not None else data)
 
     events = sse_stream(servable, [job], encode, lambda e: sse({"error": e.message, "status": e.status}))
