@@ -10,10 +10,6 @@ each event so that time to first token and time per output token can be measured
 A run is bounded twice: by ``duration_s`` (no request starts after it) and by ``max_requests``; requests
 still in flight ``drain_s`` after the end are cancelled and counted as ``cancelled``. Only 127.0.0.1 /
 localhost / ::1 are accepted as targets.
-
-``run_open_loop`` offers load at a fixed arrival rate instead (overload: arrivals do not wait for answers),
-still bounded: at most ``concurrency`` requests in flight, an arrival finding none free is counted as
-``client_overflow`` and not sent.
 """
 
 from __future__ import annotations
@@ -154,6 +150,8 @@ class LoadResult:
     """Streams: time to the first event of each successful request."""
     tpot_s: list[float] = field(default_factory=list)
     """Streams: (last event - first event) / (tokens - 1) of each request with at least 2 tokens."""
+    refused_with_retry_after: int = 0
+    """Failed answers (429, 503...) that carried a ``Retry-After`` header."""
 
     @property
     def requests_per_s(self) -> float:
@@ -268,16 +266,64 @@ async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> 
     return result
 
 
-async def _send_counted(conn: _Connection, raw: bytes, spec: LoadSpec, result: LoadResult) -> Response | None:
-    """The answer, or None after counting the failure in ``result.errors`` (and dropping the connection)."""
-    try:
-        return await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
-    except asyncio.TimeoutError:
-        result.errors["timeout"] += 1
-    except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-        result.errors[type(e).__name__] += 1
-    await conn.close()
-    return None
+def _record(result: LoadResult, response: Response, t0: float, count_tokens: TokenCounter | None) -> float:
+    """Count one answer to a request sent at ``t0`` into ``result``; return when it was complete."""
+    done = time.perf_counter()
+    if 200 <= response.status < 300:
+        result.ok += 1
+        result.latencies_s.append(done - t0)
+        tokens = count_tokens(response) if count_tokens else 0
+        result.tokens += tokens
+        if response.event_times:
+            result.ttft_s.append(response.event_times[0] - t0)
+            if tokens >= 2:
+                result.tpot_s.append((response.event_times[-1] - response.event_times[0]) / (tokens - 1))
+    else:
+        result.errors[str(response.status)] += 1
+        result.refused_with_retry_after += response.retry_after is not None
+    return done
+
+
+async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCounter | None = None) -> LoadResult:
+    """Open loop: a request starts every ``1 / rate_per_s`` seconds whether or not earlier ones were answered (how
+    overload arrives), on an idle keep-alive connection, at most ``spec.concurrency`` of them in flight (an arrival
+    finding none free counts as ``"client-full"``). ``spec.warmup_requests`` is not used."""
+    _check(rate_per_s > 0, "rate_per_s", "must be > 0", rate_per_s)
+    encoded = [r.encode(spec.host, spec.port) for r in spec.requests]
+    idle = [_Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
+    every = [*idle]
+    result = LoadResult()
+    started = time.perf_counter()
+    last_done = started
+
+    async def one(raw: bytes, conn: _Connection) -> None:
+        nonlocal last_done
+        t0 = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
+            last_done = max(last_done, _record(result, response, t0, count_tokens))
+        except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+            result.errors["timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__] += 1
+            await conn.close()
+        idle.append(conn)
+
+    tasks: list[asyncio.Task] = []
+    n = min(spec.max_requests, int(spec.duration_s * rate_per_s))
+    for i in range(n):
+        await asyncio.sleep(max(0.0, started + i / rate_per_s - time.perf_counter()))  # the arrival schedule
+        if not idle:
+            result.errors["client-full"] += 1
+            continue
+        tasks.append(asyncio.ensure_future(one(encoded[i % len(encoded)], idle.pop())))
+    done, pending = await asyncio.wait(tasks, timeout=spec.drain_s) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    if pending:
+        result.errors["cancelled"] += len(pending)
+        await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*(c.close() for c in every))
+    result.elapsed_s = max(last_done, started + n / rate_per_s) - started
+    return result
 
 
 async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connection], budget: int,
@@ -295,22 +341,17 @@ async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connec
             raw = encoded[position % len(encoded)]
             position += 1
             t0 = time.perf_counter()
-            response = await _send_counted(conn, raw, spec, result)
-            if response is None:
+            try:
+                response = await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
+            except asyncio.TimeoutError:
+                result.errors["timeout"] += 1
+                await conn.close()
                 continue
-            done = time.perf_counter()
-            last_done = max(last_done, done)
-            if 200 <= response.status < 300:
-                result.ok += 1
-                result.latencies_s.append(done - t0)
-                tokens = count_tokens(response) if count_tokens else 0
-                result.tokens += tokens
-                if response.event_times:
-                    result.ttft_s.append(response.event_times[0] - t0)
-                    if tokens >= 2:
-                        result.tpot_s.append((response.event_times[-1] - response.event_times[0]) / (tokens - 1))
-            else:
-                result.errors[str(response.status)] += 1
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+                result.errors[type(e).__name__] += 1
+                await conn.close()
+                continue
+            last_done = max(last_done, _record(result, response, t0, count_tokens))
 
     tasks = [asyncio.ensure_future(worker(i, c)) for i, c in enumerate(connections)]
     limit = None if stop_at is None else max(0.0, stop_at - time.perf_counter()) + spec.drain_s
@@ -326,64 +367,3 @@ async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connec
         if task.exception() is not None:  # a bug in the generator itself, not a failed request
             raise task.exception()  # type: ignore[misc]
     result.elapsed_s = last_done - started
-
-
-@dataclass
-class OpenLoopResult(LoadResult):
-    """``LoadResult`` plus what an open-loop run also counts."""
-
-    sent: int = 0
-    shed: int = 0
-    """Answers 429 or 503: refused by the server's admission control."""
-    shed_with_retry_after: int = 0
-
-
-async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCounter | None = None
-                        ) -> OpenLoopResult:
-    """Send ``spec.requests`` round-robin at ``rate_per_s`` for ``spec.duration_s`` (open loop), over at most
-    ``spec.concurrency`` keep-alive connections; then wait up to ``spec.drain_s`` for the answers."""
-    _check(rate_per_s > 0, "rate_per_s", "must be > 0", rate_per_s)
-    encoded = [r.encode(spec.host, spec.port) for r in spec.requests]
-    free = [_Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
-    result = OpenLoopResult()
-    tasks: set[asyncio.Task] = set()
-    started = time.perf_counter()
-
-    async def one(raw: bytes, conn: _Connection) -> None:
-        t0 = time.perf_counter()
-        response = await _send_counted(conn, raw, spec, result)
-        if response is not None:
-            _record(result, response, t0, count_tokens)
-        free.append(conn)
-
-    for i in range(min(spec.max_requests, int(rate_per_s * spec.duration_s))):
-        delay = started + i / rate_per_s - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)  # the arrival schedule itself: open loop
-        if not free:
-            result.errors["client_overflow"] += 1
-            continue
-        result.sent += 1
-        task = asyncio.ensure_future(one(encoded[i % len(encoded)], free.pop()))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        _, pending = await asyncio.wait(set(tasks), timeout=spec.drain_s)
-        for task in pending:
-            task.cancel()
-        result.errors["cancelled"] += len(pending)
-    result.elapsed_s = time.perf_counter() - started
-    await asyncio.gather(*(c.close() for c in free))
-    return result
-
-
-def _record(result: OpenLoopResult, response: Response, t0: float, count_tokens: TokenCounter | None) -> None:
-    if 200 <= response.status < 300:
-        result.ok += 1
-        result.latencies_s.append(time.perf_counter() - t0)
-        result.tokens += count_tokens(response) if count_tokens else 0
-        return
-    result.errors[str(response.status)] += 1
-    if response.status in (429, 503):
-        result.shed += 1
-        result.shed_with_retry_after += response.retry_after is not None

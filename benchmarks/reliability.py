@@ -168,11 +168,13 @@ async def overload(server: Served, kind: str, requests: list[Request], levels: t
         good = r.tokens_per_s if tokens else r.requests_per_s
         p99 = percentile(r.latencies_s, 99)
         back = await recovery_s(server, requests[0], 2 * p99_unloaded)
+        shed = r.errors["429"] + r.errors["503"]
+        sent = r.ok + sum(v for k, v in r.errors.items() if k != "client-full")
         other = {k: v for k, v in r.errors.items() if k not in ("429", "503") and v}
         ratio = None if p99 is None else p99 / p99_unloaded
         table.add(f"{factor}x ({factor * rps:.0f} req/s)", good, good / cap if cap else None,
-                  _ms(r.latencies_s, 50), _ms(r.latencies_s, 99), ratio, f"{r.shed / max(r.sent, 1):.0%}",
-                  f"{r.shed_with_retry_after}/{r.shed}", other, back)
+                  _ms(r.latencies_s, 50), _ms(r.latencies_s, 99), ratio, f"{shed / max(sent, 1):.0%}",
+                  f"{r.refused_with_retry_after}/{shed}", other, back)
         report.target(f"{kind} at {factor}x offered: goodput / capacity", ">= 0.80",
                       good / cap if cap else None, bool(cap) and good / cap >= 0.8)
         report.target(f"{kind} at {factor}x offered: admitted p99 / unloaded p99", "<= 3", ratio,

@@ -202,3 +202,11 @@ async def test_the_reliability_sweep_is_answered_with_4xx_json_errors(client):
         assert 400 <= r.status_code < 500, f"{name}: {r.status_code} {r.text[:200]}"
         assert r.headers["content-type"] == "application/json" and r.json()["error"], name
     assert (await client.get("/v2/health/ready")).status_code == 200
+
+
+async def test_a_generate_stream_flag_of_another_type_is_refused(client):
+    for path in (GENERATE, GENERATE + "_stream"):
+        r = await client.post(path, json={"text_input": "a", "parameters": {"stream": {}, "max_new_tokens": 1}})
+        assert r.status_code == 400 and "stream" in r.json()["error"], r.text  # was accepted and ignored
+    assert (await client.post(GENERATE, json={"text_input": "a", "parameters": {"stream": False,
+                                                                                 "max_new_tokens": 1}})).status_code == 200
