@@ -140,17 +140,24 @@ class Scheduler:
             self.admission.observe(now - self._last_step)
         self._last_step = now if self.running else None
         outbox: list[tuple[Job, Event]] = []
-        self._expire(outbox)
-        self._admit(outbox)
-        self._notify()
-        if self.running:
-            self._step(outbox)
-        deliver(outbox)
-        self._notify()
-
-    def _notify(self) -> None:
+        # a request is marked finished and its events handed over under one hold of ``rows_changed``, so that
+        # a waiter never sees it finished before its events are on their way; the model runs outside it
         with self.rows_changed:
-            self.rows_changed.notify_all()
+            self._expire(outbox)
+            self._admit(outbox)
+            self._hand_over(outbox)
+        if self.running:
+            t0 = time.perf_counter()
+            logits = self.model.step(self.tokens)  # (B,V)
+            with self.rows_changed:
+                self._step(t0, logits, outbox)
+                self._hand_over(outbox)
+
+    def _hand_over(self, outbox: list) -> None:
+        """Deliver ``outbox`` (the caller holds ``rows_changed``) and wake the waiters."""
+        deliver(outbox)
+        outbox.clear()
+        self.rows_changed.notify_all()
 
     def _expire(self, outbox: list) -> None:
         """Remove cancelled and expired requests before the step (their rows are freed right away). Only looks
@@ -208,10 +215,8 @@ class Scheduler:
         self._plan = None
         self.metrics.running.set(self.model.rows)
 
-    def _step(self, outbox: list) -> None:
-        """One step: run the model over every row, select each row's token, update the requests and the batch."""
-        t0 = time.perf_counter()
-        logits = self.model.step(self.tokens)  # (B,V)
+    def _step(self, t0: float, logits: np.ndarray, outbox: list) -> None:
+        """One step after the model ran (since ``t0``): select each row's token, update the requests and rows."""
         self.steps += 1
         plan = self._plan = self._plan or StepPlan.of(self.running, self.model.rows)
         raw_lp = plan.process(logits)
@@ -368,13 +373,14 @@ class Scheduler:
         self.metrics.running.set(self.model.rows)
 
     def _fail_all(self, error: Exception) -> None:
-        outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
-        for j in self.running:
-            j.finished = True
-        try:
-            self._compact([])
-        except Exception:  # the model state itself is broken: start from an empty batch
-            log.exception("resetting the generation state failed")
-        self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
-        self.log, self.due, self.fresh = TokenLog(), {}, []
-        deliver(outbox)
+        with self.rows_changed:  # as in ``_iteration``: finished and handed over under one hold
+            outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
+            for j in self.running:
+                j.finished = True
+            try:
+                self._compact([])
+            except Exception:  # the model state itself is broken: start from an empty batch
+                log.exception("resetting the generation state failed")
+            self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
+            self.log, self.due, self.fresh = TokenLog(), {}, []
+            self._hand_over(outbox)
