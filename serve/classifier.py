@@ -122,6 +122,7 @@ class ClassificationServable(Servable):
                      for t in self.graph.inputs}
             for batcher in self.batchers:
                 await batcher.submit(dummy)
+        await self.decode_images([self.preprocessor.blank_png()])  # the image path's first call too
         self.ready, self.reason = True, None
 
     async def stop(self) -> None:
