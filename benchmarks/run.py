@@ -6,8 +6,9 @@
 
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
 and seq2seq through the server), engine (3b: the seq2seq engine in process), model (4: eager / TorchScript /
-ONNX Runtime latency). Models have fixed random weights and are exported into a temporary repository
-(``--cache DIR`` keeps it between runs).
+ONNX Runtime latency), tail (5: p50/p99/max per repetition, collector options, first burst, mosec), coldstart
+(6: process start to ready, first request, memory). Models have fixed random weights and are exported into a
+temporary repository (``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model")
+SCENARIOS = ("classification", "generation", "engine", "model", "tail", "coldstart")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
-         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"]}
+         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "tail": ["digits-cnn", "resnet18", "charlm"],
+         "coldstart": ["digits-cnn", "charlm", "seq2seq"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.generation import run_scenario as run_generation
 
                 run_generation(report, repository, p, NEEDS[scenario])
+            elif scenario == "tail":
+                from benchmarks.tail import run_scenario as run_tail
+
+                run_tail(report, repository, p, NEEDS[scenario])
+            elif scenario == "coldstart":
+                from benchmarks.coldstart import run_scenario as run_coldstart
+
+                run_coldstart(report, repository, p)
             elif scenario == "engine":
                 from benchmarks.generation import run_engine
 

@@ -46,8 +46,8 @@ NO_TORCH = textwrap.dedent(f"""
 
 
 class Served:
-    """`deepserve serve` in a subprocess; ``started`` is set when uvicorn reports the lifespan done (every
-    model loaded and warmed up). Stderr is read by a thread, so `-X importtime`'s lines never fill the pipe."""
+    """`deepserve serve` in a subprocess; ``started`` is set when uvicorn listens, which it does after the
+    lifespan (every model loaded and warmed up). Stderr is read by a thread, so `-X importtime`'s lines never fill the pipe."""
 
     def __init__(self, command: list[str]) -> None:
         self.port = free_port()
@@ -55,7 +55,7 @@ class Served:
         self.lines: list[str] = []
         self.started = threading.Event()
         self.complete = False
-        """uvicorn said "Application startup complete"."""
+        """uvicorn said "Uvicorn running on"."""
         self.proc = subprocess.Popen([*command, "--port", str(self.port)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -65,7 +65,7 @@ class Served:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:
                 self.complete = True
                 self.started.set()
         self.started.set()  # exited: let the waiter see it
