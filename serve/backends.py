@@ -114,9 +114,20 @@ def onnx_session(path: Path, device: DeviceName, *, threads: int | None = None):
     return session
 
 
-def torchscript_module(path: Path, device: DeviceName, *, threads: int | None = None):  # -> torch.jit.ScriptModule
-    import torch
+def import_torch():  # -> the torch module
+    """torch, which only TorchScript graphs need; where it is not installed, a reason that says what to do."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise BackendUnavailable("the TorchScript backend needs torch, which is not installed: "
+                                 "pip install 'deepserve[serve-torchscript]', or serve the ONNX graphs") from None
+    return torch
 
+
+def torchscript_module(path: Path, device: DeviceName, *, threads: int | None = None):  # -> torch.jit.ScriptModule
+    torch = import_torch()
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     module = torch.jit.load(str(path), map_location=device)

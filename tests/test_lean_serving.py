@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("tiny-cnn", "tiny-charlm", "tiny-seq2seq")
 BLOCKED = "BLOCKED import of"
 
-# `deepserve serve` with a meta path finder in front that refuses torch and says so.
-NO_TORCH = textwrap.dedent(f"""
+# A meta path finder in front that refuses torch and says so: an environment without torch.
+BLOCK_TORCH = textwrap.dedent(f"""
     import sys
 
     class NoTorch:
@@ -40,9 +40,9 @@ NO_TORCH = textwrap.dedent(f"""
             return None
 
     sys.meta_path.insert(0, NoTorch())
-    from deepserve.cli import main
-    sys.exit(main(sys.argv[1:]))
 """)
+NO_TORCH = BLOCK_TORCH + "from deepserve.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+"""`deepserve serve` without torch."""
 
 
 class Served:
@@ -148,3 +148,21 @@ def test_torchscript_serving_loads_torch_and_answers_like_onnx(servers):
     expected, got = answers(servers["onnx"].base), answers(torchscript.base)
     np.testing.assert_allclose(got.pop("tiny-cnn"), expected.pop("tiny-cnn"), rtol=1e-4, atol=1e-5)
     assert got == expected  # greedy and beam-search text: the same tokens
+
+
+def test_torchscript_without_torch_says_what_to_install(tmp_path):
+    """The backend's reason (a model's not-ready reason) names the extra to install."""
+    directory = make_classifier_artifact(tmp_path, "tiny-cnn", quantize=False)
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        from deepserve.manifest import load_manifest
+        from deepserve.serve.backends import BackendUnavailable
+        from deepserve.serve.runtime import open_runtime
+
+        graph = load_manifest({str(directory)!r}).graphs["model"]
+        try:
+            open_runtime(graph, {str(directory)!r}, backend="torchscript", device="cpu")
+        except BackendUnavailable as e:
+            print(e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "pip install 'deepserve[serve-torchscript]'" in done.stdout, done.stdout + done.stderr
