@@ -154,7 +154,9 @@ class MosecProcess(ServerProcess):
         with socket.socket() as probe:  # mosec binds its own socket: take a free port number for it
             probe.bind((self.host, 0))
             self.port = probe.getsockname()[1]
-        env = {**self.env, "MOSEC_PORT": str(self.port), "MOSEC_ADDRESS": self.host, "MOSEC_LOG_LEVEL": "warning"}
+        # deepserve's default request deadline (30 s), not mosec's 3 s: a slow cell must not turn into errors
+        env = {**self.env, "MOSEC_PORT": str(self.port), "MOSEC_ADDRESS": self.host, "MOSEC_LOG_LEVEL": "warning",
+               "MOSEC_TIMEOUT": "30000"}
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.mosec_peer", str(self.artifact),
                                          self.protocol], stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
         try:

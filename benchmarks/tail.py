@@ -37,6 +37,8 @@ REQUESTS = {"digits-cnn": 3000, "resnet18": 320}
 cores, so 5 per client."""
 PROTOCOLS = ("json", "binary", "image")
 MOSEC_PROTOCOLS = ("json", "image")
+READ_GAP_S = 1e-4
+"""Token events less than this apart arrived in one read of the load generator."""
 GC_OPTIONS = {"shipped": (), "nofreeze": ("--gc", "nofreeze"),
               "thresholds 10000,50,100": ("--gc", "thresholds", "--gc-thresholds", "10000,50,100"),
               "disabled": ("--gc", "disabled")}
@@ -134,9 +136,12 @@ def generation(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
 
                 res = run_cell(servers[option].port, reqs, GEN_CONCURRENCY, 4 * GEN_CONCURRENCY, stream=True,
                                on_response=count)
-                itl = stats_ms(gaps)
+                # a generator on the same 2 cores often reads several events at once (gap 0): "reads" keeps the
+                # gaps between separate reads, the pauses a stall would show up in
+                itl, reads = stats_ms(gaps), stats_ms([g for g in gaps if g >= READ_GAP_S])
                 rows.append({"option": option, "rep": rep, "tokens_per_s": res.tokens_per_s,
-                             **{f"itl_{k}": v for k, v in itl.items()}, "errors": sum(res.errors.values())})
+                             **{f"itl_{k}": v for k, v in itl.items()}, **{f"read_{k}": v for k, v in reads.items()},
+                             "errors": sum(res.errors.values())})
                 print(f"[tail] generation {option} rep {rep}: {rows[-1]}", flush=True)
     finally:
         for server in servers.values():
@@ -169,12 +174,14 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
         table.add(r["option"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"], _ratio(r["p99"], r["p50"]), r["gen2"])
     section.blocks.append(table)
     if results["generation"]:
-        table = Table(["collector", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "p99 / p50",
-                       "errors"], title=f"{MODELS['charlm'].describe}: streamed greedy tokens at concurrency "
-                                        f"{GEN_CONCURRENCY}, {4 * GEN_CONCURRENCY} requests per rep")
+        table = Table(["collector", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
+                       "between reads p50 / p99 / max ms", "p99 / p50 (reads)", "errors"],
+                      title=f"{MODELS['charlm'].describe}: streamed greedy tokens at concurrency {GEN_CONCURRENCY}, "
+                            f"{4 * GEN_CONCURRENCY} requests per rep")
         for r in results["generation"]:
-            table.add(r["option"], r["rep"], r["tokens_per_s"], r["itl_p50"], r["itl_p99"], r["itl_max"],
-                      _ratio(r["itl_p99"], r["itl_p50"]), r["errors"])
+            reads = " / ".join("—" if r[f"read_{k}"] is None else f"{r[f'read_{k}']:.2f}" for k in ("p50", "p99", "max"))
+            table.add(r["option"], r["rep"], r["tokens_per_s"], r["itl_p50"], r["itl_p99"], r["itl_max"], reads,
+                      _ratio(r["read_p99"], r["read_p50"]), r["errors"])
         section.blocks.append(table)
     report.data["tail"] = results
     _targets(report, results)
@@ -202,9 +209,9 @@ def _targets(report: Report, results: dict[str, list[dict[str, Any]]]) -> None:
                           "<= 1.0", p99, p99 <= 1.0, f"{len(pairs)} pairs, ABBA order")
     shipped = [r for r in results["generation"] if r["option"] == "shipped"]
     if shipped:
-        worst = max(shipped, key=lambda r: _ratio(r["itl_p99"], r["itl_p50"]) or float("inf"))
-        ratio = _ratio(worst["itl_p99"], worst["itl_p50"])
-        report.target(f"char-LM inter-token latency at c={GEN_CONCURRENCY}: p99 / p50, worst repetition", "<= 2.0",
-                      ratio, ratio is not None and ratio <= 2.0,
-                      f"rep {worst['rep']}: p50 {worst['itl_p50']:.2f} ms, p99 {worst['itl_p99']:.2f} ms, "
-                      f"max {worst['itl_max']:.2f} ms")
+        worst = max(shipped, key=lambda r: _ratio(r["read_p99"], r["read_p50"]) or float("inf"))
+        ratio = _ratio(worst["read_p99"], worst["read_p50"])
+        report.target(f"char-LM inter-token latency at c={GEN_CONCURRENCY}: p99 / p50 of the gaps between reads, "
+                      "worst repetition", "<= 2.0", ratio, ratio is not None and ratio <= 2.0,
+                      f"rep {worst['rep']}: between reads p50 {worst['read_p50']:.2f} ms, p99 {worst['read_p99']:.2f} "
+                      f"ms, max {worst['read_max']:.2f} ms; all gaps p99 {worst['itl_p99']:.2f} ms")
