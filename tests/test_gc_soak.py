@@ -26,7 +26,8 @@ from deepserve.serve.app import create_app
 from deepserve.serve.cli import uvicorn_config
 from deepserve.serve.heap import GC_THRESHOLDS
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.test_serve_socket import body, free_port, images
+from tests.servers import free_port
+from tests.test_serve_socket import body, images
 
 ROUNDS = 6
 LEAK_LIMIT = 50
