@@ -30,8 +30,9 @@ from tests.servers import free_port
 from tests.test_serve_socket import body, images
 
 ROUNDS = 6
-LEAK_LIMIT = 50
-"""Objects a whole round may add once warm: a leak of one object per request adds hundreds."""
+LEAK_LIMIT = 100
+"""Objects the late rounds may hold beyond the early ones (3 rounds apart): requests in flight at a count (a
+keep-alive timer, a closing stream) come and go by tens; one object leaked per JSON request adds 180."""
 
 
 class _Server(uvicorn.Server):
