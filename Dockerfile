@@ -18,7 +18,7 @@ FROM ${CPU_IMAGE} AS base-cpu
 ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # The slim image's environment: deepserve[serve] has no torch. The CPU onnxruntime wheel (same version) replaces
-# onnxruntime-gpu: 69 MB instead of 354 MB installed, as fast on CPU (benchmarks/results, lean serving).
+# onnxruntime-gpu: 69 MB instead of 354 MB installed, no consistent speed difference on CPU (benchmarks/ort_wheels.py).
 FROM ${CPU_IMAGE} AS slim-build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH

@@ -84,10 +84,12 @@ def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]])
         reqs = payloads(name, name)[protocol]
         sides: dict[str, tuple[ServerProcess, list[Request]]] = {}
         try:
-            sides["deepserve"] = (ServerProcess("deepserve", repository=source, device=p.device).start(), reqs)
+            # the peer starts first: its workers may still be busy starting when its front end answers, which
+            # must not land in deepserve's first burst (rep 0 runs deepserve first, then the peer's)
             if protocol in MOSEC_PROTOCOLS:
                 sides["mosec"] = (MosecProcess(source / name / "1", protocol).start(), _mosec_requests(reqs))
-            order = list(sides)
+            sides["deepserve"] = (ServerProcess("deepserve", repository=source, device=p.device).start(), reqs)
+            order = sorted(sides)  # deepserve, mosec
             for rep in range(reps + 1):
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
