@@ -1,4 +1,4 @@
-"""Scenario 6: cold start — `deepserve serve` from process start to ready, the first request, and memory.
+"""Scenario 7: cold start — `deepserve serve` from process start to ready, the first request, and memory.
 
 The real command (`python -m deepserve.cli serve`, `--device auto`) on repositories of 1 (the digits CNN), 3 (the
 default repository's models: digits CNN, char-LM, seq2seq) and 20 small models (clones of the digits CNN).
@@ -120,7 +120,7 @@ def configurations(source: Path) -> dict[str, tuple[Path, dict[str, str], bool]]
 
 
 def run_scenario(report: Report, source: Path, p: Plan) -> dict[str, Any]:
-    section = report.section("Scenario 6 — cold start and memory")
+    section = report.section("Scenario 7 — cold start and memory")
     section.blocks.append(__doc__.split("\n\n", 1)[1].replace("\n", " "))
     configs = configurations(source)
     rounds = 2 if p.name == "quick" else 5

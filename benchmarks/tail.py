@@ -1,4 +1,4 @@
-"""Scenario 5: tail latency under load — the collector's pauses, the first burst after a start, and mosec.
+"""Scenario 6: tail latency under load — the collector's pauses, the first burst after a start, and mosec.
 
 Classification at concurrency 64 for each model and protocol: a fresh deepserve server (default settings) and,
 for JSON and the raw image, a fresh mosec peer (``benchmarks.mosec_peer``: same model file, same bodies, same
@@ -155,7 +155,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dict[str, Any]:
-    section = report.section("Scenario 5 — tail latency: collector pauses, first burst, mosec")
+    section = report.section("Scenario 6 — tail latency: collector pauses, first burst, mosec")
     section.blocks.append(__doc__.split("\n\n", 1)[1].replace("\n", " "))
     results: dict[str, list[dict[str, Any]]] = {"classification": [], "gc": [], "generation": []}
     for name in (n for n in names if n in REQUESTS):
