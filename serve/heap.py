@@ -24,7 +24,9 @@ collections are short and the full ones walk only what was made since; larger th
 def settle() -> int:
     """Collect once, freeze what survives and set the serving thresholds; returns the frozen object count.
 
-    Safe to call again (after a model is loaded at run time): it freezes whatever has survived since."""
+    Called again after a model is loaded or unloaded at run time: it unfreezes first, so that what an unloaded
+    model left in reference cycles is collected (frozen garbage is never freed), then freezes what survives."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

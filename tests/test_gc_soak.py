@@ -11,6 +11,7 @@ import gc
 import io
 import json
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 
 from deepserve.serve.app import create_app
 from deepserve.serve.cli import uvicorn_config
-from deepserve.serve.heap import GC_THRESHOLDS
+from deepserve.serve.heap import GC_THRESHOLDS, settle
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
 from tests.servers import free_port
 from tests.test_serve_socket import body, images
@@ -49,8 +50,10 @@ class _Server(uvicorn.Server):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Iterator[str]:
+    """The server's base URL; ``spare-cnn`` is there to be unloaded."""
     root = tmp_path_factory.mktemp("soak-repo")
     make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    make_classifier_artifact(root, "spare-cnn", seed=1, quantize=False)
     make_charlm_artifact(root, "tiny-charlm")
     make_seq2seq_artifact(root, "tiny-seq2seq")
     args = SimpleNamespace(host="127.0.0.1", port=free_port(), log_level="warning", graceful_timeout_s=5.0)
@@ -115,3 +118,27 @@ def test_a_soak_of_requests_leaves_no_growing_set_of_objects(base):
     early, late = (min(range(a, a + 2), key=sizes.__getitem__) for a in (1, ROUNDS - 2))
     growth = tracked[late] - tracked[early]
     assert sizes[late] - sizes[early] < LEAK_LIMIT, f"rounds' objects {sizes}; grew: {growth.most_common(8)}"
+
+
+class _Cycle:
+    """An object in a reference cycle: only the collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_unloading_a_model_frees_cycles_that_were_frozen(base):
+    """Frozen objects are never collected, not even by gc.collect(): an unload at run time re-settles the heap
+    (unfreeze, collect, freeze), so what the model left in reference cycles is freed."""
+    cycle = _Cycle()
+    gone = weakref.ref(cycle)
+    settle()  # as at start-up: the cycle is frozen with the rest
+    del cycle
+    gc.collect()
+    kept = gone() is not None  # not inside an assert: pytest would keep it in a local
+    assert kept, "a frozen cycle was collected: freezing did not happen"
+    r = httpx.post(f"{base}/v2/repository/models/spare-cnn/unload", timeout=60)
+    assert r.status_code == 200, r.text
+    freed = gone() is None
+    assert freed, "the unload left the frozen cycle frozen"
+    assert gc.get_freeze_count() > 10_000  # the rest is frozen again
