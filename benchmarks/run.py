@@ -5,11 +5,12 @@
     python -m benchmarks.run --only classification --only model  # some scenarios
 
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
-and seq2seq through the server), engine (3b: the seq2seq engine in process), model (4: eager / TorchScript /
-ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), tail (6: p50/p99/max per
-repetition, collector options, first burst, mosec), coldstart (7: process start to ready, first request, memory).
-Models have fixed random weights and are exported into a temporary repository (``--cache DIR`` keeps it between
-runs).
+and seq2seq through the server), engine (3b: the seq2seq engine in process), overload (3c: char-LM goodput at
+1-4x capacity), peer (3d: the seq2seq engine vs CTranslate2, same weights; the bench extra), model (4: eager /
+TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), tail (6:
+p50/p99/max per repetition, collector options, first burst, mosec; the bench extra), coldstart (7: process start
+to ready, first request, memory). Models have fixed random weights and are exported into a temporary repository
+(``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "tail", "coldstart")
+SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "tail", "coldstart")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
          "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
-         "tail": ["digits-cnn", "resnet18", "charlm"], "coldstart": ["digits-cnn", "charlm", "seq2seq"]}
+         "overload": ["charlm"], "peer": ["seq2seq"], "tail": ["digits-cnn", "resnet18", "charlm"],
+         "coldstart": ["digits-cnn", "charlm", "seq2seq"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.rollout import run_scenario as run_rollout
 
                 run_rollout(report, repository, p)
+            elif scenario == "overload":
+                from benchmarks.generation import run_overload
+
+                run_overload(report, repository, p)
+            elif scenario == "peer":
+                from benchmarks.ct2_peer import run_scenario as run_peer
+
+                run_peer(report, repository, checkpoints, p)
             else:
                 from benchmarks.modellevel import run_scenario as run_model_level
 
