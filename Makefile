@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[train,serve]"
+	$(PY) -m pip install -q -e ".[train,export,serve]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

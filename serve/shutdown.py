@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import signal
 from typing import Any
 
@@ -106,7 +107,10 @@ class _DrainingMixin:
 
 
 def draining_protocol(http: str, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S) -> type[asyncio.Protocol]:
-    """uvicorn's ``http`` ("h11" | "httptools") protocol with draining and the slow-header timeout."""
+    """uvicorn's ``http`` ("h11" | "httptools" | "auto", as uvicorn picks it) protocol with draining and the
+    slow-header timeout."""
+    if http == "auto":
+        http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
     module, name = _PROTOCOLS[http]
     base = getattr(importlib.import_module(module), name)
     return type(f"Draining{name}", (_DrainingMixin, base), {"header_timeout_s": header_timeout_s})
