@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 CONFIG_FILES = ("config.json", "config.yaml", "config.yml")
 ENV_PREFIX = "DEEPSERVE_"
+ENGINE_SECTIONS = ("ray",)
+"""Config-file sections read by a scale-out engine (``serve/ray_app.py``), not by ``ModelSettings``."""
 
 
 class SettingsError(ValueError):
@@ -114,6 +116,24 @@ def _convert(name: str, raw: Any) -> Any:
 
 def read_config_file(model_dir: Path) -> dict[str, Any]:
     """The settings in ``model_dir/config.{json,yaml}``, or ``{}`` when there is none."""
+    path, raw = _load_config_file(model_dir)
+    unknown = sorted(set(raw) - set(FIELDS) - set(ENGINE_SECTIONS))
+    if unknown:
+        raise SettingsError(f"{path}: unknown settings {unknown}; known: {sorted(FIELDS)} and sections "
+                            f"{list(ENGINE_SECTIONS)}")
+    return {k: _convert(k, v) for k, v in raw.items() if k in FIELDS}
+
+
+def read_engine_section(model_dir: Path, section: str) -> tuple[Path | None, dict[str, Any]]:
+    """The file and its ``section`` mapping (``{}`` when absent), e.g. ``"ray"``: replicas and resources."""
+    path, raw = _load_config_file(model_dir)
+    value = raw.get(section, {})
+    if not isinstance(value, dict):
+        raise SettingsError(f"{path}: {section} must be a mapping, got {type(value).__name__}")
+    return path, value
+
+
+def _load_config_file(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     for file_name in CONFIG_FILES:
         path = Path(model_dir) / file_name
         if not path.is_file():
@@ -129,11 +149,8 @@ def read_config_file(model_dir: Path) -> dict[str, Any]:
             raise SettingsError(f"{path}: cannot parse ({e})") from None
         if not isinstance(raw, dict):
             raise SettingsError(f"{path}: must hold a mapping of settings, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(FIELDS))
-        if unknown:
-            raise SettingsError(f"{path}: unknown settings {unknown}; known: {sorted(FIELDS)}")
-        return {k: _convert(k, v) for k, v in raw.items()}
-    return {}
+        return path, raw
+    return None, {}
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
