@@ -94,28 +94,37 @@ class AppOptions:
     """How long a stopping replica may take to drain (Ray's graceful_shutdown_timeout_s)."""
 
 
+def plan(repository: str | Path) -> tuple[dict[str, RayOptions], dict[str, str]]:
+    """The deployments a repository asks for: model -> its ``RayOptions``, and model -> why it gets none (a bad
+    ``ray`` section; that model is reported not ready, the others serve). Models without version folders get
+    neither: the ingress's repository reports them."""
+    root = Path(repository)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model repository {root} is not a directory")
+    deployments, why_not = {}, {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not any(v.is_dir() and v.name.isdigit() for v in model_dir.iterdir()):
+            continue
+        try:
+            deployments[model_dir.name] = RayOptions.from_section(*read_engine_section(model_dir, "ray"))
+        except SettingsError as e:
+            why_not[model_dir.name] = str(e)
+    return deployments, why_not
+
+
 def application(options: AppOptions):  # -> ray.serve.Application
-    """The ingress bound to one ``ModelReplica`` deployment per model with version folders."""
+    """The ingress bound to one ``ModelReplica`` deployment per model of ``plan``."""
     from deepserve.serve.ray_deployments import Ingress, ModelReplica, ServingOptions
 
     root = Path(options.repository).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"model repository {root} is not a directory")
+    deployments, why_not = plan(root)
     serving = ServingOptions(overrides=dict(options.overrides), device=options.device,
                              max_body_bytes=options.max_body_bytes, max_pixels=options.max_pixels)
-    models, why_not = {}, {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not any(v.is_dir() and v.name.isdigit() for v in model_dir.iterdir()):
-            continue  # the ingress's repository reports it (no version folders)
-        try:
-            ray_options = RayOptions.from_section(*read_engine_section(model_dir, "ray"))
-        except SettingsError as e:
-            why_not[model_dir.name] = str(e)  # this model is not ready, with the reason; the others serve
-            continue
-        models[model_dir.name] = ModelReplica.options(
-            name=model_dir.name, graceful_shutdown_timeout_s=options.graceful_timeout_s,
-            **ray_options.deployment_options(),
-        ).bind(str(root), model_dir.name, serving)
+    models = {
+        name: ModelReplica.options(name=name, graceful_shutdown_timeout_s=options.graceful_timeout_s,
+                                   **ray_options.deployment_options()).bind(str(root), name, serving)
+        for name, ray_options in deployments.items()
+    }
     return Ingress.options(name="ingress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.25},
                            graceful_shutdown_timeout_s=options.graceful_timeout_s).bind(
         str(root), models, serving, why_not)
