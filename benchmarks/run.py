@@ -6,8 +6,8 @@
 
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
 and seq2seq through the server), engine (3b: the seq2seq engine in process), model (4: eager / TorchScript /
-ONNX Runtime latency). Models have fixed random weights and are exported into a temporary repository
-(``--cache DIR`` keeps it between runs).
+ONNX Runtime latency), scaleout (5: the plain server against Ray Serve with 1 and 2 replicas). Models have fixed
+random weights and are exported into a temporary repository (``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model")
+SCENARIOS = ("classification", "generation", "engine", "model", "scaleout")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
-         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"]}
+         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.generation import run_engine
 
                 run_engine(report, repository, p)
+            elif scenario == "scaleout":
+                from benchmarks.scaleout import run_scenario as run_scaleout
+
+                run_scaleout(report, repository, p, NEEDS[scenario])
             else:
                 from benchmarks.modellevel import run_scenario as run_model_level
 

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +20,7 @@ import yaml
 
 from tests import k8s_schemas
 from tests.artifacts import make_classifier_artifact
-from tests.test_serve_socket import body, free_port, images
+from tests.test_serve_socket import body, free_port, images, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -139,19 +138,6 @@ def running() -> Iterator[list[subprocess.Popen]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
-    for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.1)
-    pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
 
 
 def infer(base: str, model: str) -> np.ndarray:
