@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +72,7 @@ def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with open(out, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+    saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # this process joins the cluster as a driver (to kill replicas, read their metrics)
     import ray
 
@@ -85,6 +87,8 @@ def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield {"base": f"http://127.0.0.1:{port}", "port": port, "proc": proc, "log": out}
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # serve.shutdown: replicas drain, Ray stops
             try:
@@ -243,6 +247,27 @@ def test_a_client_that_hangs_up_stops_its_generation_in_the_replica(cluster: dic
     # Hung up: the replica stops generating long before the deadline would stop it. (Its metrics are read only
     # now: while it streams, Ray routes the handle's calls to the idle replica.)
     wait_for(lambda: running_rows(replica) == 0, 10, "the replica's running rows back to 0 after the client left")
+
+
+def test_a_non_streaming_client_that_hangs_up_stops_its_generation_too(cluster: dict[str, Any]) -> None:
+    """/generate answers once, at the end; a client gone before that still frees its rows (Ray cancels the
+    ingress's call and the replica's with it)."""
+    import ray
+
+    actors = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in replicas("tiny-charlm")]
+    ids = [a["name"].rsplit("#", 1)[1] for a in replicas("tiny-charlm")]
+
+    def ongoing() -> int:  # requests Ray has handed the replicas (an internal counter of Serve's replica actor)
+        return sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors], timeout=30))
+
+    payload = json.dumps({"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 2}}).encode()
+    with socket.create_connection(("127.0.0.1", cluster["port"])) as sock:
+        sock.sendall(b"POST /v2/models/tiny-charlm/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        wait_for(lambda: ongoing() >= 1, 20, "the request reaching a replica")
+    wait_for(lambda: all(sample(replica_metrics("tiny-charlm", r), "deepserve_generation_running_rows",
+                                "tiny-charlm") == 0 for r in ids), 10, "every replica's running rows back to 0")
+    wait_for(lambda: ongoing() == 0, 10, "no request left on the replicas")
 
 
 def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster: dict[str, Any]) -> None:
