@@ -369,3 +369,17 @@ def test_bad_ray_sections_are_refused_naming_the_file_and_field(tmp_path: Path, 
     with pytest.raises(SettingsError) as refused:
         RayOptions.from_section(*read_engine_section(tmp_path, "ray"))
     assert str(refused.value).startswith(str(tmp_path / "config.json")) and message in str(refused.value)
+
+
+def test_build_app_is_what_serve_run_imports(repository: Path) -> None:
+    """``serve run deepserve.serve.ray_app:build_app repository=DIR`` (binding needs no cluster)."""
+    from ray.serve import Application
+
+    from deepserve.serve.ray_app import build_app
+
+    assert isinstance(build_app({"repository": str(repository)}), Application)
+    assert isinstance(build_app({"repository": str(repository), "device": "cpu"}), Application)
+    with pytest.raises(ValueError, match=r"repository=DIR.*got \['repo'\]"):
+        build_app({"repo": str(repository)})
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_app({"repository": str(repository / "nope")})
