@@ -15,6 +15,7 @@ from deepserve.errors import CLIError
 COMMANDS = {
     "train": "deepserve.train.cli",
     "export": "deepserve.export.cli",
+    "sign": "deepserve.export.sign_cli",
     "serve": "deepserve.serve.cli",
     "predict": "deepserve.clients.cli",
     "generate": "deepserve.clients.cli",

@@ -28,7 +28,10 @@ import neither torch nor any training code: serve depends on it alone.
                                  "accuracy_fp32": 0.983, "accuracy": 0.983, "accuracy_delta": 0.0, ...}},
       "parity": {...}, "provenance": {...},
       "files": {"model.onnx": "<sha256>", ...}           # every file in the directory except manifest.json
-    }
+    }                                                    # and manifest.sig
+
+An artifact may carry ``manifest.sig`` (see ``deepserve.signing``): a signature of ``manifest.json``, which
+through ``files`` covers every other file.
 
 Shapes use ints for fixed axes and strings for dynamic ones (named axes). Variant keys in ``files`` are
 ``torchscript``, ``onnx``, ``onnx-int8``, ``onnx-fp16``.
@@ -44,6 +47,8 @@ from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+"""Optional signature of ``manifest.json`` (``deepserve.signing``); like the manifest, not listed in ``files``."""
 TASKS = ("image-classification", "char-lm", "seq2seq")
 DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8")
 VARIANTS = ("torchscript", "onnx", "onnx-int8", "onnx-fp16")
@@ -232,12 +237,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def hash_directory(directory: Path) -> dict[str, str]:
-    """sha256 of every regular file under ``directory`` except the manifest, keyed by relative path."""
+    """sha256 of every regular file under ``directory`` except the manifest and its signature, keyed by relative
+    path."""
     directory = Path(directory)
     return {
         p.relative_to(directory).as_posix(): sha256_file(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_FILE
+        if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
     }
 
 

@@ -27,6 +27,7 @@ from deepserve.export import parity, writer
 from deepserve.export.quantize import evaluate_variant, int8_plan
 from deepserve.export.errors import ExportError, ParityError
 from deepserve.export.graphs import KV_LAYOUT, MODEL_TASKS, GraphDef, TaskGraphs, build_graphs
+from deepserve import signing
 from deepserve.manifest import GraphSpec, Manifest, ManifestError, hash_directory, load_manifest, sha256_file
 
 REFERENCE_FILE = "parity.npz"
@@ -42,11 +43,16 @@ def export_checkpoint(
     quantize: bool = True,
     fp16: bool = False,
     overwrite: bool = False,
+    sign_key: Path | None = None,
     log: Callable[[str], Any] = print,
 ) -> Path:
-    """Export ``checkpoint`` and return the artifact directory. Raises ``ExportError`` (nothing written)."""
+    """Export ``checkpoint`` and return the artifact directory. Raises ``ExportError`` (nothing written).
+    With ``sign_key`` (a PEM private key) the artifact also gets ``manifest.sig``."""
+    if sign_key is not None:
+        _check_sign_key(sign_key)  # before minutes of export work, not after
     with _one_thread():
-        return _export_checkpoint(checkpoint, repository, name, version, formats, quantize, fp16, overwrite, log)
+        return _export_checkpoint(checkpoint, repository, name, version, formats, quantize, fp16, overwrite,
+                                  sign_key, log)
 
 
 @contextmanager
@@ -61,7 +67,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: int | None, formats: Sequence[str],
-                       quantize: bool, fp16: bool, overwrite: bool, log: Callable[[str], Any]) -> Path:
+                       quantize: bool, fp16: bool, overwrite: bool, sign_key: Path | None,
+                       log: Callable[[str], Any]) -> Path:
     started = time.perf_counter()
     formats = check_formats(formats)
     if fp16 and "onnx" not in formats:
@@ -121,28 +128,31 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
             provenance=_provenance(checkpoint, payload, started),
             **sections,
         )
-        manifest.save(tmp)
-        load_manifest(tmp)  # the artifact must read back under the serve-side contract
+        _save_manifest(manifest, tmp, sign_key)
     final = repository / name / str(version)
     worst = manifest.parity["max_abs_diff"]
-    log(f"exported {checkpoint} -> {final} ({', '.join(formats)}; parity max abs diff {worst:.2e}; "
+    signed = f"; signed with {Path(sign_key).name}" if sign_key is not None else ""
+    log(f"exported {checkpoint} -> {final} ({', '.join(formats)}; parity max abs diff {worst:.2e}{signed}; "
         f"{time.perf_counter() - started:.1f}s)")
     return final
 
 
-def verify_artifact(directory: Path) -> dict[str, Any]:
-    """Re-check the sha256 of every file and replay the parity checks; raises ``ExportError`` on failure."""
+def verify_artifact(directory: Path, trusted_keys: Sequence[signing.TrustedKey] = ()) -> dict[str, Any]:
+    """Re-check the sha256 of every file and replay the parity checks; with ``trusted_keys`` also require a good
+    signature by one of them. Raises ``ExportError`` on failure. The report's ``signature`` says what was found:
+    the trusted key's file name, or ``unsigned`` / ``present, not checked`` without keys."""
     with _one_thread():
-        return _verify_artifact(Path(directory))
+        return _verify_artifact(Path(directory), tuple(trusted_keys))
 
 
-def _verify_artifact(directory: Path) -> dict[str, Any]:
+def _verify_artifact(directory: Path, trusted_keys: tuple[signing.TrustedKey, ...]) -> dict[str, Any]:
     if not directory.is_dir():
         raise ExportError(f"{directory} is not an artifact directory")
     try:
         manifest = load_manifest(directory, verify=True)
+        signature = _check_signature(directory, trusted_keys)
     except ManifestError as e:
-        raise ExportError(str(e)) from None
+        raise ExportError(f"{directory}: {e}" if isinstance(e, signing.SignatureError) else str(e)) from None
     layout = manifest.model.get("kv_layout")
     if manifest.task == "seq2seq" and layout != KV_LAYOUT:
         raise ExportError(f"{directory}: manifest model.kv_layout is {layout!r}, but this deepserve's seq2seq graphs "
@@ -161,7 +171,28 @@ def _verify_artifact(directory: Path) -> dict[str, Any]:
     if all("onnx-int8" in g.files for g in manifest.graphs.values()):  # reduced precision: must run, no tolerance
         parity.run_checks(manifest.task, ref, _runners(directory, manifest.graphs, "onnx-int8"), ids)
     return {"directory": str(directory), "name": manifest.name, "version": manifest.version,
-            "files_checked": len(manifest.files), **_parity_section(checks)}
+            "files_checked": len(manifest.files), "signature": signature, **_parity_section(checks)}
+
+
+def _save_manifest(manifest: Manifest, directory: Path, sign_key: Path | None) -> None:
+    manifest.save(directory)
+    load_manifest(directory)  # the artifact must read back under the serve-side contract
+    if sign_key is not None:  # inside the staging folder, so the artifact never appears unsigned
+        signing.sign_manifest(directory, sign_key)
+
+
+def _check_signature(directory: Path, trusted_keys: tuple[signing.TrustedKey, ...]) -> str:
+    if trusted_keys:
+        return f"signed by trusted key {signing.verify_manifest(directory, trusted_keys).name}"
+    present = (directory / signing.SIGNATURE_FILE).is_file()
+    return "signed, not checked (no trusted keys given)" if present else "unsigned"
+
+
+def _check_sign_key(sign_key: Path) -> None:
+    try:
+        signing.check_private_key(sign_key)
+    except signing.KeyFileError as e:
+        raise ExportError(f"--sign-key {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -25,6 +25,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX variant (for GPU serving)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--verify", metavar="DIR", help="re-check sha256 of every file and parity of an artifact")
+    p.add_argument("--sign-key", metavar="KEY", help="sign the artifact's manifest with this PEM private key "
+                   "(deepserve sign --generate-key KEY.pem makes one)")
+    p.add_argument("--trusted-keys", metavar="FILE|DIR", default=None,
+                   help="with --verify: require a good signature by this public key, or by one of the *.pub files "
+                   "in this folder (default: $DEEPSERVE_TRUSTED_KEYS)")
     p.set_defaults(func=run)
 
 
@@ -36,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
         if args.verify:
             if args.checkpoint:
                 raise CLIError("--verify takes an artifact directory and no CHECKPOINT")
-            return _verify(args.verify)
+            if args.sign_key:
+                raise CLIError("--sign-key signs a new export; sign an existing artifact with `deepserve sign`")
+            return _verify(args.verify, args.trusted_keys)
+        if args.trusted_keys:
+            raise CLIError("--trusted-keys goes with --verify (or with `deepserve serve`)")
         return _export(args)
     except ExportError as e:
         raise CLIError(str(e)) from None
@@ -65,17 +74,19 @@ def _export(args: argparse.Namespace) -> int:
         quantize=not args.no_quantize,
         fp16=args.fp16,
         overwrite=args.overwrite,
+        sign_key=Path(args.sign_key) if args.sign_key else None,
     )
     return 0
 
 
-def _verify(directory: str) -> int:
+def _verify(directory: str, trusted_keys: str | None) -> int:
     from pathlib import Path
 
     from deepserve.export import verify_artifact
+    from deepserve.signing import trusted_keys_option
 
-    report = verify_artifact(Path(directory))
+    report = verify_artifact(Path(directory), trusted_keys_option(trusted_keys))
     print(f"ok: {report['directory']} ({report['name']} v{report['version']}): {report['files_checked']} files "
           f"match their sha256; {len(report['checks'])} parity checks pass (max abs diff "
-          f"{report['max_abs_diff']:.2e} <= {report['tolerance']:g})")
+          f"{report['max_abs_diff']:.2e} <= {report['tolerance']:g}); {report['signature']}")
     return 0

@@ -55,7 +55,7 @@ def repository_path(args: argparse.Namespace) -> str:
     from deepserve.serve.model_dir import ModelDirError, single_model_view
 
     try:
-        return str(single_model_view(args.model_dir, args.model_name))
+        return str(single_model_view(args.model_dir, args.model_name, allow_symlinks_out=args.allow_symlinks_out))
     except (ModelDirError, OSError) as e:
         raise ServerOptionError(str(e)) from None
 
@@ -96,6 +96,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--http", choices=HTTP_PARSERS, default="auto",
                    help="HTTP/1.1 parser: httptools when installed (auto, the default), or h11")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--trusted-keys", metavar="FILE|DIR", default=None,
+                   help="serve only artifacts whose manifest is signed by this public key, or by one of the *.pub "
+                   "files in this folder (default: $DEEPSERVE_TRUSTED_KEYS; unset: signatures are not required)")
+    p.add_argument("--allow-symlinks-out", action="store_true",
+                   help="serve model or version folders that are symlinks out of the repository (default: refused)")
     p.set_defaults(func=run)
 
 
@@ -162,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from deepserve.serve.backends import BackendUnavailable, resolve_device
     from deepserve.serve.repository import ModelRepository
     from deepserve.serve.settings import SettingsError, resolve_settings
+    from deepserve.signing import ArtifactTrust, trusted_keys_option
+    from dataclasses import replace
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {field: getattr(args, field) for _, field, _, _ in _SETTING_FLAGS}
@@ -170,13 +177,16 @@ def run(args: argparse.Namespace) -> int:
         implementations = server_implementations(args.loop, args.http)
         device = resolve_device(args.device)
         resolve_settings(None, {k: v for k, v in overrides.items() if v is not None})  # flags alone must be valid
+        trust = ArtifactTrust(trusted_keys_option(args.trusted_keys), args.allow_symlinks_out)
         args.repository = repository_path(args)
+        if args.model_dir is not None:  # the view's one symlink, to the folder named on the command line
+            trust = replace(trust, allow_symlinks_out=True)
         if args.engine == "ray":
             from deepserve.serve.ray_app import run_cli
 
-            return run_cli(args, overrides)
+            return run_cli(args, overrides, trust)
         repository = ModelRepository(args.repository, overrides=overrides, device=device,
-                                     max_pixels=args.max_image_pixels)
+                                     max_pixels=args.max_image_pixels, trust=trust)
     except (FileNotFoundError, SettingsError, BackendUnavailable, ServerOptionError) as e:
         raise CLIError(str(e)) from None
     app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
@@ -184,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"deepserve: serving {args.model_dir or args.repository} on http://{host}:{args.port} (device {device}, "
           f"{implementations['loop']} loop, {implementations['http']} parser); "
           f"models: {', '.join(repository.models) or 'none'}", flush=True)
+    if trust.keys:
+        print(f"deepserve: serving only artifacts signed by {', '.join(k.name for k in trust.keys)}", flush=True)
     print(example_requests(f"http://{host}:{args.port}", model_tasks(args.repository)), flush=True)
     server = uvicorn.Server(uvicorn_config(app, args, implementations))
     server.run()  # installs SIGTERM/SIGINT handlers: graceful shutdown, then the lifespan drains

@@ -37,8 +37,13 @@ def _artifact_version(model_dir: Path) -> int:
     return version
 
 
-def single_model_view(model_dir: Path | str, name: str, *, parent: Path | str | None = None) -> Path:
-    """A repository directory serving ``model_dir`` as model ``name``; removed when the process exits."""
+def single_model_view(model_dir: Path | str, name: str, *, allow_symlinks_out: bool = False,
+                      parent: Path | str | None = None) -> Path:
+    """A repository directory serving ``model_dir`` as model ``name``; removed when the process exits.
+
+    The view's own symlink points out of it, so its repository must allow that (``ArtifactTrust``); what
+    the repository would refuse in ``model_dir`` itself, version folders that are symlinks out of it, is refused
+    here unless ``allow_symlinks_out``."""
     model_dir = Path(model_dir).resolve()
     if not _NAME.match(name):
         raise ModelDirError(f"--model-name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -50,6 +55,10 @@ def single_model_view(model_dir: Path | str, name: str, *, parent: Path | str | 
         (view / name).mkdir()
         (view / name / str(_artifact_version(model_dir))).symlink_to(model_dir, target_is_directory=True)
     elif any(p.is_dir() and p.name.isdigit() for p in model_dir.iterdir()):
+        for version in model_dir.iterdir():
+            if version.name.isdigit() and not allow_symlinks_out and not version.resolve().is_relative_to(model_dir):
+                raise ModelDirError(f"--model-dir {model_dir}: version folder {version.name} is a symlink out of "
+                                    f"it; refused (--allow-symlinks-out serves it)")
         (view / name).symlink_to(model_dir, target_is_directory=True)
     else:
         raise ModelDirError(f"--model-dir {model_dir} holds neither manifest.json (an artifact version) nor "

@@ -92,6 +92,8 @@ class AppOptions:
     max_pixels: int = 40_000_000
     graceful_timeout_s: float = 30.0
     """How long a stopping replica may take to drain (Ray's graceful_shutdown_timeout_s)."""
+    trust: Any = None
+    """An ``ArtifactTrust`` (``--trusted-keys``, ``--allow-symlinks-out``); None: the repository's default."""
 
 
 def plan(repository: str | Path) -> tuple[dict[str, RayOptions], dict[str, str]]:
@@ -119,7 +121,8 @@ def application(options: AppOptions):  # -> ray.serve.Application
     root = Path(options.repository).resolve()
     deployments, why_not = plan(root)
     serving = ServingOptions(overrides=dict(options.overrides), device=options.device,
-                             max_body_bytes=options.max_body_bytes, max_pixels=options.max_pixels)
+                             max_body_bytes=options.max_body_bytes, max_pixels=options.max_pixels,
+                             **({"trust": options.trust} if options.trust is not None else {}))
     models = {
         name: ModelReplica.options(name=name, graceful_shutdown_timeout_s=options.graceful_timeout_s,
                                    **ray_options.deployment_options()).bind(str(root), name, serving)
@@ -160,7 +163,7 @@ def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None
     serve.start(http_options={"host": host, "port": port})
 
 
-def run_cli(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = None) -> int:
     """``deepserve serve --engine ray``: deploy, serve until SIGTERM/SIGINT, then drain and shut down."""
     if not args.ray_address:
         os.environ.update(local_ray_env())  # before ray is first imported
@@ -169,7 +172,7 @@ def run_cli(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     options = AppOptions(repository=args.repository, overrides=overrides, device=args.device,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
-                         graceful_timeout_s=args.graceful_timeout_s)
+                         graceful_timeout_s=args.graceful_timeout_s, trust=trust)
     app = application(options)
     start_ray(args.ray_address, args.host, args.port)
     stop = threading.Event()

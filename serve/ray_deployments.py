@@ -11,7 +11,7 @@ deployment handles (``RayForwarder``). Placement, replication, restarts and rout
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -31,6 +31,7 @@ from deepserve.serve.model_dir import single_model_view
 from deepserve.serve.ray_bridge import portable_scope, receive_body_then, run_stream, run_unary
 from deepserve.serve.repository import ModelRepository
 from deepserve.serve.servable import Servable
+from deepserve.signing import ArtifactTrust
 
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 """A replica died or went away under a request: another replica may answer it."""
@@ -47,6 +48,8 @@ class ServingOptions:
     device: str = "auto"
     max_body_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
+    trust: ArtifactTrust = field(default_factory=ArtifactTrust)
+    """Trusted keys and whether folders may be symlinks out of the repository (``--trusted-keys`` ...)."""
 
 
 @serve.deployment
@@ -55,9 +58,11 @@ class ModelReplica:
 
     async def __init__(self, repository: str, model: str, options: ServingOptions) -> None:
         self.model = model
-        view = single_model_view(Path(repository) / model, model)
+        view = single_model_view(Path(repository) / model, model,
+                                 allow_symlinks_out=options.trust.allow_symlinks_out)
         self.repository = ModelRepository(view, overrides=options.overrides, device=options.device,
-                                          max_pixels=options.max_pixels)
+                                          max_pixels=options.max_pixels,
+                                          trust=replace(options.trust, allow_symlinks_out=True))  # the view's link
         self.app = create_app(self.repository, max_body_bytes=options.max_body_bytes)
         await self.repository.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -243,7 +248,8 @@ class Ingress:
         self.handles, self.options, self.why_not = handles, options, why_not
         # The ingress runs no model: it verifies manifests and asks the replicas, so it needs no GPU.
         self.repository = ModelRepository(repository, overrides=options.overrides, device="cpu",
-                                          servable_factory=self._remote, max_pixels=options.max_pixels)
+                                          servable_factory=self._remote, max_pixels=options.max_pixels,
+                                          trust=options.trust)
 
     def _remote(self, manifest: Manifest, directory: Path, settings: Any, device: str) -> Servable:
         name = Path(directory).parent.name  # <repository>/<model>/<version>: the deployment's name

@@ -1,6 +1,7 @@
 """The model repository: ``<repository>/<model>/<version>/`` artifacts, each loaded as a ``Servable``.
 
-Every version is verified (``load_manifest(verify=True)``: every file's sha256) before it is opened. A
+Every version is verified (``load_manifest(verify=True)``: every file's sha256; before that ``ArtifactTrust``:
+the folder lies inside the repository and, with trusted keys, the manifest is signed by one) before it is opened. A
 tampered, corrupt or unsupported artifact marks only that model/version not ready, with the reason in the
 index and the log; the rest serve. Requests that name no version get the model's ``default_version`` or,
 without one, its latest ready version.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from deepserve.manifest import Manifest, ManifestError, load_manifest
+from deepserve.signing import ArtifactTrust
 from deepserve.serve.backends import DeviceName, resolve_device
 from deepserve.serve.errors import NotFound, NotReady, ServeError
 from deepserve.serve.metrics import Metrics
@@ -64,8 +66,10 @@ class ModelRepository:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         metrics: Metrics | None = None,
         use_env: bool = True,
+        trust: ArtifactTrust | None = None,
     ) -> None:
         self.path = Path(path)
+        self.trust = trust or ArtifactTrust()  # default: no keys required, folders symlinked out refused
         if not self.path.is_dir():
             raise FileNotFoundError(f"model repository {self.path} is not a directory")
         self.overrides = {**(env_overrides() if use_env else {}), **{k: v for k, v in (overrides or {}).items()
@@ -150,6 +154,7 @@ class ModelRepository:
         self._set(model.name, entry, False, "loading")
         servable = None
         try:
+            await asyncio.to_thread(self.trust.check, entry.directory, self.path)
             manifest = await asyncio.to_thread(load_manifest, entry.directory, verify=True)
             entry.task = manifest.task
             if manifest.version != entry.version:

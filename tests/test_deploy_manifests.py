@@ -192,7 +192,10 @@ def test_model_dir_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixtu
     from deepserve.cli import main
 
     artifact = make_classifier_artifact(tmp_path / "repo", "tiny-cnn", quantize=False)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "1").symlink_to(artifact, target_is_directory=True)
     cases = {
+        ("--model-dir", str(tmp_path / "linked"), "--model-name", "m"): "version folder 1 is a symlink out of it",
         ("--model-dir", str(artifact)): "--model-dir needs --model-name",
         ("--model-dir", str(tmp_path / "nope"), "--model-name", "m"): "is not a directory",
         ("--model-dir", str(tmp_path), "--model-name", "m"): "neither manifest.json",

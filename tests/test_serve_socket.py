@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,14 +19,9 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
+from tests.servers import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
