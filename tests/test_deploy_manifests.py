@@ -20,7 +20,8 @@ import yaml
 
 from tests import k8s_schemas
 from tests.artifacts import make_classifier_artifact
-from tests.test_serve_socket import body, free_port, images, wait_ready
+from tests.servers import free_port, wait_ready
+from tests.test_serve_socket import body, images
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.test_serve_socket import body, free_port, images
+from tests.servers import free_port
+from tests.test_serve_socket import body, images
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"tiny-cnn": 2, "tiny-charlm": 2, "tiny-seq2seq": 1}

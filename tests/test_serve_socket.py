@@ -55,20 +55,6 @@ def server(repository, tmp_path_factory):
             proc.wait()
 
 
-def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
-    """Until ``base``'s /v2/health/ready answers 200; fails with the log's tail if the server exits first."""
-    for _ in range(600):  # bounded: about 60 s on a busy 2-core machine
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.1)
-    pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
-
-
 def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
 
