@@ -10,11 +10,13 @@ deployment handles (``RayForwarder``). Placement, replication, restarts and rout
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from prometheus_client import Counter
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -32,6 +34,8 @@ from deepserve.serve.ray_bridge import portable_scope, receive_body_then, run_st
 from deepserve.serve.repository import ModelRepository
 from deepserve.serve.servable import Servable
 from deepserve.signing import ArtifactTrust
+
+log = logging.getLogger("deepserve.serve")
 
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 """A replica died or went away under a request: another replica may answer it."""
@@ -138,6 +142,9 @@ class RayForwarder:
         self.handles = handles
         self.streams = {name: h.options(stream=True) for name, h in handles.items()}
         self.repository: ModelRepository = app.state.repository
+        self.replica_lost = Counter("deepserve_ray_replica_lost", "Requests whose replica died under them, by what "
+                                    "followed: retried on another replica, stream_ended, or answered 503",
+                                    ["model", "outcome"], registry=self.repository.metrics.registry)
         self.routes = [r for r in _leaf_routes(app.router.routes)
                        if "model" in r.param_convertors or r.name == "completions"]
 
@@ -202,10 +209,14 @@ class RayForwarder:
                     messages.cancel()  # a client gone (this task cancelled): the replica's generation stops too
                 return status
             except REPLICA_LOST as e:
+                log.warning("model %s: a replica was lost under a request (%s)", model, type(e).__name__)
                 if started:  # the stream's head is out: end it with the error, in the stream's own shape
+                    self.replica_lost.labels(model, "stream_ended").inc()
                     await send({"type": "http.response.body", "body": _stream_error(scope, e), "more_body": False})
                     return status
+                self.replica_lost.labels(model, "retried").inc()
                 lost = e
+        self.replica_lost.labels(model, "answered_503").inc()
         error = NotReady(f"model {model!r}: its replicas were lost during the request ({type(lost).__name__}); "
                          f"Ray is restarting them, retry", headers={"Retry-After": "1"})
         await error_response(error)(scope, _never, send)

@@ -296,6 +296,9 @@ def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster:
         if r.status_code == 503:
             assert "replica" in r.json()["error"] and r.headers["retry-after"]
     assert statuses[200] >= 150, statuses  # the surviving replica serves the rest
+    lost = re.findall(r'^deepserve_ray_replica_lost_total{model="tiny-cnn",outcome="(\w+)"} (\S+)$',
+                      httpx.get(cluster["base"] + "/metrics").text, re.M)
+    assert float(dict(lost).get("answered_503", 0)) == statuses[503]  # each 503 is a replica lost, counted
     # Ray replaces the replica without anyone asking; then both take requests again
     wait_for(lambda: len(replicas("tiny-cnn")) == 2 and victims[0] not in replicas("tiny-cnn"), 90,
              "a new tiny-cnn replica")
