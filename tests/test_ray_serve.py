@@ -9,6 +9,7 @@ stop its generation inside the replica."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -164,6 +165,24 @@ REQUESTS: list[tuple[str, str, dict[str, Any] | bytes]] = [
 ]
 
 
+def _png(seed: int) -> bytes:
+    from deepserve.clients.tensors import png_bytes
+
+    return png_bytes(np.random.default_rng(seed).random((8, 8), dtype=np.float32))
+
+
+UPLOADS: list[tuple[str, dict[str, Any]]] = [  # bodies with their own headers: encodings, images, multipart
+    ("/v2/models/tiny-cnn/infer", {"content": gzip.compress(json.dumps(body(images(2, seed=3))).encode()),
+                                   "headers": {"content-encoding": "gzip", "content-type": "application/json"}}),
+    ("/v2/models/tiny-cnn/infer", {"content": b"x" * 10, "headers": {"content-encoding": "br"}}),
+    ("/predictions/tiny-cnn?top_k=3", {"content": _png(1), "headers": {"content-type": "image/png"}}),
+    ("/predictions/tiny-cnn", {"files": [("data", ("a.png", _png(2), "image/png")),
+                                         ("data", ("b.png", _png(3), "image/png"))]}),
+    ("/predictions/tiny-cnn?top_k=0", {"content": _png(1), "headers": {"content-type": "image/png"}}),
+    ("/predictions/tiny-cnn", {"content": b"not an image", "headers": {"content-type": "image/png"}}),
+]
+
+
 def test_answers_are_the_plain_servers(cluster: dict[str, Any], plain: Any) -> None:
     """Every answer, errors included, is the one ``deepserve serve`` gives: status and body."""
     with httpx.Client(base_url=cluster["base"], timeout=60) as ray_client:
@@ -177,6 +196,9 @@ def test_answers_are_the_plain_servers(cluster: dict[str, Any], plain: Any) -> N
                 for answer in (mine, reference):  # a fresh id and clock per answer
                     answer.pop("id"), answer.pop("created")
             assert mine == reference, (method, path, payload)
+        for path, kwargs in UPLOADS:
+            ours, theirs = ray_client.post(path, **kwargs), plain.post(path, **kwargs)
+            assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), path
 
 
 def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, Any], plain: Any) -> None:
