@@ -32,8 +32,11 @@ from tests.servers import free_port
 from tests.test_serve_socket import body, images
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"tiny-cnn": 2, "tiny-charlm": 2, "tiny-seq2seq": 1}
-"""Replicas per model (ray.num_replicas in each config.json)."""
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny-cnn": {"num_replicas": 2}, "tiny-charlm": {"num_replicas": 2},
+    "tiny-seq2seq": {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}},
+}
+"""Each model's ray section (Ray rejects a malformed autoscaling config when the app deploys)."""
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_classifier_artifact(root, "tiny-cnn", quantize=False)
     make_charlm_artifact(root, "tiny-charlm", quantize=False)
     make_seq2seq_artifact(root, "tiny-seq2seq", quantize=False)
-    for name, replicas in MODELS.items():
-        config = {"max_new_tokens": 1_000_000, "ray": {"num_replicas": replicas, "num_cpus": 0.25}}
+    for name, ray_section in MODELS.items():
+        config = {"max_new_tokens": 1_000_000, "ray": {**ray_section, "num_cpus": 0.25}}
         (root / name / "config.json").write_text(json.dumps(config))
     return root
 
