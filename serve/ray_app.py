@@ -167,6 +167,7 @@ def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = No
     """``deepserve serve --engine ray``: deploy, serve until SIGTERM/SIGINT, then drain and shut down."""
     if not args.ray_address:
         os.environ.update(local_ray_env())  # before ray is first imported
+    from deepserve.serve.cli import example_requests, model_tasks
     import ray
     from ray import serve
 
@@ -183,6 +184,7 @@ def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = No
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"deepserve: Ray Serve application {APP_NAME!r} serving {args.model_dir or args.repository} on "
               f"http://{host}:{args.port} (Ray at {ray.get_runtime_context().gcs_address})", flush=True)
+        print(example_requests(f"http://{host}:{args.port}", model_tasks(args.repository)), flush=True)
         stop.wait()
     finally:
         serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before they exit

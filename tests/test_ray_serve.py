@@ -204,6 +204,12 @@ def test_answers_are_the_plain_servers(cluster: dict[str, Any], plain: Any) -> N
             assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), path
 
 
+def test_startup_says_where_and_prints_example_requests(cluster: dict[str, Any]) -> None:
+    text = cluster["log"].read_text()
+    assert "serving" in text and f"http://127.0.0.1:{cluster['port']}" in text
+    assert "predictions/tiny-cnn" in text and "/v1/completions" in text  # the same examples as deepserve serve
+
+
 def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, Any], plain: Any) -> None:
     import tritonclient.http as triton
 
