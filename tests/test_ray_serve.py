@@ -344,6 +344,25 @@ def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster:
     assert httpx.get(cluster["base"] + "/v2/models/tiny-cnn/ready").status_code == 200
 
 
+def test_a_stream_whose_replica_dies_ends_with_an_error_event(cluster: dict[str, Any]) -> None:
+    """The answer's head is out, so no other replica can take over: the stream ends at once with an error event
+    in its protocol's shape (not at the request's deadline, 30 s later, and never hanging)."""
+    import ray
+
+    body_ = {"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 3}}
+    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+        with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body_) as s:
+            replica = s.headers["x-deepserve-replica"]
+            lines = s.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::deepserve#tiny-charlm#{replica}", namespace="serve"),
+                     no_restart=True)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert events[-1]["status"] == 503 and "replica was lost" in events[-1]["error"]
+    metrics = httpx.get(cluster["base"] + "/metrics").text
+    assert 'deepserve_ray_replica_lost_total{model="tiny-charlm",outcome="stream_ended"} 1.0' in metrics
+
+
 def test_sigterm_drains_and_stops(cluster: dict[str, Any]) -> None:
     """Last: SIGTERM ends the application (replicas drain, Ray stops) and the command exits 0."""
     import ray
