@@ -6,8 +6,9 @@
 
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
 and seq2seq through the server), engine (3b: the seq2seq engine in process), model (4: eager / TorchScript /
-ONNX Runtime latency), scaleout (5: the plain server against Ray Serve with 1 and 2 replicas). Models have fixed
-random weights and are exported into a temporary repository (``--cache DIR`` keeps it between runs).
+ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), scaleout (6: the plain server
+against Ray Serve with 1 and 2 replicas). Models have fixed random weights and are exported into a temporary
+repository (``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model", "scaleout")
+SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "scaleout")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
-         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
+         "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
+         "scaleout": ["digits-cnn", "resnet18"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commit() -> str:
+    """The commit measured (``git describe``: ``-dirty`` when the tree has changes), or ``unknown``."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmarks.common import plan
@@ -51,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if gpu_name() is None:
             print("error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
             return 2
-    report = Report("deepserve benchmarks", settings={**p.settings(), "scenarios": ",".join(chosen)})
+    report = Report("deepserve benchmarks", settings={**p.settings(), "scenarios": ",".join(chosen),
+                                                      "commit": _commit()})
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     cache = args.cache or work
     repository, checkpoints = cache / "repository", cache / "checkpoints"
@@ -83,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.generation import run_engine
 
                 run_engine(report, repository, p)
+            elif scenario == "rollout":
+                from benchmarks.rollout import run_scenario as run_rollout
+
+                run_rollout(report, repository, p)
             elif scenario == "scaleout":
                 from benchmarks.scaleout import run_scenario as run_scaleout
 

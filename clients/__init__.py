@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from .aio import AsyncClient
     from .errors import (
         APIConnectionError,
+        AuthenticationError,
         BadRequestError,
         DeepserveError,
+        ModelUnavailableError,
         NotFoundError,
         OverloadedError,
         RequestTimeoutError,
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
         ModelInfo,
         ModelMetadata,
         Prediction,
+        RepositoryEntry,
         Sequence,
         StreamEvent,
         TensorInfo,
@@ -40,7 +43,9 @@ _EXPORTS = {
         name: "errors"
         for name in (
             "DeepserveError",
+            "AuthenticationError",
             "BadRequestError",
+            "ModelUnavailableError",
             "NotFoundError",
             "OverloadedError",
             "RequestTimeoutError",
@@ -56,6 +61,7 @@ _EXPORTS = {
             "ModelInfo",
             "ModelMetadata",
             "Prediction",
+            "RepositoryEntry",
             "Sequence",
             "StreamEvent",
             "TensorInfo",
@@ -65,6 +71,7 @@ _EXPORTS = {
 __all__ = [
     "APIConnectionError",
     "AsyncClient",
+    "AuthenticationError",
     "BadRequestError",
     "Client",
     "DeepserveError",
@@ -72,9 +79,11 @@ __all__ = [
     "InferResult",
     "ModelInfo",
     "ModelMetadata",
+    "ModelUnavailableError",
     "NotFoundError",
     "OverloadedError",
     "Prediction",
+    "RepositoryEntry",
     "RequestTimeoutError",
     "Sequence",
     "ServerError",

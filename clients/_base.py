@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, TypeVar
@@ -26,6 +27,7 @@ from .types import (
     ModelInfo,
     ModelMetadata,
     Prediction,
+    RepositoryEntry,
     StreamEvent,
     from_wire,
 )
@@ -108,7 +110,8 @@ class SSEDecoder:
         if event == "error" or (isinstance(payload, dict) and "error" in payload):
             message = payload.get("error", data) if isinstance(payload, dict) else data
             status = payload.get("status") if isinstance(payload, dict) else None
-            cls = errors.error_class(status) if isinstance(status, int) else errors.ServerError
+            code = payload.get("code") if isinstance(payload, dict) else None
+            cls = errors.error_class(status, code) if isinstance(status, int) else errors.ServerError
             self.done = True
             raise cls(str(message), status_code=status if isinstance(status, int) else None)
         return dataclasses.replace(from_wire(StreamEvent, payload, "stream event"), raw=payload)
@@ -161,6 +164,7 @@ class BaseClient:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self._headers = {"User-Agent": f"deepserve-client/{__version__}"}
+        api_key = api_key if api_key is not None else os.environ.get("DEEPSERVE_API_KEY")
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._random = random.Random()
@@ -207,6 +211,27 @@ class BaseClient:
             return [from_wire(ModelInfo, m, "model index") for m in items]
 
         return Call("GET", "/v2/models", parse)
+
+    def _repository_call(self, action: str, model: str | None = None,
+                         body: dict[str, Any] | None = None) -> Call[list[RepositoryEntry]]:
+        """``index`` (``model`` None), or ``load`` / ``unload`` of ``model``: Triton's model repository extension."""
+        def parse(r: httpx.Response) -> list[RepositoryEntry]:
+            rows = _json(r, "repository index")
+            if not isinstance(rows, list):
+                raise DeepserveError(f"unexpected repository index from the server: {str(rows)[:200]}")
+            return [from_wire(RepositoryEntry, row, "repository index") for row in rows]
+
+        if model is None:
+            path = "/v2/repository/index"
+        else:
+            _check(isinstance(model, str) and bool(model), "model", "must be a non-empty string", model)
+            path = f"/v2/repository/models/{quote(model, safe='')}/{action}"
+        return Call("POST", path, parse, content=json.dumps(body or {}).encode(),
+                    headers={"Content-Type": "application/json"})
+
+    def _load_body(self, config: dict[str, Any] | None) -> dict[str, Any]:
+        _check(config is None or isinstance(config, dict), "config", "must be a dict of settings", config)
+        return {} if config is None else {"parameters": {"config": json.dumps(config)}}
 
     def _ready_call(self, model: str | None, version: str | int | None) -> Call[bool]:
         path = "/v2/health/ready" if model is None else _model_path(model, version) + "/ready"

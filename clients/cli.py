@@ -1,4 +1,5 @@
-"""Client commands of ``deepserve``: ``predict``, ``generate`` and ``models``, against a running server.
+"""Client commands of ``deepserve``: ``predict``, ``generate`` and ``models`` (list, index, load, unload), against a
+running server.
 
 Only argparse is imported at module level; the SDK (httpx, numpy) and rich load when a command runs.
 Output is a readable table by default and JSON with ``--json``.
@@ -64,9 +65,18 @@ def add_parser(subparsers: Any) -> None:
     m = subparsers.add_parser(
         "models",
         parents=[common],
-        help="list the models a server serves",
-        description="List the models of a running server, with versions and readiness.",
+        help="list, load and unload the models a server serves",
+        description="List the models of a running server (default), or control them: `index` lists every "
+        "version in its repository with its state, `load NAME` loads or reloads a model (no downtime: the "
+        "new load is warmed beside the old one), `unload NAME` unloads it once its requests finish. Model "
+        "control needs the server's admin key (--api-key, or $DEEPSERVE_ADMIN_API_KEY), or loopback when it "
+        "has none.",
     )
+    m.add_argument("action", nargs="?", choices=("list", "index", "load", "unload"), default="list",
+                   help="what to do (default: list)")
+    m.add_argument("name", nargs="?", default=None, help="the model to load or unload")
+    m.add_argument("--config", default=None, metavar="JSON",
+                   help='load: settings replacing the model\'s config.json for this load, e.g. \'{"max_batch_size": 8}\'')
     m.set_defaults(func=models_command)
 
 
@@ -257,26 +267,79 @@ def _stream(client: Any, args: argparse.Namespace, params: dict[str, Any]) -> in
     return 0
 
 
-def models_command(args: argparse.Namespace) -> int:
+def _control_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --config of ``models load`` as a dict; a CLIError naming the flag when it does not fit."""
+    import json
+
+    from deepserve.cli import CLIError
+
+    if args.action in ("load", "unload") and not args.name:
+        raise CLIError(f"deepserve models {args.action} needs the model's name")
+    if args.action not in ("load", "unload") and args.name:
+        raise CLIError(f"deepserve models {args.action} takes no model name (got {args.name!r})")
+    if args.config is not None and args.action != "load":
+        raise CLIError("--config goes with deepserve models load")
+    if args.config is None:
+        return None
+    try:
+        config = json.loads(args.config)
+    except ValueError as e:
+        raise CLIError(f"--config is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"--config must be a JSON object of settings, got {args.config!r}")
+    return config
+
+
+def _call(args: argparse.Namespace, fn: Any) -> tuple[str, Any]:
+    """``fn(client)`` with a client for ``args``: the server's URL and the answer; SDK errors as CLIErrors."""
     from .errors import DeepserveError
 
     with _client(args) as client:
         try:
-            models = client.models()
+            return client.base_url, fn(client)
         except DeepserveError as e:
             raise _user_error(e, client) from None
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
+
+
+def control_command(args: argparse.Namespace) -> int:
+    """``deepserve models index|load|unload``."""
+    config = _control_args(args)
+    if not args.api_key and os.environ.get("DEEPSERVE_ADMIN_API_KEY"):
+        args.api_key = os.environ["DEEPSERVE_ADMIN_API_KEY"]
+    actions = {"index": lambda c: c.repository_index(), "load": lambda c: c.load_model(args.name, config=config),
+               "unload": lambda c: c.unload_model(args.name)}
+    url, rows = _call(args, actions[args.action])
+    if args.as_json:
+        _print_json([vars(r) for r in rows])
+        return 0
+    colors = {"READY": "green", "LOADING": "yellow", "UNLOADING": "yellow"}
+    _table(f"repository at {url}", ("name", "version", "state", "reason"),
+           [[_cell(r.name), r.version, f"[{colors.get(r.state, 'red')}]{r.state}[/]", _cell(r.reason)] for r in rows])
+    return 0
+
+
+def models_command(args: argparse.Namespace) -> int:
+    if args.action != "list":
+        return control_command(args)
+    _control_args(args)
+    url, models = _call(args, lambda c: c.models())
     if args.as_json:
         _print_json([vars(m) for m in models])
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"models at {client.base_url}")
-    for column in ("name", "task", "versions", "ready", "reason"):
-        table.add_column(column)
-    for m in models:
-        ready = "[green]yes[/green]" if m.ready else "[red]no[/red]"
-        table.add_row(_cell(m.name), m.task or "", ", ".join(m.versions), ready, _cell(m.reason or ""))
-    _console().print(table)
+    _table(f"models at {url}", ("name", "task", "versions", "ready", "reason"),
+           [[_cell(m.name), m.task or "", ", ".join(m.versions), "[green]yes[/green]" if m.ready else "[red]no[/red]",
+             _cell(m.reason or "")] for m in models])
     if not models:
         _console().print("[dim]the server has no models[/dim]")
     return 0

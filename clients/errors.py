@@ -5,9 +5,12 @@ came back) and ``message`` (the server's ``{"error": "..."}`` text, or a descrip
 
     DeepserveError
     ├── BadRequestError      400, 413, 415, 422 and any other 4xx below: the request is wrong; never retried
+    │   └── AuthenticationError  401 (no or wrong API key) and 403 (not allowed here)
     ├── NotFoundError        404: unknown model or version; never retried
-    ├── OverloadedError      429 (queue full) and 503 (not ready / shutting down): retried, honouring
-    │                        ``retry_after`` (seconds, from the Retry-After header) until max_retries
+    ├── OverloadedError      429, and a 503 whose body says ``"code": "overloaded"`` (a full queue): retried,
+    │                        honouring ``retry_after`` (seconds, from the Retry-After header) until max_retries
+    ├── ModelUnavailableError  any other 503: the model is not loaded, loading, unloading, or the server is
+    │                        shutting down; never retried (retrying soon does not fix it)
     ├── RequestTimeoutError  504 (the server's deadline passed) or the client's own timeout (status None)
     ├── ServerError          500 and any other 5xx: the server failed
     └── APIConnectionError   the server could not be reached (status None): retried until max_retries
@@ -41,8 +44,17 @@ class NotFoundError(DeepserveError):
     """404: unknown model or version."""
 
 
+class AuthenticationError(BadRequestError):
+    """401 or 403: the API key is missing or wrong (``api_key`` / ``DEEPSERVE_API_KEY``), or the route is not
+    open to this caller (model control without the admin key)."""
+
+
 class OverloadedError(DeepserveError):
-    """429 or 503: the server is busy, the model is not ready, or the server is shutting down."""
+    """429, or a 503 with ``"code": "overloaded"``: the server is busy; retried."""
+
+
+class ModelUnavailableError(DeepserveError):
+    """503 other than overload: the model is not loaded or not ready, or the server is shutting down."""
 
 
 class RequestTimeoutError(DeepserveError):
@@ -57,15 +69,20 @@ class APIConnectionError(DeepserveError):
     """The server could not be reached (refused, reset, DNS failure)."""
 
 
-RETRYABLE_STATUSES = frozenset({429, 503})
+OVERLOADED_CODE = "overloaded"
+"""The body ``code`` of a 503 that means a full queue (the server sends ``model_unavailable`` for the other)."""
 
 
-def error_class(status: int) -> type[DeepserveError]:
-    """The exception class for an HTTP error status."""
+def error_class(status: int, code: str | None = None) -> type[DeepserveError]:
+    """The exception class for an HTTP error status (and the body's ``code``, which splits the 503s)."""
     if status == 404:
         return NotFoundError
-    if status in RETRYABLE_STATUSES:
+    if status == 429 or (status == 503 and code == OVERLOADED_CODE):
         return OverloadedError
+    if status == 503:
+        return ModelUnavailableError
+    if status in (401, 403):
+        return AuthenticationError
     if status == 504:
         return RequestTimeoutError
     if 400 <= status < 500:
@@ -82,6 +99,20 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         return None  # an HTTP date: rare from an API server, fall back to our own backoff
     return max(0.0, seconds)
+
+
+def error_code(body: bytes) -> str | None:
+    """The ``code`` of a ``{"error": ..., "code": ...}`` body (also OpenAI's ``{"error": {"code"}}``), if any."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    code = payload.get("code")
+    if code is None and isinstance(payload.get("error"), dict):
+        code = payload["error"].get("code")
+    return code if isinstance(code, str) else None
 
 
 def error_message(body: bytes, reason: str) -> str:
@@ -104,6 +135,6 @@ def error_message(body: bytes, reason: str) -> str:
 
 def error_from_response(status: int, body: bytes, reason: str, retry_after: str | None) -> DeepserveError:
     """Map an HTTP error response to the exception the SDK raises."""
-    return error_class(status)(
+    return error_class(status, error_code(body))(
         error_message(body, reason), status_code=status, retry_after=parse_retry_after(retry_after)
     )

@@ -11,7 +11,9 @@ import httpx
 from ._base import BaseClient, Call, SSEDecoder, transport_error
 from .errors import DeepserveError
 from .tensors import ImageInput
-from .types import GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, StreamEvent
+from .types import (
+    GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry, StreamEvent,
+)
 
 T = TypeVar("T")
 
@@ -59,6 +61,20 @@ class Client(BaseClient):
             attempt += 1
 
     # ---- API --------------------------------------------------------------------------------------------
+
+    def repository_index(self, *, ready: bool = False) -> list[RepositoryEntry]:
+        """Every model version in the server's repository, loaded or not, with its state and reason
+        (``ready=True``: only ready ones)."""
+        return self._run(self._repository_call("index", body={"ready": True} if ready else None))
+
+    def load_model(self, model: str, *, config: dict[str, Any] | None = None) -> list[RepositoryEntry]:
+        """Load or reload ``model`` (``config``: settings replacing its config.json for this load); returns its
+        versions once they serve. Needs the admin key, or loopback when the server has none."""
+        return self._run(self._repository_call("load", model, self._load_body(config)))
+
+    def unload_model(self, model: str) -> list[RepositoryEntry]:
+        """Unload ``model`` once its requests in flight have finished; returns its versions."""
+        return self._run(self._repository_call("unload", model))
 
     def models(self) -> list[ModelInfo]:
         """Every model in the repository, with its versions and readiness."""

@@ -65,6 +65,20 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class RepositoryEntry:
+    """One model version of the repository index (``POST /v2/repository/index``), loaded or not."""
+
+    name: str
+    """Model name."""
+    version: str = ""
+    """Version (a string; empty for a model with no version directory)."""
+    state: str = "UNAVAILABLE"
+    """``READY``, ``LOADING``, ``UNLOADING`` or ``UNAVAILABLE``."""
+    reason: str = ""
+    """Why it is in that state (a load error, unloaded, outside the version policy), or empty."""
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     """An input or output tensor in model metadata."""
 

@@ -18,12 +18,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import deepserve
+from deepserve.serve.auth import AccessPolicy, AuthGate
 from deepserve.serve.errors import ServeError
 from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPath, error_response
 from deepserve.serve.metrics import RequestMetricsMiddleware
+from deepserve.serve.model_state import request_leases
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.repository import ModelRepository
 
@@ -42,6 +45,8 @@ def _field(loc: tuple) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        if exc.reject_reason is not None:
+            request.app.state.repository.metrics.reject(exc.reject_reason)
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return error_response(exc)
@@ -62,16 +67,27 @@ def install_error_handlers(app: FastAPI) -> None:
 class DeepServeApp(FastAPI):
     """FastAPI with a front door: ``hot_path`` answers the per-request inference routes (v2 infer, predictions,
     Triton generate) before the middleware stack is entered; everything else (metadata, OpenAI completions,
-    docs, metrics) takes the normal path."""
+    docs, metrics) takes the normal path. ``gate`` (CORS, API keys), when set, comes before both. Each request
+    holds the servables it looks up until it is answered (``model_state.request_leases``)."""
 
     hot_path: HotPath | None = None
+    gate: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.hot_path is not None:
-            scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
-            if await self.hot_path(scope, receive, send):
-                return
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+        elif self.gate is not None:
+            await self.gate(scope, receive, send)
+        else:
+            await self.dispatch(scope, receive, send)
+
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with request_leases():
+            if self.hot_path is not None:
+                scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
+                if await self.hot_path(scope, receive, send):
+                    return
+            await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -81,10 +97,14 @@ def create_app(
     device: str = "auto",
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    access: AccessPolicy | None = None,
+    cors_allow_origins: list[str] | None = None,
 ) -> DeepServeApp:
     """The app serving ``repository`` (a path, scanned now, or a ready-made ``ModelRepository``).
 
-    ``settings`` overrides ``ModelSettings`` fields for every model (CLI flags); ``device`` is auto|cpu|cuda.
+    ``settings`` overrides ``ModelSettings`` fields for every model (CLI flags); ``device`` is auto|cpu|cuda;
+    ``access`` holds the API keys (None: every route open, model control on loopback only);
+    ``cors_allow_origins`` turns CORS on for those origins (``*`` for any).
     """
     if not isinstance(repository, ModelRepository):
         repository = ModelRepository(repository, overrides=settings, device=device, max_pixels=max_pixels)
@@ -108,12 +128,12 @@ def create_app(
     app.state.max_body_bytes = max_body_bytes
     install_error_handlers(app)
 
-    from deepserve.serve import predictions, v2
+    from deepserve.serve import control, predictions, v2
 
     # The classification routes go on the app's own router, not through include_router: this FastAPI matches
     # a request to an included router's routes twice (match, then dispatch), a cost every request pays.
     # Route objects hold no per-app state (handlers reach the repository through request.app).
-    app.router.routes.extend([*v2.router.routes, *predictions.router.routes])
+    app.router.routes.extend([*v2.router.routes, *predictions.router.routes, *control.router.routes])
     optional_hot: list = []
     for name in OPTIONAL_ROUTERS:
         try:
@@ -139,6 +159,11 @@ def create_app(
     # generate) goes through the front door
     hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes, *optional_hot)
                   if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
-    app.hot_path = HotPath(hot_routes, metrics.observe_request)
+    app.hot_path = HotPath(hot_routes, metrics.observe_request, metrics.reject)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # every other route
+    gate: ASGIApp = AuthGate(app.dispatch, access or AccessPolicy.open(), metrics.reject)
+    if cors_allow_origins:  # outside the key check: browsers send preflights without credentials
+        gate = CORSMiddleware(gate, allow_origins=cors_allow_origins, allow_methods=["*"], allow_headers=["*"],
+                              expose_headers=["Retry-After", "WWW-Authenticate", "Inference-Header-Content-Length"])
+    app.gate = gate
     return app

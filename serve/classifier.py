@@ -125,6 +125,9 @@ class ClassificationServable(Servable):
         await asyncio.gather(*(b.stop() for b in self.batchers))
         for executor in self._executors:
             executor.shutdown(wait=False)
+        # Drop the graphs: an unloaded or replaced version frees its memory even while something (its queue
+        # depth gauge, a late caller) still holds this object.
+        self.batchers, self.runtimes, self._executors = [], [], []
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
@@ -135,7 +138,7 @@ class ClassificationServable(Servable):
         return deadline if deadline is not None else time.monotonic() + self.settings.request_timeout_s
 
     async def _submit(self, inputs: Tensors, deadline: float | None) -> Tensors:
-        if not self.ready and self.batchers and self.reason == "stopped":
+        if not self.ready and self.reason == "stopped":
             raise NotReady(f"model {self.name} is stopping")
         if len(self.batchers) == 1:
             batcher = self.batchers[0]

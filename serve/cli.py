@@ -86,9 +86,10 @@ def add_parser(subparsers) -> None:
                    help="runtime preference (default auto: ONNX Runtime on CPU, TorchScript on CUDA)")
     for flag, field, kind, text in _SETTING_FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None, help=text)
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (default 64)")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
-                   help="largest decoded image (width x height); bigger ones are refused (default 40M)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (default 16)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="largest image (width x height), refused before decoding (default 4096x4096)")
+    add_operations_flags(p)
     p.add_argument("--graceful-timeout-s", type=float, default=30.0,
                    help="on SIGTERM, how long to wait for requests in flight (default 30)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
@@ -102,6 +103,53 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-symlinks-out", action="store_true",
                    help="serve model or version folders that are symlinks out of the repository (default: refused)")
     p.set_defaults(func=run)
+
+
+def add_operations_flags(p: argparse.ArgumentParser) -> None:
+    """Model control, API keys and CORS (see the README's "Operating deepserve")."""
+    p.add_argument("--model-control", choices=("none", "explicit", "poll"), default="none",
+                   help="none: load every model at start (default); explicit: only --load-model ones; "
+                        "poll: load every model and rescan the repository every --poll-interval seconds")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with --model-control explicit: a model to load at start (repeatable; '*' for all)")
+    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between rescans in poll mode (default 5)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer) on every route but health, readiness, docs "
+                        "and metrics (default: $DEEPSERVE_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="a file of API keys, one per line, re-read when it changes (rotate keys by editing it)")
+    p.add_argument("--admin-api-key", default=None,
+                   help="key for model control (/v2/repository/...; default: $DEEPSERVE_ADMIN_API_KEY); "
+                        "without one, model control answers only on loopback")
+    p.add_argument("--metrics-auth", action="store_true", help="require an API key on /metrics too")
+    p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable; '*' for any); CORS is off by default")
+
+
+def access_policy(args: argparse.Namespace):  # -> deepserve.serve.auth.AccessPolicy
+    """The API keys of the flags and environment; ``ValueError`` naming the flag when they do not fit."""
+    import os
+
+    from deepserve.serve.auth import AccessPolicy, KeySet
+
+    api_key = args.api_key or os.environ.get("DEEPSERVE_API_KEY") or None
+    admin_key = args.admin_api_key or os.environ.get("DEEPSERVE_ADMIN_API_KEY") or None
+    policy = AccessPolicy(KeySet([api_key] if api_key else [], args.api_key_file),
+                          KeySet([admin_key] if admin_key else []), metrics_auth=args.metrics_auth)
+    if args.metrics_auth and not (policy.api_keys or policy.admin_keys):
+        raise ValueError("--metrics-auth needs keys: give --api-key, --api-key-file or --admin-api-key")
+    return policy
+
+
+def check_model_control(args: argparse.Namespace, models: list[str]) -> None:
+    """``ValueError`` naming the flag when --load-model does not fit the mode or the repository."""
+    if args.load_model and args.model_control != "explicit":
+        raise ValueError(f"--load-model needs --model-control explicit (got --model-control {args.model_control})")
+    unknown = sorted(set(args.load_model) - set(models) - {"*"})
+    if unknown:
+        raise ValueError(f"--load-model {', '.join(unknown)}: not in the repository (it has {sorted(models)})")
+    if not args.poll_interval > 0:
+        raise ValueError(f"--poll-interval must be > 0 seconds, got {args.poll_interval}")
 
 
 def server_implementations(loop: str = "auto", http: str = "auto") -> dict[str, str]:
@@ -177,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         implementations = server_implementations(args.loop, args.http)
         device = resolve_device(args.device)
         resolve_settings(None, {k: v for k, v in overrides.items() if v is not None})  # flags alone must be valid
+        access = access_policy(args)
         trust = ArtifactTrust(trusted_keys_option(args.trusted_keys), args.allow_symlinks_out)
         args.repository = repository_path(args)
         if args.model_dir is not None:  # the view's one symlink, to the folder named on the command line
@@ -184,12 +233,15 @@ def run(args: argparse.Namespace) -> int:
         if args.engine == "ray":
             from deepserve.serve.ray_app import run_cli
 
-            return run_cli(args, overrides, trust)
+            return run_cli(args, overrides, trust, access)
         repository = ModelRepository(args.repository, overrides=overrides, device=device,
-                                     max_pixels=args.max_image_pixels, trust=trust)
-    except (FileNotFoundError, SettingsError, BackendUnavailable, ServerOptionError) as e:
+                                     max_pixels=args.max_image_pixels, trust=trust, model_control=args.model_control,
+                                     load_models=args.load_model, poll_interval_s=args.poll_interval)
+        check_model_control(args, list(repository.models))
+    except (FileNotFoundError, SettingsError, BackendUnavailable, ServerOptionError, ValueError) as e:
         raise CLIError(str(e)) from None
-    app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024), access=access,
+                     cors_allow_origins=args.cors_allow_origin)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"deepserve: serving {args.model_dir or args.repository} on http://{host}:{args.port} (device {device}, "
           f"{implementations['loop']} loop, {implementations['http']} parser); "

@@ -8,6 +8,10 @@ class ServeError(Exception):
     """Base class: ``status`` is the HTTP status; ``headers`` extra response headers."""
 
     status: int = 500
+    code: str | None = None
+    """A machine-readable kind, sent as the body's ``code`` where it matters to clients (retry or not)."""
+    reject_reason: str | None = None
+    """For a request refused by a limit: the reason it is counted under (``deepserve_rejected_requests``)."""
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -28,13 +32,30 @@ class NotFound(ServeError):
 
 
 class NotReady(ServeError):
-    """The model exists but is not ready (failed to load, or still warming up)."""
+    """The model exists but is not ready (failed to load, still warming up, unloading or unloaded): a 503 that
+    retrying soon does not fix, unlike ``Overloaded``."""
 
     status = 503
+    code = "model_unavailable"
 
 
 class PayloadTooLarge(ServeError):
     status = 413
+    reject_reason = "body_too_large"
+
+
+class LimitExceeded(BadRequest):
+    """A request over one of the server's caps (prompt length, new tokens): counted under ``reason``."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reject_reason = reason
+
+
+class ImageTooLarge(BadRequest):
+    """An image whose header declares more pixels than the limit: refused before it is decoded."""
+
+    reject_reason = "image_pixels"
 
 
 class UnsupportedMediaType(ServeError):
@@ -45,6 +66,7 @@ class Overloaded(ServeError):
     """The queue is full: try again after ``retry_after_s`` seconds."""
 
     status = 429
+    code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, status: int = 429) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
@@ -69,3 +91,27 @@ class InferenceFailed(ServeError):
     """The model raised while running a batch: the server's fault, reported to the requests in that batch."""
 
     status = 500
+
+
+class Unauthorized(ServeError):
+    """No valid API key: 401 with ``WWW-Authenticate: Bearer`` (clients, the playground, ask for a key)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServeError):
+    """A valid caller that may not use this route (model control without the admin key, or off loopback)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class LoadFailed(ServeError):
+    """A model load (or reload) failed; whatever served before still serves."""
+
+    status = 400
+    code = "load_failed"

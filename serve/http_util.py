@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, ServeError, UnsupportedMediaType
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 TIMEOUT_HEADER = "x-request-timeout-ms"
 """Relative deadline of a request in milliseconds (v2 requests may use Triton's ``parameters.timeout``)."""
 
@@ -168,10 +168,13 @@ class HotPath:
     and HTTP exceptions get the same ``{"error": ...}`` answer as the app's handlers; anything else
     propagates (a 500, logged by the server) after being counted."""
 
-    def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None]) -> None:
+    def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None],
+                 reject: Callable[[str], None] | None = None) -> None:
         self.routes = routes
         self.observe = observe
         """``observe(model, endpoint, status, seconds)``, the request metrics."""
+        self.reject = reject
+        """``reject(reason)``: counts a request refused by a limit."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer the request if a hot route matches it; ``False`` (nothing sent) otherwise."""
@@ -195,6 +198,8 @@ class HotPath:
             try:
                 response = await route.endpoint(Request(scope, receive, send), **scope["path_params"])
             except ServeError as exc:
+                if exc.reject_reason is not None and self.reject is not None:
+                    self.reject(exc.reject_reason)
                 response = error_response(exc)
             except StarletteHTTPException as exc:
                 response = JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
@@ -206,5 +211,7 @@ class HotPath:
 
 
 def error_response(exc: ServeError) -> JSONResponse:
-    """The v2 error shape ``{"error": message}`` with the exception's status and headers."""
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    """The v2 error shape ``{"error": message}`` (and ``code`` for the errors that have one) with the
+    exception's status and headers."""
+    body = {"error": exc.message} if exc.code is None else {"error": exc.message, "code": exc.code}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)

@@ -16,8 +16,11 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
 )
 
+from deepserve.serve.model_state import ModelState
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class Metrics:
@@ -38,6 +41,16 @@ class Metrics:
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.model_ready = Gauge("deepserve_model_ready", "1 when the model version is ready", ["model", "version"],
                                  registry=r)
+        self.model_state = Gauge("deepserve_model_state", "1 for the state each model version is in",
+                                 ["model", "version", "state"], registry=r)
+        self.loads = Counter("deepserve_model_loads", "Model version loads and reloads by outcome",
+                             ["model", "outcome"], registry=r)
+        self.load_seconds = Histogram("deepserve_model_load_seconds", "Time to verify, open and warm up a version",
+                                      ["model"], buckets=_LOAD_BUCKETS, registry=r)
+        self.unloads = Counter("deepserve_model_unloads", "Model unloads (each drains, then frees)", ["model"],
+                               registry=r)
+        self.rejected = Counter("deepserve_rejected_requests", "Requests refused by auth or a limit, by reason",
+                                ["reason"], registry=r)
         self._request_children: dict[tuple[str, str, str], tuple] = {}
 
     def batch_hook(self, model: str, version: str) -> Callable[[int, float], None]:
@@ -57,6 +70,23 @@ class Metrics:
 
     def set_ready(self, model: str, version: str, ready: bool) -> None:
         self.model_ready.labels(model, version).set(1.0 if ready else 0.0)
+
+    def set_state(self, model: str, version: str, state: ModelState) -> None:
+        """One series per state: 1 for the version's state, 0 for the others (and ``deepserve_model_ready``)."""
+        for s in ModelState:
+            self.model_state.labels(model, version, s.value).set(1.0 if s is state else 0.0)
+        self.set_ready(model, version, state is ModelState.READY)
+
+    def observe_load(self, model: str, ok: bool, seconds: float) -> None:
+        self.loads.labels(model, "success" if ok else "failure").inc()
+        self.load_seconds.labels(model).observe(seconds)
+
+    def observe_unload(self, model: str) -> None:
+        self.unloads.labels(model).inc()
+
+    def reject(self, reason: str) -> None:
+        """A request refused by auth or a limit (``reason``: e.g. ``missing_api_key``, ``body_too_large``)."""
+        self.rejected.labels(reason).inc()
 
     def observe_request(self, model: str, endpoint: str, status: int, elapsed: float) -> None:
         key = (model, endpoint, str(status))

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from deepserve.serve.errors import BadRequest, UnsupportedMediaType
+from deepserve.serve.errors import BadRequest, ImageTooLarge, UnsupportedMediaType
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # The order Image.open probes FORMATS in (their magic bytes differ): WEBP last, as its plugin is loaded only by
 # Pillow's init(), which imports every plugin.
 _OPEN_ORDER = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = 4096 * 4096
 _FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}  # PIL.Image.Resampling
 
 
@@ -81,13 +81,14 @@ class ImagePreprocessor:
         except UnidentifiedImageError:
             raise BadRequest(f"not a decodable image ({len(data)} bytes); send one of {', '.join(FORMATS)}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadRequest(f"image refused as a decompression bomb: {e}") from None
+            raise ImageTooLarge(f"image refused as a decompression bomb: {e} (this server's limit is "
+                                f"{self.max_pixels} pixels, --max-image-pixels)") from None
         if image.format not in FORMATS:
             raise UnsupportedMediaType(f"image format {image.format} is not supported; send one of {', '.join(FORMATS)}")
         width, height = image.size
         if width * height > self.max_pixels:
-            raise BadRequest(f"image refused as a decompression bomb: {width}x{height} = {width * height} pixels "
-                             f"exceeds the limit of {self.max_pixels}")
+            raise ImageTooLarge(f"image refused as a decompression bomb: {width}x{height} = {width * height} pixels "
+                                f"exceeds the limit of {self.max_pixels} (--max-image-pixels)")
         return image
 
     def __call__(self, data: bytes) -> np.ndarray:

@@ -163,8 +163,22 @@ def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None
     serve.start(http_options={"host": host, "port": port})
 
 
-def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = None) -> int:
+def refuse_unsupported(args: argparse.Namespace, access: Any) -> None:
+    """``ValueError`` naming what ``--engine ray`` does not do yet rather than ignoring it: API keys and CORS
+    (the ingress would not check them) and model control (replicas and redeploys are Ray's)."""
+    if access is not None and (access.api_keys or access.admin_keys):
+        raise ValueError("--engine ray does not check API keys yet: drop --api-key / --api-key-file / "
+                         "--admin-api-key (and DEEPSERVE_API_KEY / DEEPSERVE_ADMIN_API_KEY), or serve without Ray")
+    if args.cors_allow_origin:
+        raise ValueError("--engine ray does not answer CORS yet: drop --cors-allow-origin")
+    if args.model_control != "none" or args.load_model:
+        raise ValueError(f"--model-control {args.model_control} / --load-model: with --engine ray every model of "
+                         f"the repository is deployed; its replicas come from config.json's ray section")
+
+
+def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = None, access: Any = None) -> int:
     """``deepserve serve --engine ray``: deploy, serve until SIGTERM/SIGINT, then drain and shut down."""
+    refuse_unsupported(args, access)
     if not args.ray_address:
         os.environ.update(local_ray_env())  # before ray is first imported
     from deepserve.serve.cli import example_requests, model_tasks

@@ -27,7 +27,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from deepserve.manifest import Manifest
 from deepserve.serve.app import DeepServeApp, create_app
-from deepserve.serve.errors import NotReady, ServeError
+from deepserve.serve import control
+from deepserve.serve.errors import BadRequest, NotReady, ServeError
 from deepserve.serve.http_util import error_response, parse_json, read_body
 from deepserve.serve.model_dir import single_model_view
 from deepserve.serve.ray_bridge import portable_scope, receive_body_then, run_stream, run_unary
@@ -145,12 +146,19 @@ class RayForwarder:
         self.replica_lost = Counter("deepserve_ray_replica_lost", "Requests whose replica died under them, by what "
                                     "followed: retried on another replica, stream_ended, or answered 503",
                                     ["model", "outcome"], registry=self.repository.metrics.registry)
-        self.routes = [r for r in _leaf_routes(app.router.routes)
-                       if "model" in r.param_convertors or r.name == "completions"]
+        # the per-request inference routes: the app's front door's (v2 infer, predictions, Triton generate) and
+        # OpenAI completions, whose model is in the body
+        self.routes = [*(app.hot_path.routes if app.hot_path else ()),
+                       *(r for r in _leaf_routes(app.router.routes) if r.name == "completions")]
+        self.refused = [r for r in control.router.routes if "model" in r.param_convertors]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             return await self.app(scope, receive, send)
+        if any(r.matches(scope)[0] is Match.FULL for r in self.refused):
+            error = BadRequest("loading and unloading models is Ray's under --engine ray: change the model's "
+                               "config.json (its ray section) and redeploy the application")
+            return await error_response(error)(scope, receive, send)
         for route in self.routes:
             match, child = route.matches(scope)
             if match is Match.FULL:

@@ -1,25 +1,34 @@
-"""The model repository: ``<repository>/<model>/<version>/`` artifacts, each loaded as a ``Servable``.
+"""The model repository: ``<repository>/<model>/<version>/`` artifacts, each loaded as a ``Servable``, loaded,
+reloaded and unloaded while the server runs.
 
-Every version is verified (``load_manifest(verify=True)``: every file's sha256; before that ``ArtifactTrust``:
-the folder lies inside the repository and, with trusted keys, the manifest is signed by one) before it is opened. A
-tampered, corrupt or unsupported artifact marks only that model/version not ready, with the reason in the
-index and the log; the rest serve. Requests that name no version get the model's ``default_version`` or,
-without one, its latest ready version.
+Every version is checked (``ArtifactTrust``: the folder lies inside the repository and, with trusted keys, the
+manifest is signed by one) and verified (``load_manifest(verify=True)``: every file's sha256) before it is
+opened, so a tampered, unsigned, corrupt or half-copied artifact is never served: it marks only that version not
+ready, with the reason in the index and the log, and whatever served before keeps serving. A reload opens and
+warms the new servable beside the old one, switches requests to it at once, then drains the old one
+(``model_state``). Requests that name no version get the model's ``default_version`` or, without one, its newest
+ready version.
+
+``--model-control``: ``none`` loads every model at start; ``explicit`` only the ``load_models`` given; ``poll``
+loads every model and rescans the repository every ``poll_interval_s`` (``poller.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from deepserve.manifest import Manifest, ManifestError, load_manifest
 from deepserve.signing import ArtifactTrust
 from deepserve.serve.backends import DeviceName, resolve_device
-from deepserve.serve.errors import NotFound, NotReady, ServeError
+from deepserve.serve.errors import LoadFailed, NotFound, NotReady, ServeError
 from deepserve.serve.metrics import Metrics
+from deepserve.serve.model_state import Loaded, ModelEntry, ModelState, VersionEntry, lease
+from deepserve.serve.poller import Poller
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.servable import Servable
 from deepserve.serve.settings import ModelSettings, SettingsError, env_overrides, resolve_settings
@@ -29,28 +38,12 @@ log = logging.getLogger("deepserve.serve")
 ServableFactory = Callable[[Manifest, Path, ModelSettings, DeviceName], Servable]
 
 
-@dataclass
-class VersionEntry:
-    version: int
-    directory: Path
-    task: str | None = None
-    servable: Servable | None = None
-    ready: bool = False
-    reason: str | None = "loading"
+class ModelControl(str, enum.Enum):
+    """Which models load at start, and whether the repository is rescanned (Triton's model control modes)."""
 
-
-@dataclass
-class ModelEntry:
-    name: str
-    directory: Path
-    settings: ModelSettings | None = None
-    versions: dict[int, VersionEntry] = field(default_factory=dict)
-    reason: str | None = None
-    """A model-level problem (settings file, no versions), else None."""
-
-    @property
-    def task(self) -> str | None:
-        return next((v.task for v in self.versions.values() if v.task), None)
+    NONE = "none"
+    EXPLICIT = "explicit"
+    POLL = "poll"
 
 
 class ModelRepository:
@@ -67,6 +60,9 @@ class ModelRepository:
         metrics: Metrics | None = None,
         use_env: bool = True,
         trust: ArtifactTrust | None = None,
+        model_control: ModelControl | str = ModelControl.NONE,
+        load_models: Iterable[str] = (),
+        poll_interval_s: float = 5.0,
     ) -> None:
         self.path = Path(path)
         self.trust = trust or ArtifactTrust()  # default: no keys required, folders symlinked out refused
@@ -79,60 +75,85 @@ class ModelRepository:
         self.servable_factory = servable_factory or self._default_factory
         self.max_pixels = max_pixels
         self.metrics = metrics or Metrics()
+        self.model_control = ModelControl(model_control)
+        self.load_models = tuple(load_models)
+        """``explicit``: the models loaded at start (``*``: all)."""
         self.ready = False
-        """True once every version has been loaded (or failed) and warmed up; False again while stopping."""
+        """True once the start-up loads have finished (or failed); False again while stopping."""
         self.stopping = False
         self.models: dict[str, ModelEntry] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self.poller = Poller(self, poll_interval_s) if self.model_control is ModelControl.POLL else None
         self.scan()
 
     def scan(self) -> None:
-        for model_dir in sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entry = ModelEntry(model_dir.name, model_dir)
-            try:
-                entry.settings = resolve_settings(model_dir, self.overrides)
-            except SettingsError as e:
-                entry.reason = str(e)
-            for version_dir in model_dir.iterdir():
-                if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) >= 1:
-                    entry.versions[int(version_dir.name)] = VersionEntry(int(version_dir.name), version_dir)
-            entry.versions = dict(sorted(entry.versions.items()))
-            if not entry.versions and entry.reason is None:
-                entry.reason = f"{model_dir} has no version directories (<model>/<version>/manifest.json)"
-            for v in entry.versions.values():
-                if entry.reason:
-                    v.reason = entry.reason
-            self.models[entry.name] = entry
+        """Find models and versions on disk. Known entries stay; versions and models gone from disk are
+        dropped unless loaded (a load or poll unloads those)."""
+        on_disk = {p.name: p for p in sorted(self.path.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+        for name, model_dir in on_disk.items():
+            entry = self.models.setdefault(name, ModelEntry(name, model_dir))
+            found = {int(d.name): d for d in model_dir.iterdir()
+                     if d.is_dir() and d.name.isdigit() and int(d.name) >= 1}
+            for number, directory in found.items():
+                entry.versions.setdefault(number, VersionEntry(number, directory))
+            entry.versions = {n: v for n, v in sorted(entry.versions.items())
+                              if n in found or v.current is not None or v.state is not ModelState.UNAVAILABLE}
+            self._check_settings(entry)
+        for name, entry in list(self.models.items()):
+            if name not in on_disk and not any(v.current for v in entry.versions.values()):
+                del self.models[name]
+
+    def _check_settings(self, model: ModelEntry) -> ModelSettings | None:
+        """Resolve the model's settings now; a problem becomes the model's reason (and None)."""
+        model.reason = None
+        try:
+            settings = resolve_settings(model.directory, self.overrides, model.config_override)
+        except SettingsError as e:
+            model.reason = str(e)
+            return None
+        if model.settings is None or not any(v.ready for v in model.versions.values()):
+            model.settings = settings  # while versions serve, their settings stay those they were loaded with
+        if not model.versions:
+            model.reason = f"{model.directory} has no version directories (<model>/<version>/manifest.json)"
+        return settings
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load, verify and warm up every version (concurrently); failures only mark that version."""
+        """Load, verify and warm up the models the control mode names (concurrently); failures only mark them."""
         self.device = resolve_device(self.device_request)
-        jobs = [self._load(m, v) for m in self.models.values() if m.settings for v in m.versions.values()]
-        await asyncio.gather(*jobs)
-        for model in self.models.values():
-            if model.reason:
-                log.warning("model %s not ready: %s", model.name, model.reason)
+        names = list(self.models)
+        if self.model_control is ModelControl.EXPLICIT and "*" not in self.load_models:
+            names = [n for n in names if n in self.load_models]
+            for m in (m for m in self.models.values() if m.name not in names):
+                for v in m.versions.values():
+                    v.reason = f"not loaded (--model-control explicit): load it with deepserve models load {m.name}"
+        await asyncio.gather(*(self.load_quietly(n) for n in names))
         self.ready = True
         log.info("repository %s loaded: %s", self.path, self.summary())
+        if self.poller is not None:
+            self.poller.start()
 
     async def stop(self) -> None:
         """Drain every servable: finish queued and in-flight work, then release the graphs."""
         self.ready, self.stopping = False, True
-        servables = []
+        if self.poller is not None:
+            await self.poller.stop()
+        loaded = []
         for m in self.models.values():
             for v in m.versions.values():
-                if v.servable is not None:
-                    servables.append(v.servable)
-                    self._set(m.name, v, False, "stopping")  # new requests are refused from now on
-        await asyncio.gather(*(s.stop() for s in servables), return_exceptions=True)
+                if v.current is not None:
+                    loaded.append(v.current)
+                    v.current = None
+                    self._set(m.name, v, ModelState.UNLOADING, "stopping")  # new requests are refused
+        await asyncio.gather(*(x.drain_and_stop() for x in loaded), *self._retiring, return_exceptions=True)
         for m in self.models.values():
             for v in m.versions.values():
-                self._set(m.name, v, False, "stopped")
+                self._set(m.name, v, ModelState.UNAVAILABLE, "stopped")
 
-    def _set(self, model: str, entry: VersionEntry, ready: bool, reason: str | None) -> None:
-        entry.ready, entry.reason = ready, reason
-        self.metrics.set_ready(model, str(entry.version), ready)
+    def _set(self, model: str, entry: VersionEntry, state: ModelState, reason: str | None) -> None:
+        entry.state, entry.reason = state, reason
+        self.metrics.set_state(model, str(entry.version), state)
 
     def _default_factory(self, manifest: Manifest, directory: Path, settings: ModelSettings,
                          device: DeviceName) -> Servable:
@@ -149,36 +170,152 @@ class ModelRepository:
             raise
         return GenerationServable(manifest, directory, settings, device)
 
-    async def _load(self, model: ModelEntry, entry: VersionEntry) -> None:
-        assert model.settings is not None and self.device is not None
-        self._set(model.name, entry, False, "loading")
-        servable = None
+    # -- model control ---------------------------------------------------------------------------------------
+
+    async def load_model(self, name: str, *, config: Mapping[str, Any] | None = None,
+                         versions: Iterable[int] | None = None) -> None:
+        """Load or reload ``name``: the versions its version policy selects (only ``versions`` of them, when
+        given) are opened and warmed beside whatever serves now, then switched to; versions the policy no
+        longer selects are drained and unloaded once a selected one is ready. ``config`` replaces the
+        model's config file for this load (and later reloads). Raises ``NotFound`` or ``LoadFailed`` naming
+        every failure; what served before keeps serving."""
+        self.scan()
+        model = self.model(name)
+        async with model.lock:
+            previous, model.config_override = model.config_override, (dict(config) if config is not None else None)
+            settings = self._check_settings(model)
+            if settings is None:  # a bad config changes nothing: the versions serving keep serving
+                reason = model.reason or "invalid settings"
+                model.config_override = previous
+                self._check_settings(model)
+                raise LoadFailed(f"model {name!r}: " + self._record_failure(model, model.versions.values(), reason))
+            on_disk = [n for n, v in model.versions.items() if v.directory.is_dir()]
+            wanted = settings.version_policy.select(on_disk)
+            if not wanted:
+                raise LoadFailed(f"model {name!r}: " + self._record_failure(
+                    model, [], model.reason or f"version_policy {settings.version_policy} selects none of the "
+                                               f"versions on disk {on_disk}"))
+            only = set(versions) if versions is not None else None
+            targets = [model.versions[n] for n in wanted if only is None or n in only]
+            failures = [f for f in await asyncio.gather(*(self._load_version(model, v, settings) for v in targets))
+                        if f]
+            if len(failures) < len(targets):
+                model.settings = settings
+            if any(model.versions[n].ready for n in wanted):
+                self._retire_unwanted(model, wanted, settings)
+        if failures:
+            raise LoadFailed(f"model {name!r}: " + "; ".join(failures))
+
+    async def load_quietly(self, name: str, versions: Iterable[int] | None = None) -> None:
+        """``load_model`` for start-up and polling (keeping a load call's config override): failures are
+        recorded in the index and logged only."""
         try:
-            await asyncio.to_thread(self.trust.check, entry.directory, self.path)
-            manifest = await asyncio.to_thread(load_manifest, entry.directory, verify=True)
-            entry.task = manifest.task
-            if manifest.version != entry.version:
-                raise ManifestError(f"manifest.json says version {manifest.version} but it sits in "
-                                    f"{entry.directory}; move it or re-export")
-            servable = self.servable_factory(manifest, entry.directory, model.settings, self.device)
-            entry.servable = servable
+            await self.load_model(name, versions=versions, config=self.model(name).config_override)
+        except (LoadFailed, NotFound) as e:
+            log.warning("%s", e.message)
+
+    async def unload_model(self, name: str) -> None:
+        """Unload every version of ``name``: new requests are refused at once (503 naming the state), the
+        requests in flight finish, then the servables are stopped and their memory freed."""
+        model = self.model(name)
+        async with model.lock:
+            draining = [v for v in model.versions.values() if v.current is not None]
+            retired = []
+            for v in draining:
+                retired.append(v.current)
+                v.current = None
+                self._set(name, v, ModelState.UNLOADING, "unload requested: finishing the requests in flight")
+            results = await asyncio.gather(*(x.drain_and_stop() for x in retired), return_exceptions=True)
+            for v, result in zip(draining, results):
+                if isinstance(result, BaseException):
+                    log.warning("stopping %s/%d: %s", name, v.version, result)
+                self._set(name, v, ModelState.UNAVAILABLE, "unloaded")
+            if draining:
+                self.metrics.observe_unload(name)
+                log.info("model %s unloaded (versions %s)", name, [v.version for v in draining])
+
+    async def _load_version(self, model: ModelEntry, entry: VersionEntry, settings: ModelSettings) -> str | None:
+        """(Re)load one version beside what serves it now; the failure's text, or None."""
+        assert self.device is not None, "start() resolves the device before anything loads"
+        if entry.current is None:
+            self._set(model.name, entry, ModelState.LOADING, "loading")
+        else:
+            entry.reason = "reloading: the loaded servable keeps serving until the new one is ready"
+        started = time.perf_counter()
+        try:
+            servable = await self._open(model.name, entry, settings)
+        except Exception as e:  # any failure is this version's alone: record it, keep serving what serves
+            reason = str(e) if isinstance(e, ManifestError) else f"{type(e).__name__}: {e}"
+            self.metrics.observe_load(model.name, False, time.perf_counter() - started)
+            return f"version {entry.version}: {self._record_failure(model, [entry], reason)}"
+        old, entry.current = entry.current, Loaded(servable)
+        self._set(model.name, entry, ModelState.READY, None)
+        self.metrics.observe_load(model.name, True, time.perf_counter() - started)
+        log.info("model %s version %d %s (%s)", model.name, entry.version, "reloaded" if old else "ready",
+                 servable.platform)
+        if old is not None:
+            self._retire(old)
+        return None
+
+    async def _open(self, name: str, entry: VersionEntry, settings: ModelSettings) -> Servable:
+        """Verify, open, start and warm up one artifact; on failure the half-started servable is stopped."""
+        assert self.device is not None
+        await asyncio.to_thread(self.trust.check, entry.directory, self.path)
+        manifest = await asyncio.to_thread(load_manifest, entry.directory, verify=True)
+        entry.task = manifest.task
+        if manifest.version != entry.version:
+            raise ManifestError(f"manifest.json says version {manifest.version} but it sits in "
+                                f"{entry.directory}; move it or re-export")
+        servable = self.servable_factory(manifest, entry.directory, settings, self.device)
+        try:
             await servable.start()
             await servable.warmup()
             if not servable.ready:
                 raise RuntimeError(servable.reason or "not ready after warmup")
-        except Exception as e:  # any failure is this version's alone: record it, keep serving the others
-            reason = str(e) if isinstance(e, ManifestError) else f"{type(e).__name__}: {e}"
-            log.warning("model %s version %d not ready: %s", model.name, entry.version, reason)
-            self._set(model.name, entry, False, reason)
-            if servable is not None:
-                entry.servable = None
-                try:
-                    await servable.stop()
-                except Exception as stop_error:  # already failing: log, keep the first reason
-                    log.warning("stopping %s/%d after failure: %s", model.name, entry.version, stop_error)
-            return
-        self._set(model.name, entry, True, None)
-        log.info("model %s version %d ready (%s)", model.name, entry.version, servable.platform)
+        except BaseException:
+            try:
+                await servable.stop()
+            except Exception as stop_error:  # already failing: log, keep the first reason
+                log.warning("stopping %s/%d after failure: %s", name, entry.version, stop_error)
+            raise
+        return servable
+
+    def _record_failure(self, model: ModelEntry, entries: Iterable[VersionEntry], reason: str) -> str:
+        """Mark a failed load in the index: a version that serves keeps serving, with the failure as its reason."""
+        for entry in entries:
+            if entry.current is not None:
+                self._set(model.name, entry, ModelState.READY,
+                          f"last load failed, the previous load keeps serving: {reason}")
+            else:
+                self._set(model.name, entry, ModelState.UNAVAILABLE, reason)
+            log.warning("model %s version %d not loaded: %s", model.name, entry.version, reason)
+        if not model.versions:
+            log.warning("model %s not loaded: %s", model.name, reason)
+        return reason
+
+    def _retire_unwanted(self, model: ModelEntry, wanted: list[int], settings: ModelSettings) -> None:
+        for entry in model.versions.values():
+            if entry.version not in wanted and entry.current is not None:
+                self._retire(entry.current)
+                entry.current = None
+                gone = not entry.directory.is_dir()
+                self._set(model.name, entry, ModelState.UNAVAILABLE, "removed from the repository" if gone else
+                          f"not selected by version_policy {settings.version_policy}")
+
+    def _retire(self, loaded: Loaded) -> None:
+        """Drain and stop ``loaded`` in the background (it is no longer handed out)."""
+        task = asyncio.get_running_loop().create_task(loaded.drain_and_stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("stopping a replaced servable failed: %s", task.exception())
+
+    async def drained(self) -> None:
+        """Wait until every replaced servable has been stopped (tests, shutdown)."""
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     # -- lookup ----------------------------------------------------------------------------------------------
 
@@ -198,8 +335,8 @@ class ModelRepository:
                 ready = [v for v in model.versions.values() if v.ready]
                 if ready:
                     return ready[-1]
-                reasons = "; ".join(f"version {v.version}: {v.reason}" for v in model.versions.values())
-                raise NotReady(f"model {name!r} has no ready version ({reasons or model.reason})")
+                states = "; ".join(f"version {v.version} {v.state.value}: {v.reason}" for v in model.versions.values())
+                raise NotReady(f"model {name!r} has no ready version ({states or model.reason})")
         try:
             number = int(version)
         except (TypeError, ValueError):
@@ -210,19 +347,22 @@ class ModelRepository:
         return entry
 
     def get(self, name: str, version: int | str | None = None) -> Servable:
-        """The ready servable for ``name``/``version``; raises ``NotFound`` or ``NotReady``."""
+        """The ready servable for ``name``/``version``, held by the current request until it is answered;
+        raises ``NotFound`` or ``NotReady`` (naming the version's state)."""
         entry = self.resolve(name, version)
-        if not entry.ready or entry.servable is None:
-            raise NotReady(f"model {name!r} version {entry.version} is not ready: {entry.reason}",
-                           headers={"Retry-After": "5"} if entry.reason == "loading" else None)
-        return entry.servable
+        loaded = entry.current
+        if entry.state is not ModelState.READY or loaded is None:
+            raise NotReady(f"model {name!r} version {entry.version} is {entry.state.value}: {entry.reason}",
+                           headers={"Retry-After": "5"} if entry.state is ModelState.LOADING else None)
+        lease(loaded)
+        return loaded.servable
 
     def is_ready(self, name: str, version: int | str | None = None) -> bool:
         try:
-            self.get(name, version)
+            entry = self.resolve(name, version)
         except ServeError:
             return False
-        return True
+        return entry.ready
 
     # -- listings --------------------------------------------------------------------------------------------
 
@@ -231,30 +371,31 @@ class ModelRepository:
         models = []
         for m in self.models.values():
             problems = [f"version {v.version}: {v.reason}" for v in m.versions.values() if not v.ready and v.reason]
-            ready = self.is_ready(m.name) if m.versions else False
             models.append({
                 "name": m.name,
                 "versions": [str(v) for v in m.versions],
-                "ready": ready,
+                "ready": self.is_ready(m.name) if m.versions else False,
                 "reason": m.reason or ("; ".join(problems) if problems else None),
                 "task": m.task,
-                "version_status": [{"version": str(v.version), "ready": v.ready, "reason": v.reason}
-                                   for v in m.versions.values()],
+                "version_status": [{"version": str(v.version), "ready": v.ready, "reason": v.reason,
+                                    "state": v.state.value} for v in m.versions.values()],
             })
         return {"models": models}
 
-    def triton_index(self) -> list[dict[str, Any]]:
-        """``POST /v2/repository/index`` in Triton's shape: one row per model version."""
+    def triton_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """``POST /v2/repository/index`` in Triton's shape: one row per model version found, loaded or not."""
+        self.scan()
         rows = []
         for m in self.models.values():
-            if not m.versions:
-                rows.append({"name": m.name, "version": "", "state": "UNAVAILABLE", "reason": m.reason or ""})
+            if not m.versions and not ready_only:
+                rows.append({"name": m.name, "version": "", "state": ModelState.UNAVAILABLE.value,
+                             "reason": m.reason or ""})
             for v in m.versions.values():
-                state = "READY" if v.ready else ("LOADING" if v.reason == "loading" else "UNAVAILABLE")
-                rows.append({"name": m.name, "version": str(v.version), "state": state, "reason": v.reason or ""})
+                if v.ready or not ready_only:
+                    rows.append({"name": m.name, "version": str(v.version), "state": v.state.value,
+                                 "reason": v.reason or m.reason or ""})
         return rows
 
     def summary(self) -> str:
-        parts = [f"{m.name}/{v.version} {'ready' if v.ready else 'NOT READY'}"
-                 for m in self.models.values() for v in m.versions.values()]
+        parts = [f"{m.name}/{v.version} {v.state.value}" for m in self.models.values() for v in m.versions.values()]
         return ", ".join(parts) or "no models"

@@ -14,11 +14,17 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
+from deepserve.serve.model_state import ModelState
+
 
 class ErrorBody(BaseModel):
     """Every 4xx and 5xx answer."""
 
     error: str = Field(description="What went wrong, naming the field, header or parameter at fault.")
+    code: str | None = Field(None, description="For some errors, what kind: `overloaded` (429, or a 503 of a "
+                                               "full queue: retry later), `model_unavailable` (503: the model "
+                                               "is not loaded or not ready), `unauthorized`, `forbidden`, "
+                                               "`load_failed`.")
 
 
 class ServerMetadata(BaseModel):
@@ -59,7 +65,7 @@ class RepositoryIndexRow(BaseModel):
 
     name: str
     version: str
-    state: Literal["READY", "LOADING", "UNAVAILABLE"]
+    state: Literal[tuple(s.value for s in ModelState)]  # type: ignore[valid-type]  # the enum's values
     reason: str
 
 

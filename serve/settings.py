@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from deepserve.serve.model_state import VersionPolicy
+
 CONFIG_FILES = ("config.json", "config.yaml", "config.yml")
 ENV_PREFIX = "DEEPSERVE_"
 ENGINE_SECTIONS = ("ray",)
@@ -66,6 +68,8 @@ class ModelSettings:
     """Generation: most tokens one request may ask for."""
     max_beams_x_n: int = 16
     """Generation: cap on num_beams x n for one request."""
+    version_policy: VersionPolicy = VersionPolicy()
+    """Which versions are loaded: ``"all"`` (default), ``"latest N"`` or a list of versions."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "instances", "max_running_rows", "max_waiting",
@@ -84,6 +88,11 @@ class ModelSettings:
         v = self.default_version
         check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), "default_version",
               "must be a positive integer or null", v)
+        if not isinstance(self.version_policy, VersionPolicy):
+            try:
+                object.__setattr__(self, "version_policy", VersionPolicy.parse(self.version_policy))
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
 
     def replace(self, **changes: Any) -> ModelSettings:
         return dataclasses.replace(self, **changes)
@@ -97,6 +106,11 @@ def _convert(name: str, raw: Any) -> Any:
     kind = FIELDS[name].type
     if raw is None:
         return None
+    if name == "version_policy":
+        try:
+            return VersionPolicy.parse(raw)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
     if not isinstance(raw, str):
         if "float" in kind and isinstance(raw, int) and not isinstance(raw, bool):
             return float(raw)
@@ -117,11 +131,10 @@ def _convert(name: str, raw: Any) -> Any:
 def read_config_file(model_dir: Path) -> dict[str, Any]:
     """The settings in ``model_dir/config.{json,yaml}``, or ``{}`` when there is none."""
     path, raw = _load_config_file(model_dir)
-    unknown = sorted(set(raw) - set(FIELDS) - set(ENGINE_SECTIONS))
-    if unknown:
-        raise SettingsError(f"{path}: unknown settings {unknown}; known: {sorted(FIELDS)} and sections "
-                            f"{list(ENGINE_SECTIONS)}")
-    return {k: _convert(k, v) for k, v in raw.items() if k in FIELDS}
+    if path is None:
+        return {}
+    # an engine's section (``ray``) is that engine's to read: read_engine_section
+    return settings_mapping({k: v for k, v in raw.items() if k not in ENGINE_SECTIONS}, str(path))
 
 
 def read_engine_section(model_dir: Path, section: str) -> tuple[Path | None, dict[str, Any]]:
@@ -153,6 +166,19 @@ def _load_config_file(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     return None, {}
 
 
+def settings_mapping(raw: Any, where: str) -> dict[str, Any]:
+    """Checked and converted settings from a config file's (or a load call's config override's) mapping."""
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{where}: must hold a mapping of settings, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise SettingsError(f"{where}: unknown settings {unknown}; known: {sorted(FIELDS)}")
+    try:
+        return {k: _convert(k, v) for k, v in raw.items()}
+    except SettingsError as e:
+        raise SettingsError(f"{where}: {e}") from None
+
+
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Settings given as ``DEEPSERVE_<FIELD>`` environment variables."""
     environ = os.environ if environ is None else environ
@@ -167,11 +193,16 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-def resolve_settings(model_dir: Path | None, overrides: Mapping[str, Any] | None = None) -> ModelSettings:
-    """Defaults, then the model's config file, then ``overrides`` (env and CLI, already merged)."""
+def resolve_settings(model_dir: Path | None, overrides: Mapping[str, Any] | None = None,
+                     config: Mapping[str, Any] | None = None) -> ModelSettings:
+    """Defaults, then the model's config file (or ``config``, a load call's override of it), then
+    ``overrides`` (env and CLI, already merged)."""
     values: dict[str, Any] = {}
     where = "settings"
-    if model_dir is not None:
+    if config is not None:
+        values.update(settings_mapping(dict(config), "config override"))
+        where = "config override"
+    elif model_dir is not None:
         values.update(read_config_file(model_dir))
         where = f"{model_dir} settings"
     for name, value in (overrides or {}).items():

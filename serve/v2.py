@@ -24,7 +24,7 @@ from deepserve.serve.http_util import (
 )
 from deepserve.serve.schemas import (
     INFER_HEADER_PARAMETER, INFER_REQUEST_BODY, TIMEOUT_HEADER_PARAMETER, InferResponse, Live, ModelConfig,
-    ModelIndex, ModelMetadata, ModelReady, Ready, RepositoryIndexRow, ServerMetadata, answers, error_responses,
+    ModelIndex, ModelMetadata, ModelReady, Ready, ServerMetadata, answers, error_responses,
 )
 from deepserve.serve.servable import task_phrase
 
@@ -236,11 +236,6 @@ async def ready(request: Request) -> Response:
 @router.get("/v2/models", name="models_index", responses=answers(ModelIndex))
 async def models_index(request: Request) -> Response:
     return JSONResponse(request.app.state.repository.index())
-
-
-@router.post("/v2/repository/index", name="repository_index", responses=answers(list[RepositoryIndexRow]))
-async def repository_index(request: Request) -> Response:
-    return JSONResponse(request.app.state.repository.triton_index())
 
 
 def _metadata(request: Request, model: str, version: str | None) -> Response:

@@ -15,8 +15,10 @@ import pytest
 from deepserve.clients import (
     APIConnectionError,
     AsyncClient,
+    AuthenticationError,
     BadRequestError,
     Client,
+    ModelUnavailableError,
     NotFoundError,
     OverloadedError,
     RequestTimeoutError,
@@ -284,37 +286,43 @@ def test_models_metadata_ready_and_generate_parse() -> None:
 
 
 @pytest.mark.parametrize(
-    "status,cls",
+    "status,code,cls",
     [
-        (400, BadRequestError),
-        (413, BadRequestError),
-        (415, BadRequestError),
-        (404, NotFoundError),
-        (429, OverloadedError),
-        (503, OverloadedError),
-        (504, RequestTimeoutError),
-        (500, ServerError),
+        (400, None, BadRequestError),
+        (413, None, BadRequestError),
+        (415, None, BadRequestError),
+        (401, "unauthorized", AuthenticationError),
+        (403, "forbidden", AuthenticationError),
+        (404, None, NotFoundError),
+        (429, "overloaded", OverloadedError),
+        (429, None, OverloadedError),
+        (503, "overloaded", OverloadedError),
+        (503, "model_unavailable", ModelUnavailableError),
+        (503, None, ModelUnavailableError),
+        (504, None, RequestTimeoutError),
+        (500, None, ServerError),
     ],
 )
-def test_error_mapping_carries_status_and_server_message(status: int, cls: type[DeepserveError]) -> None:
+def test_error_mapping_carries_status_and_server_message(status: int, code: str | None,
+                                                         cls: type[DeepserveError]) -> None:
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
-        return httpx.Response(status, json={"error": f"went wrong {status}"})
+        return httpx.Response(status, json={"error": f"went wrong {status}", "code": code})
 
     client, sleeps = make_client(handler, max_retries=3)
     with pytest.raises(cls) as info:
         client.models()
     assert info.value.status_code == status and info.value.message == f"went wrong {status}"
-    retried = status in (429, 503)
+    retried = cls is OverloadedError  # only overload: a 503 for a model that is not loaded is not retried
     assert len(calls) == (4 if retried else 1) and len(sleeps) == (3 if retried else 0)
 
 
 def test_retry_after_is_honoured_then_success() -> None:
     answers = [
         httpx.Response(429, json={"error": "queue full"}, headers={"Retry-After": "2"}),
-        httpx.Response(503, json={"error": "busy"}, headers={"Retry-After": "1"}),
+        httpx.Response(503, json={"error": "busy", "code": "overloaded"}, headers={"Retry-After": "1"}),
         httpx.Response(200, json={"models": []}),
     ]
     client, sleeps = make_client(lambda r: answers.pop(0), backoff=0.01)
@@ -324,7 +332,8 @@ def test_retry_after_is_honoured_then_success() -> None:
 
 def test_backoff_is_exponential_with_jitter_and_capped() -> None:
     client, sleeps = make_client(
-        lambda r: httpx.Response(503, json={"error": "x"}), max_retries=6, backoff=1.0, max_backoff=8.0
+        lambda r: httpx.Response(503, json={"error": "x", "code": "overloaded"}), max_retries=6, backoff=1.0,
+        max_backoff=8.0
     )
     with pytest.raises(OverloadedError):
         client.models()
@@ -412,7 +421,7 @@ def test_stream_error_event_raises() -> None:
 
 def test_async_client_same_behaviour() -> None:
     answers = [
-        httpx.Response(503, json={"error": "warming"}, headers={"Retry-After": "1"}),
+        httpx.Response(503, json={"error": "queue full", "code": "overloaded"}, headers={"Retry-After": "1"}),
         httpx.Response(200, json=[{"label": "3", "probability": 1.0}]),
         httpx.Response(404, json={"error": "model 'nope' not found"}),
         httpx.Response(200, content=SSE),

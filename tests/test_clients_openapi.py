@@ -114,7 +114,7 @@ def test_client_wire_types_agree_with_the_servers_openapi(server: str) -> None:
     from urllib.parse import unquote
 
     import httpx
-    from deepserve.clients import GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction
+    from deepserve.clients import GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry
     from deepserve.clients._base import BaseClient
 
     spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
@@ -137,6 +137,9 @@ def test_client_wire_types_agree_with_the_servers_openapi(server: str) -> None:
         (base._generate_call(m, "a", v, {}), GenerateResult),
         (base._stream_call(m, "a", None, {"seed": 1}), None),
         (base._stream_call(m, "a", v, {}), None),
+        (base._repository_call("index", body={"ready": True}), None),
+        (base._repository_call("load", m, base._load_body({"max_batch_size": 2})), None),
+        (base._repository_call("unload", m), None),
     ]
     problems: list[str] = []
     undeclared: set[str] = set()
@@ -171,6 +174,9 @@ def test_client_wire_types_agree_with_the_servers_openapi(server: str) -> None:
         models = _resolve(spec, index).get("properties", {}).get("models", {})
         if "items" in models:
             compare_result(spec, models["items"], ModelInfo, "GET /v2/models: response.models[]", problems)
+    for path in ("/v2/repository/index", "/v2/repository/models/{model}/load", "/v2/repository/models/{model}/unload"):
+        rows = spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        compare_result(spec, rows["items"], RepositoryEntry, f"POST {path}: response[]", problems)
     assert problems == []
     assert {u.replace("/versions/{version}", "") for u in undeclared} <= KNOWN_UNDECLARED
 

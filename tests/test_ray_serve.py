@@ -210,6 +210,13 @@ def test_startup_says_where_and_prints_example_requests(cluster: dict[str, Any])
     assert "predictions/tiny-cnn" in text and "/v1/completions" in text  # the same examples as deepserve serve
 
 
+def test_model_control_is_refused_rather_than_reaching_one_replica(cluster: dict[str, Any]) -> None:
+    for action in ("load", "unload"):
+        r = httpx.post(f"{cluster['base']}/v2/repository/models/tiny-cnn/{action}", timeout=30)
+        assert r.status_code == 400 and "Ray's under --engine ray" in r.json()["error"]
+    assert httpx.get(f"{cluster['base']}/v2/models/tiny-cnn/ready", timeout=30).status_code == 200
+
+
 def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, Any], plain: Any) -> None:
     import tritonclient.http as triton
 
@@ -437,3 +444,17 @@ def test_build_app_is_what_serve_run_imports(repository: Path) -> None:
         build_app({"repo": str(repository)})
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         build_app({"repository": str(repository / "nope")})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--api-key", "k"], "does not check API keys yet"),
+    (["--cors-allow-origin", "*"], "does not answer CORS yet"),
+    (["--model-control", "explicit", "--load-model", "tiny-cnn"], "every model of the repository is deployed"),
+])
+def test_what_the_ray_engine_does_not_do_is_refused_naming_the_flag(
+        repository: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    from deepserve.cli import main
+
+    assert main(["serve", "--engine", "ray", "--repository", str(repository), "--port", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,8 @@ import numpy as np
 import pytest
 
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
-from tests.servers import free_port, wait_ready
+from tests.live_server import running_server
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,21 +38,9 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "stderr.txt"
-    stdout = log.with_name("stdout.txt")
-    cmd = [sys.executable, "-X", "importtime", "-m", "deepserve.cli", "serve", "--repository", str(repository),
-           "--port", str(port), "--device", "cpu", "--max-queue-delay-ms", "10", "--log-level", "info"]
-    with open(log, "wb") as err, open(stdout, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, base, log)
-        yield {"base": base, "port": port, "proc": proc, "stderr": log, "stdout": stdout}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with running_server(repository, tmp_path_factory.mktemp("server-log"), "--max-queue-delay-ms", "10",
+                        "--log-level", "info", python_args=("-X", "importtime")) as s:
+        yield s
 
 
 def images(n: int, seed: int) -> np.ndarray:

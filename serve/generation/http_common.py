@@ -117,6 +117,8 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except ServeError as e:
+                if e.reject_reason is not None:
+                    request.app.state.repository.metrics.reject(e.reject_reason)
                 return JSONResponse(openai_error(e), status_code=e.status, headers=e.headers)
             except RequestValidationError as e:
                 problems = [f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}"

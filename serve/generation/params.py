@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from deepserve.serve.errors import BadRequest
+from deepserve.serve.errors import BadRequest, LimitExceeded
 
 DEFAULT_MAX_NEW_TOKENS = 64
 """Used when a request does not say; lowered to the server's cap when that is smaller."""
@@ -19,10 +19,12 @@ MAX_LOGPROBS = 5
 """Most alternatives per position that ``logprobs`` may ask for (as the OpenAI API)."""
 
 
-def check(condition: bool, name: str, message: str, value: Any) -> None:
-    """Raise ``BadRequest('<name> <message>, got <value>')`` unless ``condition``."""
+def check(condition: bool, name: str, message: str, value: Any, limit: str | None = None) -> None:
+    """Raise ``BadRequest('<name> <message>, got <value>')`` unless ``condition`` (``LimitExceeded``, counted
+    under ``limit``, for a server cap)."""
     if not condition:
-        raise BadRequest(f"{name} {message}, got {value!r}")
+        text = f"{name} {message}, got {value!r}"
+        raise BadRequest(text) if limit is None else LimitExceeded(text, reason=limit)
 
 
 def _is_int(v: Any) -> bool:
@@ -165,7 +167,8 @@ class Limits:
         n = params.max_new_tokens
         if n is None:
             n = min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
-        check(n <= self.max_new_tokens, "max_new_tokens", f"exceeds the server's cap of {self.max_new_tokens}", n)
+        check(n <= self.max_new_tokens, "max_new_tokens", f"exceeds the server's cap of {self.max_new_tokens}", n,
+              limit="max_new_tokens")
         check(params.min_new_tokens <= n, "min_new_tokens", f"must not exceed max_new_tokens ({n})",
               params.min_new_tokens)
         product = params.num_beams * params.num_return_sequences
@@ -180,4 +183,4 @@ class Limits:
     def check_prompt(self, n_tokens: int, name: str = "prompt") -> None:
         check(n_tokens <= self.max_prompt_length, name,
               f"is too long: {n_tokens} tokens, more than the cap max_prompt_length={self.max_prompt_length}",
-              f"{n_tokens} tokens")
+              f"{n_tokens} tokens", limit="prompt_length")
