@@ -110,7 +110,8 @@ def plain(repository: Path) -> Iterator[Any]:
 
     from deepserve.serve.app import create_app
 
-    with TestClient(create_app(repository, device="cpu")) as client:
+    # a loopback client, as the test's requests to Ray are (model control and the index allow loopback)
+    with TestClient(create_app(repository, device="cpu"), client=("127.0.0.1", 50000)) as client:
         yield client
 
 
