@@ -207,6 +207,7 @@ def model_tasks(repository: Path) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    from dataclasses import replace
 
     import uvicorn
 
@@ -216,7 +217,6 @@ def run(args: argparse.Namespace) -> int:
     from deepserve.serve.repository import ModelRepository
     from deepserve.serve.settings import SettingsError, resolve_settings
     from deepserve.signing import ArtifactTrust, trusted_keys_option
-    from dataclasses import replace
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {field: getattr(args, field) for _, field, _, _ in _SETTING_FLAGS}

@@ -141,6 +141,11 @@ def build_app(args: dict[str, str]):  # -> ray.serve.Application
     return application(AppOptions(repository=args["repository"], device=args.get("device", "auto")))
 
 
+def is_local(address: str | None) -> bool:
+    """No address (a new local Ray) or one on the loopback."""
+    return not address or address.removeprefix("ray://").split(":")[0] in ("127.0.0.1", "localhost")
+
+
 def local_ray_env() -> dict[str, str]:
     """Environment for a local single-node Ray on 127.0.0.1. Ray otherwise resolves 127.0.0.1 to the machine's
     network address (so that other nodes could join); this documented switch keeps every node address on the
@@ -151,13 +156,16 @@ def local_ray_env() -> dict[str, str]:
 def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None = None) -> None:
     """Connect to ``address``, or start a local single-node Ray on 127.0.0.1 (no dashboard); then Serve's HTTP
     proxy on ``host:port``."""
-    if not address:
+    if is_local(address):
         os.environ.update(local_ray_env())
     import ray
     from ray import serve
 
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as e:
+            raise ValueError(f"--ray-address {address}: {e}") from None
     else:
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
@@ -179,11 +187,13 @@ def refuse_unsupported(args: argparse.Namespace, access: Any) -> None:
 def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = None, access: Any = None) -> int:
     """``deepserve serve --engine ray``: deploy, serve until SIGTERM/SIGINT, then drain and shut down."""
     refuse_unsupported(args, access)
-    if not args.ray_address:
+    if is_local(args.ray_address):
         os.environ.update(local_ray_env())  # before ray is first imported
-    from deepserve.serve.cli import example_requests, model_tasks
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    from deepserve.serve.cli import example_requests, model_tasks
 
     options = AppOptions(repository=args.repository, overrides=overrides, device=args.device,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
@@ -194,7 +204,10 @@ def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = No
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RayServeException as e:
+            raise ValueError(f"the Ray Serve application did not deploy: {e}") from None
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"deepserve: Ray Serve application {APP_NAME!r} serving {args.model_dir or args.repository} on "
               f"http://{host}:{args.port} (Ray at {ray.get_runtime_context().gcs_address})", flush=True)
