@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEFAULT_MODELS := digits-cnn charlm-lstm seq2seq-math
 
-.PHONY: serve test bench install install-dev models clean lint-docker
+.PHONY: serve test bench install install-dev models clean lint-docker browser
 
 # torch is pinned and installed first so that nothing pulls another (multi-GB CUDA) build.
 $(VENV)/.installed: pyproject.toml
@@ -36,7 +36,14 @@ models: install
 serve: models
 	$(PY) -m deepserve.cli serve --repository $(REPO) --host $(HOST) --port $(PORT)
 
-test: install-dev
+# The playground's browser tests drive Debian's chromium through Playwright (whose own browser download needs
+# the internet); installed here when missing, as root or through sudo.
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: install-dev browser
 	$(PY) -m pytest -q tests
 
 bench: install-dev

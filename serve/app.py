@@ -1,5 +1,5 @@
 """The FastAPI application: v2 routes, TorchServe-style predictions, generation routes (when that package is
-present), ``/metrics`` and ``/docs``. Errors of every kind answer ``{"error": "..."}``.
+present), ``/metrics``, ``/docs`` and the playground page at ``/``. Errors of every kind answer ``{"error": "..."}``.
 
 The lifespan loads and warms up every model (``/v2/health/ready`` is 503 until then) and, on shutdown,
 drains the batchers: uvicorn first stops accepting and waits for the requests in flight, whose queued work
@@ -123,12 +123,14 @@ def create_app(
         description="Image classifiers over KServe v2 (Triton-compatible) and TorchServe-style predictions; "
                     "char-LM and seq2seq generation.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by pages.install_docs: the defaults load a CDN
+        redoc_url=None,
     )
     app.state.repository = repository
     app.state.max_body_bytes = max_body_bytes
     install_error_handlers(app)
 
-    from deepserve.serve import control, predictions, v2
+    from deepserve.serve import control, pages, predictions, v2
 
     # The classification routes go on the app's own router, not through include_router: this FastAPI matches
     # a request to an included router's routes twice (match, then dispatch), a cost every request pays.
@@ -154,6 +156,9 @@ def create_app(
     async def metrics_endpoint() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    pages.install_docs(app)
+    pages.install_playground(app)
 
     # every per-request POST route (v2 infer, predictions, an optional package's HOT_ROUTES such as Triton
     # generate) goes through the front door

@@ -132,6 +132,10 @@ class ClassificationServable(Servable):
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
         meta["parameters"]["labels"] = len(self.labels)
+        p = self.preprocessor  # what a client needs to show or prepare the input as the model sees it
+        meta["parameters"]["preprocessing"] = {"channels": p.channels, "height": p.height, "width": p.width,
+                                               "color_mode": p.color_mode, "resize": p.resize,
+                                               "mean": list(p.mean), "std": list(p.std)}
         return meta
 
     def _deadline(self, deadline: float | None) -> float:

@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024), access=access,
                      cors_allow_origins=args.cors_allow_origin)
     host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"deepserve: playground at http://{host}:{args.port}/ (open it in a browser)", flush=True)
     print(f"deepserve: serving {args.model_dir or args.repository} on http://{host}:{args.port} (device {device}, "
           f"{implementations['loop']} loop, {implementations['http']} parser); "
           f"models: {', '.join(repository.models) or 'none'}", flush=True)

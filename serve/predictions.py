@@ -7,6 +7,7 @@ The routes are ``DirectRoute``s: ``top_k`` is read here and declared in ``openap
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -87,10 +88,14 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
     if not hasattr(servable, "classify"):
         raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)}, not an image classifier")
     images = await _images(request)
+    start = time.perf_counter()
     result: Any = await servable.classify(images, top_k, deadline_from(request))
+    took_ms = (time.perf_counter() - start) * 1000.0
     if len(result) == 1:
         result = result[0]
-    return Response(dump_json(result), media_type="application/json")
+    # Server-Timing: decode, queue, batch and model time, for clients that show it (the playground)
+    return Response(dump_json(result), media_type="application/json",
+                    headers={"Server-Timing": f"classify;dur={took_ms:.3f}"})
 
 
 @router.post("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)

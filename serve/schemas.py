@@ -100,6 +100,8 @@ class ModelConfig(BaseModel):
     output: list[TensorMetadata]
     dynamic_batching: dict[str, int]
     instance_group: list[dict[str, int]]
+    parameters: dict[str, str] = Field(default_factory=dict, description="precision (fp32, int8, fp16) and the "
+                                                                        "backend setting (auto, onnx, torchscript).")
 
 
 class BinaryDataSize(BaseModel):

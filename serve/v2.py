@@ -263,7 +263,8 @@ def _config(request: Request, model: str, version: str | None) -> Response:
         "name": model, "platform": meta["platform"], "max_batch_size": settings.max_batch_size,
         "input": meta["inputs"], "output": meta["outputs"],
         "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)},
-        "instance_group": [{"count": settings.instances}]})
+        "instance_group": [{"count": settings.instances}],
+        "parameters": {"precision": settings.precision, "backend": settings.backend}})
 
 
 @router.get("/v2/models/{model}/config", name="model_config", responses=answers(ModelConfig, 404, 503))

@@ -104,7 +104,9 @@ class GenerationServable(Servable):
         tok = self.tokenizer
         assert tok is not None
         ids = tok.encode(text)
-        if not ids and not self.is_seq2seq:  # a language model needs a first token to condition on
+        if not ids and self.is_seq2seq:  # an empty source fails the encoder graph, and its whole batch with it
+            raise BadRequest("prompt is empty: a seq2seq model needs a source text (text_input or prompt)")
+        if not ids:  # a language model needs a first token to condition on
             start = tok.encode("\n")
             ids = start if start and start[0] != tok.unk_id else [tok.unk_id]
         self.limits.check_prompt(len(ids), "prompt")

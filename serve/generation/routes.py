@@ -121,6 +121,8 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
                 lp = job.final_logprobs(o)
                 if job.is_beam or rest or lp is not None:
                     data = {**head, "index": o.index, "text_output": rest, "finish_reason": o.finish_reason}
+                    if o.score is not None:
+                        data["score"] = o.score
                     out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
 
     async def events() -> AsyncIterator[bytes]:

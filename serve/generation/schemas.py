@@ -93,6 +93,8 @@ class GenerateStreamEvent(BaseModel):
     index: int
     text_output: str
     finish_reason: Optional[Literal["length", "eos", "stop"]] = None
+    score: Optional[float] = Field(None, description="Beam search, in each sequence's final event: its "
+                                                     "length-penalised score.")
     tokens: Optional[list[str]] = None
     logprobs: Optional[list[float]] = None
     top_logprobs: Optional[list[dict[str, float]]] = None
