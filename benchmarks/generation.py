@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Plan, backends, measure
-from benchmarks.loadgen import Request, Response, json_request
+from benchmarks.common import Plan, backends, measure, paired, paired_ratio
+from benchmarks.loadgen import Request, Response, json_request, percentile
 from benchmarks.models import MODELS, corpus_lines, manifest, serving_repository
 from benchmarks.results import Plot, Report, Table
 from benchmarks.servers import ServerProcess
@@ -134,8 +134,9 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
 
 
 async def _engine_run(directory: Path, requests: int, source_tokens: int, new_tokens: int, device: str,
-                      backend: str, precision: str = "fp32", waves: int = 1) -> dict[str, Any]:
-    """``waves`` times, ``requests`` beam-4 requests submitted at once to one loaded engine; the median wave."""
+                      backend: str, precision: str = "fp32", waves: int = 1, beams: int = 4) -> dict[str, Any]:
+    """``waves`` times, ``requests`` requests (beam search of ``beams``, or greedy for 1) submitted at once to one
+    loaded engine; the median wave."""
     from deepserve.manifest import load_manifest
     from deepserve.serve.generation.engine import GenerationServable
     from deepserve.serve.settings import ModelSettings
@@ -146,7 +147,7 @@ async def _engine_run(directory: Path, requests: int, source_tokens: int, new_to
     await servable.start()
     await servable.warmup()
     texts = [_cut(t, source_tokens) for t in corpus_lines(requests)]
-    params = {"num_beams": 4, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    params = {"num_beams": beams, "temperature": 0.0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     rates, walls = [], []
     try:
         await asyncio.gather(*(servable.generate(t, params) for t in texts[:4]))  # warm the batch shapes
@@ -202,3 +203,129 @@ def run_engine(report: Report, source: Path, p: Plan) -> dict[str, Any]:
                       int8["tokens_per_s"] >= 2000, "onnx, dynamically quantized graphs")
     report.data["engine"] = runs
     return runs
+
+
+OVERLOAD_FACTORS = (1, 2, 4)
+"""Offered load as multiples of the measured capacity."""
+
+
+def _overload_cell(port: int, reqs: list[Request], rate: float, seconds: float, n: int) -> dict[str, Any]:
+    from benchmarks.loadgen import LoadSpec, run_open_loop
+
+    spec = LoadSpec("127.0.0.1", port, tuple(reqs), 1024, seconds, 100000, drain_s=30.0)
+    result = asyncio.run(run_open_loop(spec, rate, token_counter(n)))
+    offered = int(seconds * rate)
+    return {**result.summary(), "offered": offered, "shed": result.errors.get("429", 0) / max(1, offered)}
+
+
+async def _engine_overload(directory: Path, n: int, rows: int, seconds: float, factor: float) -> dict[str, Any]:
+    """The same measurement without HTTP: ``GenerationServable`` in process, a closed loop of ``rows`` requests
+    (capacity) and then open-loop submissions at ``factor`` times its request rate. What admission itself
+    achieves, apart from the event loop and the load generator competing for the cores."""
+    from deepserve.manifest import load_manifest
+    from deepserve.serve.errors import Overloaded, ServeError
+    from deepserve.serve.generation.engine import GenerationServable
+    from deepserve.serve.settings import ModelSettings
+
+    servable = GenerationServable(load_manifest(directory, verify=False), directory,
+                                  ModelSettings(max_running_rows=rows), "cpu")
+    await servable.start()
+    await servable.warmup()
+    params, text = {"temperature": 0.0, "max_new_tokens": n, "min_new_tokens": n}, prompts("charlm")[0]
+    out: dict[str, Any] = {}
+
+    async def timed(job_or_text: Any, kept: list[float]) -> int:
+        t0 = time.perf_counter()
+        result = await (servable.generate(job_or_text, params) if isinstance(job_or_text, str)
+                        else servable.wait(job_or_text))
+        kept.append(time.perf_counter() - t0)
+        return result.completion_tokens
+
+    try:
+        lat: list[float] = []
+        t0, end = time.perf_counter(), time.perf_counter() + seconds
+
+        async def worker() -> int:
+            tokens = 0
+            while time.perf_counter() < end:
+                tokens += await timed(text, lat)
+            return tokens
+
+        tokens = sum(await asyncio.gather(*(worker() for _ in range(rows))))
+        wall = time.perf_counter() - t0
+        out["capacity"] = {"tokens_per_s": tokens / wall, "rps": len(lat) / wall, "p99_ms": 1000 * percentile(lat, 99)}
+        rate, lat2, tasks, shed = factor * len(lat) / wall, [], [], 0
+        start, count = time.perf_counter(), int(seconds * factor * len(lat) / wall)
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            try:
+                tasks.append(asyncio.ensure_future(timed(servable.submit(text, params), lat2)))
+            except Overloaded:
+                shed += 1
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        wall = max(time.perf_counter() - start, seconds)
+        good = sum(t for t in done if isinstance(t, int))
+        out["offered"] = {"tokens_per_s": good / wall, "p99_ms": 1000 * (percentile(lat2, 99) or float("inf")),
+                          "shed": shed / max(1, count), "failed": sum(isinstance(t, ServeError) for t in done)}
+    finally:
+        await servable.stop()
+    return out
+
+
+def run_overload(report: Report, source: Path, p: Plan) -> dict[str, Any]:
+    """Char-LM goodput under overload: capacity (a closed loop that keeps ``max_running_rows`` requests in flight)
+    and open-loop arrivals at 1, 2 and 4 times the capacity's request rate, each overloaded cell paired with a
+    capacity cell measured just before or after it (ABBA order over the rounds)."""
+    section = report.section("Scenario 3c — generation under overload (char-LM, greedy)")
+    n, rows, seconds = 8 * p.gen_tokens, 64, max(4 * p.cell_s, 3.0)  # model-bound: HTTP is a small share
+    repository = serving_repository(source, {"charlm-cb": ("charlm", {"max_running_rows": rows})})
+    reqs = requests_for("charlm-cb", prompts("charlm"), "greedy", n)
+    table = Table(["offered", "round", "requests offered", "goodput tokens/s", "capacity tokens/s (paired)",
+                   "goodput / capacity", "admitted p50 ms", "admitted p99 ms", "capacity p99 ms (paired)",
+                   "p99 / capacity p99", "shed (429)", "other errors"])
+    rounds: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    with ServerProcess("deepserve", repository=repository, device=p.device) as server:
+        def capacity() -> dict[str, Any]:
+            return measure(server.port, reqs, rows, p, count_tokens=token_counter(n), duration_s=seconds,
+                           warmup=rows).row()
+
+        for f in OVERLOAD_FACTORS:
+            caps: list[dict[str, Any]] = []
+            rounds[f] = paired(lambda: (caps.append(capacity()) or caps[-1]),
+                               lambda: _overload_cell(server.port, reqs, f * caps[-1]["rps"], seconds, n),
+                               p.paired_rounds if f == 4 else 1)
+    engine = [asyncio.run(_engine_overload(source / "charlm" / "1", n, rows, seconds, 4.0))
+              for _ in range(p.paired_rounds)]
+    ratios = {}
+    for f, pairs in rounds.items():
+        for i, (cap, c) in enumerate(pairs):
+            others = {k: v for k, v in c["errors"].items() if k != "429"}
+            table.add(f"{f}x open loop", i + 1, c["offered"], c["tokens_per_s"], cap["tokens_per_s"],
+                      c["tokens_per_s"] / cap["tokens_per_s"], c["p50_ms"], c["p99_ms"], cap["p99_ms"],
+                      (c["p99_ms"] or float("inf")) / cap["p99_ms"], f"{100 * c['shed']:.0f} %", others or "—")
+        ratios[f] = (paired_ratio([(c["tokens_per_s"], cap["tokens_per_s"]) for cap, c in pairs]),
+                     paired_ratio([(c["p99_ms"] or float("inf"), cap["p99_ms"]) for cap, c in pairs]))
+    section.blocks.append(f"Every request generates {n} tokens (greedy, min_new_tokens = max_new_tokens), "
+                          f"max_running_rows {rows}, default 30 s deadline, {seconds:.0f} s per cell; the load "
+                          "generator shares the 2 cores with the server. The offered rate is a multiple of the "
+                          "request rate of the capacity cell measured just before it; ratios are judged per round "
+                          "(median over rounds), since this shared VM's speed drifts between cells.")
+    section.blocks.append(table)
+    in_process = Table(["4x in process, round", "goodput tokens/s", "capacity tokens/s (paired)", "goodput / capacity",
+                        "admitted p99 ms", "capacity p99 ms", "p99 / capacity p99", "shed (429)", "failed"])
+    for i, e in enumerate(engine):
+        cap, off = e["capacity"], e["offered"]
+        in_process.add(i + 1, off["tokens_per_s"], cap["tokens_per_s"], off["tokens_per_s"] / cap["tokens_per_s"],
+                       off["p99_ms"], cap["p99_ms"], off["p99_ms"] / cap["p99_ms"], f"{100 * off['shed']:.0f} %",
+                       off["failed"])
+    section.blocks.append("The same at 4x with the engine in process (no HTTP, no load generator process): what the "
+                          "admission policy itself keeps when the cores are not also serving HTTP.")
+    section.blocks.append(in_process)
+    good, p99 = ratios[4]
+    report.target("char-LM at 4x offered load: goodput / capacity tokens/s (paired)", ">= 0.80", good,
+                  None if good is None else good >= 0.8)
+    report.target("char-LM at 4x offered load: admitted p99 / capacity p99 (paired)", "<= 3", p99,
+                  None if p99 is None else p99 <= 3)
+    report.data["overload"] = {**{f"{f}x": [{"capacity": cap, "offered": c} for cap, c in pairs]
+                                  for f, pairs in rounds.items()}, "4x in process": engine}
+    return report.data["overload"]

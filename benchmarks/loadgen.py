@@ -259,6 +259,65 @@ async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> 
     return result
 
 
+def _record(result: LoadResult, response: Response, t0: float, count_tokens: TokenCounter | None) -> float:
+    """Count one answer to a request sent at ``t0`` into ``result``; return when it was complete."""
+    done = time.perf_counter()
+    if 200 <= response.status < 300:
+        result.ok += 1
+        result.latencies_s.append(done - t0)
+        tokens = count_tokens(response) if count_tokens else 0
+        result.tokens += tokens
+        if response.event_times:
+            result.ttft_s.append(response.event_times[0] - t0)
+            if tokens >= 2:
+                result.tpot_s.append((response.event_times[-1] - response.event_times[0]) / (tokens - 1))
+    else:
+        result.errors[str(response.status)] += 1
+    return done
+
+
+async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCounter | None = None) -> LoadResult:
+    """Open loop: a request starts every ``1 / rate_per_s`` seconds whether or not earlier ones were answered (how
+    overload arrives), on an idle keep-alive connection, at most ``spec.concurrency`` of them in flight (an arrival
+    finding none free counts as ``"client-full"``). ``spec.warmup_requests`` is not used."""
+    _check(rate_per_s > 0, "rate_per_s", "must be > 0", rate_per_s)
+    encoded = [r.encode(spec.host, spec.port) for r in spec.requests]
+    idle = [_Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
+    every = [*idle]
+    result = LoadResult()
+    started = time.perf_counter()
+    last_done = started
+
+    async def one(raw: bytes, conn: _Connection) -> None:
+        nonlocal last_done
+        t0 = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(conn.send(raw, spec.stream), spec.timeout_s)
+            last_done = max(last_done, _record(result, response, t0, count_tokens))
+        except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+            result.errors["timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__] += 1
+            await conn.close()
+        idle.append(conn)
+
+    tasks: list[asyncio.Task] = []
+    n = min(spec.max_requests, int(spec.duration_s * rate_per_s))
+    for i in range(n):
+        await asyncio.sleep(max(0.0, started + i / rate_per_s - time.perf_counter()))  # the arrival schedule
+        if not idle:
+            result.errors["client-full"] += 1
+            continue
+        tasks.append(asyncio.ensure_future(one(encoded[i % len(encoded)], idle.pop())))
+    done, pending = await asyncio.wait(tasks, timeout=spec.drain_s) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    if pending:
+        result.errors["cancelled"] += len(pending)
+        await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*(c.close() for c in every))
+    result.elapsed_s = max(last_done, started + n / rate_per_s) - started
+    return result
+
+
 async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connection], budget: int,
                  duration_s: float | None, result: LoadResult, count_tokens: TokenCounter | None) -> None:
     started = time.perf_counter()
@@ -284,19 +343,7 @@ async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connec
                 result.errors[type(e).__name__] += 1
                 await conn.close()
                 continue
-            done = time.perf_counter()
-            last_done = max(last_done, done)
-            if 200 <= response.status < 300:
-                result.ok += 1
-                result.latencies_s.append(done - t0)
-                tokens = count_tokens(response) if count_tokens else 0
-                result.tokens += tokens
-                if response.event_times:
-                    result.ttft_s.append(response.event_times[0] - t0)
-                    if tokens >= 2:
-                        result.tpot_s.append((response.event_times[-1] - response.event_times[0]) / (tokens - 1))
-            else:
-                result.errors[str(response.status)] += 1
+            last_done = max(last_done, _record(result, response, t0, count_tokens))
 
     tasks = [asyncio.ensure_future(worker(i, c)) for i, c in enumerate(connections)]
     limit = None if stop_at is None else max(0.0, stop_at - time.perf_counter()) + spec.drain_s

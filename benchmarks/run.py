@@ -5,10 +5,11 @@
     python -m benchmarks.run --only classification --only model  # some scenarios
 
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
-and seq2seq through the server), engine (3b: the seq2seq engine in process), model (4: eager / TorchScript /
-ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), scaleout (6: the plain server
-against Ray Serve with 1 and 2 replicas). Models have fixed random weights and are exported into a temporary
-repository (``--cache DIR`` keeps it between runs).
+and seq2seq through the server), engine (3b: the seq2seq engine in process), overload (3c: char-LM goodput at
+1-4x capacity), peer (3d: the seq2seq engine vs CTranslate2, same weights; the bench extra), model (4: eager /
+TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), scaleout (6: the
+plain server against Ray Serve with 1 and 2 replicas). Models have fixed random weights and are exported into a
+temporary repository (``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "scaleout")
+SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "scaleout")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
          "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
-         "scaleout": ["digits-cnn", "resnet18"]}
+         "overload": ["charlm"], "peer": ["seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.rollout import run_scenario as run_rollout
 
                 run_rollout(report, repository, p)
+            elif scenario == "overload":
+                from benchmarks.generation import run_overload
+
+                run_overload(report, repository, p)
+            elif scenario == "peer":
+                from benchmarks.ct2_peer import run_scenario as run_peer
+
+                run_peer(report, repository, checkpoints, p)
             elif scenario == "scaleout":
                 from benchmarks.scaleout import run_scenario as run_scaleout
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         AuthenticationError,
         BadRequestError,
         DeepserveError,
+        InvalidParameterError,
         ModelUnavailableError,
         NotFoundError,
         OverloadedError,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     )
     from .sync import Client
     from .types import (
+        GenerateParams,
         GenerateResult,
         InferResult,
         ModelInfo,
@@ -45,6 +47,7 @@ _EXPORTS = {
             "DeepserveError",
             "AuthenticationError",
             "BadRequestError",
+            "InvalidParameterError",
             "ModelUnavailableError",
             "NotFoundError",
             "OverloadedError",
@@ -56,6 +59,7 @@ _EXPORTS = {
     **{
         name: "types"
         for name in (
+            "GenerateParams",
             "GenerateResult",
             "InferResult",
             "ModelInfo",
@@ -75,8 +79,10 @@ __all__ = [
     "BadRequestError",
     "Client",
     "DeepserveError",
+    "GenerateParams",
     "GenerateResult",
     "InferResult",
+    "InvalidParameterError",
     "ModelInfo",
     "ModelMetadata",
     "ModelUnavailableError",

@@ -20,6 +20,8 @@ from . import errors
 from .errors import APIConnectionError, DeepserveError, OverloadedError, RequestTimeoutError
 from .tensors import HEADER_LENGTH, ImageInput, build_body, decode_outputs, encode_image, encode_inputs, split_body
 from .types import (
+    GenerateParams,
+    ParameterError,
     GenerateRequest,
     GenerateResult,
     InferRequest,
@@ -302,13 +304,13 @@ class BaseClient:
             "POST", path, parse, params={"top_k": top_k}, content=content, headers={"Content-Type": content_type}
         )
 
-    def _generate_body(self, prompt: str, params: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    def _generate_body(self, prompt: str, params: GenerateParams) -> tuple[bytes, dict[str, str]]:
         _check(isinstance(prompt, str), "prompt", "must be a string", prompt)
-        body: GenerateRequest = {"text_input": prompt, "parameters": {k: v for k, v in params.items() if v is not None}}
+        body: GenerateRequest = {"text_input": prompt, "parameters": params.changed()}
         return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
     def _generate_call(
-        self, model: str, prompt: str, version: str | int | None, params: dict[str, Any]
+        self, model: str, prompt: str, version: str | int | None, params: GenerateParams
     ) -> Call[GenerateResult]:
         content, headers = self._generate_body(prompt, params)
 
@@ -317,9 +319,19 @@ class BaseClient:
 
         return Call("POST", _model_path(model, version) + "/generate", parse, content=content, headers=headers)
 
-    def _stream_call(self, model: str, prompt: str, version: str | int | None, params: dict[str, Any]) -> Call[None]:
+    def _stream_call(self, model: str, prompt: str, version: str | int | None, params: GenerateParams) -> Call[None]:
         content, headers = self._generate_body(prompt, params)
         headers["Accept"] = "text/event-stream"
         return Call(
             "POST", _model_path(model, version) + "/generate_stream", lambda r: None, content=content, headers=headers
         )
+
+
+def generate_params(params: GenerateParams | None, overrides: dict[str, Any]) -> GenerateParams:
+    """``params`` (default: all defaults) with the keyword arguments ``overrides`` applied, checked against the
+    server's bounds here, before anything is sent (``InvalidParameterError`` names the parameter)."""
+    base = params.changed() if params is not None else {}
+    try:
+        return GenerateParams.from_dict({**base, **overrides}) if overrides or params is None else params
+    except ParameterError as e:
+        raise errors.InvalidParameterError(e.message, parameter=e.parameter, value=e.value) from None

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._base import BaseClient, Call, SSEDecoder, transport_error
+from ._base import BaseClient, Call, SSEDecoder, generate_params, transport_error
 from .errors import DeepserveError
 from .tensors import ImageInput
 from .types import (
-    GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry, StreamEvent,
+    GenerateParams, GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry, StreamEvent,
 )
 
 T = TypeVar("T")
@@ -108,16 +108,15 @@ class AsyncClient(BaseClient):
     ) -> list[Prediction]:
         return await self._run(self._classify_call(image, model, version, top_k))
 
-    async def generate(
-        self, model: str, prompt: str, *, version: str | int | None = None, **params: Any
-    ) -> GenerateResult:
-        return await self._run(self._generate_call(model, prompt, version, params))
+    async def generate(self, model: str, prompt: str, params: GenerateParams | None = None, *,
+                       version: str | int | None = None, **kwargs: Any) -> GenerateResult:
+        """Generate text; parameters as ``Client.generate``."""
+        return await self._run(self._generate_call(model, prompt, version, generate_params(params, kwargs)))
 
-    def stream(
-        self, model: str, prompt: str, *, version: str | int | None = None, **params: Any
-    ) -> AsyncIterator[StreamEvent]:
+    def stream(self, model: str, prompt: str, params: GenerateParams | None = None, *,
+               version: str | int | None = None, **kwargs: Any) -> AsyncIterator[StreamEvent]:
         """An async iterator of events; retries happen only before the first event arrives."""
-        return self._events(self._stream_call(model, prompt, version, params))
+        return self._events(self._stream_call(model, prompt, version, generate_params(params, kwargs)))
 
     async def _events(self, call: Call[None]) -> AsyncIterator[StreamEvent]:
         attempt = 0

@@ -187,24 +187,21 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
     sampling = [f"--{name.replace('_', '-')}" for name in SAMPLING_FLAGS if getattr(args, name) is not None]
     if args.beams is not None and sampling:
         raise CLIError(f"--beams cannot be combined with {', '.join(sampling)} (beam search does not sample)")
-    for flag, value, low in (
-        ("--beams", args.beams, 1),
-        ("--n-best", args.n_best, 1),
-        ("--max-tokens", args.max_tokens, 1),
-    ):
-        if value is not None and value < low:
-            raise CLIError(f"{flag} must be >= {low}, got {value}")
-    params = {
-        "max_new_tokens": args.max_tokens,
-        "num_beams": args.beams,
-        "num_return_sequences": args.n_best,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "seed": args.seed,
-        "stop": args.stop,
-    }
-    return {k: v for k, v in params.items() if v is not None}
+    from .types import GenerateParams, ParameterError
+
+    params = {ours: getattr(args, dest) for ours, (dest, _) in _FLAGS.items() if getattr(args, dest) is not None}
+    try:
+        return GenerateParams.from_dict(params).changed()  # the server's bounds, checked before connecting
+    except ParameterError as e:
+        flag = _FLAGS[e.parameter][1]
+        raise CLIError(f"{flag} {e.reason}, got {e.value!r}") from None
+
+
+_FLAGS = {"max_new_tokens": ("max_tokens", "--max-tokens"), "num_beams": ("beams", "--beams"),
+          "num_return_sequences": ("n_best", "--n-best"), "temperature": ("temperature", "--temperature"),
+          "top_p": ("top_p", "--top-p"), "top_k": ("top_k", "--top-k"), "seed": ("seed", "--seed"),
+          "stop": ("stop", "--stop")}
+"""Generation parameter -> (argparse dest, flag)."""
 
 
 def generate_command(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ came back) and ``message`` (the server's ``{"error": "..."}`` text, or a descrip
 
     DeepserveError
     ├── BadRequestError      400, 413, 415, 422 and any other 4xx below: the request is wrong; never retried
+    │   ├── InvalidParameterError  a generation parameter out of bounds, found before sending (status None)
     │   └── AuthenticationError  401 (no or wrong API key) and 403 (not allowed here)
     ├── NotFoundError        404: unknown model or version; never retried
     ├── OverloadedError      429, and a 503 whose body says ``"code": "overloaded"`` (a full queue): retried,
@@ -38,6 +39,15 @@ class DeepserveError(Exception):
 
 class BadRequestError(DeepserveError):
     """400/413/415/422 (and other 4xx): malformed input, wrong tensor, bad parameter, payload too large."""
+
+
+class InvalidParameterError(BadRequestError, ValueError):
+    """A generation parameter outside the server's bounds, caught by the client before sending (``status_code``
+    is ``None``): ``parameter`` and ``value`` name it."""
+
+    def __init__(self, message: str, *, parameter: str, value: object) -> None:
+        super().__init__(message)
+        self.parameter, self.value = parameter, value
 
 
 class NotFoundError(DeepserveError):

@@ -8,11 +8,11 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ._base import BaseClient, Call, SSEDecoder, transport_error
+from ._base import BaseClient, Call, SSEDecoder, generate_params, transport_error
 from .errors import DeepserveError
 from .tensors import ImageInput
 from .types import (
-    GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry, StreamEvent,
+    GenerateParams, GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry, StreamEvent,
 )
 
 T = TypeVar("T")
@@ -113,17 +113,18 @@ class Client(BaseClient):
         """Top-k classes of one image (a path, encoded bytes, a PIL image or an HxW[xC] array)."""
         return self._run(self._classify_call(image, model, version, top_k))
 
-    def generate(self, model: str, prompt: str, *, version: str | int | None = None, **params: Any) -> GenerateResult:
-        """Generate text; ``params`` go to the server as generation parameters (``max_tokens``, ``temperature``,
-        ``top_p``, ``top_k``, ``seed``, ``num_beams``...)."""
-        return self._run(self._generate_call(model, prompt, version, params))
+    def generate(self, model: str, prompt: str, params: GenerateParams | None = None, *,
+                 version: str | int | None = None, **kwargs: Any) -> GenerateResult:
+        """Generate text. ``params`` and keyword arguments (which win) are ``GenerateParams`` fields
+        (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``num_beams``...), checked here
+        against the server's bounds (``ParameterError``)."""
+        return self._run(self._generate_call(model, prompt, version, generate_params(params, kwargs)))
 
-    def stream(
-        self, model: str, prompt: str, *, version: str | int | None = None, **params: Any
-    ) -> Iterator[StreamEvent]:
-        """Generate text as it is produced. Retries happen only before the first event arrives. Close the
-        iterator (or exhaust it) to release the connection."""
-        return self._events(self._stream_call(model, prompt, version, params))
+    def stream(self, model: str, prompt: str, params: GenerateParams | None = None, *,
+               version: str | int | None = None, **kwargs: Any) -> Iterator[StreamEvent]:
+        """Generate text as it is produced (parameters as ``generate``). Retries happen only before the first
+        event arrives. Close the iterator (or exhaust it) to release the connection."""
+        return self._events(self._stream_call(model, prompt, version, generate_params(params, kwargs)))
 
     def _events(self, call: Call[None]) -> Iterator[StreamEvent]:
         attempt = 0

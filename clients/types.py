@@ -13,6 +13,8 @@ from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 
+from deepserve.generation import GenerationParams, ParameterError  # noqa: F401  (re-exported)
+
 T = TypeVar("T")
 
 
@@ -215,6 +217,12 @@ class InferRequest(TypedDict, total=False):
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     parameters: dict[str, Any]
+
+
+GenerateParams = GenerationParams
+"""Generation parameters, keyword-only, documented field by field and checked with the server's own bounds when
+built (``deepserve.generation.ParameterError``, a ``ValueError`` naming ``.parameter`` and ``.value``; the
+clients raise it as ``InvalidParameterError``): one declaration, ``deepserve.generation``, serves both sides."""
 
 
 class GenerateRequest(TypedDict):

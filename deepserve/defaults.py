@@ -52,7 +52,7 @@ def has_artifact(repository: Path, name: str) -> bool:
 def outdated_reason(repository: Path, name: str) -> str | None:
     """Why the newest version of ``name`` cannot be served by this deepserve (``None`` when it can): an
     unreadable manifest, or a seq2seq graph layout from an older export."""
-    from deepserve.manifest import ManifestError, load_manifest
+    from deepserve.manifest import KV_LAYOUT, ManifestError, load_manifest
 
     versions = sorted((int(p.parent.name), p.parent) for p in (repository / name).glob("*/manifest.json")
                       if p.parent.name.isdigit())
@@ -64,8 +64,6 @@ def outdated_reason(repository: Path, name: str) -> str | None:
     except ManifestError as e:
         return str(e)
     if manifest.task == "seq2seq":
-        from deepserve.serve.generation.seq2seq_step import KV_LAYOUT  # what the server drives
-
         layout = manifest.model.get("kv_layout")
         if layout != KV_LAYOUT:
             return f"its seq2seq graphs use kv_layout {layout!r}, this deepserve serves {KV_LAYOUT!r}"

@@ -228,6 +228,79 @@ class Manifest:
         return path
 
 
+KV_LAYOUT = "per-layer-shared-cross"
+"""Manifest ``model.kv_layout`` of seq2seq artifacts: one cross / past / present K and V tensor per decoder layer
+(``cache_names``), each [batch,H,len,Dh]; ``decode_step`` takes the cross K/V (and ``src_pad_mask``) of N sources
+for B = N * G rows, rows n*G .. n*G+G-1 reading source n. Earlier layouts (``per-layer``: cross K/V per row, or
+none: stacked caches) are refused with a request to re-export."""
+
+
+def cache_names(kinds: str | tuple[str, ...], layers: int) -> list[str]:
+    """A seq2seq step graph's per-layer tensors of ``kinds`` (cross | past | present), in graph order: layer by
+    layer, kind by kind, K then V (``cross_k_0, cross_v_0, past_k_0, past_v_0, cross_k_1, ...``)."""
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    return [f"{kind}_{kv}_{i}" for i in range(layers) for kind in kinds for kv in "kv"]
+
+
+@dataclass(frozen=True)
+class StepGraphContract:
+    """What the seq2seq ``encode`` / ``decode_step`` graphs promise their driver: the cache layout and sizes
+    (manifest ``model``) and the special ids (``tokenizer.special_ids``). Export writes them; serve reads them
+    with ``of``."""
+
+    layers: int
+    """Decoder layers: one cross, past and present K and V tensor each."""
+    heads: int
+    """Attention heads (axis 1 of every cache tensor)."""
+    head_dim: int
+    """Size of one head (axis 3)."""
+    vocab_size: int
+    """Width of ``logits``."""
+    pad_id: int = 0
+    bos_id: int = 2
+    """The first input token of every target."""
+    eos_id: int = 3
+    kv_layout: str = KV_LAYOUT
+    """How the caches are laid out; serve drives ``KV_LAYOUT`` only."""
+
+    def facts(self) -> dict[str, Any]:
+        """The manifest ``model`` entries export writes."""
+        return {"n_decoder_layers": self.layers, "n_heads": self.heads, "head_dim": self.head_dim,
+                "vocab_size": self.vocab_size, "kv_layout": self.kv_layout}
+
+    def names(self, kinds: str | tuple[str, ...]) -> list[str]:
+        return cache_names(kinds, self.layers)
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> StepGraphContract:
+        """The contract of a seq2seq artifact; ``ManifestError`` naming what is missing or from another layout."""
+        facts, special = manifest.model, manifest.tokenizer.get("special_ids") or {}
+        if facts.get("kv_layout") != KV_LAYOUT:
+            raise ManifestError(f"manifest model.kv_layout is {facts.get('kv_layout')!r}, but this deepserve drives "
+                                f"{KV_LAYOUT!r} key/value caches (one tensor per decoder layer, cross K/V shared by a "
+                                "source's rows); re-export the checkpoint with `deepserve export`")
+        missing = [k for k in ("n_decoder_layers", "n_heads", "head_dim", "vocab_size") if k not in facts]
+        if missing:
+            raise ManifestError(f"manifest model lacks {missing} (seq2seq step graphs)")
+        contract = cls(int(facts["n_decoder_layers"]), int(facts["n_heads"]), int(facts["head_dim"]),
+                       int(facts["vocab_size"]), int(special.get("pad", 0)), int(special.get("bos", 2)),
+                       int(special.get("eos", 3)))
+        contract.check(manifest)
+        return contract
+
+    def check(self, manifest: Manifest) -> None:
+        """Raise ``ManifestError`` naming any per-layer tensor the graphs lack."""
+        enc, dec = manifest.graphs["encode"], manifest.graphs["decode_step"]
+        need = {"encode outputs": (self.names("cross"), enc.outputs),
+                "decode_step inputs": (self.names(("cross", "past")), dec.inputs),
+                "decode_step outputs": (["logits", *self.names("present")], dec.outputs)}
+        for what, (names, specs) in need.items():
+            missing = sorted(set(names) - {t.name for t in specs})
+            if missing:
+                raise ManifestError(f"the seq2seq graphs do not match model.n_decoder_layers={self.layers}: "
+                                    f"{what} lack {missing}")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

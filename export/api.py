@@ -26,9 +26,11 @@ from deepserve.export import formats as fmt
 from deepserve.export import parity, writer
 from deepserve.export.quantize import evaluate_variant, int8_plan
 from deepserve.export.errors import ExportError, ParityError
-from deepserve.export.graphs import KV_LAYOUT, MODEL_TASKS, GraphDef, TaskGraphs, build_graphs
+from deepserve.export.graphs import MODEL_TASKS, GraphDef, TaskGraphs, build_graphs
 from deepserve import signing
-from deepserve.manifest import GraphSpec, Manifest, ManifestError, hash_directory, load_manifest, sha256_file
+from deepserve.manifest import (
+    GraphSpec, Manifest, ManifestError, StepGraphContract, hash_directory, load_manifest, sha256_file,
+)
 
 REFERENCE_FILE = "parity.npz"
 
@@ -153,10 +155,11 @@ def _verify_artifact(directory: Path, trusted_keys: tuple[signing.TrustedKey, ..
         signature = _check_signature(directory, trusted_keys)
     except ManifestError as e:
         raise ExportError(f"{directory}: {e}" if isinstance(e, signing.SignatureError) else str(e)) from None
-    layout = manifest.model.get("kv_layout")
-    if manifest.task == "seq2seq" and layout != KV_LAYOUT:
-        raise ExportError(f"{directory}: manifest model.kv_layout is {layout!r}, but this deepserve's seq2seq graphs "
-                          f"take {KV_LAYOUT!r} key/value caches; re-export the checkpoint with `deepserve export`")
+    if manifest.task == "seq2seq":
+        try:
+            StepGraphContract.of(manifest)  # the layout and sizes serve will drive
+        except ManifestError as e:
+            raise ExportError(f"{directory}: {e}") from None
     unlisted = sorted(set(hash_directory(directory)) - set(manifest.files))
     if unlisted:
         raise ExportError(f"{directory}: {', '.join(unlisted)} not listed in manifest.json")

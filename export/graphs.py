@@ -14,14 +14,7 @@ import torch
 import torch.nn as nn
 
 from deepserve.export.errors import ExportError
-from deepserve.manifest import TensorSpec
-from deepserve.train.models.seq2seq import attend
-
-KV_LAYOUT = "per-layer-shared-cross"
-"""Manifest ``model.kv_layout`` of seq2seq artifacts: one cross / past / present K and V tensor per decoder
-layer (``cross_k_0``, ``past_k_0``, ``present_k_0``, ...), each [batch,H,len,Dh]; ``decode_step`` takes the cross
-K/V (and ``src_pad_mask``) of N sources for B = N * G rows, rows n*G .. n*G+G-1 reading source n (N = B: one
-source per row, as before). Was ``per-layer`` (cross K/V per row), whose graphs mis-read shared cross K/V."""
+from deepserve.manifest import StepGraphContract, TensorSpec
 
 # model type -> task it must come with
 MODEL_TASKS = {
@@ -104,71 +97,16 @@ class GRUStep(nn.Module):
         return logits, state[0]
 
 
-class Encode(nn.Module):
-    """(src[B,S], src_pad_mask[B,S]) -> (memory[B,S,D], cross_k_0[B,H,S,Dh], cross_v_0, cross_k_1, ...).
+class Method(nn.Module):
+    """One of the model's own forward passes as a module to trace (``encode_layers``, ``decode_step_layers``):
+    export adds no arithmetic of its own."""
 
-    One cross K/V pair per decoder layer rather than the model's stacked ``(L,B,H,S,Dh)``: a stacked tensor
-    costs a copy here and a Split in every decode step. The model's stacked cross K/V are left unused, so
-    tracing's dead-code elimination drops them and each layer's K/V is computed once."""
-
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, name: str) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.name = model, name
 
-    def forward(self, src: torch.Tensor, src_pad_mask: torch.Tensor):
-        memory, _, _ = self.model.encode(src, src_pad_mask)  # (B,S,D)
-        kvs = [t for block in self.model.decoder for t in block.cross_attn.memory_kv(memory)]  # each (B,H,S,Dh)
-        return (memory, *kvs)
-
-
-class DecodeStep(nn.Module):
-    """One decoder step with per-layer caches: ``Seq2SeqTransformer.decode_step`` with its stacked
-    ``(L,...)`` caches taken apart, so that no step splits, copies or re-stacks a cache, and with the cross K/V
-    of N sources shared by their rows (``_grouped_step``).
-
-    Inputs: tokens[B,1], positions[B], src_pad_mask[N,S], past_pad_mask[B,P], then per decoder layer i
-    cross_k_i, cross_v_i [N,H,S,Dh], past_k_i, past_v_i [B,H,P,Dh]; B = N * G, rows n*G .. n*G+G-1 read source n.
-    Outputs: logits[B,V], then per layer present_k_i, present_v_i [B,H,P+1,Dh] (each layer's own concat)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, positions, src_pad_mask, past_pad_mask, *caches):
-        m = self.model
-        x = m.embed_tokens(tokens, positions.unsqueeze(1))  # (B,1,D)
-        own = torch.zeros_like(tokens, dtype=torch.bool)  # (B,1): the new token's slot is never blocked
-        self_blocked = torch.cat([past_pad_mask, own], dim=1)[:, None, None, :]  # (B,1,1,P+1)
-        src_blocked = src_pad_mask[:, None, None, :]  # (N,1,1,S)
-        sources = caches[0].shape[0]  # N, read once: every layer's grouping reuses it
-        present = []
-        for i, block in enumerate(m.decoder):
-            cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
-            x, k, v = _grouped_step(block, x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources)
-            present += [k, v]  # (B,H,P+1,Dh) each
-        return (m.logits(x[:, 0]), *present)  # logits (B,V)
-
-
-def _grouped_step(block: nn.Module, x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources):
-    """``DecoderBlock.step``, the same arithmetic, shaped for a lean graph: the cross K/V of N sources are shared
-    by B = N * G rows (rows n*G .. n*G+G-1 attend to source n, as G queries of one call, so the beams of a
-    request read their source's K/V once rather than from G copies), and the one-token tensors are reshaped
-    with constant shapes (T = 1 makes the heads transpose a reshape) instead of shapes read at run time.
-    x (B,1,D), past_k/v (B,H,P,Dh), cross_k/v (N,H,S,Dh), src_blocked (N,1,1,S)."""
-    sa, ca = block.self_attn, block.cross_attn
-    H = sa.n_heads
-    D = sa.proj.out_features
-    Dh = D // H
-    qkv = sa.qkv(block.ln1(x))  # (B,1,3D)
-    q, k, v = (qkv[..., j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
-    k = torch.cat([past_k, k], dim=2)  # (B,H,P+1,Dh)
-    v = torch.cat([past_v, v], dim=2)
-    y = attend(q, k, v, self_blocked, sa.scale, sa.attn_drop)  # (B,H,1,Dh)
-    x = x + sa.proj(y.reshape(-1, 1, D))  # (B,1,D)
-    cq = ca.q(block.ln2(x)).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
-    y = attend(cq, cross_k, cross_v, src_blocked, ca.scale, ca.attn_drop)  # (N,H,G,Dh)
-    x = x + ca.proj(y.transpose(1, 2).reshape(-1, 1, D))  # (B,1,D)
-    return x + block.ff(block.ln3(x)), k, v
+    def forward(self, *inputs: torch.Tensor):
+        return getattr(self.model, self.name)(*inputs)
 
 
 # ---------------------------------------------------------------------------------------------- per task
@@ -268,11 +206,11 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
     if tuple(present_k.shape) != (layers, 2, heads, 4, head_dim):
         raise ExportError(f"{where}: decode_step returns present_k of shape {tuple(present_k.shape)}, expected "
                           f"{(layers, 2, heads, 4, head_dim)}")
-    # the graphs carry one cache tensor per decoder layer (see DecodeStep); batch stays axis 0 of each
+    # the graphs carry one cache tensor per decoder layer (decode_step_layers); batch stays axis 0 of each
     per_layer = [t[i] for i in range(layers) for t in (cross_k, cross_v, past_k, past_v)]
-    encode, decode = Encode(model), DecodeStep(model)
-    # the wrappers re-plumb the model's step API from its parts: they must give exactly its answers
-    # ... also with both rows reading one source (N = 1, G = 2), against the model given a copy per row
+    encode, decode = Method(model, "encode_layers"), Method(model, "decode_step_layers")
+    # the per-layer passes must give exactly the stacked step API's answers, also with both rows reading one
+    # source (N = 1, G = 2), against the model given a copy per row
     one_k, one_v, one_mask = cross_k[:, :1].expand_as(cross_k), cross_v[:, :1].expand_as(cross_v), src_mask[:1]
     shared = [t for i in range(layers) for t in (cross_k[i, :1], cross_v[i, :1], past_k[i], past_v[i])]
     try:
@@ -287,12 +225,13 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
                                                         past_k, past_v, past_mask)
     _same(where, "decode_step", got_shared,
           (logits1, *[t[i] for i in range(layers) for t in (present_k1, present_v1)]))
-    kv_src = ("sources", heads, "src_len", head_dim)  # decode_step: B = sources * G rows (see _grouped_step)
+    kv_src = ("sources", heads, "src_len", head_dim)  # decode_step: B = sources * G rows (DecoderBlock.step)
     kv_past = ("batch", heads, "past_len", head_dim)
     kv_present = ("batch", heads, "present_len", head_dim)
-    cross = [_spec(f"cross_{kv}_{i}", "float32", "batch", *kv_src[1:]) for i in range(layers) for kv in "kv"]
-    layer_inputs = [_spec(f"{name}_{kv}_{i}", "float32", *(kv_src if name == "cross" else kv_past))
-                    for i in range(layers) for name in ("cross", "past") for kv in "kv"]
+    contract = StepGraphContract(int(layers), int(heads), int(head_dim), int(vocab_size))
+    cross = [_spec(n, "float32", "batch", *kv_src[1:]) for n in contract.names("cross")]
+    layer_inputs = [_spec(n, "float32", *(kv_src if n.startswith("cross") else kv_past))
+                    for n in contract.names(("cross", "past"))]
     encode_graph = GraphDef(
         name="encode",
         module=encode,
@@ -311,18 +250,10 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
             *layer_inputs,
         ],
         outputs=[_spec("logits", "float32", "batch", vocab_size)]
-        + [_spec(f"present_{kv}_{i}", "float32", *kv_present) for i in range(layers) for kv in "kv"],
+        + [_spec(n, "float32", *kv_present) for n in contract.names("present")],
         example=(tokens, positions, src_mask, past_mask, *per_layer),
     )
-    facts = {
-        "type": model_type,
-        "n_decoder_layers": int(layers),
-        "n_heads": int(heads),
-        "head_dim": int(head_dim),
-        "d_model": int(d_model),
-        "vocab_size": int(vocab_size),
-        "kv_layout": KV_LAYOUT,
-    }
+    facts = {"type": model_type, "d_model": int(d_model), **contract.facts()}
     return TaskGraphs({"encode": encode_graph, "decode_step": decode_graph}, facts)
 
 

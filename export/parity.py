@@ -119,7 +119,7 @@ def _seq2seq_reference(ref: Reference, model: nn.Module, tg: TaskGraphs, data: d
             "src_pad_mask": src_mask,
             "past_pad_mask": torch.tensor([[j < e for j in range(p)] for e in empty], dtype=torch.bool).reshape(b, p),
         }
-        for layer in range(facts["n_decoder_layers"]):  # one cache tensor per layer (graphs.DecodeStep)
+        for layer in range(facts["n_decoder_layers"]):  # one cache tensor per layer (the model's decode_step_layers)
             named.update({f"cross_k_{layer}": cross_k[layer], f"cross_v_{layer}": cross_v[layer],
                           f"past_k_{layer}": 0.5 * torch.randn(kv, generator=gen),
                           f"past_v_{layer}": 0.5 * torch.randn(kv, generator=gen)})

@@ -32,7 +32,7 @@ from deepserve.serve.repository import ModelRepository
 
 log = logging.getLogger("deepserve.serve")
 
-OPTIONAL_ROUTERS = ("deepserve.serve.generation.routes",)
+OPTIONAL_ROUTERS = ("deepserve.serve.generation.routes", "deepserve.serve.generation.openai_api")
 
 
 def _field(loc: tuple) -> str:

@@ -22,6 +22,7 @@ from deepserve.clients import (
     AsyncClient,
     BadRequestError,
     Client,
+    GenerateParams,
     NotFoundError,
     OverloadedError,
 )
@@ -167,8 +168,11 @@ def test_sync_generation_stream_and_errors(server: str) -> None:
         assert None not in scores and scores == sorted(scores, reverse=True)  # type: ignore[type-var]
 
         with pytest.raises(BadRequestError, match=r"top_p must be a number in \(0, 1\], got 1.5") as bad:
-            client.generate(CHARLM, "a", top_p=1.5)
-        assert bad.value.status_code == 400
+            client.generate(CHARLM, "a", top_p=1.5)  # the server's bounds, checked before sending
+        assert (bad.value.status_code, bad.value.parameter, bad.value.value) == (None, "top_p", 1.5)
+        with pytest.raises(BadRequestError, match="max_new_tokens exceeds the server's cap") as cap:
+            client.generate(CHARLM, "a", GenerateParams(temperature=0), max_new_tokens=10**6)  # only it knows caps
+        assert cap.value.status_code == 400
         with pytest.raises(BadRequestError, match="image-classification"):
             list(client.stream(CLASSIFIER, "a"))
         with pytest.raises(NotFoundError):

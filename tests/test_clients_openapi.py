@@ -114,7 +114,9 @@ def test_client_wire_types_agree_with_the_servers_openapi(server: str) -> None:
     from urllib.parse import unquote
 
     import httpx
-    from deepserve.clients import GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry
+    from deepserve.clients import (
+        GenerateParams, GenerateResult, InferResult, ModelInfo, ModelMetadata, Prediction, RepositoryEntry,
+    )
     from deepserve.clients._base import BaseClient
 
     spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
@@ -133,10 +135,10 @@ def test_client_wire_types_agree_with_the_servers_openapi(server: str) -> None:
         (base._infer_call(m, arrays, v, ["logits"], True, None, None), InferResult),
         (base._classify_call(image(), m, None, 3), Prediction),
         (base._classify_call(image(), m, v, 3), Prediction),
-        (base._generate_call(m, "a", None, {"num_beams": 2}), GenerateResult),
-        (base._generate_call(m, "a", v, {}), GenerateResult),
-        (base._stream_call(m, "a", None, {"seed": 1}), None),
-        (base._stream_call(m, "a", v, {}), None),
+        (base._generate_call(m, "a", None, GenerateParams(num_beams=2, stop="x", logprobs=1)), GenerateResult),
+        (base._generate_call(m, "a", v, GenerateParams()), GenerateResult),
+        (base._stream_call(m, "a", None, GenerateParams(seed=1)), None),
+        (base._stream_call(m, "a", v, GenerateParams()), None),
         (base._repository_call("index", body={"ready": True}), None),
         (base._repository_call("load", m, base._load_body({"max_batch_size": 2})), None),
         (base._repository_call("unload", m), None),

@@ -124,6 +124,30 @@ def test_parameter_combinations_and_caps_name_the_field():
     assert limits.apply(GenerationParams()) == 32  # the default is lowered to the cap
 
 
+def test_one_declaration_gives_the_checks_the_schemas_and_the_error_data():
+    """The request schemas carry the bounds the server enforces, renamed for OpenAI; errors carry the parameter
+    as data; the SDK's GenerateParams is the same declaration, keyword-only."""
+    from deepserve.clients import GenerateParams
+    from deepserve.serve.generation.params import InvalidParameter
+    from deepserve.serve.generation.schemas import COMPLETION_FIELDS, generate_request_schema
+
+    declared = generate_request_schema()["properties"]["parameters"]["anyOf"][0]["properties"]
+    assert declared["top_p"]["exclusiveMinimum"] == 0 and declared["top_p"]["maximum"] == 1
+    assert declared["repetition_penalty"]["exclusiveMinimum"] == 0 and declared["temperature"]["maximum"] == 100
+    assert COMPLETION_FIELDS["max_tokens"]["anyOf"][0]["minimum"] == 1 and COMPLETION_FIELDS["max_tokens"]["default"] == 16
+    assert COMPLETION_FIELDS["top_k"]["anyOf"][0]["minimum"] == -1
+    for name, too_low in (("top_p", 0.0), ("repetition_penalty", 0), ("temperature", -1), ("num_beams", 0)):
+        bound = declared[name].get("minimum", declared[name].get("exclusiveMinimum"))
+        assert too_low <= bound
+        with pytest.raises(InvalidParameter) as err:
+            GenerationParams.from_dict({name: too_low})
+        assert (err.value.parameter, err.value.error.value, err.value.status) == (name, too_low, 400)
+    assert GenerateParams is not GenerationParams and issubclass(GenerationParams, GenerateParams)
+    with pytest.raises(TypeError):
+        GenerateParams(64)  # keyword-only
+    assert GenerateParams(num_beams=4, stop="x").changed() == {"num_beams": 4, "stop": ["x"]}
+
+
 def test_defaults_do_not_depend_on_a_parameters_object():
     assert GenerationParams.from_dict(None) == GenerationParams.from_dict({}) == GenerationParams()
     assert GenerationParams(stop="x").stop == ["x"] and GenerationParams(logprobs=True).logprobs == 0
@@ -474,21 +498,21 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     model.gate = threading.Semaphore(0)
 
     async def main():
-        s = await started(model, max_running_rows=4, max_waiting=1)
+        s = await started(model, max_running_rows=4, max_waiting=1, max_new_tokens=100)
         try:
             job = s.submit("ab", {"temperature": 0, "max_new_tokens": 50}, stream=True)
             model.gate.release()
             stream = s.events(job)
             first = await stream.__anext__()
             assert first.kind == "delta" and s.scheduler.model.rows == 1
-            blocker = s.submit("a", {"num_beams": 4, "max_new_tokens": 3})  # needs all 4 rows: waits
+            blocker = s.submit("a", {"num_beams": 4, "max_new_tokens": 100})  # needs all 4 rows: waits
             with pytest.raises(Overloaded) as over:
                 s.submit("a", {"temperature": 0})
             assert over.value.status == 429 and "Retry-After" in over.value.headers
             await stream.aclose()  # the client goes away
             model.gate.release()  # at most one more step: the cancelled rows are gone before the next
             assert await asyncio.to_thread(s.scheduler.wait_until, lambda: job not in s.scheduler.running, 10.0)
-            model.gate.release(3)  # the beam request's three steps
+            model.gate.release(100)  # the beam request's steps
             result = await s.wait(blocker)
             assert result.outputs[0].finish_reason == "length"
             # a request whose deadline passes while running ends with DeadlineExceeded
@@ -506,6 +530,58 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
             await s.stop()
 
     run(main())
+
+
+def test_admission_predicts_when_rows_free_and_sheds_what_would_wait_too_long():
+    """Rows free as running requests end and the waiting ones ahead take them first; a request that would wait
+    longer than a typical request runs, or miss its deadline, is refused at once with Retry-After."""
+    from deepserve.serve.generation.admission import Admission, Slot
+
+    a = Admission(max_running_rows=4)
+    running, waiting = [Slot(2, 10), Slot(2, 30)], [Slot(2, 5)]
+    assert a.wait_steps(running, waiting, Slot(2, 8)) == 15  # the waiting one takes the rows freed at 10
+    assert a.wait_steps(running, [], Slot(4, 8)) == 30 and a.wait_steps([Slot(1, 9)], [], Slot(3, 8)) == 0
+    a.observe(0.01)
+    a.check(0, Slot(2, 24), 1.0, lambda: running, lambda: [])  # starts after 10 steps <= 24 / 2: typical now 24
+    assert a.last_start == 10
+    with pytest.raises(Overloaded) as late:
+        a.check(0, Slot(2, 24), 0.3, lambda: running, lambda: [])  # 0.10 s waiting + 0.24 s running
+    assert "deadline" in late.value.message
+    with pytest.raises(Overloaded) as full:
+        a.check(0, Slot(2, 8), 10.0, lambda: running, lambda: waiting)  # waits 15 steps > 24 / 2
+    assert full.value.headers["Retry-After"] == "1" and full.value.status == 429
+    a.last_start = 100  # the last admitted request starts 100 steps from now: no need to look at the others
+    with pytest.raises(Overloaded):
+        a.check(0, Slot(1, 8), 10.0, lambda: pytest.fail("looked"), lambda: pytest.fail("looked"))
+
+
+def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at_once():
+    """Two rows, requests of 20 steps: two run, the others would wait a whole run and are refused with 429 before
+    they cost a step; a request twice as long may wait that long, and is queued. Every admitted one completes."""
+    model = TableModel(vocab_size=4, eos_id=None, seed=1)
+
+    async def main():
+        s = await started(model, max_running_rows=2, max_waiting=100)
+        try:
+            await s.generate("a", {"temperature": 0, "max_new_tokens": 3})  # the scheduler learns its step time
+            model.gate = threading.Semaphore(0)  # hold the batch still while the burst arrives
+            admitted, refused = [], []
+            for n in [20] * 12 + [40]:
+                try:
+                    admitted.append(s.submit("ab", {"temperature": 0, "max_new_tokens": n}))
+                except Overloaded as e:
+                    refused.append(e)
+            model.gate.release(1000)
+            results = [await s.wait(j) for j in admitted]
+            return results, refused
+        finally:
+            gate, model.gate = model.gate, None
+            gate.release(1000)
+            await s.stop()
+
+    results, refused = run(main())
+    assert [r.completion_tokens for r in results] == [20, 20, 40]
+    assert len(refused) == 10 and all(e.status == 429 and "Retry-After" in e.headers for e in refused)
 
 
 def test_stop_strings_processors_and_streaming_text():
@@ -580,7 +656,7 @@ def test_stream_events_ready_together_come_as_one_batch_and_errors_follow_their_
 
 
 def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_request_result(monkeypatch):
-    from deepserve.serve.generation import processors
+    from deepserve.serve.generation import params as processors
 
     prompts = ["a", "b", "ab", "ba", "c", "cab"]
 
@@ -602,3 +678,82 @@ def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_reque
     assert all(len(ids) >= 3 for r in batched for ids, _, _ in r)
     monkeypatch.setattr(processors.MinNewTokens, "needs_history", True)  # forces the per-request selection
     assert outputs(3) == batched
+
+
+# ---------------------------------------------------------------------------------------------- transformers parity
+
+
+class HFModel(TableModel):
+    """The scheduler's rows driven by a Hugging Face causal LM: each step recomputes the row's whole history
+    (tiny model; no cache to get wrong)."""
+
+    def __init__(self, model, eos_id: int) -> None:
+        super().__init__(vocab_size=model.config.vocab_size, eos_id=eos_id)
+        self.model = model
+
+    def logits_for(self, history: tuple[int, ...]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([history])).logits[0, -1].numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("length_penalty, early_stopping", [(0.7, True), (1.0, False), (2.0, "never")])
+def test_beam_search_n_best_equals_transformers_generate(length_penalty, early_stopping):
+    """Same weights, same prompt: our n-best hypotheses, their order and length-penalised scores are those of
+    ``transformers``' ``generate(num_beams=...)``."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=12, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                                     eos_token_id=3, pad_token_id=0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(8)  # peaked distributions
+        hf.transformer.wte.weight[3] *= 2  # (tied to the output) EOS wins often enough for finished hypotheses
+    vocab = ["<unk>", *"abcdefghijk"]  # id 3 ("c") is EOS
+    params = dict(num_beams=4, num_return_sequences=3, max_new_tokens=6, length_penalty=length_penalty,
+                  early_stopping=early_stopping)
+
+    async def ours(prompt: str):
+        s = await started(HFModel(hf, eos_id=3), vocab=vocab)
+        try:
+            return await s.generate(prompt, params)
+        finally:
+            await s.stop()
+
+    reasons = set()
+    for prompt in ("efg", "jab", "k"):  # ids [5, 6, 7], [10, 1, 2], [11]
+        ids = [vocab.index(ch) for ch in prompt]
+        theirs = hf.generate(torch.tensor([ids]), do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0, eos_token_id=3,
+                             **params)
+        want = [[t for t in seq[len(ids):].tolist()] for seq in theirs.sequences]
+        want = [seq[: seq.index(3)] if 3 in seq else seq for seq in want]  # EOS and the padding after it
+        got = run(ours(prompt)).outputs
+        reasons.update(o.finish_reason for o in got)
+        assert [o.token_ids for o in got] == want, prompt
+        np.testing.assert_allclose([o.score for o in got], theirs.sequences_scores.numpy(), rtol=1e-4, atol=1e-5)
+    assert reasons == {"eos", "length"}  # finished hypotheses competed with live beams
+
+
+def test_logprobs_are_the_models_distribution_for_every_strategy():
+    """With a repetition penalty changing the ranking, greedy, sampled and beam tokens all report the model's own
+    log-probability (before temperature and processors), as the OpenAI API does."""
+    model = TableModel(vocab_size=4, eos_id=None, seed=7)
+
+    async def main():
+        s = await started(model)
+        try:
+            return [await s.generate("ab", {**p, "max_new_tokens": 5, "logprobs": 1, "repetition_penalty": 3.0})
+                    for p in ({"temperature": 0}, {"temperature": 0.7, "seed": 3}, {"num_beams": 3})]
+        finally:
+            await s.stop()
+
+    prompt = (1, 2)
+    for result in run(main()):
+        out = result.outputs[0]
+        want = [float(log_softmax(model.logits_for(prompt + tuple(out.token_ids[:i]))[None])[0, t])
+                for i, t in enumerate(out.token_ids)]
+        np.testing.assert_allclose(out.logprobs, want, rtol=1e-5)

@@ -113,11 +113,35 @@ def test_seq2seq_step_runner_does_not_spin_or_copy_for_nothing(repo):
     assert not np.allclose(logits[0][np.isfinite(logits[0])], logits[1][np.isfinite(logits[1])])
 
 
+def test_a_source_that_leaves_takes_its_cross_state_with_it(repo):
+    """The per-source state (cross K/V and source pad mask) shrinks as one: when the newest source leaves while
+    an older, longer one stays, the next request must read its own source, not the one that left (an empty
+    source leaving used to make the next request fail inside the graph)."""
+    directory = repo / "tiny-seq2seq" / "1"
+    step = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
+    alone = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
+    src_c = [9, 13, 7]
+    want = alone.step(alone.join([src_c], [1]))[0]
+    for short in ([5, 6], []):
+        tokens = step.join([[6, 8, 18, 10, 4], short], [1, 1])  # a long source, then a short (or empty) one
+        step.step(tokens)
+        step.reorder(np.asarray([0]))  # the short one leaves, the long one stays
+        tokens = np.concatenate([np.asarray([7]), step.join([src_c], [1])])
+        assert step.sources == len(step.cross_src[0]) == 2
+        got = step.step(tokens)[1]
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], atol=1e-5)
+        step.reorder(np.zeros(0, np.int64))
+
+
 def test_seq2seq_artifact_with_stacked_caches_is_refused_by_name(repo, tmp_path):
     """Artifacts exported before per-layer caches fed one (L,B,H,P,Dh) tensor: say so instead of failing mid-run."""
     manifest = load_manifest(repo / "tiny-seq2seq" / "1")
     del manifest.model["kv_layout"]
     with pytest.raises(ValueError, match="kv_layout is None.*re-export"):
+        open_step_model(manifest, repo / "tiny-seq2seq" / "1", backend="onnx", device="cpu", threads=1)
+    manifest = load_manifest(repo / "tiny-seq2seq" / "1")
+    manifest.model["n_decoder_layers"] += 1  # the contract promises a layer the graphs do not have
+    with pytest.raises(ValueError, match=r"n_decoder_layers=3: encode outputs lack \['cross_k_2', 'cross_v_2'\]"):
         open_step_model(manifest, repo / "tiny-seq2seq" / "1", backend="onnx", device="cpu", threads=1)
 
 
@@ -207,6 +231,29 @@ def test_triton_generate_and_stream(server):
         raw = c.post("/v2/models/tiny-charlm/generate", content=b'{"text_input": "ab\xff\xfecd", "parameters": '
                                                                    b'{"temperature": 0, "max_new_tokens": 3}}')
         assert raw.status_code == 200 and raw.json()["usage"]["prompt_tokens"] == 6
+
+
+def test_requests_that_cannot_run_are_refused_and_leave_the_next_one_alone(server):
+    """A source with no tokens, an ``id`` that is not a string and a non-finite parameter are 400s naming the
+    problem, and a valid request after them gets exactly the answer it gets alone."""
+    body = {"text_input": "12+7", "parameters": {"temperature": 0, "max_new_tokens": 6}}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        want = c.post("/v2/models/tiny-seq2seq/generate", json=body).json()
+        for text in ("", "   ", "", ["  "]):
+            r = c.post("/v2/models/tiny-seq2seq/generate", json={"text_input": text})
+            assert r.status_code == 400 and r.json()["error"].startswith("prompt must have at least one token")
+        empty = c.post("/v1/completions", json={"model": "tiny-seq2seq", "prompt": ""})
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+        for ident in (5, 0, False, ["x"], {"a": 1}):
+            r = c.post("/v2/models/tiny-seq2seq/generate", json={**body, "id": ident})
+            assert r.status_code == 400 and r.json()["error"].startswith("id must be a string")
+        for raw in (b'{"repetition_penalty": Infinity}', b'{"length_penalty": NaN}', b'{"top_p": -Infinity}'):
+            r = c.post("/v2/models/tiny-seq2seq/generate", content=b'{"text_input": "1", "parameters": ' + raw + b"}")
+            assert r.status_code == 400 and r.json()["error"].startswith(raw[2:].split(b'"')[0].decode())
+        r = c.post("/v1/completions", content=b'{"model": "tiny-charlm", "prompt": "a", "repetition_penalty": 1e999}')
+        assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
+        after = c.post("/v2/models/tiny-seq2seq/generate", json={**body, "id": "next"})
+        assert after.status_code == 200 and after.json() == {**want, "id": "next"}
 
 
 def test_openai_sdk_sync_and_stream(server):

@@ -13,15 +13,15 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from deepserve.generation import GenerationParams as BaseParams
 from deepserve.manifest import Manifest
 from deepserve.serve import backends
-from deepserve.serve.errors import BadRequest, DeadlineExceeded, NotReady, ShuttingDown
-from deepserve.serve.generation.jobs import Event, Job, Result
-from deepserve.serve.generation.params import GenerationParams, Limits
-from deepserve.serve.generation.processors import build_processors
+from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
+from deepserve.serve.generation.jobs import Event, EventKind, Job, Result, StopMatcher
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, build_processors, check
 from deepserve.serve.generation.scheduler import Scheduler
 from deepserve.serve.generation.step_models import StepModel, open_step_model
-from deepserve.serve.generation.strategies import BeamSearch, Greedy, Sampling, Strategy
+from deepserve.serve.generation.strategies import BeamSearch, Sampling
 from deepserve.serve.generation.tokenizers import Tokenizer, load_tokenizer
 from deepserve.serve.servable import Servable
 
@@ -104,45 +104,44 @@ class GenerationServable(Servable):
         tok = self.tokenizer
         assert tok is not None
         ids = tok.encode(text)
-        if not ids and self.is_seq2seq:  # an empty source fails the encoder graph, and its whole batch with it
-            raise BadRequest("prompt is empty: a seq2seq model needs a source text (text_input or prompt)")
+        if not ids and self.is_seq2seq:  # nothing to attend to: the encoder output would be empty
+            raise InvalidParameter.of("prompt", "must have at least one token for a seq2seq model", text)
         if not ids:  # a language model needs a first token to condition on
             start = tok.encode("\n")
             ids = start if start and start[0] != tok.unk_id else [tok.unk_id]
         self.limits.check_prompt(len(ids), "prompt")
         return ids
 
-    def make_strategy(self, params: GenerationParams, max_new: int) -> tuple[Strategy, Any]:
+    def make_strategy(self, params: GenerationParams, max_new: int) -> BeamSearch | Sampling | None:
+        """The request's beam search or sampler; None for greedy decoding (an argmax needs no state)."""
         if params.strategy == "beam":
-            beam = BeamSearch(num_beams=params.num_beams, max_new_tokens=max_new,
+            stops = StopMatcher(self.tokenizer, params.stop, params.min_new_tokens) if params.stop else None
+            return BeamSearch(num_beams=params.num_beams, max_new_tokens=max_new,
                               length_penalty=params.length_penalty, early_stopping=params.early_stopping,
-                              eos_id=self.model.eos_id, logprobs=params.logprobs)
-            return beam, beam
-        if params.strategy == "sample":
-            return Sampling(params, params.num_return_sequences), None
-        return Greedy(), None
+                              eos_id=self.model.eos_id, logprobs=params.logprobs, ends_with_stop=stops)
+        return Sampling(params) if params.strategy == "sample" else None
 
     def submit(self, text: str, params: GenerationParams | dict | None, *, stream: bool = False,
-               timeout_s: float | None = None, ready_check: bool = True) -> Job:
-        """Validate, tokenize and queue one request. Raises ``BadRequest`` / ``Overloaded`` / ``NotReady``."""
+               timeout_s: float | None = None, deadline: float | None = None, ready_check: bool = True) -> Job:
+        """Validate, tokenize and queue one request. Raises ``BadRequest`` / ``Overloaded`` / ``NotReady``.
+        ``deadline`` (``time.monotonic()``) wins over ``timeout_s``, which wins over the model's setting."""
         if ready_check and not self.ready:
             raise NotReady(f"model {self.manifest.name!r} is not ready: {self.reason}")
         if self.scheduler is None or self.model is None:
             raise NotReady(f"model {self.manifest.name!r} is not started")
-        if not isinstance(text, str):
-            raise BadRequest(f"prompt must be a string, got {type(text).__name__}")
-        if not isinstance(params, GenerationParams):
+        check(isinstance(text, str), "prompt", "must be a string", type(text).__name__)
+        if not isinstance(params, BaseParams):  # the SDK's GenerateParams is one too
             params = GenerationParams.from_dict(params)
         max_new = self.limits.apply(params)
+        if deadline is None:
+            deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.request_timeout_s)
+        self.scheduler.admit(params.rows, max_new, deadline)
         prompt = self.encode_prompt(text)
-        strategy, beam = self.make_strategy(params, max_new)
-        timeout = timeout_s if timeout_s is not None else self.settings.request_timeout_s
+        strategy = self.make_strategy(params, max_new)
         job = Job(params, prompt, max_new, strategy=strategy,
                   processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
-                  stream=stream, deadline=time.monotonic() + timeout, loop=asyncio.get_running_loop(),
+                  stream=stream, deadline=deadline, loop=asyncio.get_running_loop(),
                   history_includes_prompt=not self.is_seq2seq)
-        if beam is not None and params.stop:
-            beam.ends_with_stop = job.ends_with_stop
         self.scheduler.submit(job)
         return job
 
@@ -157,26 +156,19 @@ class GenerationServable(Servable):
         waits (a grace second over it: the scheduler normally reports it itself, between steps). One timer
         per request rather than a ``wait_for`` per event: 32 streams make thousands of events a second, and
         each ``wait_for`` costs a task."""
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()) + 1.0, job.events.put_nowait,
-                                Event("timeout"))
+        timer = _deadline_timer(job)
         queue = job.events
         try:
             while True:
                 batch = [await queue.get()]
-                while not queue.empty() and batch[-1].kind == "delta":
+                while not queue.empty() and batch[-1].kind == EventKind.DELTA:
                     batch.append(queue.get_nowait())
                 last = batch[-1]
-                if last.kind in ("timeout", "error"):
-                    if len(batch) > 1:
-                        yield batch[:-1]
-                    if last.kind == "timeout":
-                        self.cancel(job)
-                        raise DeadlineExceeded("the request's deadline passed during generation")
-                    assert last.error is not None
-                    raise last.error
+                if last.kind in (EventKind.TIMEOUT, EventKind.ERROR) and len(batch) > 1:
+                    yield batch[:-1]  # the text before the error still goes out
+                result = _result(last)
                 yield batch
-                if last.kind == "done":
+                if result is not None:
                     return
         finally:
             timer.cancel()
@@ -195,29 +187,38 @@ class GenerationServable(Servable):
         one ``get`` under the deadline timer, without the two async generators of ``events``."""
         if job.stream:
             async for event in self.events(job):
-                if event.kind == "done":
-                    assert event.result is not None
+                if event.result is not None:
                     return event.result
             raise ShuttingDown()  # pragma: no cover - events always end with done or an error
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()) + 1.0, job.events.put_nowait,
-                                Event("timeout"))
+        timer = _deadline_timer(job)
         try:
             event = await job.events.get()
         finally:  # also when the caller is cancelled (client gone): the job's rows are freed next step
             timer.cancel()
             if not job.finished:
                 self.cancel(job)
-        if event.kind == "done":
-            assert event.result is not None
-            return event.result
-        if event.kind == "timeout":
-            raise DeadlineExceeded("the request's deadline passed during generation")
-        assert event.error is not None
-        raise event.error
+        result = _result(event)
+        assert result is not None
+        return result
 
     async def generate(self, text: str, params: GenerationParams | dict | None = None, *,
                        timeout_s: float | None = None, ready_check: bool = True) -> Result:
         job = self.submit(text, params, timeout_s=timeout_s, ready_check=ready_check)
         return await self.wait(job)
 
+
+def _deadline_timer(job: Job) -> asyncio.TimerHandle:
+    """The engine's own deadline for a waiting caller: a ``timeout`` event a grace second after the job's
+    deadline (the scheduler normally reports it itself, between steps), for a job it dropped or never saw."""
+    return asyncio.get_running_loop().call_later(max(0.0, job.deadline - time.monotonic()) + 1.0,
+                                                 job.events.put_nowait, Event(EventKind.TIMEOUT))
+
+
+def _result(event: Event) -> Result | None:
+    """The result a ``done`` event carries, None for a delta; raises the error a failed request ends with."""
+    if event.kind == EventKind.TIMEOUT:
+        raise DeadlineExceeded("the request's deadline passed during generation")
+    if event.kind == EventKind.ERROR:
+        assert event.error is not None
+        raise event.error
+    return event.result

@@ -7,13 +7,13 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable
 
 import numpy as np
 
-from deepserve.serve.generation.params import GenerationParams
-from deepserve.serve.generation.processors import Processor
-from deepserve.serve.generation.strategies import BeamSearch, Strategy, _tops
+from deepserve.serve.generation.params import GenerationParams, Processor
+from deepserve.serve.generation.strategies import BeamSearch, Sampling, _tops
 from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
 
 _ids = itertools.count()
@@ -32,6 +32,12 @@ class Output:
     """Beam search: the length-penalised hypothesis score."""
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    def token_logprobs(self) -> TokenLogprobs | None:
+        """The tokens that carry logprobs (an EOS that ended the sequence does not), with theirs; None if off."""
+        if self.logprobs is None:
+            return None
+        return TokenLogprobs(self.token_ids[: len(self.logprobs)], self.logprobs, self.top_logprobs or [])
 
 
 @dataclass
@@ -87,12 +93,31 @@ def holdback(text: str, stops: list[str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class StopMatcher:
+    """Beam candidates: whether a sequence's last token completes one of ``stops`` (from ``min_new_tokens`` on).
+    Given to the request's ``BeamSearch`` when both are built, so neither refers to the other."""
+
+    tokenizer: Tokenizer
+    stops: list[str]
+    min_new_tokens: int
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if len(tokens) < max(1, self.min_new_tokens):
+            return False
+        text = stable_text(self.tokenizer, tokens)
+        prev = stable_text(self.tokenizer, tokens[:-1])
+        width = max(len(s) for s in self.stops)
+        return find_stop(text, self.stops, max(0, len(prev) - width + 1)) >= 0
+
+
 class Job:
     """A request: parameters, prompt ids, strategy, and a queue of events for the asyncio side."""
 
     def __init__(self, params: GenerationParams, prompt_ids: list[int], max_new_tokens: int, *,
-                 strategy: Strategy, processors: list[Processor], tokenizer: Tokenizer, stream: bool,
-                 deadline: float, loop: asyncio.AbstractEventLoop | None, history_includes_prompt: bool) -> None:
+                 strategy: BeamSearch | Sampling | None, processors: list[Processor], tokenizer: Tokenizer,
+                 stream: bool, deadline: float, loop: asyncio.AbstractEventLoop | None,
+                 history_includes_prompt: bool) -> None:
         self.id = next(_ids)
         self.params = params
         self.prompt_ids = prompt_ids
@@ -166,7 +191,7 @@ class Job:
                     extra = {"finish_reason": seq.finish_reason}
                     if lp is not None:
                         extra["logprobs"] = lp
-                    events.append(Event("delta", index=seq.index, text=text, extra=extra))
+                    events.append(Event(EventKind.DELTA, index=seq.index, text=text, extra=extra))
         self.live = [s for s in self.row_seqs if s.finish_reason is None]
         return events
 
@@ -192,15 +217,6 @@ class Job:
                 seq.text = seq.text[:pos]
                 seq.finish_reason = "stop"
 
-    def ends_with_stop(self, tokens: list[int]) -> bool:
-        """Beam candidates: whether the last token completes a stop string."""
-        if len(tokens) < max(1, self.params.min_new_tokens):
-            return False
-        text = stable_text(self.tokenizer, tokens)
-        prev = stable_text(self.tokenizer, tokens[:-1])
-        width = max(len(s) for s in self.stops)
-        return find_stop(text, self.stops, max(0, len(prev) - width + 1)) >= 0
-
     def delta(self, seq: SeqState) -> str:
         """Streamable new text of ``seq`` (all of it once finished)."""
         end = len(seq.text) if seq.finish_reason else len(seq.text) - holdback(seq.text, self.stops)
@@ -221,11 +237,8 @@ class Job:
     def final_logprobs(self, out: Output) -> TokenLogprobs | None:
         """Streaming with logprobs, once the result is known: what output ``out`` still owes (beam search:
         all of it, as hypotheses only settle at the end)."""
-        if out.logprobs is None:
-            return None
-        if self.is_beam:
-            n = len(out.logprobs)
-            return TokenLogprobs(out.token_ids[:n], out.logprobs, out.top_logprobs or [])
+        if out.logprobs is None or self.is_beam:
+            return out.token_logprobs()
         return self.logprob_delta(self.seqs[out.index])
 
     def beam_delta(self) -> str:
@@ -327,10 +340,17 @@ class TokenLog:
         self.data = self.data[index]
 
 
+class EventKind(str, Enum):
+    """What an ``Event`` tells the request's caller: new streamed text (``DELTA``; index -1: the prefix every beam
+    shares), the result (``DONE``), a failure (``ERROR``), or the engine's own deadline timer (``TIMEOUT``). A
+    ``str`` enum: it compares equal to its value."""
+
+    DELTA, DONE, ERROR, TIMEOUT = "delta", "done", "error", "timeout"
+
+
 @dataclass
 class Event:
-    kind: str
-    """delta | done | error (| timeout: the engine's own deadline timer)"""
+    kind: EventKind
     index: int = 0
     text: str = ""
     result: Result | None = None

@@ -43,7 +43,3 @@ class ModelMetrics:
         if child is None:
             child = self._finish[reason] = FINISH.labels(*self.labels, reason)
         child.inc()
-
-
-def model_metrics(model: str, version: str) -> ModelMetrics:
-    return ModelMetrics(model, version)

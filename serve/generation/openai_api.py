@@ -6,7 +6,7 @@ top_k (-1 or 0 disables), use_beam_search, num_beams (defaults to n with use_bea
 length_penalty, early_stopping, repetition_penalty, min_tokens, no_repeat_ngram_size. A seq2seq model takes
 its source sentence as the prompt. Error messages name the OpenAI field (``max_tokens``, not
 ``max_new_tokens``) and come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
-(``http_common.OpenAIRoute``), also as the last event of a stream that fails. With ``stream`` and
+(``OpenAIRoute``), also as the last event of a stream that fails. With ``stream`` and
 ``logprobs``, each chunk carries the logprobs of the tokens generated since the previous chunk of its choice
 (beam search: all of them in each choice's final chunk).
 """
@@ -15,79 +15,103 @@ from __future__ import annotations
 
 import time
 import uuid
-from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Coroutine
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 
-from deepserve.serve.errors import BadRequest, ServeError
+from deepserve.serve.errors import BadRequest, NotFound, ServeError
+
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, OpenAIRoute, abandon, cancel_on_disconnect, generation_servable, openai_error, read_json, sse,
+from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
+from deepserve.serve.generation.routes import (
+    SSE_HEADERS, Piece, generation_servable, read_json, run_to_results, sse, sse_stream,
 )
-from deepserve.serve.generation.jobs import Event, Job, Output, Result, TokenLogprobs
-from deepserve.serve.generation.params import GenerationParams
 from deepserve.serve.generation.schemas import (
-    Completion, CompletionChunk, CompletionRequest, ModelList, OpenAIError, inline_schema, json_body, responses,
+    COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
+    completion_request_schema, inline_schema, request_body, responses,
 )
+from deepserve.serve.http_util import deadline_from
+
+# ---- OpenAI's error shape -----------------------------------------------------------------------------------
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                 415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+                 504: "timeout_error"}
+
+
+def openai_error(error: ServeError) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}``: what the openai SDK reads (``APIError.message``
+    ends with ``error.message``; ``.type``, ``.param`` and ``.code`` come from the same object). ``param`` is
+    the request field an ``InvalidParameter`` names."""
+    code = "model_not_found" if isinstance(error, NotFound) else "rate_limit_exceeded" if error.status == 429 else None
+    return {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
+                      "param": error.parameter if isinstance(error, InvalidParameter) else None, "code": code}}
+
+
+class OpenAIRoute(APIRoute):
+    """Routes under /v1 answer errors in OpenAI's shape. The app's handlers (``serve/app.py``) answer
+    ``{"error": "..."}`` for every route, so /v1 catches its errors here, before they reach them."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def openai_errors(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ServeError as e:
+                if e.reject_reason is not None:
+                    request.app.state.repository.metrics.reject(e.reject_reason)
+                return JSONResponse(openai_error(e), status_code=e.status, headers=e.headers)
+            except RequestValidationError as e:
+                problems = [f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}"
+                            for err in e.errors()]
+                return JSONResponse(openai_error(BadRequest("; ".join(problems) or "invalid request")),
+                                    status_code=400)
+
+        return openai_errors
+
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
-# OpenAI field -> GenerationParams field
-_RENAMED = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "min_tokens": "min_new_tokens"}
-_PASSED = ("temperature", "top_p", "seed", "stop", "logprobs", "top_k", "num_beams", "length_penalty",
-           "early_stopping", "repetition_penalty", "no_repeat_ngram_size")
-_IGNORED = ("user", "suffix", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "stream_options",
-            "echo")
-_KNOWN = {"model", "prompt", "stream", "use_beam_search", *_RENAMED, *_PASSED, *_IGNORED}
-
-
-def _openai_name(message: str) -> str:
-    for openai, ours in _RENAMED.items():
-        if message.startswith(ours):
-            return openai + message[len(ours):]
-    return message
-
-
 def to_params(body: dict[str, Any]) -> GenerationParams:
-    unknown = sorted(set(body) - _KNOWN)
+    """The ``GenerationParams`` of a completion request; errors name the OpenAI field."""
+    unknown = sorted(set(body) - set(COMPLETION_FIELDS))
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}")
-    if body.get("echo"):
-        raise BadRequest("echo is not supported, got True")
+        raise InvalidParameter.of(unknown[0], f"is not a completion field (unknown: {unknown})", body[unknown[0]])
+    check(not body.get("echo"), "echo", "is not supported", body.get("echo"))
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise BadRequest(f"{name} is not supported (use repetition_penalty), got {body[name]!r}")
+        check(body.get(name) in (None, 0, 0.0), name, "is not supported (use repetition_penalty)", body.get(name))
     raw: dict[str, Any] = {"max_new_tokens": 16}
-    for openai, ours in _RENAMED.items():
-        if body.get(openai) is not None:
-            raw[ours] = body[openai]
-    for name in _PASSED:
-        if body.get(name) is not None:
-            raw[name] = body[name]
+    raw.update({OPENAI_TO_OURS[k]: v for k, v in body.items() if k in OPENAI_TO_OURS and v is not None})
     if raw.get("top_k") == -1:
         raw["top_k"] = 0
     use_beam = body.get("use_beam_search", False)
-    if not isinstance(use_beam, bool):
-        raise BadRequest(f"use_beam_search must be true or false, got {use_beam!r}")
+    check(isinstance(use_beam, bool), "use_beam_search", "must be true or false", use_beam)
     if use_beam and "num_beams" not in raw:
         raw["num_beams"] = raw.get("num_return_sequences", 1)
-        if raw["num_beams"] == 1:
-            raise BadRequest("use_beam_search needs num_beams > 1 (or n > 1), got num_beams=1")
-    try:
-        return GenerationParams(**raw)
-    except BadRequest as e:
-        raise BadRequest(_openai_name(e.message)) from None
+        check(raw["num_beams"] > 1, "use_beam_search", "needs num_beams > 1 (or n > 1)", use_beam)
+    return GenerationParams(**raw)
+
+
+def openai_named(error: InvalidParameter) -> InvalidParameter:
+    """``error`` naming the OpenAI field (``max_tokens``, not ``max_new_tokens``)."""
+    name = OURS_TO_OPENAI.get(error.parameter)
+    if name is None or name == error.parameter:
+        return error
+    return InvalidParameter(error.error.renamed(name), reject_reason=error.reject_reason)
 
 
 def _prompts(body: dict[str, Any]) -> list[str]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
-    raise BadRequest(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    check(isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) for p in prompt), "prompt",
+          "must be a string or a non-empty list of strings", prompt)
+    return prompt
 
 
 def _logprobs_json(lp: TokenLogprobs, tok: Any, offset: int = 0) -> tuple[dict[str, Any], int]:
@@ -103,10 +127,8 @@ def _logprobs_json(lp: TokenLogprobs, tok: Any, offset: int = 0) -> tuple[dict[s
 
 
 def _output_logprobs(o: Output, tok: Any) -> dict[str, Any] | None:
-    if o.logprobs is None:
-        return None
-    n = len(o.logprobs)
-    return _logprobs_json(TokenLogprobs(o.token_ids[:n], o.logprobs, o.top_logprobs or []), tok)[0]
+    lp = o.token_logprobs()
+    return None if lp is None else _logprobs_json(lp, tok)[0]
 
 
 def _usage(results: list[Result]) -> dict[str, int]:
@@ -116,7 +138,7 @@ def _usage(results: list[Result]) -> dict[str, int]:
 
 
 @router.post("/v1/completions", summary="OpenAI-compatible text completion", response_model=None,
-             openapi_extra=json_body(CompletionRequest),
+             openapi_extra=request_body(completion_request_schema()),
              responses={**responses(Completion, OpenAIError), 200: {
                  "model": Completion, "description": "A text_completion object; with stream, server-sent events "
                                                      "of CompletionChunk objects ending with `data: [DONE]`",
@@ -124,24 +146,22 @@ def _usage(results: list[Result]) -> dict[str, int]:
 async def completions(request: Request):
     body = await read_json(request)
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(f"model must be a model name, got {model!r}")
+    check(isinstance(model, str) and bool(model), "model", "must be a model name", model)
     name, _, version = model.partition(":")
     servable = generation_servable(request, name, version or None)
-    prompts = _prompts(body)
-    params = to_params(body)
     stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest(f"stream must be true or false, got {stream!r}")
+    check(isinstance(stream, bool), "stream", "must be true or false", stream)
     jobs: list[Job] = []
+    deadline = deadline_from(request)
     try:
+        prompts, params = _prompts(body), to_params(body)
         for p in prompts:
-            jobs.append(servable.submit(p, params, stream=stream))
+            jobs.append(servable.submit(p, params, stream=stream, deadline=deadline))
     except BaseException as e:
         for j in jobs:
             servable.cancel(j)
-        if isinstance(e, BadRequest):
-            raise BadRequest(_openai_name(e.message)) from None
+        if isinstance(e, InvalidParameter):
+            raise openai_named(e) from None
         raise
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model}
@@ -150,12 +170,7 @@ async def completions(request: Request):
         return StreamingResponse(_stream(servable, jobs, head, n), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
-    def cancel_all() -> None:
-        for j in jobs:
-            abandon(servable, j)
-
-    async with cancel_on_disconnect(request, cancel_all):
-        results = [await servable.wait(j) for j in jobs]
+    results = await run_to_results(request, servable, jobs)
     choices = [
         {"index": i * n + o.index, "text": o.text, "logprobs": _output_logprobs(o, servable.tokenizer),
          "finish_reason": o.finish_reason}
@@ -164,44 +179,20 @@ async def completions(request: Request):
     return {**head, "choices": choices, "usage": _usage(results)}
 
 
-async def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> AsyncIterator[bytes]:
+def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> AsyncIterator[bytes]:
     tok = servable.tokenizer
     offsets: dict[int, int] = {}  # choice -> text offset of its next token (logprobs.text_offset)
 
-    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None) -> bytes:
+    def chunk(i: int, piece: Piece) -> bytes:
+        index, text, finish, lp, _ = piece  # OpenAI's chunks carry no score
+        index += i * n  # prompt i's choices
         logprobs = None
         if lp is not None:
             logprobs, offsets[index] = _logprobs_json(lp, tok, offsets.get(index, 0))
         return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                          "finish_reason": finish}]})
 
-    def render(i: int, job: Job, event: Event, out: list[bytes]) -> None:
-        if event.kind == "delta":
-            indices = range(n) if event.index < 0 else [event.index]
-            for k in indices:
-                out.append(chunk(i * n + k, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs")))
-        elif event.result is not None:
-            for o in event.result.outputs:
-                rest = job.remaining_text(o.index, o.text)
-                lp = job.final_logprobs(o)
-                if job.is_beam or rest or lp is not None:
-                    out.append(chunk(i * n + o.index, rest, o.finish_reason, lp))
-
-    try:
-        for i, job in enumerate(jobs):  # several prompts: one after the other (all were queued at once)
-            async with aclosing(servable.event_batches(job)) as batches:  # a client gone cancels the job now
-                async for batch in batches:
-                    out: list[bytes] = []
-                    for event in batch:
-                        render(i, job, event, out)
-                    if out:
-                        yield b"".join(out)  # events that were ready together: one write
-        yield b"data: [DONE]\n\n"
-    except ServeError as e:
-        yield sse(openai_error(e))
-    finally:
-        for job in jobs:
-            servable.cancel(job)
+    return sse_stream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
 
 
 @router.get("/v1/models", summary="OpenAI-compatible model list (generation models)", response_model=None,

@@ -1,4 +1,5 @@
-"""Triton's generate extension over HTTP, plus the OpenAI-compatible routes (``openai_api.py``).
+"""Generation over HTTP: Triton's generate extension, and what every generation route shares (the OpenAI-compatible
+routes in ``openai_api.py`` differ only in their encoder and error shape).
 
     POST /v2/models/{model}[/versions/{version}]/generate          -> one JSON answer
     POST /v2/models/{model}[/versions/{version}]/generate_stream   -> server-sent events
@@ -11,33 +12,131 @@ the app turns into ``{"error": "..."}`` with the right status. The shapes are de
 
 from __future__ import annotations
 
+import asyncio
+import json
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deepserve.serve.errors import BadRequest, ServeError
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.http_common import (
-    SSE_HEADERS, generation_servable, read_json, run_to_result, sse,
-)
-from deepserve.serve.generation.jobs import Event, Output, TokenLogprobs
-from deepserve.serve.generation.openai_api import router as openai_router
-from deepserve.serve.generation.params import GenerationParams
+from deepserve.serve.generation.jobs import Event, EventKind, Job, Output, Result, TokenLogprobs
+from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.schemas import (
-    GenerateRequest, GenerateResponse, GenerateStreamEvent, TritonError, json_body, responses,
+    GenerateResponse, GenerateStreamEvent, TritonError, generate_request_schema, request_body, responses,
 )
-from deepserve.serve.http_util import DirectRoute
+from deepserve.serve.http_util import DirectRoute, deadline_from, read_body
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The JSON object body. Invalid UTF-8 is replaced (it then tokenizes as unknown) rather than refused."""
+    raw = await read_body(request)  # the server's body limit and Content-Encoding apply here too
+    try:
+        body = json.loads(raw.decode("utf-8", errors="replace") or "null")
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def generation_servable(request: Request, model: str, version: str | None) -> GenerationServable:
+    servable = request.app.state.repository.get(model, version)
+    if not isinstance(servable, GenerationServable):
+        raise BadRequest(f"model {model!r} is a {servable.manifest.task} model; text generation needs a char-lm "
+                         f"or seq2seq model")
+    return servable
+
+
+async def _call_on_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
+    """Wait for the client to disconnect (other messages: the rest of a body nobody reads), then call ``on_gone``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    on_gone()
+
+
+class ClientGone(ServeError):
+    """The client closed the connection before its answer (nginx's 499): nobody reads that answer, but the
+    request ends now, and counted, rather than when its deadline timer fires."""
+
+    status = 499
+
+
+def abandon(servable: GenerationServable, job: Job) -> None:
+    """Its client hung up: free the job's rows at the next step and end its ``wait`` now (no-op once finished:
+    the result is already queued ahead of the error)."""
+    servable.cancel(job)
+    job.events.put_nowait(Event(EventKind.ERROR, error=ClientGone("the client closed the connection")))
+
+
+async def run_to_results(request: Request, servable: GenerationServable, jobs: list[Job]) -> list[Result]:
+    """Each job's ``servable.wait``, one watcher cancelling every job if the client disconnects meanwhile."""
+    watch = asyncio.create_task(_call_on_disconnect(request, lambda: [abandon(servable, j) for j in jobs]))
+    try:
+        return [await servable.wait(j) for j in jobs]
+    finally:
+        watch.cancel()
+
+
+def sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+Piece = tuple[int, str, "str | None", "TokenLogprobs | None", "float | None"]
+"""What a stream sends for one output index: (index, new text, finish reason or None, new tokens' logprobs, beam
+score in a sequence's final piece)."""
+
+
+def pieces(job: Job, event: Event) -> Iterator[Piece]:
+    """The pieces an event of ``job`` owes its stream: a delta's text (to every index, for the prefix all beams
+    share), then with the result what each output still owes (beam search: every returned sequence)."""
+    if event.kind == EventKind.DELTA:
+        indices = range(job.params.num_return_sequences) if event.index < 0 else (event.index,)
+        for i in indices:
+            yield i, event.text, event.extra.get("finish_reason"), event.extra.get("logprobs"), None
+    elif event.result is not None:
+        for o in event.result.outputs:
+            rest, lp = job.remaining_text(o.index, o.text), job.final_logprobs(o)
+            if job.is_beam or rest or lp is not None:
+                yield o.index, rest, o.finish_reason, lp, o.score
+
+
+async def sse_stream(servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
+                     error: Callable[[ServeError], bytes], end: bytes = b"") -> AsyncIterator[bytes]:
+    """The server-sent events of ``jobs`` (one after the other; all were queued at once), each piece rendered by
+    ``encode(job number, piece)``: the Triton and OpenAI streams differ only in that and in ``error`` (the last
+    event of a stream that fails) and ``end``. Events ready together go out as one write (a stream that fell
+    behind catches up); leaving early (client gone) cancels every job."""
+    try:
+        for i, job in enumerate(jobs):
+            async with aclosing(servable.event_batches(job)) as batches:
+                async for batch in batches:
+                    out = [encode(i, piece) for event in batch for piece in pieces(job, event)]
+                    if out:
+                        yield b"".join(out)
+        if end:
+            yield end
+    except ServeError as e:
+        yield error(e)
+    finally:
+        for job in jobs:
+            servable.cancel(job)
+
+
+# ---- Triton's generate extension ---------------------------------------------------------------------------
 
 router = APIRouter(tags=["generation"])
 # The Triton routes are ``DirectRoute``s: no per-request dependency solving or response serialisation. The event
 # loop's time per request is what caps continuous batching over HTTP (it also shares the GIL with the scheduler
 # thread); with the one-event ``wait`` this took its CPU per /generate request from ~0.53 to ~0.34 ms.
 triton_router = APIRouter(route_class=DirectRoute)  # tagged where ``router`` includes it
-_GENERATE = dict(openapi_extra=json_body(GenerateRequest), responses=responses(GenerateResponse, TritonError),
-                 response_model=None)
-_STREAM = dict(openapi_extra=json_body(GenerateRequest),
+_GENERATE = dict(openapi_extra=request_body(generate_request_schema()),
+                 responses=responses(GenerateResponse, TritonError), response_model=None)
+_STREAM = dict(openapi_extra=request_body(generate_request_schema()),
                responses=responses(GenerateResponse, TritonError, stream=GenerateStreamEvent))
 
 
@@ -54,23 +153,21 @@ def output_json(o: Output, tokenizer: Any) -> dict[str, Any]:
                            "num_tokens": len(o.token_ids)}
     if o.score is not None:
         out["score"] = o.score
-    if o.logprobs is not None:
-        out["tokens"] = [tokenizer.token_text(t) for t in o.token_ids[: len(o.logprobs)]]
-        out["logprobs"] = o.logprobs
-        if o.top_logprobs and any(o.top_logprobs):
-            out["top_logprobs"] = [{tokenizer.token_text(t): lp for t, lp in tops} for tops in o.top_logprobs]
-    return out
+    lp = o.token_logprobs()
+    return out if lp is None else {**out, **logprobs_json(lp, tokenizer)}
 
 
 def _triton_request(body: dict[str, Any]) -> tuple[str, GenerationParams]:
     unknown = sorted(set(body) - {"text_input", "parameters", "id"})
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; the generate body has text_input and parameters")
+        raise InvalidParameter.of(unknown[0], f"is not a field of the generate body (unknown: {unknown}; known: "
+                                              "text_input, parameters, id)", body[unknown[0]])
+    ident = body.get("id")  # echoed back: the schema says string (or null)
+    check(ident is None or isinstance(ident, str), "id", "must be a string", ident)
     text = body.get("text_input")
     if isinstance(text, list) and len(text) == 1:
         text = text[0]
-    if not isinstance(text, str):
-        raise BadRequest(f"text_input must be a string, got {text!r}")
+    check(isinstance(text, str), "text_input", "must be a string", text)
     params = dict(body.get("parameters") or {}) if isinstance(body.get("parameters"), dict) else body.get("parameters")
     if isinstance(params, dict):
         params.pop("stream", None)  # Triton clients send it; the endpoint decides
@@ -85,8 +182,8 @@ async def _generate(request: Request, model: str, version: str | None) -> Respon
     body = await read_json(request)
     servable = generation_servable(request, model, version)
     text, params = _triton_request(body)
-    job = servable.submit(text, params)
-    result = await run_to_result(request, servable, job)
+    job = servable.submit(text, params, deadline=deadline_from(request))
+    result, = await run_to_results(request, servable, [job])
     best = result.outputs[0]
     answer = {**_head(servable), "text_output": best.text, "finish_reason": best.finish_reason,
               "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}}
@@ -103,41 +200,18 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     body = await read_json(request)
     servable = generation_servable(request, model, version)
     text, params = _triton_request(body)
-    job = servable.submit(text, params, stream=True)  # errors here are plain HTTP errors
-    head = _head(servable)
-    tok = servable.tokenizer
+    job = servable.submit(text, params, stream=True, deadline=deadline_from(request))  # errors: plain HTTP ones
+    head, tok = _head(servable), servable.tokenizer
 
-    def render(event: Event, out: list[bytes]) -> None:
-        if event.kind == "delta":
-            indices = range(params.num_return_sequences) if event.index < 0 else [event.index]
-            lp = event.extra.get("logprobs")
-            for i in indices:
-                data = {**head, "index": i, "text_output": event.text,
-                        "finish_reason": event.extra.get("finish_reason")}
-                out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
-        elif event.result is not None:
-            for o in event.result.outputs:
-                rest = job.remaining_text(o.index, o.text)
-                lp = job.final_logprobs(o)
-                if job.is_beam or rest or lp is not None:
-                    data = {**head, "index": o.index, "text_output": rest, "finish_reason": o.finish_reason}
-                    if o.score is not None:
-                        data["score"] = o.score
-                    out.append(sse({**data, **logprobs_json(lp, tok)} if lp is not None else data))
+    def encode(_: int, piece: Piece) -> bytes:
+        index, text, finish, lp, score = piece
+        data = {**head, "index": index, "text_output": text, "finish_reason": finish}
+        if score is not None:  # beam search, in each sequence's final event
+            data["score"] = score
+        return sse({**data, **logprobs_json(lp, tok)} if lp is not None else data)
 
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            async with aclosing(servable.event_batches(job)) as batches:  # a client gone cancels the job now
-                async for batch in batches:
-                    out: list[bytes] = []
-                    for event in batch:
-                        render(event, out)
-                    if out:
-                        yield b"".join(out)  # events that were ready together: one write
-        except ServeError as e:
-            yield sse({"error": e.message, "status": e.status})
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    events = sse_stream(servable, [job], encode, lambda e: sse({"error": e.message, "status": e.status}))
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @triton_router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)",
@@ -166,4 +240,3 @@ async def generate_stream_version(request: Request, model: str, version: str) ->
 router.include_router(triton_router)
 HOT_ROUTES = triton_router.routes
 """Answered by the app's front door (``HotPath``), ahead of the middleware stack."""
-router.include_router(openai_router)

@@ -18,13 +18,15 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
-from deepserve.serve.generation.jobs import Event, Job, TokenLog, deliver
+from deepserve.serve.generation.admission import Admission, Slot
+from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
 from deepserve.serve.generation.strategies import (
     BeamSearch, Sampling, greedy_tokens, log_softmax, sample_tokens,
@@ -32,6 +34,74 @@ from deepserve.serve.generation.strategies import (
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
+
+
+@dataclass
+class StepPlan:
+    """How this step picks each running row's token: the rows by strategy, and the requests it must visit.
+    Rebuilt only when the batch changes."""
+
+    greedy: slice | np.ndarray
+    """Rows chosen by argmax (``slice(None)`` when that is every row)."""
+    any_greedy: bool
+    starts: list[int]
+    """Each running request's first row, in order (to find the request behind a row)."""
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Sampled rows, and each one's temperature, top-k and top-p."""
+    temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    top_k: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    samplers: list[Job] = field(default_factory=list)
+    """The sampling requests, in row order (each draws its rows' uniforms from its own generator)."""
+    beams: list[Job] = field(default_factory=list)
+    processed: list[Job] = field(default_factory=list)
+    """Row requests with logit processors."""
+    with_logprobs: list[Job] = field(default_factory=list)
+    """Row requests that return logprobs."""
+    visited: list[Job] = field(default_factory=list)
+    """Requests looked at every step (all but the plain ones, see ``Job.plain``)."""
+
+
+class RowMoves:
+    """Where this step's rows go: runs of rows that stay in place, and the rows of requests that moved, in order.
+    Requests whose rows all stay extend a run; only the others (beams, finished or partly finished requests)
+    cut it, so a step where nothing leaves builds no index at all."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.index: list[np.ndarray] = []
+        self.tokens: list[np.ndarray] = []
+        self.run_start = 0
+        """First row of the current run of unchanged rows."""
+        self.moved = False
+        self.regroup = False
+        """Whether a request left or changed width (requests are renumbered, the model regroups its sources)."""
+        self.new_tokens = rows
+        self._chosen: list[int] | None = None
+
+    def chosen_list(self, chosen: np.ndarray) -> list[int]:
+        if self._chosen is None:
+            self._chosen = chosen.tolist()
+        return self._chosen
+
+    def move(self, start: int, end: int, kept: tuple[np.ndarray, np.ndarray] | None, chosen: np.ndarray) -> None:
+        """Rows [start, end) changed: close the run before them, then keep ``kept`` (rows, tokens) if any."""
+        self.moved = True
+        if self.run_start < start:
+            self.index.append(np.arange(self.run_start, start))
+            self.tokens.append(chosen[self.run_start:start])
+        self.run_start = end
+        if kept is not None:
+            self.index.append(kept[0])
+            self.tokens.append(kept[1])
+
+    def finish(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The index of the rows kept, in their new order, and their next tokens."""
+        if self.run_start < self.rows:
+            self.move(self.rows, self.rows, None, chosen)
+        if not self.index:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(self.index), np.concatenate(self.tokens)
 
 
 class Scheduler:
@@ -51,14 +121,16 @@ class Scheduler:
         self.rows_changed = threading.Condition()
         self.closing = False
         self.thread: threading.Thread | None = None
-        self.metrics = gm.model_metrics(name, version)
-        self._plan: tuple | None = None  # row groups by strategy, rebuilt when the batch changes
+        self.metrics = gm.ModelMetrics(name, version)
+        self._plan: StepPlan | None = None  # rebuilt when the batch changes
         self.log = TokenLog()  # the tokens of plain requests (``Job.plain``), one column per step
         self.due: dict[int, list[Job]] = {}  # log column -> plain requests that reach max_new_tokens there
         self.fresh: list[Job] = []  # joined since the last step (their first token times TTFT)
         self.cancels = False  # a running request may have been cancelled since the last look
         self.next_deadline = float("inf")  # the earliest deadline of the running requests
         self.steps = 0
+        self.admission = Admission(max_running_rows)
+        self._last_step: float | None = None  # when the previous iteration with running rows began
 
     # ---- asyncio side --------------------------------------------------------------------------------------
 
@@ -66,17 +138,35 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="generation-scheduler", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def admit(self, rows: int, max_new_tokens: int, deadline: float) -> None:
+        """Refuse at once (``ShuttingDown``, or ``Overloaded``: 429 with Retry-After) a request of ``rows`` rows and
+        up to ``max_new_tokens`` steps that could not start soon or finish by ``deadline``; called before the
+        request is tokenized, so that a refusal costs little."""
         with self.lock:
             if self.closing:
                 raise ShuttingDown()
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} generation requests are already waiting "
                                  f"(max_waiting={self.max_waiting})", retry_after_s=1.0)
+            self.admission.check(self.steps, Slot(rows, max_new_tokens), deadline - time.monotonic(),
+                                 self._running_slots, lambda: [Slot(j.reserve, j.max_new_tokens) for j in self.waiting])
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` (after ``admit``)."""
+        with self.lock:
+            if self.closing:
+                raise ShuttingDown()
             self.waiting.append(job)
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
                 self.wake.set()
+
+    def _running_slots(self) -> list[Slot]:
+        """The running requests' rows and remaining steps (read from the event loop: a step may be under way,
+        which makes this at most one step stale)."""
+        col = self.log.col
+        return [Slot(j.reserve, (j.col0 + j.max_new_tokens - col) if j.plain else j.max_new_tokens - j.generated)
+                for j in list(self.running) if not j.finished]
 
     def cancel(self, job: Job) -> None:
         """Free the request's rows at the next step boundary (client gone, or deadline)."""
@@ -118,6 +208,10 @@ class Scheduler:
                 self._fail_all(InferenceFailed(f"generation failed: {type(e).__name__}: {e}"))
 
     def _iteration(self) -> None:
+        now = time.perf_counter()
+        if self.running and self._last_step is not None:  # a step's wall time: selection, joins, the GIL included
+            self.admission.observe(now - self._last_step)
+        self._last_step = now if self.running else None
         outbox: list[tuple[Job, Event]] = []
         self._expire(outbox)
         self._admit(outbox)
@@ -143,7 +237,7 @@ class Scheduler:
         if gone:
             for j in gone:
                 if not j.cancelled:
-                    outbox.append((j, Event("error", error=DeadlineExceeded(
+                    outbox.append((j, Event(EventKind.ERROR, error=DeadlineExceeded(
                         "the request's deadline passed during generation"))))
                 j.finished = True
             self._compact(keep_jobs=[j for j in self.running if not j.finished])
@@ -158,7 +252,7 @@ class Scheduler:
                 if job.cancelled or job.deadline < now:
                     self.waiting.popleft()
                     if not job.cancelled:
-                        outbox.append((job, Event("error", error=DeadlineExceeded(
+                        outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
                             "the request's deadline passed while it waited for a decoding slot"))))
                     continue
                 if self.reserved + job.reserve > self.max_running_rows:
@@ -187,144 +281,138 @@ class Scheduler:
         self._plan = None
         self.metrics.running.set(self.model.rows)
 
-    def _plan_rows(self) -> tuple:
-        """Index arrays of greedy rows and sampled rows with their settings, and the beam requests."""
-        greedy, sample, temp, topk, topp, samplers, beams = [], [], [], [], [], [], []
-        for j in self.running:
-            rows = range(j.start, j.start + j.rows)
-            if j.is_beam:
-                beams.append(j)
-            elif isinstance(j.strategy, Sampling):
-                s = j.strategy
-                sample.extend(rows)
-                temp.extend([s.temperature] * j.rows)
-                topk.extend([s.top_k] * j.rows)
-                topp.extend([s.top_p] * j.rows)
-                samplers.append(j)
-            else:
-                greedy.extend(rows)
-        B = self.model.rows
-        all_greedy = len(greedy) == B
-        return (slice(None) if all_greedy else np.asarray(greedy, np.int64), bool(greedy),
-                np.asarray(sample, np.int64), np.asarray(temp, np.float32), np.asarray(topk, np.int64),
-                np.asarray(topp, np.float64), samplers, beams,
-                [j for j in self.running if j.processors], [j for j in self.running if j.params.logprobs is not None],
-                [j for j in self.running if not j.plain], [j.start for j in self.running])
+    def _make_plan(self) -> StepPlan:
+        """Group the running requests' rows by how their tokens are chosen."""
+        running = self.running
+        sampled = [j for j in running if isinstance(j.strategy, Sampling)]
+        greedy = [r for j in running if j.strategy is None for r in range(j.start, j.start + j.rows)]
+        widths = [j.rows for j in sampled]
+
+        def per_row(name: str, dtype: type) -> np.ndarray:
+            return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), widths)
+
+        rows = [j for j in running if not j.is_beam]
+        return StepPlan(
+            greedy=slice(None) if len(greedy) == self.model.rows else np.asarray(greedy, np.int64),
+            any_greedy=bool(greedy), starts=[j.start for j in running],
+            sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
+            temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
+            top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
+            processed=[j for j in rows if j.processors],
+            with_logprobs=[j for j in rows if j.params.logprobs is not None],
+            visited=[j for j in running if not j.plain])
 
     def _step(self, outbox: list) -> None:
+        """One step: run the model over every row, select each row's token, update the requests and the batch."""
         t0 = time.perf_counter()
         logits = self.model.step(self.tokens)  # (B,V)
         self.steps += 1
         if self._plan is None:
-            self._plan = self._plan_rows()
-        greedy, any_greedy, sample, temp, topk, topp, samplers, beams, proc_jobs, lp_jobs, others, starts = self._plan
-        raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in lp_jobs if not j.is_beam}
-        for j in proc_jobs:
-            if not j.is_beam:
-                block = logits[j.start: j.start + j.rows]
-                hist = j.histories() if j.needs_history else []
-                for p in j.processors:
-                    p(block, hist, j.generated)
-        B = len(self.tokens)
-        chosen = np.empty(B, np.int64)
-        if any_greedy:
-            chosen[greedy] = greedy_tokens(logits[greedy])
-        if len(sample):
-            u = np.concatenate([j.strategy.draw(j.rows) for j in samplers])
-            chosen[sample] = sample_tokens(logits[sample], temp, topk, topp, u)
+            self._plan = self._make_plan()
+        plan = self._plan
+        raw_lp = self._process(plan, logits)
+        chosen = self._select(plan, logits)
         now = time.perf_counter()
         for j in self.fresh:
             j.t_first = now
             self.metrics.ttft.observe(now - j.t_submit)
         self.fresh = []
         self.log.write(chosen, self._oldest_column)
-        eos = self.model.eos_id
-        # plain requests are visited only when one of their rows picks EOS (from then on they take the general
-        # path) or when they reach max_new_tokens; every other request is visited each step
-        visit = others
-        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
-        ending = [j for j in self.due.pop(self.log.col - 1, ()) if not j.finished]
-        if hits or ending:
-            eos_jobs = {self.running[bisect.bisect_right(starts, r) - 1] for r in hits}
-            for j in eos_jobs:
-                if j.plain:
-                    self._leave_log(j)
-            ending = [j for j in ending if j.plain]
-            visit = sorted({*others, *eos_jobs, *ending}, key=lambda j: j.start)
-        # the next batch: rows kept (in order) and their next tokens. Requests whose rows all stay in place
-        # extend a run of unchanged rows; only the others (beams, finished or partly finished requests) cut
-        # it, so a step where nothing leaves builds no index at all
-        index_parts: list[np.ndarray] = []
-        token_parts: list[np.ndarray] = []
-        run_start = 0  # first row of the current run of unchanged rows
-        moved = False  # whether any row left or moved
-        regroup = False
-        n_new = B
-        chosen_list = chosen.tolist() if visit else []
-        widths = {j.id: j.rows for j in beams}  # before ``_beams_fast`` moves them
-        if beams:
-            self._beams_fast(beams, logits)
+        visit = self._to_visit(plan, chosen)
+        widths = {j.id: j.rows for j in plan.beams}  # before ``_beams_fast`` moves them
+        if plan.beams:
+            self._beams_fast(plan.beams, logits)
+        moves = RowMoves(len(chosen))
         for j in visit:
-            start = j.start
-            rows_before = widths[j.id] if j.is_beam else len(j.live)
-            end = start + rows_before
-            kept: tuple[np.ndarray, np.ndarray] | None = None  # the request's next rows and tokens, if it moved
-            if j.is_beam:
-                j.generated += 1
-                n_new -= rows_before - 1
-                self._beam_step(j, logits[start:end], outbox)
-                parents, toks = j.beam_out
-                j.beam_out = ()
-                changed = True
-                if not j.finished:
-                    kept = (parents + start, toks)
-            else:
-                if j.plain:
-                    self._end_plain(j, outbox)
-                else:
-                    j.generated += 1
-                    self._row_step(j, chosen_list, raw_lp.get(j.id), eos, outbox)
-                changed = j.finished or len(j.live) != rows_before
-                if changed and not j.finished:
-                    keep_rows = np.asarray([start + r for r, s in enumerate(j.row_seqs) if s.finish_reason is None],
-                                           np.int64)
-                    kept = (keep_rows, chosen[keep_rows])
-            if changed:  # close the run of unchanged rows before this request; its own rows follow
-                moved = True
-                if run_start < start:
-                    index_parts.append(np.arange(run_start, start))
-                    token_parts.append(chosen[run_start:start])
-                run_start = end
-                if kept is not None:
-                    index_parts.append(kept[0])
-                    token_parts.append(kept[1])
-            if j.finished:
-                regroup = True
-                self.reserved -= j.reserve
-            else:
-                regroup |= j.rows != rows_before
-        self.metrics.tokens.inc(n_new)
-        if not moved:  # every row stays where it is
-            self.tokens = chosen
-        else:
-            if run_start < B:
-                index_parts.append(np.arange(run_start, B))
-                token_parts.append(chosen[run_start:B])
-            index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
-            self.tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.int64)
-            self.model.reorder(index, regroup=regroup)
-            self.log.reorder(index)
-        if regroup:
-            keep = [j for j in self.running if not j.finished]
-            start = 0
-            for j in keep:
-                j.start = start
-                start += j.rows
-            self.running = keep
-            self.metrics.running.set(self.model.rows)
-        if regroup or visit is not others:
+            self._update(j, widths, chosen, logits, raw_lp.get(j.id), outbox, moves)
+        self.metrics.tokens.inc(moves.new_tokens)
+        self._apply(moves, chosen)
+        if moves.regroup or visit is not plan.visited:
             self._plan = None
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
+
+    def _process(self, plan: StepPlan, logits: np.ndarray) -> dict[int, np.ndarray]:
+        """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
+        ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place."""
+        raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in plan.with_logprobs}
+        for j in plan.processed:
+            block = logits[j.start: j.start + j.rows]
+            hist = j.histories() if j.needs_history else []
+            for proc in j.processors:
+                proc(block, hist, j.generated)
+        return raw_lp
+
+    def _select(self, plan: StepPlan, logits: np.ndarray) -> np.ndarray:
+        """Every greedy row in one argmax, every sampled row in one vectorised draw (beams: ``_beams_fast`` and
+        ``_beam_step``, which move rows)."""
+        chosen = np.empty(len(self.tokens), np.int64)
+        if plan.any_greedy:
+            chosen[plan.greedy] = greedy_tokens(logits[plan.greedy])
+        if len(plan.sample):
+            u = np.concatenate([j.strategy.rng.random(j.rows) for j in plan.samplers])  # a uniform per row
+            chosen[plan.sample] = sample_tokens(logits[plan.sample], plan.temperature, plan.top_k, plan.top_p, u)
+        return chosen
+
+    def _to_visit(self, plan: StepPlan, chosen: np.ndarray) -> list[Job]:
+        """The requests this step must look at: every one not plain, and plain ones whose row picked EOS (from
+        then on they take the general path) or that reach max_new_tokens now."""
+        eos = self.model.eos_id
+        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
+        ending = [j for j in self.due.pop(self.log.col - 1, ()) if not j.finished]
+        if not hits and not ending:
+            return plan.visited
+        eos_jobs = {self.running[bisect.bisect_right(plan.starts, r) - 1] for r in hits}
+        for j in eos_jobs:
+            if j.plain:
+                self._leave_log(j)
+        ending = [j for j in ending if j.plain]
+        return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
+
+    def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
+                raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
+        """Advance request ``j`` by this step's tokens (events into ``outbox``) and record where its rows go."""
+        start = j.start
+        rows_before = widths[j.id] if j.is_beam else len(j.live)
+        end = start + rows_before
+        kept: tuple[np.ndarray, np.ndarray] | None = None  # the request's next rows and tokens, if it moved
+        if j.is_beam:
+            j.generated += 1
+            moves.new_tokens -= rows_before - 1
+            self._beam_step(j, logits[start:end], outbox)
+            parents, toks = j.beam_out
+            j.beam_out = ()
+            changed = True
+            if not j.finished:
+                kept = (parents + start, toks)
+        else:
+            if j.plain:
+                self._end_plain(j, outbox)
+            else:
+                j.generated += 1
+                self._row_step(j, moves.chosen_list(chosen), raw_lp, self.model.eos_id, outbox)
+            changed = j.finished or len(j.live) != rows_before
+            if changed and not j.finished:
+                keep_rows = np.asarray([start + r for r, q in enumerate(j.row_seqs) if q.finish_reason is None],
+                                       np.int64)
+                kept = (keep_rows, chosen[keep_rows])
+        if changed:
+            moves.move(start, end, kept, chosen)
+        if j.finished:
+            moves.regroup = True
+            self.reserved -= j.reserve
+        else:
+            moves.regroup |= j.rows != rows_before
+
+    def _apply(self, moves: RowMoves, chosen: np.ndarray) -> None:
+        """The next batch: the rows kept, in order, with their next tokens; requests renumbered if any left."""
+        if not moves.moved:  # every row stays where it is
+            self.tokens = chosen
+        else:
+            index, self.tokens = moves.finish(chosen)
+            self.model.reorder(index, regroup=moves.regroup)
+            self.log.reorder(index)
+        if moves.regroup:
+            self._renumber([j for j in self.running if not j.finished])
 
     def _oldest_column(self) -> int:
         return min((j.col0 for j in self.running if j.plain), default=self.log.col)
@@ -376,17 +464,18 @@ class Scheduler:
         beam = j.strategy
         assert isinstance(beam, BeamSearch)
         if not j.beam_out:  # not already selected by the vectorised path
-            scores = log_softmax(logits)
-            if j.processors:
+            scores = model_lp = log_softmax(logits)
+            if j.processors:  # they rank the candidates; logprobs report the model's own distribution
+                scores = model_lp.copy() if j.params.logprobs is not None else model_lp
                 hist = j.histories() if j.needs_history else []
                 for p in j.processors:
                     p(scores, hist, j.generated - 1)
-            toks, parents = beam.select(scores)
+            toks, parents = beam.select(scores, model_lp)
             j.beam_out = (parents, toks)
         if j.stream:
             text = j.beam_delta()
             if text:
-                outbox.append((j, Event("delta", index=-1, text=text)))
+                outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
         if beam.done:
             for h in beam.best(j.params.num_return_sequences):
                 self.metrics.finished(h.finish_reason)
@@ -398,7 +487,7 @@ class Scheduler:
         if j.t_first is not None and result.completion_tokens > 1:
             per = (time.perf_counter() - j.t_first) / max(1, j.generated - 1)
             self.metrics.tpot.observe(per)
-        outbox.append((j, Event("done", result=result)))
+        outbox.append((j, Event(EventKind.DONE, result=result)))
 
     def _compact(self, keep_jobs: list[Job]) -> None:
         index = np.concatenate([np.arange(j.start, j.start + j.rows) for j in keep_jobs]) if keep_jobs \
@@ -407,16 +496,20 @@ class Scheduler:
         self.model.reorder(index, regroup=True)
         self.log.reorder(index)
         self.tokens = self.tokens[index]
+        self._renumber(keep_jobs)
+        self._plan = None
+
+    def _renumber(self, keep: list[Job]) -> None:
+        """``keep`` becomes the running requests, their rows numbered in order."""
         start = 0
-        for j in keep_jobs:
+        for j in keep:
             j.start = start
             start += j.rows
-        self.running = keep_jobs
-        self._plan = None
+        self.running = keep
         self.metrics.running.set(self.model.rows)
 
     def _fail_all(self, error: Exception) -> None:
-        outbox = [(j, Event("error", error=error)) for j in self.running]
+        outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
         for j in self.running:
             j.finished = True
         try:

@@ -1,9 +1,10 @@
 """OpenAPI declarations of the generation routes: request bodies and response shapes as pydantic models.
 
-The routes still read their bodies by hand (``http_common.read_json``: field-named error messages from
-``GenerationParams``, invalid UTF-8 tolerated) and answer plain dicts, so nothing here runs per request:
-request models are inlined into each operation's ``openapi_extra``; response models are declared through
-``responses=`` and land in ``components/schemas``.
+The routes read their bodies by hand (``routes.read_json``: field-named errors from ``GenerationParams``,
+invalid UTF-8 tolerated) and answer plain dicts, so nothing here runs per request. Request bodies are JSON
+schemas derived from the one declaration of the generation parameters (``deepserve.generation``), inlined into
+each operation's ``openapi_extra``; response models are declared through ``responses=`` and land in
+``components/schemas``.
 """
 
 from __future__ import annotations
@@ -12,42 +13,24 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deepserve.serve.schemas import ErrorBody
+from deepserve.generation import parameter_schema, parameters_schema
+from deepserve.serve.schemas import TIMEOUT_HEADER_PARAMETER, ErrorBody
 
 # ---- Triton generate extension -----------------------------------------------------------------------------
 
 
-class GenerateParameters(BaseModel):
-    """``parameters`` of a generate request (``GenerationParams``); unknown keys are refused with 400."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (default 64 or the "
-                                                                   "server's cap).")
-    min_new_tokens: int = Field(0, ge=0, description="EOS and stop strings are ignored before this many tokens.")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 is greedy decoding.")
-    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 disables.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    repetition_penalty: float = Field(1.0, gt=0, description="CTRL-style penalty; 1 disables.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size; 0 disables.")
-    seed: Optional[int] = Field(None, ge=0, description="Seed of the request's own generator (sampling).")
-    stop: Union[str, list[str], None] = Field(None, description="Stop strings (at most 16).")
-    num_beams: int = Field(1, ge=1, description="Beam width; > 1 selects beam search.")
-    length_penalty: float = Field(1.0, ge=-10, le=10, description="Beam score = sum logprobs / length ** this.")
-    early_stopping: Union[bool, Literal["never"]] = Field(False, description="Beam search stop rule (Hugging "
-                                                                             "Face).")
-    num_return_sequences: int = Field(1, ge=1, description="Samples, or n best beam hypotheses.")
-    logprobs: Union[bool, int, None] = Field(None, description="true, or 0-5 alternatives per token.")
-    stream: Optional[bool] = Field(None, description="Accepted and ignored: the endpoint decides.")
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text_input: Union[str, list[str]] = Field(description="The prompt (a seq2seq model's source sentence); a "
-                                                          "list must hold exactly one string.")
-    parameters: Optional[GenerateParameters] = None
-    id: Optional[str] = Field(None, description="Echoed in the response.")
+def generate_request_schema() -> dict[str, Any]:
+    """The generate body: ``text_input``, ``parameters`` (``deepserve.generation``'s schema, plus Triton clients'
+    ``stream``) and an optional string ``id``."""
+    params = parameters_schema()
+    params["properties"]["stream"] = {"type": ["boolean", "null"], "description": "Accepted and ignored: the "
+                                                                                 "endpoint decides."}
+    return {"type": "object", "additionalProperties": False, "required": ["text_input"], "properties": {
+        "text_input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                                      "maxItems": 1}],
+                       "description": "The prompt (a seq2seq model's source sentence, at least one token)."},
+        "parameters": {"anyOf": [params, {"type": "null"}]},
+        "id": {"type": ["string", "null"], "description": "Echoed in the response."}}}
 
 
 class Usage(BaseModel):
@@ -106,37 +89,54 @@ TritonError = ErrorBody  # the v2 error shape is the serving core's
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------------
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI ``/v1/completions`` body; fields after ``echo`` are extensions (``extra_body`` in the SDK)."""
+OPENAI_TO_OURS = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "min_tokens": "min_new_tokens",
+                  **{name: name for name in ("temperature", "top_p", "seed", "stop", "logprobs", "top_k", "num_beams",
+                                             "length_penalty", "early_stopping", "repetition_penalty",
+                                             "no_repeat_ngram_size")}}
+"""OpenAI completion field -> ``GenerationParams`` field (after ``stream``, the extensions the SDK sends through
+``extra_body``)."""
+OURS_TO_OPENAI = {ours: openai for openai, ours in OPENAI_TO_OURS.items()}
+_OPENAI_DEFAULTS = {"max_tokens": 16}
+_OPENAI_DOCS = {"max_tokens": "Most tokens to generate (default 16).", "n": "Choices per prompt (samples, or the n "
+                "best beam hypotheses).", "min_tokens": "EOS and stop strings are ignored before this many tokens."}
+_OPENAI_MINIMUM = {"top_k": -1}  # -1 disables, as 0 does
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Model name, or name:version.")
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
-    temperature: Optional[float] = Field(1.0, ge=0, le=100)
-    top_p: Optional[float] = Field(1.0, gt=0, le=1)
-    n: Optional[int] = Field(1, ge=1)
-    stream: Optional[bool] = False
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
-    user: Optional[str] = Field(None, description="Ignored.")
-    suffix: Optional[str] = Field(None, description="Ignored.")
-    best_of: Optional[int] = Field(None, description="Ignored.")
-    presence_penalty: Optional[float] = Field(None, description="Only 0 (use repetition_penalty).")
-    frequency_penalty: Optional[float] = Field(None, description="Only 0 (use repetition_penalty).")
-    logit_bias: Optional[dict[str, float]] = Field(None, description="Ignored.")
-    stream_options: Optional[dict[str, Any]] = Field(None, description="Ignored.")
-    echo: Optional[bool] = Field(None, description="Only false.")
-    top_k: Optional[int] = Field(None, ge=-1, description="-1 or 0 disables.")
-    use_beam_search: Optional[bool] = False
-    num_beams: Optional[int] = Field(None, ge=1, description="Defaults to n with use_beam_search.")
-    length_penalty: Optional[float] = None
-    early_stopping: Union[bool, Literal["never"], None] = None
-    repetition_penalty: Optional[float] = None
-    min_tokens: Optional[int] = Field(None, ge=0)
-    no_repeat_ngram_size: Optional[int] = Field(None, ge=0)
+def _openai_field(openai: str) -> dict[str, Any]:
+    """A generation parameter as a completion field: its schema, renamed, OpenAI's default, null accepted."""
+    schema = parameter_schema(OPENAI_TO_OURS[openai])
+    meta = {"default": _OPENAI_DEFAULTS.get(openai, schema.pop("default")),
+            "description": _OPENAI_DOCS.get(openai, schema.pop("description"))}
+    options = schema["anyOf"] if "anyOf" in schema else [schema]
+    if openai in _OPENAI_MINIMUM:
+        options = [{**o, "minimum": _OPENAI_MINIMUM[openai]} if o.get("type") == "integer" else o for o in options]
+    return {"anyOf": [o for o in options if o != {"type": "null"}] + [{"type": "null"}], **meta}
+
+
+def _completion_fields() -> dict[str, dict[str, Any]]:
+    fields: dict[str, dict[str, Any]] = {
+        "model": {"type": "string", "description": "Model name, or name:version."},
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+        "stream": {"type": ["boolean", "null"], "default": False},
+        "use_beam_search": {"type": ["boolean", "null"], "default": False},
+        **{openai: _openai_field(openai) for openai in OPENAI_TO_OURS},
+    }
+    for name, what in (("user", "Ignored."), ("suffix", "Ignored."), ("best_of", "Ignored."),
+                       ("presence_penalty", "Only 0 (use repetition_penalty)."),
+                       ("frequency_penalty", "Only 0 (use repetition_penalty)."), ("logit_bias", "Ignored."),
+                       ("stream_options", "Ignored."), ("echo", "Only false.")):
+        fields[name] = {"description": what}
+    return fields
+
+
+COMPLETION_FIELDS = _completion_fields()
+"""Every field of a completion request and its schema."""
+
+
+def completion_request_schema() -> dict[str, Any]:
+    """OpenAI ``/v1/completions`` body; the generation fields are ``deepserve.generation``'s, renamed."""
+    return {"type": "object", "additionalProperties": False, "required": ["model", "prompt"],
+            "properties": COMPLETION_FIELDS}
 
 
 class CompletionLogprobs(BaseModel):
@@ -228,9 +228,11 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _inline(schema, schema.get("$defs", {}))
 
 
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring ``model`` as the required JSON request body."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
+def request_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` declaring ``schema`` as the required JSON request body (and the deadline header every
+    generation route reads)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "parameters": [TIMEOUT_HEADER_PARAMETER]}
 
 
 def responses(ok: type[BaseModel], error: type[BaseModel], *, stream: type[BaseModel] | None = None

@@ -8,12 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from deepserve.manifest import cache_names
 from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
-
-KV_LAYOUT = "per-layer-shared-cross"
-"""The seq2seq cache layout this engine drives (manifest ``model.kv_layout``, written by export): one tensor per
-decoder layer, and ``decode_step`` takes the cross K/V of N sources for B = N * G rows (G rows per source)."""
-
 
 class Seq2SeqStepModel(StepModel):
     """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
@@ -33,9 +29,8 @@ class Seq2SeqStepModel(StepModel):
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
         self.rows = 0
-        self.cross_names = [f"cross_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        self.past_names = [f"past_{kv}_{i}" for i in range(layers) for kv in "kv"]
-        self.present_names = [f"present_{kv}_{i}" for i in range(layers) for kv in "kv"]
+        self.cross_names, self.past_names, self.present_names = (cache_names(k, layers)
+                                                                 for k in ("cross", "past", "present"))
         g = decode
         empty = g.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
         self.cross_src: list[Array] = [empty] * (2 * layers)  # cross_names order, each (N,H,S,Dh), one per source
@@ -81,17 +76,6 @@ class Seq2SeqStepModel(StepModel):
 
     def _rows_moved(self) -> None:
         self._rows_cache, self._grouped = None, None
-
-    def check_graphs(self) -> None:
-        """Raise ValueError naming any per-layer input or output the graphs lack."""
-        need = {"encode outputs": (self.cross_names, self.encode.output_names),
-                "decode_step inputs": (self.cross_names + self.past_names, self.decode.input_names),
-                "decode_step outputs": (["logits", *self.present_names], self.decode.output_names)}
-        for what, (names, have) in need.items():
-            missing = [n for n in names if n not in have]
-            if missing:
-                raise ValueError(f"the seq2seq graphs do not match model.n_decoder_layers={self.layers}: "
-                                 f"{what} lack {missing}")
 
     def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
         g = self.decode
@@ -145,6 +129,18 @@ class Seq2SeqStepModel(StepModel):
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
         return logits
 
+    def _keep_sources(self, kept: np.ndarray) -> None:
+        """Keep sources ``kept`` (in that order) and trim the source axis to the longest of them. The cross K/V
+        and the source pad mask change together: a mask and K/V that disagree on the sources would hand the next
+        request another request's source (and a stale one a shape the graph refuses)."""
+        g = self.decode
+        same = is_identity(kept, self.sources)
+        src_pad = self.src_pad_src if same else g.take(self.src_pad_src, kept, 0)
+        keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
+        if not same or keep < src_pad.shape[1]:
+            self.cross_src = [g.take(x[:, :, :keep], kept, 0) for x in self.cross_src]
+        self.src_pad_src = src_pad[:, :keep]
+
     def _take_rows(self, slot: int, x: Array, index: np.ndarray) -> Array:
         """``x`` rows ``index``. On numpy, into one of two buffers kept per cache tensor (the one ``x`` is not in):
         a fresh multi-megabyte array each step costs more in page faults than the copy itself."""
@@ -196,15 +192,11 @@ class Seq2SeqStepModel(StepModel):
         self.positions = self.positions[index]
         row_src = self.row_src[index]
         if regroup:
-            # keep the sources some row still reads, numbered in row order; trim the source axis to the longest
+            # keep the sources some row still reads, numbered in row order
             kept, first_row, row_src = np.unique(row_src, return_index=True, return_inverse=True)
             order = np.argsort(first_row, kind="stable")
             kept, row_src = kept[order], np.argsort(order)[row_src]
-            src_pad = self.src_pad_src if is_identity(kept, self.sources) else g.take(self.src_pad_src, kept, 0)
-            keep = int((~g.numpy(src_pad).astype(bool)).any(axis=0).nonzero()[0].max(initial=-1)) + 1
-            self.src_pad_src = src_pad[:, :keep]
-            if not is_identity(kept, self.sources) or keep < src_pad.shape[1]:
-                self.cross_src = [g.take(x[:, :, :keep], kept, 0) for x in self.cross_src]
+            self._keep_sources(kept)
         if regroup or not np.array_equal(row_src, self.row_src):
             self.row_src = row_src.astype(np.int64, copy=False)
             self._rows_moved()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deepserve.manifest import GraphSpec, Manifest
+from deepserve.manifest import GraphSpec, Manifest, StepGraphContract
 from deepserve.serve import backends
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
@@ -211,28 +211,11 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         vocab = int(facts.get("vocab_size", spec.outputs[0].shape[-1]))
         return CharLMStepModel(graph, layers, hidden, n_state, vocab)
     if manifest.task == "seq2seq":
-        from deepserve.serve.generation.seq2seq_step import KV_LAYOUT, Seq2SeqStepModel  # it builds on this module
+        from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
-        layout = facts.get("kv_layout")
-        if layout != KV_LAYOUT:
-            raise ValueError(f"manifest model.kv_layout is {layout!r}, but this deepserve drives {KV_LAYOUT!r} "
-                             "key/value caches (one tensor per decoder layer, cross K/V shared by a source's rows); "
-                             "re-export the checkpoint with `deepserve export`")
-        special = manifest.tokenizer.get("special_ids") or {}
-        spec = manifest.graphs["decode_step"]
-        past = {t.name: t.shape for t in spec.inputs if t.name.startswith("past_k_")}  # each (B,H,P,Dh)
-        layers = int(facts.get("n_decoder_layers", len(past)))
-        model = Seq2SeqStepModel(
-            Graph.open(manifest.graphs["encode"], directory, **kw),
-            Graph.open(spec, directory, **kw),
-            layers=layers,
-            heads=int(facts.get("n_heads", past.get("past_k_0", (0, 0))[1])),
-            head_dim=int(facts.get("head_dim", past.get("past_k_0", (0, 0, 0, 0))[3])),
-            vocab_size=int(facts.get("vocab_size", spec.outputs[0].shape[-1])),
-            pad_id=int(special.get("pad", 0)),
-            bos_id=int(special.get("bos", 2)),
-            eos_id=int(special.get("eos", 3) if eos_id is None else eos_id),
-        )
-        model.check_graphs()
-        return model
+        c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
+        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw),
+                                Graph.open(manifest.graphs["decode_step"], directory, **kw), layers=c.layers,
+                                heads=c.heads, head_dim=c.head_dim, vocab_size=c.vocab_size, pad_id=c.pad_id,
+                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id)
     raise ValueError(f"task {manifest.task!r} is not a generation task")

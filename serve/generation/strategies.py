@@ -1,15 +1,13 @@
-"""Decoding strategies behind one small interface: ``select(scores[rows, V]) -> (tokens, parents)``.
+"""How tokens are chosen: greedy and sampling row-wise over the whole batch (``greedy_tokens``, ``sample_tokens``),
+beam search per request (``BeamSearch.select``, vectorised over requests by ``select_many``).
 
-``parents[i]`` is the row (within the request's block) whose state row i continues; ``None`` means rows keep
-their places (greedy, sampling). Greedy and sampling are row-wise, so the scheduler runs every such row of
-the batch through ``greedy_tokens`` / ``sample_tokens`` at once; ``Greedy.select`` / ``Sampling.select`` are
-those same functions on one request's block, which is what makes batched and lone results identical.
-Row-wise also means numerically row-independent: a row's result never depends on the other rows.
+Greedy and sampled rows keep their places; a beam step returns, for each next beam, the row (within the
+request's block) it continues. Row-wise selection is numerically row-independent: a row's result never depends
+on the other rows, which is what makes batched and lone results identical.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,42 +96,13 @@ def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
     return top
 
 
-class Strategy(ABC):
-    """How one request picks its next tokens."""
+class Sampling:
+    """A sampling request's settings and its own generator (one uniform per row per step); the scheduler samples
+    every sampled row of the batch at once with ``sample_tokens``."""
 
-    rows: int
-    """Rows of the batch the request occupies now."""
-
-    @abstractmethod
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """scores (rows, V) after processors -> next tokens (rows',), parents (rows',) or None for identity."""
-
-
-class Greedy(Strategy):
-    def __init__(self, rows: int = 1) -> None:
-        self.rows = rows
-
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, None]:
-        return greedy_tokens(scores), None
-
-
-class Sampling(Strategy):
-    """Temperature / top-k / top-p sampling from the request's own generator (one uniform per row per step)."""
-
-    def __init__(self, params: GenerationParams, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, params: GenerationParams) -> None:
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self.temperature, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
-
-    def draw(self, n: int) -> np.ndarray:
-        """One uniform per live row, in row order."""
-        return self.rng.random(n)
-
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, None]:
-        n = len(scores)
-        full = np.full
-        return sample_tokens(scores, full(n, self.temperature, np.float32), full(n, self.top_k),
-                             full(n, self.top_p), self.draw(n)), None
 
 
 @dataclass
@@ -147,7 +116,7 @@ class Hypothesis:
 
 
 @dataclass
-class BeamSearch(Strategy):
+class BeamSearch:
     """Beam search as a flattened top-k over (live beams x vocab), with Hugging Face's BeamHypotheses rules:
     the 2 x num_beams best candidates are scanned in order; an EOS (or stop-string) candidate ranked below
     num_beams is dropped, one ranked within becomes a finished hypothesis; the others fill the next beams.
@@ -208,9 +177,11 @@ class BeamSearch(Strategy):
             best = self._penalised(best_sum, length)
         return self._worst() >= best
 
-    def select(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """scores: log-probs (rows, V) after processors. Returns the next beams' tokens and parents; sets
-        ``done`` (then ``rows`` is 0) when the search is over."""
+    def select(self, scores: np.ndarray, model_lp: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """scores: log-probs (rows, V) after processors, which rank the candidates; ``model_lp``: the model's own
+        log-probs before them (what logprobs report, as for greedy and sampling; default ``scores``). Returns
+        the next beams' tokens and parents; sets ``done`` (then ``rows`` is 0) when the search is over."""
+        lps = scores if model_lp is None else model_lp
         k, V = scores.shape
         cand = (self.scores[:, None] + scores).ravel()  # (k*V,)
         if self.ends_with_stop is None and self.logprobs is None:
@@ -243,8 +214,8 @@ class BeamSearch(Strategy):
                 if rank >= self.num_beams:
                     continue
                 tokens = self.seqs[beam].tolist() + ([] if reason == "eos" else [tok])
-                lp = float(scores[beam, tok]) if want_lp and reason == "stop" else None
-                tops = _tops(scores[beam], self.logprobs) if lp is not None else None
+                lp = float(lps[beam, tok]) if want_lp and reason == "stop" else None
+                tops = _tops(lps[beam], self.logprobs) if lp is not None else None
                 self._add(tokens, s, length, reason, beam, lp, tops)
             else:
                 next_beams.append(beam)
@@ -255,8 +226,8 @@ class BeamSearch(Strategy):
         parents = np.asarray(next_beams, np.int64)
         tokens = np.asarray(next_tokens, np.int64)
         if want_lp:
-            self.token_lp = np.concatenate([self.token_lp[parents], scores[parents, tokens][:, None]], axis=1)
-            self.top_lp = [self.top_lp[b] + [_tops(scores[b], self.logprobs)] for b in next_beams]
+            self.token_lp = np.concatenate([self.token_lp[parents], lps[parents, tokens][:, None]], axis=1)
+            self.top_lp = [self.top_lp[b] + [_tops(lps[b], self.logprobs)] for b in next_beams]
         self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
         self.scores = np.asarray(next_sums, np.float64)
         best_sum = float(cand[top[0]]) if len(top) else -np.inf

@@ -189,14 +189,25 @@ class DecoderBlock(nn.Module):
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
         src_blocked: torch.Tensor,
+        sources: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new token per row. x (B,1,D), past_k/v (B,H,P,Dh), self_blocked (B,1,1,P+1)."""
-        q, k, v = self.self_attn.heads(self.ln1(x))  # (B,H,1,Dh)
+        """One new token per row, the cross K/V of N = ``sources`` sources shared by B = N * G rows: rows
+        n*G .. n*G+G-1 attend to source n, as G queries of one call (the beams of a request read their source's
+        K/V once, not from G copies). With T = 1 the heads transpose is a reshape of constant shape, which keeps
+        the exported step graph lean. x (B,1,D), past_k/v (B,H,P,Dh), self_blocked (B,1,1,P+1),
+        cross_k/v (N,H,S,Dh), src_blocked (N,1,1,S) -> x (B,1,D), present k/v (B,H,P+1,Dh)."""
+        sa, ca = self.self_attn, self.cross_attn
+        H, D = sa.n_heads, sa.proj.out_features
+        Dh = D // H
+        qkv = sa.qkv(self.ln1(x))  # (B,1,3D)
+        q, k, v = (qkv[..., j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
         k = torch.cat([past_k, k], dim=2)  # (B,H,P+1,Dh)
         v = torch.cat([past_v, v], dim=2)
-        y = attend(q, k, v, self_blocked, self.self_attn.scale, self.self_attn.attn_drop)  # (B,H,1,Dh)
-        x = x + self.self_attn.merge(y)  # (B,1,D)
-        x = x + self.cross_attn(self.ln2(x), cross_k, cross_v, src_blocked)
+        y = attend(q, k, v, self_blocked, sa.scale, sa.attn_drop)  # (B,H,1,Dh)
+        x = x + sa.proj(y.reshape(-1, 1, D))  # (B,1,D)
+        cq = ca.q(self.ln2(x)).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
+        y = attend(cq, cross_k, cross_v, src_blocked, ca.scale, ca.attn_drop)  # (N,H,G,Dh)
+        x = x + ca.proj(y.transpose(1, 2).reshape(-1, 1, D))  # (B,1,D)
         return x + self.ff(self.ln3(x)), k, v
 
 
@@ -241,19 +252,26 @@ class Seq2SeqTransformer(nn.Module):
 
     # ---- public interfaces ----------------------------------------------------------------------------
 
-    def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """src (B,S) int64, src_pad_mask (B,S) bool True = pad ->
-        memory (B,S,D), cross_k (L,B,H,S,Dh), cross_v (L,B,H,S,Dh)."""
+    def memory(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
+        """src (B,S) int64, src_pad_mask (B,S) bool True = pad -> the encoder's output (B,S,D)."""
         positions = torch.ones_like(src).cumsum(1) - 1  # (B,S) 0..S-1, shape-generic for tracing
         x = self.embed_tokens(src, positions)  # (B,S,D)
         src_blocked = src_pad_mask[:, None, None, :]  # (B,1,1,S) keys that are padding
         for block in self.encoder:
             x = block(x, src_blocked)
-        memory = self.enc_ln(x)  # (B,S,D)
-        kvs = [block.cross_attn.memory_kv(memory) for block in self.decoder]
-        cross_k = torch.stack([k for k, _ in kvs])  # (L,B,H,S,Dh)
-        cross_v = torch.stack([v for _, v in kvs])
-        return memory, cross_k, cross_v
+        return self.enc_ln(x)  # (B,S,D)
+
+    def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """src (B,S) int64, src_pad_mask (B,S) bool True = pad ->
+        memory (B,S,D), cross_k (L,B,H,S,Dh), cross_v (L,B,H,S,Dh)."""
+        memory, *kvs = self.encode_layers(src, src_pad_mask)
+        return memory, torch.stack(kvs[0::2]), torch.stack(kvs[1::2])
+
+    def encode_layers(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``encode`` with one cross K/V pair per decoder layer, as the serving graph ``encode`` returns them:
+        memory (B,S,D), cross_k_0, cross_v_0, cross_k_1, ... each (B,H,S,Dh)."""
+        memory = self.memory(src, src_pad_mask)
+        return (memory, *[t for block in self.decoder for t in block.cross_attn.memory_kv(memory)])
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. src (B,S), tgt_in (B,T) int64, right-padded with pad_id -> logits (B,T,V)."""
@@ -289,18 +307,29 @@ class Seq2SeqTransformer(nn.Module):
         past_k/v (L,B,H,P,Dh) (P may be 0), past_pad_mask (B,P) bool True = empty slot
         -> logits (B,V), present_k/v (L,B,H,P+1,Dh).
         """
+        caches = [t[i] for i in range(len(self.decoder)) for t in (cross_k, cross_v, past_k, past_v)]
+        logits, *present = self.decode_step_layers(tokens, positions, src_pad_mask, past_pad_mask, *caches)
+        return logits, torch.stack(present[0::2]), torch.stack(present[1::2])
+
+    def decode_step_layers(self, tokens: torch.Tensor, positions: torch.Tensor, src_pad_mask: torch.Tensor,
+                           past_pad_mask: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``decode_step`` with one cache tensor per layer, as the serving graph ``decode_step`` takes them (no
+        step splits, copies or re-stacks a cache), and the cross K/V of N sources shared by B = N * G rows
+        (``DecoderBlock.step``). tokens (B,1), positions (B,), src_pad_mask (N,S), past_pad_mask (B,P), then per
+        layer i: cross_k_i, cross_v_i (N,H,S,Dh), past_k_i, past_v_i (B,H,P,Dh)
+        -> logits (B,V), then per layer i: present_k_i, present_v_i (B,H,P+1,Dh)."""
         x = self.embed_tokens(tokens, positions.unsqueeze(1))  # (B,1,D)
         # the new token's own slot is never blocked, so no query row is fully masked even when P = 0
         own = torch.zeros_like(tokens, dtype=torch.bool)  # (B,1)
         self_blocked = torch.cat([past_pad_mask, own], dim=1)[:, None, None, :]  # (B,1,1,P+1)
-        src_blocked = src_pad_mask[:, None, None, :]  # (B,1,1,S)
-        present_k, present_v = [], []
+        src_blocked = src_pad_mask[:, None, None, :]  # (N,1,1,S)
+        sources = caches[0].shape[0]  # N, read once: every layer's grouping reuses it
+        present: list[torch.Tensor] = []
         for i, block in enumerate(self.decoder):
-            x, k, v = block.step(x, past_k[i], past_v[i], self_blocked, cross_k[i], cross_v[i], src_blocked)
-            present_k.append(k)
-            present_v.append(v)
-        logits = self.logits(x[:, 0])  # (B,V)
-        return logits, torch.stack(present_k), torch.stack(present_v)
+            cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
+            x, k, v = block.step(x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources)
+            present += [k, v]  # (B,H,P+1,Dh) each
+        return (self.logits(x[:, 0]), *present)  # logits (B,V)
 
     def empty_cache(
         self, batch: int, device: torch.device | None = None
