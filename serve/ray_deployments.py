@@ -29,6 +29,8 @@ from deepserve.manifest import Manifest
 from deepserve.serve.app import DeepServeApp, create_app
 from deepserve.serve import control
 from deepserve.serve.errors import BadRequest, NotReady, ServeError
+from deepserve.serve.generation.openai_api import openai_error
+from deepserve.serve.generation.routes import sse
 from deepserve.serve.http_util import error_response, parse_json, read_body
 from deepserve.serve.model_dir import single_model_view
 from deepserve.serve.ray_bridge import portable_scope, receive_body_then, run_stream, run_unary
@@ -249,8 +251,6 @@ async def _never() -> Message:
 
 
 def _stream_error(scope: dict[str, Any], error: BaseException) -> bytes:
-    from deepserve.serve.generation.http_common import openai_error, sse
-
     lost = NotReady(f"the model's replica was lost during the stream ({type(error).__name__})")
     if scope["path"].startswith("/v1/"):
         return sse(openai_error(lost))
