@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[train,serve]"
+	$(PY) -m pip install -q -e ".[train,export,serve]"
 	touch $@
 
 # The KServe SDK's typed models check deploy/kserve (tests/k8s_schemas.py). kserve itself pins protobuf<7 and a

@@ -7,9 +7,10 @@
 Scenarios: classification (1 and 2: server, protocols, batching, backends, echo ceiling), generation (3: char-LM
 and seq2seq through the server), engine (3b: the seq2seq engine in process), overload (3c: char-LM goodput at
 1-4x capacity), peer (3d: the seq2seq engine vs CTranslate2, same weights; the bench extra), model (4: eager /
-TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), scaleout (6: the
-plain server against Ray Serve with 1 and 2 replicas). Models have fixed random weights and are exported into a
-temporary repository (``--cache DIR`` keeps it between runs).
+TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), tail (6:
+p50/p99/max per repetition, collector options, first burst, mosec; the bench extra), coldstart (7: process start
+to ready, first request, memory), scaleout (8: the plain server against Ray Serve with 1 and 2 replicas). Models
+have fixed random weights and are exported into a temporary repository (``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "scaleout")
+SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "tail", "coldstart",
+             "scaleout")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
          "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
-         "overload": ["charlm"], "peer": ["seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
+         "overload": ["charlm"], "peer": ["seq2seq"], "tail": ["digits-cnn", "resnet18", "charlm"],
+         "coldstart": ["digits-cnn", "charlm", "seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.generation import run_scenario as run_generation
 
                 run_generation(report, repository, p, NEEDS[scenario])
+            elif scenario == "tail":
+                from benchmarks.tail import run_scenario as run_tail
+
+                run_tail(report, repository, p, NEEDS[scenario])
+            elif scenario == "coldstart":
+                from benchmarks.coldstart import run_scenario as run_coldstart
+
+                run_coldstart(report, repository, p)
             elif scenario == "engine":
                 from benchmarks.generation import run_engine
 

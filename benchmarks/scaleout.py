@@ -1,4 +1,4 @@
-"""Scenario 6: scale-out. The plain server (``deepserve serve``) against the Ray Serve application
+"""Scenario 8: scale-out. The plain server (``deepserve serve``) against the Ray Serve application
 (``deepserve serve --engine ray``) with 1 and 2 replicas per model, on the digits CNN and ResNet-18.
 
 One plain server and one Ray application run side by side for the whole scenario; the Ray repository holds each
@@ -126,7 +126,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def _write(report: Report, rounds: dict[tuple[str, int], list[dict[str, dict[str, Any]]]], p: Plan) -> None:
-    section = report.section("Scenario 6 — scale-out: plain server vs Ray Serve with 1 and 2 replicas")
+    section = report.section("Scenario 8 — scale-out: plain server vs Ray Serve with 1 and 2 replicas")
     section.blocks.append(
         f"KServe v2 binary requests, one row each; {p.paired_rounds} rounds, the three servers measured back to "
         f"back in alternating order within each round ({p.cell_s} s cells). req/s and p99 are medians over "

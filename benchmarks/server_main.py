@@ -9,6 +9,7 @@ after uvicorn's startup (the app's lifespan, where deepserve loads and warms its
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import socket
 import sys
@@ -26,9 +27,28 @@ def uvicorn_config(app: Any) -> uvicorn.Config:
                           backlog=2048)
 
 
+GC_MODES = ("shipped", "nofreeze", "disabled", "thresholds")
+"""``--gc``: the collector as deepserve sets it (shipped); as before it did (nofreeze: start-up heap not frozen,
+CPython's thresholds); off (disabled, the reference that cannot be shipped); frozen with ``--gc-thresholds``."""
+
+
+def set_gc(mode: str, thresholds: tuple[int, ...]) -> None:
+    """Applied once the app's start-up (and its ``settle()``) is done: the tail scenario's collector options."""
+    if mode == "nofreeze":
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+    elif mode == "disabled":
+        gc.disable()
+    elif mode == "thresholds":
+        gc.set_threshold(*thresholds)
+
+
 class _Server(uvicorn.Server):
+    gc_mode: tuple[str, tuple[int, ...]] = ("shipped", ())
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
+        set_gc(*self.gc_mode)
         if not self.should_exit:
             print(READY, flush=True)
 
@@ -51,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("app", choices=["deepserve", "echo"])
     parser.add_argument("--repository", help="model repository (deepserve only)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (deepserve only)")
+    parser.add_argument("--gc", choices=GC_MODES, default="shipped", help="garbage collector option (see GC_MODES)")
+    parser.add_argument("--gc-thresholds", default="700,10,10", help="with --gc thresholds: gc.set_threshold's")
     args = parser.parse_args(argv)
     if args.app == "deepserve" and not args.repository:
         parser.error("--repository is required for the deepserve app")
     sock = socket.socket(fileno=args.fd)
     server = _Server(uvicorn_config(build_app(args)))
+    server.gc_mode = (args.gc, tuple(int(t) for t in args.gc_thresholds.split(",")))
     server.run(sockets=[sock])
     return 0
 

@@ -35,8 +35,8 @@ class ServerProcess:
 
     def __init__(self, app: str, *, repository: Path | None = None, device: str | None = None,
                  env: dict[str, str] | None = None, startup_timeout_s: float = 240.0,
-                 stop_timeout_s: float = 20.0) -> None:
-        self.app, self.repository, self.device = app, repository, device
+                 stop_timeout_s: float = 20.0, extra_args: tuple[str, ...] = ()) -> None:
+        self.app, self.repository, self.device, self.extra_args = app, repository, device, extra_args
         self.env = {**os.environ, **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
         self.startup_timeout_s, self.stop_timeout_s = startup_timeout_s, stop_timeout_s
@@ -63,6 +63,7 @@ class ServerProcess:
             command += ["--repository", str(self.repository)]
         if self.device is not None:
             command += ["--device", self.device]
+        command += self.extra_args
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                         pass_fds=(listener.fileno(),), env=self.env, cwd=ROOT)
         listener.close()  # the child holds its own copy
@@ -89,9 +90,14 @@ class ServerProcess:
             if line.strip() == READY:
                 break
         # deepserve may still be warming models after startup: ask the readiness endpoint, backing off
+        self._wait_http("/v2/health/ready", deadline)
+
+    def _wait_http(self, path: str, deadline: float) -> None:
+        """Until GET ``path`` answers 200, backing off."""
+        assert self.process is not None
         delay = 0.05
         while True:
-            status, _ = self.get("/v2/health/ready")
+            status, _ = self.get(path)
             if status == 200:
                 return
             if time.monotonic() + delay > deadline or self.process.poll() is not None:
@@ -134,3 +140,28 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         Path(self._log.name).unlink(missing_ok=True)
+
+
+class MosecProcess(ServerProcess):
+    """``benchmarks.mosec_peer`` serving the classifier artifact ``artifact`` over ``protocol`` (json or image) on
+    a free loopback port; ready once its front end answers ``/``."""
+
+    def __init__(self, artifact: Path, protocol: str, **kwargs: Any) -> None:
+        super().__init__("mosec", **kwargs)
+        self.artifact, self.protocol = artifact, protocol
+
+    def start(self) -> MosecProcess:
+        with socket.socket() as probe:  # mosec binds its own socket: take a free port number for it
+            probe.bind((self.host, 0))
+            self.port = probe.getsockname()[1]
+        # deepserve's default request deadline (30 s), not mosec's 3 s: a slow cell must not turn into errors
+        env = {**self.env, "MOSEC_PORT": str(self.port), "MOSEC_ADDRESS": self.host, "MOSEC_LOG_LEVEL": "warning",
+               "MOSEC_TIMEOUT": "30000"}
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.mosec_peer", str(self.artifact),
+                                         self.protocol], stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
+        try:
+            self._wait_http("/", time.monotonic() + self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import deepserve
 from deepserve.serve.auth import AccessPolicy, AuthGate
 from deepserve.serve.errors import ServeError
+from deepserve.serve.heap import settle
 from deepserve.serve.http_util import DEFAULT_MAX_BODY_BYTES, DirectRoute, HotPath, error_response
 from deepserve.serve.metrics import RequestMetricsMiddleware
 from deepserve.serve.model_state import request_leases
@@ -112,6 +113,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.repository.start()
+        settle()  # the start-up heap leaves the collector's generations: no full collection walks it again
         try:
             yield
         finally:

@@ -7,6 +7,8 @@ or TorchScript (CUDA, else CPU).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,24 @@ class BackendUnavailable(RuntimeError):
     """The requested backend/device/variant cannot be used for this artifact."""
 
 
-def cuda_available() -> bool:
-    import torch
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA GPUs the driver offers this process (honours ``CUDA_VISIBLE_DEVICES``); 0 without a driver.
 
-    return torch.cuda.is_available()
+    Asked of the driver library itself (``cuInit`` + ``cuDeviceGetCount``, what CUDA runtimes call first), not
+    of torch: resolving ``--device auto`` must not import torch where every model runs on ONNX Runtime."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1" if os.name == "posix" else "nvcuda.dll")
+    except OSError:  # no NVIDIA driver installed
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0  # a driver without a usable GPU (or too old for it)
+    return count.value
+
+
+def cuda_available() -> bool:
+    return cuda_device_count() > 0
 
 
 def resolve_device(device: str) -> DeviceName:
@@ -98,9 +114,20 @@ def onnx_session(path: Path, device: DeviceName, *, threads: int | None = None):
     return session
 
 
-def torchscript_module(path: Path, device: DeviceName, *, threads: int | None = None):  # -> torch.jit.ScriptModule
-    import torch
+def import_torch():  # -> the torch module
+    """torch, which only TorchScript graphs need; where it is not installed, a reason that says what to do."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise BackendUnavailable("the TorchScript backend needs torch, which is not installed: "
+                                 "pip install 'deepserve[serve-torchscript]', or serve the ONNX graphs") from None
+    return torch
 
+
+def torchscript_module(path: Path, device: DeviceName, *, threads: int | None = None):  # -> torch.jit.ScriptModule
+    torch = import_torch()
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     module = torch.jit.load(str(path), map_location=device)

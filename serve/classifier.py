@@ -114,10 +114,15 @@ class ClassificationServable(Servable):
                                            lambda: sum(b.depth for b in self.batchers))
 
     async def warmup(self) -> None:
-        dummy = {t.name: np.zeros([1] + [d if isinstance(d, int) else 1 for d in t.shape[1:]], dtype=t.dtype)
-                 for t in self.graph.inputs}
-        for batcher in self.batchers:
-            await batcher.submit(dummy)
+        """Run every batch size the batchers can form, largest first, through every instance (as Triton's model
+        warm-up does): a runtime's first batch of a new shape plans and allocates for it, which the first burst
+        after a start or a scale-up would otherwise pay for in its tail."""
+        for rows in range(self.settings.max_batch_size, 0, -1):
+            dummy = {t.name: np.zeros([rows] + [d if isinstance(d, int) else 1 for d in t.shape[1:]], dtype=t.dtype)
+                     for t in self.graph.inputs}
+            for batcher in self.batchers:
+                await batcher.submit(dummy)
+        await self.decode_images([self.preprocessor.blank_png()])  # the image path's first call too
         self.ready, self.reason = True, None
 
     async def stop(self) -> None:

@@ -26,6 +26,7 @@ from deepserve.manifest import Manifest, ManifestError, load_manifest
 from deepserve.signing import ArtifactTrust
 from deepserve.serve.backends import DeviceName, resolve_device
 from deepserve.serve.errors import LoadFailed, NotFound, NotReady, ServeError
+from deepserve.serve.heap import settle
 from deepserve.serve.metrics import Metrics
 from deepserve.serve.model_state import Loaded, ModelEntry, ModelState, VersionEntry, lease
 from deepserve.serve.poller import Poller
@@ -203,6 +204,8 @@ class ModelRepository:
                 model.settings = settings
             if any(model.versions[n].ready for n in wanted):
                 self._retire_unwanted(model, wanted, settings)
+        if self.ready:  # at run time: the new graphs leave the collector's generations, the old ones' cycles go
+            settle()
         if failures:
             raise LoadFailed(f"model {name!r}: " + "; ".join(failures))
 
@@ -233,6 +236,7 @@ class ModelRepository:
             if draining:
                 self.metrics.observe_unload(name)
                 log.info("model %s unloaded (versions %s)", name, [v.version for v in draining])
+        settle()  # what the unloaded versions left in reference cycles is collected, not kept frozen
 
     async def _load_version(self, model: ModelEntry, entry: VersionEntry, settings: ModelSettings) -> str | None:
         """(Re)load one version beside what serves it now; the failure's text, or None."""

@@ -72,10 +72,10 @@ class TorchScriptRuntime(GraphRuntime):
 
     def __init__(self, graph: GraphSpec, choice: GraphChoice, device: DeviceName, threads: int | None) -> None:
         super().__init__(graph, choice, device)
-        import torch
+        self.module = torchscript_module(choice.file, device, threads=threads)
+        import torch  # loaded by torchscript_module
 
         self.torch = torch
-        self.module = torchscript_module(choice.file, device, threads=threads)
         self._pinned: dict[str, "torch.Tensor"] = {}  # input name -> reusable pinned staging buffer
 
     @property

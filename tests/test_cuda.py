@@ -140,3 +140,11 @@ def test_amp_training_on_cuda_writes_a_checkpoint_that_exports_on_cpu(tmp_path):
     directory = export_checkpoint(result.checkpoint, repository=tmp_path / "repo", name="amp-cnn", version=1,
                                   formats=("torchscript", "onnx"), quantize=False, log=lambda _: None)
     assert (directory / "manifest.json").is_file()
+
+
+def test_device_resolution_finds_the_gpu_without_torch():
+    """`--device auto` asks the CUDA driver, not torch: it must see the GPU torch sees."""
+    from deepserve.serve.backends import cuda_device_count, resolve_device
+
+    assert cuda_device_count() == torch.cuda.device_count()
+    assert resolve_device("auto") == "cuda"

@@ -327,3 +327,16 @@ def test_small_images_are_decoded_without_a_thread_hop(monkeypatch):
     big = asyncio.run(decode(servable, [png_of(100)]))
     assert big.shape == (1, 1, 8, 8) and hops == [1]
     np.testing.assert_allclose(big, small[:1], atol=1e-6)  # a flat grey image resizes to itself
+
+
+def test_device_resolution_asks_the_driver_and_agrees_with_torch():
+    """`--device auto` counts GPUs through the CUDA driver (no torch import); torch must see the same."""
+    import torch
+
+    from deepserve.serve.backends import BackendUnavailable, cuda_device_count, resolve_device
+
+    assert cuda_device_count() == torch.cuda.device_count()
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(BackendUnavailable, match="device must be auto, cpu or cuda"):
+        resolve_device("tpu")

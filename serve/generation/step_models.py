@@ -66,9 +66,8 @@ class Graph:
                 return session.run(None, dict(zip(in_names, arrays)))
 
             return cls(run_onnx, names, platform="onnxruntime_onnx", session=session, input_names=inputs)
-        import torch
-
         module = backends.torchscript_module(choice.file, device, threads=threads)  # type: ignore[arg-type]
+        import torch  # loaded by torchscript_module, which explains its absence
 
         def run_torch(*tensors: torch.Tensor) -> list[torch.Tensor]:
             with torch.inference_mode():
