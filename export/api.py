@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from deepserve import signing
 from deepserve.manifest import (
     GraphSpec, Manifest, ManifestError, StepGraphContract, hash_directory, load_manifest, sha256_file,
 )
+from deepserve.serve.runtime import open_runtime
 
 REFERENCE_FILE = "parity.npz"
 
@@ -258,11 +260,15 @@ def _export_one(graph: GraphDef, variant: str, path: Path) -> None:
 
 
 def _runners(directory: Path, graphs: dict[str, GraphSpec], variant: str) -> dict[str, fmt.Runner]:
-    return {
-        name: fmt.open_runner(variant, directory / spec.files[variant], [t.name for t in spec.inputs],
-                              [t.name for t in spec.outputs])
-        for name, spec in graphs.items()
-    }
+    """Each graph's ``variant`` file opened as serve opens it; one ONNX Runtime thread: parity runs beside other
+    work on few cores, and tiny graphs gain nothing (TorchScript keeps the process's thread setting)."""
+    backend, _, precision = variant.partition("-")  # onnx-int8 -> ONNX Runtime at int8
+    threads = None if backend == "torchscript" else 1
+    with warnings.catch_warnings():  # torch.jit.load warns that TorchScript is deprecated: it is what serve loads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return {name: open_runtime(spec, directory, backend=backend, device="cpu", precision=precision or "fp32",
+                                   threads=threads).run
+                for name, spec in graphs.items()}
 
 
 def check_parity(task: str, directory: Path, graphs: dict[str, GraphSpec], ref: parity.Reference,

@@ -159,7 +159,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 
 def module_runner(module: torch.nn.Module, input_names: list[str], output_names: list[str]) -> Runner:
-    """Run a torch module (eager wrapper or loaded TorchScript) on numpy feeds."""
+    """Run an eager torch module on numpy feeds (graph files open through ``deepserve.serve.runtime``)."""
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -168,31 +168,3 @@ def module_runner(module: torch.nn.Module, input_names: list[str], output_names:
         return {n: o.detach().cpu().numpy() for n, o in zip(output_names, out)}
 
     return run
-
-
-def torchscript_runner(path: Path, input_names: list[str], output_names: list[str]) -> Runner:
-    with _quiet():  # torch.jit.load warns that TorchScript is deprecated; it is still the format serve loads
-        module = torch.jit.load(str(path), map_location="cpu")
-    module.eval()
-    return module_runner(module, input_names, output_names)
-
-
-def onnx_runner(path: Path, output_names: list[str]) -> Runner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # parity runs beside other work on few cores; tiny graphs gain nothing
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(output_names, session.run(output_names, feeds)))
-
-    return run
-
-
-def open_runner(variant: str, path: Path, graph_inputs: list[str], graph_outputs: list[str]) -> Runner:
-    if variant == "torchscript":
-        return torchscript_runner(path, graph_inputs, graph_outputs)
-    return onnx_runner(path, graph_outputs)

@@ -1,5 +1,7 @@
-"""Graph runtimes behind one small interface: ``run(inputs) -> outputs``, numpy in and out, keyed by the
-graph's tensor names. Called from a model instance's worker thread, never on the event loop.
+"""The one graph runtime: an ONNX or TorchScript graph opened on a device, behind ``run(inputs) -> outputs``,
+numpy in and out, keyed by the graph's tensor names (the classifier, export's parity checks), and ``call``, the
+graph's native arrays in and out (the step models, whose state stays on the device). Torch is imported only
+for TorchScript, so ONNX-only serving stays torch-free. Called from a worker thread, never on the event loop.
 
 ONNX Runtime and TorchScript sessions are opened by ``serve/backends.py`` (device and thread choices live
 there). On CUDA, TorchScript inputs are staged through pinned host buffers that are reused across batches,
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +50,11 @@ class GraphRuntime(abc.ABC):
         self.output_names = [t.name for t in graph.outputs]
 
     @abc.abstractmethod
+    def call(self, *arrays: Any) -> list[Any]:
+        """Run on native arrays in the graph's input order (numpy for ONNX Runtime, torch tensors on the device
+        for TorchScript); returns the outputs in order, native too."""
+
+    @abc.abstractmethod
     def run(self, inputs: Tensors) -> Tensors:
         """Run one batch; every input and output has the batch as its first axis."""
 
@@ -62,9 +70,11 @@ class OnnxRuntime(GraphRuntime):
         if missing:
             raise BackendUnavailable(f"{choice.file.name}: graph has no inputs {missing} (it has {sorted(have)})")
 
+    def call(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, dict(zip(self.input_names, arrays)))
+
     def run(self, inputs: Tensors) -> Tensors:
-        outputs = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(self.output_names, self.call(*[inputs[n] for n in self.input_names])))
 
 
 class TorchScriptRuntime(GraphRuntime):
@@ -99,16 +109,19 @@ class TorchScriptRuntime(GraphRuntime):
         staged.numpy()[...] = array  # one host copy into pinned memory, then an async copy to the device
         return staged.to(self.device, non_blocking=True)
 
+    def call(self, *tensors: Any) -> list[Any]:
+        with self.torch.inference_mode():
+            result = self.module(*tensors)
+        if isinstance(result, self.torch.Tensor):
+            result = (result,)
+        flat: list = []
+        for r in result:  # char-LM style (logits, (h, c)) nests its state
+            flat.extend(r if isinstance(r, (tuple, list)) else [r])
+        return flat
+
     def run(self, inputs: Tensors) -> Tensors:
-        torch = self.torch
-        with torch.inference_mode():
-            args = [self._to_device(n, inputs[n]) for n in self.input_names]
-            result = self.module(*args)
-            if isinstance(result, torch.Tensor):
-                result = (result,)
-            flat: list = []
-            for r in result:  # char-LM style (logits, (h, c)) nests its state
-                flat.extend(r if isinstance(r, (tuple, list)) else [r])
+        with self.torch.inference_mode():
+            flat = self.call(*[self._to_device(n, inputs[n]) for n in self.input_names])
             # .cpu() waits for the device once per output; the copies are queued back to back.
             return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
 

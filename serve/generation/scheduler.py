@@ -1,16 +1,13 @@
 """Continuous batching: one loop per model instance, on its own thread.
 
 Each iteration: admit waiting requests that fit (their rows join the batch: prefill or one batched encoder
-call), run one model step over every running row, pick the next tokens (all greedy rows in one argmax, all
-sampled rows in one vectorised sampler, beam requests one by one), then drop the rows of finished,
-cancelled or expired requests and follow beam back-pointers with a single state gather. Plain requests
-(``Job.plain``: no streaming, stop strings, logprobs or processors) cost nothing per row and step: their
-tokens go into one ``TokenLog`` column per step, and the loop visits them only when a row picks EOS or
-they reach max_new_tokens; a step where no row leaves builds no index at all. The asyncio side gets its
-events through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a ``threading.Event``
-when idle: no polling.
+call), run one model step over every running row, choose the next tokens (``batch.StepPlan``), update the
+requests, then drop the rows of finished, cancelled or expired requests and follow beam back-pointers with a
+single state gather. Plain requests (``Job.plain``) cost nothing per row and step: their tokens go into one
+``TokenLog`` column per step, and the loop visits them only when a row picks EOS or they reach max_new_tokens.
+Events reach the asyncio side through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a
+``threading.Event`` when idle: no polling.
 """
-
 from __future__ import annotations
 
 import bisect
@@ -18,7 +15,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -26,82 +22,13 @@ import numpy as np
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
 from deepserve.serve.generation.admission import Admission, Slot
+from deepserve.serve.generation.batch import RowMoves, StepPlan
 from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
-from deepserve.serve.generation.strategies import (
-    BeamSearch, Sampling, greedy_tokens, log_softmax, sample_tokens,
-)
+from deepserve.serve.generation.strategies import BeamSearch, log_softmax
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
-
-
-@dataclass
-class StepPlan:
-    """How this step picks each running row's token: the rows by strategy, and the requests it must visit.
-    Rebuilt only when the batch changes."""
-
-    greedy: slice | np.ndarray
-    """Rows chosen by argmax (``slice(None)`` when that is every row)."""
-    any_greedy: bool
-    starts: list[int]
-    """Each running request's first row, in order (to find the request behind a row)."""
-    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Sampled rows, and each one's temperature, top-k and top-p."""
-    temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    top_k: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
-    samplers: list[Job] = field(default_factory=list)
-    """The sampling requests, in row order (each draws its rows' uniforms from its own generator)."""
-    beams: list[Job] = field(default_factory=list)
-    processed: list[Job] = field(default_factory=list)
-    """Row requests with logit processors."""
-    with_logprobs: list[Job] = field(default_factory=list)
-    """Row requests that return logprobs."""
-    visited: list[Job] = field(default_factory=list)
-    """Requests looked at every step (all but the plain ones, see ``Job.plain``)."""
-
-
-class RowMoves:
-    """Where this step's rows go: runs of rows that stay in place, and the rows of requests that moved, in order.
-    Requests whose rows all stay extend a run; only the others (beams, finished or partly finished requests)
-    cut it, so a step where nothing leaves builds no index at all."""
-
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
-        self.index: list[np.ndarray] = []
-        self.tokens: list[np.ndarray] = []
-        self.run_start = 0
-        """First row of the current run of unchanged rows."""
-        self.moved = False
-        self.regroup = False
-        """Whether a request left or changed width (requests are renumbered, the model regroups its sources)."""
-        self.new_tokens = rows
-        self._chosen: list[int] | None = None
-
-    def chosen_list(self, chosen: np.ndarray) -> list[int]:
-        if self._chosen is None:
-            self._chosen = chosen.tolist()
-        return self._chosen
-
-    def move(self, start: int, end: int, kept: tuple[np.ndarray, np.ndarray] | None, chosen: np.ndarray) -> None:
-        """Rows [start, end) changed: close the run before them, then keep ``kept`` (rows, tokens) if any."""
-        self.moved = True
-        if self.run_start < start:
-            self.index.append(np.arange(self.run_start, start))
-            self.tokens.append(chosen[self.run_start:start])
-        self.run_start = end
-        if kept is not None:
-            self.index.append(kept[0])
-            self.tokens.append(kept[1])
-
-    def finish(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The index of the rows kept, in their new order, and their next tokens."""
-        if self.run_start < self.rows:
-            self.move(self.rows, self.rows, None, chosen)
-        if not self.index:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(self.index), np.concatenate(self.tokens)
 
 
 class Scheduler:
@@ -213,17 +140,24 @@ class Scheduler:
             self.admission.observe(now - self._last_step)
         self._last_step = now if self.running else None
         outbox: list[tuple[Job, Event]] = []
-        self._expire(outbox)
-        self._admit(outbox)
-        self._notify()
-        if self.running:
-            self._step(outbox)
-        deliver(outbox)
-        self._notify()
-
-    def _notify(self) -> None:
+        # a request is marked finished and its events handed over under one hold of ``rows_changed``, so that
+        # a waiter never sees it finished before its events are on their way; the model runs outside it
         with self.rows_changed:
-            self.rows_changed.notify_all()
+            self._expire(outbox)
+            self._admit(outbox)
+            self._hand_over(outbox)
+        if self.running:
+            t0 = time.perf_counter()
+            logits = self.model.step(self.tokens)  # (B,V)
+            with self.rows_changed:
+                self._step(t0, logits, outbox)
+                self._hand_over(outbox)
+
+    def _hand_over(self, outbox: list) -> None:
+        """Deliver ``outbox`` (the caller holds ``rows_changed``) and wake the waiters."""
+        deliver(outbox)
+        outbox.clear()
+        self.rows_changed.notify_all()
 
     def _expire(self, outbox: list) -> None:
         """Remove cancelled and expired requests before the step (their rows are freed right away). Only looks
@@ -281,47 +215,21 @@ class Scheduler:
         self._plan = None
         self.metrics.running.set(self.model.rows)
 
-    def _make_plan(self) -> StepPlan:
-        """Group the running requests' rows by how their tokens are chosen."""
-        running = self.running
-        sampled = [j for j in running if isinstance(j.strategy, Sampling)]
-        greedy = [r for j in running if j.strategy is None for r in range(j.start, j.start + j.rows)]
-        widths = [j.rows for j in sampled]
-
-        def per_row(name: str, dtype: type) -> np.ndarray:
-            return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), widths)
-
-        rows = [j for j in running if not j.is_beam]
-        return StepPlan(
-            greedy=slice(None) if len(greedy) == self.model.rows else np.asarray(greedy, np.int64),
-            any_greedy=bool(greedy), starts=[j.start for j in running],
-            sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
-            temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
-            top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
-            processed=[j for j in rows if j.processors],
-            with_logprobs=[j for j in rows if j.params.logprobs is not None],
-            visited=[j for j in running if not j.plain])
-
-    def _step(self, outbox: list) -> None:
-        """One step: run the model over every row, select each row's token, update the requests and the batch."""
-        t0 = time.perf_counter()
-        logits = self.model.step(self.tokens)  # (B,V)
+    def _step(self, t0: float, logits: np.ndarray, outbox: list) -> None:
+        """One step after the model ran (since ``t0``): select each row's token, update the requests and rows."""
         self.steps += 1
-        if self._plan is None:
-            self._plan = self._make_plan()
-        plan = self._plan
-        raw_lp = self._process(plan, logits)
-        chosen = self._select(plan, logits)
+        plan = self._plan = self._plan or StepPlan.of(self.running, self.model.rows)
+        raw_lp = plan.process(logits)
+        chosen = plan.select(logits)
         now = time.perf_counter()
         for j in self.fresh:
             j.t_first = now
             self.metrics.ttft.observe(now - j.t_submit)
         self.fresh = []
-        self.log.write(chosen, self._oldest_column)
+        self.log.write(chosen, lambda: min((j.col0 for j in self.running if j.plain), default=self.log.col))
         visit = self._to_visit(plan, chosen)
-        widths = {j.id: j.rows for j in plan.beams}  # before ``_beams_fast`` moves them
-        if plan.beams:
-            self._beams_fast(plan.beams, logits)
+        widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them
+        plan.select_beams(logits)
         moves = RowMoves(len(chosen))
         for j in visit:
             self._update(j, widths, chosen, logits, raw_lp.get(j.id), outbox, moves)
@@ -330,28 +238,6 @@ class Scheduler:
         if moves.regroup or visit is not plan.visited:
             self._plan = None
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
-
-    def _process(self, plan: StepPlan, logits: np.ndarray) -> dict[int, np.ndarray]:
-        """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
-        ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place."""
-        raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in plan.with_logprobs}
-        for j in plan.processed:
-            block = logits[j.start: j.start + j.rows]
-            hist = j.histories() if j.needs_history else []
-            for proc in j.processors:
-                proc(block, hist, j.generated)
-        return raw_lp
-
-    def _select(self, plan: StepPlan, logits: np.ndarray) -> np.ndarray:
-        """Every greedy row in one argmax, every sampled row in one vectorised draw (beams: ``_beams_fast`` and
-        ``_beam_step``, which move rows)."""
-        chosen = np.empty(len(self.tokens), np.int64)
-        if plan.any_greedy:
-            chosen[plan.greedy] = greedy_tokens(logits[plan.greedy])
-        if len(plan.sample):
-            u = np.concatenate([j.strategy.rng.random(j.rows) for j in plan.samplers])  # a uniform per row
-            chosen[plan.sample] = sample_tokens(logits[plan.sample], plan.temperature, plan.top_k, plan.top_p, u)
-        return chosen
 
     def _to_visit(self, plan: StepPlan, chosen: np.ndarray) -> list[Job]:
         """The requests this step must look at: every one not plain, and plain ones whose row picked EOS (from
@@ -414,9 +300,6 @@ class Scheduler:
         if moves.regroup:
             self._renumber([j for j in self.running if not j.finished])
 
-    def _oldest_column(self) -> int:
-        return min((j.col0 for j in self.running if j.plain), default=self.log.col)
-
     def _leave_log(self, j: Job) -> None:
         """A plain request that needs the general path (a row picked EOS): move its tokens from the log into
         its sequences, up to the step before this one (``_row_step`` takes this step's tokens)."""
@@ -434,31 +317,12 @@ class Scheduler:
 
     def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None,
                   outbox: list) -> None:
-        for event in j.advance(chosen, raw_lp, eos, self.char_level):
-            outbox.append((j, event))
+        outbox.extend((j, event) for event in j.advance(chosen, raw_lp, eos, self.char_level))
         for seq in j.row_seqs:
             if seq.finish_reason:
                 self.metrics.finished(seq.finish_reason)
         if not j.live:
             self._finish(j, outbox)
-
-    def _beams_fast(self, beams: list[Job], logits: np.ndarray) -> None:
-        """Beam requests at full width without stops, logprobs or history-reading processors: one vectorised
-        selection per beam width (``BeamSearch.select_many``); the others are left to ``_beam_step``.
-        Processors that read no history (``min_new_tokens``) edit their request's block of scores first."""
-        groups: dict[int, list[Job]] = {}
-        for j in beams:
-            k = j.params.num_beams
-            if j.strategy.rows == k and not j.needs_history and not j.stops and j.params.logprobs is None:
-                groups.setdefault(k, []).append(j)
-        for k, jobs in groups.items():
-            rows = np.concatenate([np.arange(j.start, j.start + k) for j in jobs])
-            scores = log_softmax(logits[rows]).reshape(len(jobs), k, -1)
-            for i, j in enumerate(jobs):
-                for p in j.processors:  # j.generated counts the tokens before this step, as in _beam_step
-                    p(scores[i], [], j.generated)
-            for j, (toks, parents) in zip(jobs, BeamSearch.select_many([j.strategy for j in jobs], scores)):
-                j.beam_out = (parents, toks)
 
     def _beam_step(self, j: Job, logits: np.ndarray, outbox: list) -> None:
         beam = j.strategy
@@ -509,13 +373,14 @@ class Scheduler:
         self.metrics.running.set(self.model.rows)
 
     def _fail_all(self, error: Exception) -> None:
-        outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
-        for j in self.running:
-            j.finished = True
-        try:
-            self._compact([])
-        except Exception:  # the model state itself is broken: start from an empty batch
-            log.exception("resetting the generation state failed")
-        self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
-        self.log, self.due, self.fresh = TokenLog(), {}, []
-        deliver(outbox)
+        with self.rows_changed:  # as in ``_iteration``: finished and handed over under one hold
+            outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
+            for j in self.running:
+                j.finished = True
+            try:
+                self._compact([])
+            except Exception:  # the model state itself is broken: start from an empty batch
+                log.exception("resetting the generation state failed")
+            self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
+            self.log, self.due, self.fresh = TokenLog(), {}, []
+            self._hand_over(outbox)

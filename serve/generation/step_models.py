@@ -10,8 +10,8 @@ drives it with four calls:
   back-pointers). ``regroup=False`` promises that rows only moved within a request, whose rows share one
   source, so the seq2seq cross-attention state is left alone.
 
-Graphs come from ``serve/backends.py``: ONNX Runtime sessions fed numpy arrays (the state stays numpy), or
-TorchScript modules (the state stays torch tensors on the module's device). ``Graph`` hides the difference.
+Graphs are opened by ``serve/runtime.py``: ONNX Runtime fed numpy arrays (the state stays numpy), or TorchScript
+(the state stays torch tensors on the module's device). ``Graph`` adds the array ops that hide the difference.
 The char-LM runner lives here, the seq2seq one in ``seq2seq_step``.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deepserve.manifest import GraphSpec, Manifest, StepGraphContract
-from deepserve.serve import backends
+from deepserve.serve.runtime import TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
 
@@ -52,29 +52,13 @@ class Graph:
     @classmethod
     def open(cls, spec: GraphSpec, directory: Path, *, backend: str, device: str, precision: str = "fp32",
              threads: int | None = None) -> Graph:
-        choice = backends.choose_graph(spec.files, directory, backend=backend, device=device,  # type: ignore[arg-type]
-                                       precision=precision)
-        names = [t.name for t in spec.outputs]
-        inputs = [t.name for t in spec.inputs]
-        if choice.backend == "onnx":
-            # on CPU its workers sleep between runs (backends.py): spinning ones take the cores the scheduler
-            # thread needs for its selection work between two steps
-            session = backends.onnx_session(choice.file, device, threads=threads)  # type: ignore[arg-type]
-            in_names = [i.name for i in session.get_inputs()]
-
-            def run_onnx(*arrays: np.ndarray) -> list[np.ndarray]:
-                return session.run(None, dict(zip(in_names, arrays)))
-
-            return cls(run_onnx, names, platform="onnxruntime_onnx", session=session, input_names=inputs)
-        module = backends.torchscript_module(choice.file, device, threads=threads)  # type: ignore[arg-type]
-        import torch  # loaded by torchscript_module, which explains its absence
-
-        def run_torch(*tensors: torch.Tensor) -> list[torch.Tensor]:
-            with torch.inference_mode():
-                out = module(*tensors)
-            return list(out) if isinstance(out, (tuple, list)) else [out]
-
-        return cls(run_torch, names, torch_device=device, platform="pytorch_libtorch", input_names=inputs)
+        # on CPU, ONNX Runtime's workers sleep between runs (backends.py): spinning ones take the cores the
+        # scheduler thread needs for its selection work between two steps
+        rt = open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
+                          precision=precision, threads=threads)
+        torchscript = isinstance(rt, TorchScriptRuntime)
+        return cls(rt.call, rt.output_names, torch_device=device if torchscript else None, platform=rt.platform,
+                   session=getattr(rt, "session", None), input_names=rt.input_names)
 
     def __call__(self, *inputs: Array) -> list[Array]:
         return self._fn(*inputs)

@@ -1,0 +1,141 @@
+"""The running batch's rows in one step: how each row's token is chosen (``StepPlan``: logit processors, one
+argmax for the greedy rows, one vectorised draw for the sampled ones, one selection per beam width) and where
+each row goes next (``RowMoves``). The scheduler owns the requests; this module only sees their rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deepserve.serve.generation.jobs import Job
+from deepserve.serve.generation.strategies import BeamSearch, Sampling, greedy_tokens, log_softmax, sample_tokens
+
+
+@dataclass
+class StepPlan:
+    """How this step picks each running row's token: the rows by strategy, and the requests it must visit.
+    Rebuilt only when the batch changes."""
+
+    greedy: slice | np.ndarray
+    """Rows chosen by argmax (``slice(None)`` when that is every row)."""
+    any_greedy: bool
+    starts: list[int]
+    """Each running request's first row, in order (to find the request behind a row)."""
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Sampled rows, and each one's temperature, top-k and top-p."""
+    temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    top_k: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    samplers: list[Job] = field(default_factory=list)
+    """The sampling requests, in row order (each draws its rows' uniforms from its own generator)."""
+    beams: list[Job] = field(default_factory=list)
+    processed: list[Job] = field(default_factory=list)
+    """Row requests with logit processors."""
+    with_logprobs: list[Job] = field(default_factory=list)
+    """Row requests that return logprobs."""
+    visited: list[Job] = field(default_factory=list)
+    """Requests looked at every step (all but the plain ones, see ``Job.plain``)."""
+
+    @classmethod
+    def of(cls, running: list[Job], rows: int) -> StepPlan:
+        """Group the running requests' rows (``rows`` in all) by how their tokens are chosen."""
+        sampled = [j for j in running if isinstance(j.strategy, Sampling)]
+        greedy = [r for j in running if j.strategy is None for r in range(j.start, j.start + j.rows)]
+
+        def per_row(name: str, dtype: type) -> np.ndarray:
+            return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), [j.rows for j in sampled])
+
+        row_jobs = [j for j in running if not j.is_beam]
+        return cls(
+            greedy=slice(None) if len(greedy) == rows else np.asarray(greedy, np.int64),
+            any_greedy=bool(greedy), starts=[j.start for j in running],
+            sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
+            temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
+            top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
+            processed=[j for j in row_jobs if j.processors],
+            with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
+            visited=[j for j in running if not j.plain])
+
+    def process(self, logits: np.ndarray) -> dict[int, np.ndarray]:
+        """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
+        ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place."""
+        raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in self.with_logprobs}
+        for j in self.processed:
+            block = logits[j.start: j.start + j.rows]
+            hist = j.histories() if j.needs_history else []
+            for proc in j.processors:
+                proc(block, hist, j.generated)
+        return raw_lp
+
+    def select(self, logits: np.ndarray) -> np.ndarray:
+        """Every greedy row in one argmax, every sampled row in one vectorised draw (beams: ``select_beams``
+        and the scheduler's ``_beam_step``, which move rows)."""
+        chosen = np.empty(len(logits), np.int64)
+        if self.any_greedy:
+            chosen[self.greedy] = greedy_tokens(logits[self.greedy])
+        if len(self.sample):
+            u = np.concatenate([j.strategy.rng.random(j.rows) for j in self.samplers])  # a uniform per row
+            chosen[self.sample] = sample_tokens(logits[self.sample], self.temperature, self.top_k, self.top_p, u)
+        return chosen
+
+    def select_beams(self, logits: np.ndarray) -> None:
+        """Beam requests at full width without stops, logprobs or history-reading processors: one vectorised
+        selection per beam width (``BeamSearch.select_many``); the others are left to ``_beam_step``.
+        Processors that read no history (``min_new_tokens``) edit their request's block of scores first."""
+        groups: dict[int, list[Job]] = {}
+        for j in self.beams:
+            k = j.params.num_beams
+            if j.strategy.rows == k and not j.needs_history and not j.stops and j.params.logprobs is None:
+                groups.setdefault(k, []).append(j)
+        for k, jobs in groups.items():
+            rows = np.concatenate([np.arange(j.start, j.start + k) for j in jobs])
+            scores = log_softmax(logits[rows]).reshape(len(jobs), k, -1)
+            for i, j in enumerate(jobs):
+                for p in j.processors:  # j.generated counts the tokens before this step, as in _beam_step
+                    p(scores[i], [], j.generated)
+            for j, (toks, parents) in zip(jobs, BeamSearch.select_many([j.strategy for j in jobs], scores)):
+                j.beam_out = (parents, toks)
+
+
+class RowMoves:
+    """Where this step's rows go: runs of rows that stay in place, and the rows of requests that moved, in order.
+    Requests whose rows all stay extend a run; only the others (beams, finished or partly finished requests)
+    cut it, so a step where nothing leaves builds no index at all."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.index: list[np.ndarray] = []
+        self.tokens: list[np.ndarray] = []
+        self.run_start = 0
+        """First row of the current run of unchanged rows."""
+        self.moved = False
+        self.regroup = False
+        """Whether a request left or changed width (requests are renumbered, the model regroups its sources)."""
+        self.new_tokens = rows
+        self._chosen: list[int] | None = None
+
+    def chosen_list(self, chosen: np.ndarray) -> list[int]:
+        if self._chosen is None:
+            self._chosen = chosen.tolist()
+        return self._chosen
+
+    def move(self, start: int, end: int, kept: tuple[np.ndarray, np.ndarray] | None, chosen: np.ndarray) -> None:
+        """Rows [start, end) changed: close the run before them, then keep ``kept`` (rows, tokens) if any."""
+        self.moved = True
+        if self.run_start < start:
+            self.index.append(np.arange(self.run_start, start))
+            self.tokens.append(chosen[self.run_start:start])
+        self.run_start = end
+        if kept is not None:
+            self.index.append(kept[0])
+            self.tokens.append(kept[1])
+
+    def finish(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The index of the rows kept, in their new order, and their next tokens."""
+        if self.run_start < self.rows:
+            self.move(self.rows, self.rows, None, chosen)
+        if not self.index:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(self.index), np.concatenate(self.tokens)
+
