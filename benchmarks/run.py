@@ -9,8 +9,8 @@ and seq2seq through the server), engine (3b: the seq2seq engine in process), ove
 1-4x capacity), peer (3d: the seq2seq engine vs CTranslate2, same weights; the bench extra), model (4: eager /
 TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), tail (6:
 p50/p99/max per repetition, collector options, first burst, mosec; the bench extra), coldstart (7: process start
-to ready, first request, memory). Models have fixed random weights and are exported into a temporary repository
-(``--cache DIR`` keeps it between runs).
+to ready, first request, memory), scaleout (8: the plain server against Ray Serve with 1 and 2 replicas). Models
+have fixed random weights and are exported into a temporary repository (``--cache DIR`` keeps it between runs).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "tail", "coldstart")
+SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "tail", "coldstart",
+             "scaleout")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
          "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
          "overload": ["charlm"], "peer": ["seq2seq"], "tail": ["digits-cnn", "resnet18", "charlm"],
-         "coldstart": ["digits-cnn", "charlm", "seq2seq"]}
+         "coldstart": ["digits-cnn", "charlm", "seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.ct2_peer import run_scenario as run_peer
 
                 run_peer(report, repository, checkpoints, p)
+            elif scenario == "scaleout":
+                from benchmarks.scaleout import run_scenario as run_scaleout
+
+                run_scaleout(report, repository, p, NEEDS[scenario])
             else:
                 from benchmarks.modellevel import run_scenario as run_model_level
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 _SETTING_FLAGS = (
@@ -36,6 +37,31 @@ class ServerOptionError(ValueError):
     """A --loop / --http choice that cannot be used here."""
 
 
+def _default_port() -> int:
+    raw = os.environ.get("PORT", "")
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 65536 else 8000
+
+
+def repository_path(args: argparse.Namespace) -> str:
+    """``--repository``, or a one-model view of ``--model-dir`` named ``--model-name``."""
+    if args.model_dir is None:
+        if args.repository is None:
+            raise ServerOptionError("give --repository DIR, or --model-dir DIR with --model-name NAME")
+        if args.model_name is not None:
+            raise ServerOptionError("--model-name goes with --model-dir, not --repository")
+        return args.repository
+    if args.repository is not None:
+        raise ServerOptionError("give either --repository or --model-dir, not both")
+    if args.model_name is None:
+        raise ServerOptionError("--model-dir needs --model-name (the name clients use in /v2/models/NAME)")
+    from deepserve.serve.model_dir import ModelDirError, single_model_view
+
+    try:
+        return str(single_model_view(args.model_dir, args.model_name, allow_symlinks_out=args.allow_symlinks_out))
+    except (ModelDirError, OSError) as e:
+        raise ServerOptionError(str(e)) from None
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
@@ -44,9 +70,19 @@ def add_parser(subparsers) -> None:
                     "from <repository>/<model>/config.json (or .yaml), then DEEPSERVE_<SETTING> environment "
                     "variables, then these flags, which apply to every model.",
     )
-    p.add_argument("--repository", required=True, help="model repository: <repository>/<model>/<version>/")
+    p.add_argument("--repository", help="model repository: <repository>/<model>/<version>/")
+    p.add_argument("--model-dir", help="serve one model from this folder instead of a repository (KServe mounts "
+                                       "/mnt/models): an artifact version, or a model folder of versions")
+    p.add_argument("--model-name", help="the name --model-dir is served under (KServe: the InferenceService name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    p.add_argument("--port", type=int, default=_default_port(),
+                   help="port to bind (default: $PORT when set, as KServe and Knative set it, else 8000)")
+    p.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
+                   help="uvicorn: this process serves (default); ray: a Ray Serve application, one deployment "
+                        "per model with replicas from config.json's ray section (pip install 'deepserve[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="with --engine ray: a Ray cluster (auto, ray://host:10001); default starts a local one "
+                        "bound to 127.0.0.1")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run")
     p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default=None,
                    help="runtime preference (default auto: ONNX Runtime on CPU, TorchScript on CUDA)")
@@ -201,6 +237,8 @@ def model_tasks(repository: Path) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from deepserve.cli import CLIError
     from deepserve.serve.app import create_app
     from deepserve.serve.backends import BackendUnavailable, resolve_device
@@ -220,6 +258,13 @@ def run(args: argparse.Namespace) -> int:
         resolve_settings(None, {k: v for k, v in overrides.items() if v is not None})  # flags alone must be valid
         access = access_policy(args)
         trust = ArtifactTrust(trusted_keys_option(args.trusted_keys), args.allow_symlinks_out)
+        args.repository = repository_path(args)
+        if args.model_dir is not None:  # the view's one symlink, to the folder named on the command line
+            trust = replace(trust, allow_symlinks_out=True)
+        if args.engine == "ray":
+            from deepserve.serve.ray_app import run_cli
+
+            return run_cli(args, overrides, trust, access)
         repository = ModelRepository(args.repository, overrides=overrides, device=device,
                                      max_pixels=args.max_image_pixels, trust=trust, model_control=args.model_control,
                                      load_models=args.load_model, poll_interval_s=args.poll_interval)
@@ -230,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
                      cors_allow_origins=args.cors_allow_origin, max_json_depth=args.max_json_depth)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"deepserve: playground at http://{host}:{args.port}/ (open it in a browser)", flush=True)
-    print(f"deepserve: serving {args.repository} on http://{host}:{args.port} (device {device}, "
+    print(f"deepserve: serving {args.model_dir or args.repository} on http://{host}:{args.port} (device {device}, "
           f"{implementations['loop']} loop, {implementations['http']} parser); "
           f"models: {', '.join(repository.models) or 'none'}", flush=True)
     if trust.keys:

@@ -67,8 +67,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
 def configure_logging(level: str, log_format: LogFormat | str = LogFormat.TEXT) -> None:
-    """One stderr handler on the root logger, in ``log_format``, every record carrying its request id.
-    uvicorn's loggers propagate to it (the server is started with ``log_config=None``)."""
+    """One stderr handler on the root logger, in ``log_format``, every record carrying its request id, unless the
+    root logger has handlers already. uvicorn's loggers propagate to it (the server runs with ``log_config=None``)."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     if LogFormat(log_format) is LogFormat.JSON:
@@ -79,6 +79,5 @@ def configure_logging(level: str, log_format: LogFormat | str = LogFormat.TEXT) 
                                                           "name": "logger"}))
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # basicConfig: a no-op where logging is already set up (a test process running the CLI in process keeps its own)
+    logging.basicConfig(level=level.upper(), handlers=[handler])

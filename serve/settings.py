@@ -19,6 +19,8 @@ from deepserve.serve.model_state import VersionPolicy
 
 CONFIG_FILES = ("config.json", "config.yaml", "config.yml")
 ENV_PREFIX = "DEEPSERVE_"
+ENGINE_SECTIONS = ("ray",)
+"""Config-file sections read by a scale-out engine (``serve/ray_app.py``), not by ``ModelSettings``."""
 
 
 class SettingsError(ValueError):
@@ -132,6 +134,23 @@ def _convert(name: str, raw: Any) -> Any:
 
 def read_config_file(model_dir: Path) -> dict[str, Any]:
     """The settings in ``model_dir/config.{json,yaml}``, or ``{}`` when there is none."""
+    path, raw = _load_config_file(model_dir)
+    if path is None:
+        return {}
+    # an engine's section (``ray``) is that engine's to read: read_engine_section
+    return settings_mapping({k: v for k, v in raw.items() if k not in ENGINE_SECTIONS}, str(path))
+
+
+def read_engine_section(model_dir: Path, section: str) -> tuple[Path | None, dict[str, Any]]:
+    """The file and its ``section`` mapping (``{}`` when absent), e.g. ``"ray"``: replicas and resources."""
+    path, raw = _load_config_file(model_dir)
+    value = raw.get(section, {})
+    if not isinstance(value, dict):
+        raise SettingsError(f"{path}: {section} must be a mapping, got {type(value).__name__}")
+    return path, value
+
+
+def _load_config_file(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     for file_name in CONFIG_FILES:
         path = Path(model_dir) / file_name
         if not path.is_file():
@@ -145,8 +164,10 @@ def read_config_file(model_dir: Path) -> dict[str, Any]:
                 raw = yaml.safe_load(path.read_text()) or {}
         except Exception as e:  # any parse error is the file's fault: report it, naming the file
             raise SettingsError(f"{path}: cannot parse ({e})") from None
-        return settings_mapping(raw, str(path))
-    return {}
+        if not isinstance(raw, dict):
+            raise SettingsError(f"{path}: must hold a mapping of settings, got {type(raw).__name__}")
+        return path, raw
+    return None, {}
 
 
 def settings_mapping(raw: Any, where: str) -> dict[str, Any]:

@@ -1,0 +1,461 @@
+"""The Ray Serve application on a real local Ray (127.0.0.1, 2 CPUs, no dashboard), started once for the module
+the way users start it (``deepserve serve --engine ray``), with 2 replicas of the classifier and of the char-LM.
+
+It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process
+give the same bodies), spread requests over the replicas, survive the loss of a replica under load (every
+request answered 200 or a clear 503, none hanging; Ray brings the replica back), and a client that hangs up must
+stop its generation inside the replica."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
+from tests.servers import free_port
+from tests.test_serve_socket import body, images
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny-cnn": {"num_replicas": 2}, "tiny-charlm": {"num_replicas": 2},
+    "tiny-seq2seq": {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}},
+}
+"""Each model's ray section (Ray rejects a malformed autoscaling config when the app deploys)."""
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ray-repo")
+    make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    make_charlm_artifact(root, "tiny-charlm", quantize=False)
+    make_seq2seq_artifact(root, "tiny-seq2seq", quantize=False)
+    for name, ray_section in MODELS.items():
+        config = {"max_new_tokens": 1_000_000, "ray": {**ray_section, "num_cpus": 0.25}}
+        (root / name / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def ray_env() -> dict[str, str]:
+    """One cluster's token (not the machine-wide ~/.ray one), loopback addresses, no usage reporting."""
+    from deepserve.serve.ray_app import local_ray_env
+
+    return {**local_ray_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.2)  # test only: the condition is in other processes
+
+
+@pytest.fixture(scope="module")
+def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    port = free_port()
+    env = ray_env()
+    out = tmp_path_factory.mktemp("ray-log") / "stdout.txt"
+    cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--engine", "ray", "--repository", str(repository),
+           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    with open(out, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # this process joins the cluster as a driver (to kill replicas, read their metrics)
+    import ray
+
+    try:
+        wait_for(lambda: proc.poll() is not None or "serving" in out.read_text(), 150, "Ray Serve app deployed")
+        text = out.read_text()
+        if proc.poll() is not None:
+            pytest.fail(f"deepserve serve --engine ray exited with {proc.returncode}:\n{text[-3000:]}")
+        address = re.search(r"Ray at ([\d.]+:\d+)", text).group(1)
+        assert address.startswith("127.0.0.1:")  # a local Ray on the loopback
+        ray.init(address=address, log_to_driver=False)
+        yield {"base": f"http://127.0.0.1:{port}", "port": port, "proc": proc, "log": out}
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # serve.shutdown: replicas drain, Ray stops
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def plain(repository: Path) -> Iterator[Any]:
+    """``deepserve serve``'s own app, in process, over the same repository: the reference answers."""
+    from starlette.testclient import TestClient
+
+    from deepserve.serve.app import create_app
+
+    # a loopback client, as the test's requests to Ray are (model control and the index allow loopback)
+    with TestClient(create_app(repository, device="cpu"), client=("127.0.0.1", 50000)) as client:
+        yield client
+
+
+def replicas(model: str) -> list[dict[str, str]]:
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::deepserve#{model}#")]
+
+
+def replica_metrics(model: str, replica: str) -> str:
+    """The Prometheus text of one replica, asked through the deployment's handle until that replica answers."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(model, app_name="deepserve")
+    for _ in range(200):  # bounded: Ray routes each call to one of the replicas
+        name, text = handle.metrics.remote().result(timeout_s=30)
+        if name == replica:
+            return text
+    pytest.fail(f"replica {replica} of {model} never answered")
+
+
+def sample(text: str, metric: str, model: str) -> float:
+    pattern = re.compile(rf'^{metric}{{model="{model}",version="1"}} (\S+)$', re.M)
+    match = pattern.search(text)
+    return float(match.group(1)) if match else 0.0
+
+
+REQUESTS: list[tuple[str, str, dict[str, Any] | bytes]] = [
+    ("POST", "/v2/models/tiny-cnn/infer", body(images(3, seed=1))),
+    ("POST", "/v2/models/tiny-cnn/versions/1/infer", body(images(1, seed=2))),
+    ("POST", "/v2/models/tiny-cnn/infer", b"{not json"),
+    ("POST", "/v2/models/tiny-cnn/infer", {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 2]}]}),
+    ("POST", "/v2/models/nope/infer", body(images(1, seed=2))),
+    ("POST", "/v2/models/tiny-cnn/versions/7/infer", body(images(1, seed=2))),
+    ("POST", "/v2/models/tiny-charlm/infer", body(images(1, seed=2))),
+    ("POST", "/v2/models/tiny-charlm/generate", {"text_input": "the ", "parameters": {"max_new_tokens": 9,
+                                                                                       "temperature": 0}}),
+    ("POST", "/v2/models/tiny-charlm/generate", {"text_input": "the ", "parameters": {"max_new_tokens": 8,
+                                                                                       "num_beams": 3}}),
+    ("POST", "/v2/models/tiny-seq2seq/generate", {"text_input": "12+7", "parameters": {
+        "num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 6, "logprobs": 1}}),
+    ("POST", "/v2/models/tiny-charlm/generate", {"text_input": "a", "parameters": {"top_p": 2}}),
+    ("POST", "/v2/models/tiny-cnn/generate", {"text_input": "a"}),
+    ("POST", "/v1/completions", {"model": "tiny-charlm", "prompt": ["a", "b"], "n": 2, "logprobs": 1,
+                                 "max_tokens": 3, "seed": 4}),
+    ("POST", "/v1/completions", {"model": "tiny-charlm", "prompt": "a", "max_tokens": 2_000_000}),
+    ("POST", "/v1/completions", {"model": "nope", "prompt": "a"}),
+    ("POST", "/v1/completions", b"{not json"),
+    ("GET", "/v2/models", b""),
+    ("GET", "/v2/models/tiny-charlm", b""),
+    ("GET", "/v2/models/tiny-cnn/config", b""),
+    ("GET", "/v1/models", b""),
+    ("POST", "/v2/repository/index", b""),
+]
+
+
+def _png(seed: int) -> bytes:
+    from deepserve.clients.tensors import png_bytes
+
+    return png_bytes(np.random.default_rng(seed).random((8, 8), dtype=np.float32))
+
+
+UPLOADS: list[tuple[str, dict[str, Any]]] = [  # bodies with their own headers: encodings, images, multipart
+    ("/v2/models/tiny-cnn/infer", {"content": gzip.compress(json.dumps(body(images(2, seed=3))).encode()),
+                                   "headers": {"content-encoding": "gzip", "content-type": "application/json"}}),
+    ("/v2/models/tiny-cnn/infer", {"content": b"x" * 10, "headers": {"content-encoding": "br"}}),
+    ("/predictions/tiny-cnn?top_k=3", {"content": _png(1), "headers": {"content-type": "image/png"}}),
+    ("/predictions/tiny-cnn", {"files": [("data", ("a.png", _png(2), "image/png")),
+                                         ("data", ("b.png", _png(3), "image/png"))]}),
+    ("/predictions/tiny-cnn?top_k=0", {"content": _png(1), "headers": {"content-type": "image/png"}}),
+    ("/predictions/tiny-cnn", {"content": b"not an image", "headers": {"content-type": "image/png"}}),
+]
+
+
+def test_answers_are_the_plain_servers(cluster: dict[str, Any], plain: Any) -> None:
+    """Every answer, errors included, is the one ``deepserve serve`` gives: status and body."""
+    with httpx.Client(base_url=cluster["base"], timeout=60) as ray_client:
+        for method, path, payload in REQUESTS:
+            kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
+            ours, theirs = ray_client.request(method, path, **kwargs), plain.request(method, path, **kwargs)
+            assert (ours.status_code, ours.headers["content-type"]) == (theirs.status_code,
+                                                                        theirs.headers["content-type"]), path
+            mine, reference = ours.json(), theirs.json()
+            if path == "/v1/completions" and ours.status_code == 200:
+                for answer in (mine, reference):  # a fresh id and clock per answer
+                    answer.pop("id"), answer.pop("created")
+            assert mine == reference, (method, path, payload)
+        for path, kwargs in UPLOADS:
+            ours, theirs = ray_client.post(path, **kwargs), plain.post(path, **kwargs)
+            assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), path
+
+
+def test_startup_says_where_and_prints_example_requests(cluster: dict[str, Any]) -> None:
+    text = cluster["log"].read_text()
+    assert "serving" in text and f"http://127.0.0.1:{cluster['port']}" in text
+    assert "predictions/tiny-cnn" in text and "/v1/completions" in text  # the same examples as deepserve serve
+
+
+def test_model_control_is_refused_rather_than_reaching_one_replica(cluster: dict[str, Any]) -> None:
+    for action in ("load", "unload"):
+        r = httpx.post(f"{cluster['base']}/v2/repository/models/tiny-cnn/{action}", timeout=30)
+        assert r.status_code == 400 and "Ray's under --engine ray" in r.json()["error"]
+    assert httpx.get(f"{cluster['base']}/v2/models/tiny-cnn/ready", timeout=30).status_code == 200
+
+
+def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, Any], plain: Any) -> None:
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{cluster['port']}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny-cnn")
+    assert client.get_model_metadata("tiny-cnn")["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    x = images(5, seed=4)
+    out = plain.post("/v2/models/tiny-cnn/infer", json=body(x)).json()["outputs"][0]
+    expected = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    for binary in (False, True):
+        inp = triton.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("tiny-cnn", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)])
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
+    client.close()
+
+    async def many() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v2/models/tiny-cnn/infer", json=body(x[i % 5 : i % 5 + 1]))
+                                          for i in range(60)))
+
+    answers = asyncio.run(many())
+    assert all(r.status_code == 200 for r in answers)
+    for i, r in enumerate(answers):  # batched across replicas, each row is still its own
+        np.testing.assert_allclose(r.json()["outputs"][0]["data"], expected[i % 5], rtol=1e-5, atol=1e-6)
+    served = Counter(r.headers["x-deepserve-replica"] for r in answers)
+    assert len(served) == 2, served  # both replicas took requests
+
+
+def test_openai_sdk_completion_stream_and_beam_search(cluster: dict[str, Any]) -> None:
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=cluster["base"] + "/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list()} == {"tiny-charlm", "tiny-seq2seq"}
+    done = client.completions.create(model="tiny-charlm", prompt="the ", max_tokens=12, temperature=0)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model="tiny-charlm", prompt="the ", max_tokens=12, temperature=0,
+                                            stream=True))
+    assert len(chunks) > 1 and "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    beams = client.completions.create(model="tiny-seq2seq", prompt="12+7", max_tokens=8, n=2,
+                                      extra_body={"use_beam_search": True, "length_penalty": 0.8})
+    assert sorted(c.index for c in beams.choices) == [0, 1]
+    with pytest.raises(NotFoundError) as missing:
+        client.completions.create(model="nope", prompt="a")
+    assert missing.value.code == "model_not_found"
+    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+        whole = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "ab", "parameters": {
+            "num_beams": 2, "max_new_tokens": 6}}).json()
+        with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json={"text_input": "ab", "parameters": {
+                "num_beams": 2, "max_new_tokens": 6}}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["text_output"] for e in events) == whole["text_output"]
+
+
+def test_a_client_that_hangs_up_stops_its_generation_in_the_replica(cluster: dict[str, Any]) -> None:
+    """A generation far longer than the test (a million tokens; the request deadline is 30 s) stops within
+    seconds of its client hanging up."""
+    body_ = {"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 1}}
+
+    def running_rows(replica: str) -> float:
+        return sample(replica_metrics("tiny-charlm", replica), "deepserve_generation_running_rows", "tiny-charlm")
+
+    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+        with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body_) as s:
+            replica = s.headers["x-deepserve-replica"]
+            next(line for line in s.iter_lines() if line.startswith("data: "))  # tokens are coming
+    # Hung up: the replica stops generating long before the deadline would stop it. (Its metrics are read only
+    # now: while it streams, Ray routes the handle's calls to the idle replica.)
+    wait_for(lambda: running_rows(replica) == 0, 10, "the replica's running rows back to 0 after the client left")
+
+
+def test_a_non_streaming_client_that_hangs_up_stops_its_generation_too(cluster: dict[str, Any]) -> None:
+    """/generate answers once, at the end; a client gone before that still frees its rows (Ray cancels the
+    ingress's call and the replica's with it)."""
+    import ray
+
+    actors = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in replicas("tiny-charlm")]
+    ids = [a["name"].rsplit("#", 1)[1] for a in replicas("tiny-charlm")]
+
+    def ongoing() -> int:  # requests Ray has handed the replicas (an internal counter of Serve's replica actor)
+        return sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors], timeout=30))
+
+    payload = json.dumps({"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 2}}).encode()
+    with socket.create_connection(("127.0.0.1", cluster["port"])) as sock:
+        sock.sendall(b"POST /v2/models/tiny-charlm/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        wait_for(lambda: ongoing() >= 1, 20, "the request reaching a replica")
+    wait_for(lambda: all(sample(replica_metrics("tiny-charlm", r), "deepserve_generation_running_rows",
+                                "tiny-charlm") == 0 for r in ids), 10, "every replica's running rows back to 0")
+    wait_for(lambda: ongoing() == 0, 10, "no request left on the replicas")
+
+
+def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster: dict[str, Any]) -> None:
+    import ray
+
+    victims = replicas("tiny-cnn")
+    assert len(victims) == 2
+    x = images(1, seed=9)
+
+    async def load() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60) as c:
+            async def infer() -> httpx.Response:
+                return await c.post("/v2/models/tiny-cnn/infer", json=body(x))
+
+            first = [asyncio.create_task(infer()) for _ in range(150)]
+            await asyncio.sleep(0.2)  # requests are in flight on both replicas
+            ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+            second = [asyncio.create_task(infer()) for _ in range(150)]
+            return await asyncio.wait_for(asyncio.gather(*first, *second), 120)  # none may hang
+
+    answers = asyncio.run(load())
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert "replica" in r.json()["error"] and r.headers["retry-after"]
+    assert statuses[200] >= 150, statuses  # the surviving replica serves the rest
+    lost = re.findall(r'^deepserve_ray_replica_lost_total{model="tiny-cnn",outcome="(\w+)"} (\S+)$',
+                      httpx.get(cluster["base"] + "/metrics").text, re.M)
+    assert float(dict(lost).get("answered_503", 0)) == statuses[503]  # each 503 is a replica lost, counted
+    # Ray replaces the replica without anyone asking; then both take requests again
+    wait_for(lambda: len(replicas("tiny-cnn")) == 2 and victims[0] not in replicas("tiny-cnn"), 90,
+             "a new tiny-cnn replica")
+
+    def both_serve() -> bool:
+        with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+            served = {c.post("/v2/models/tiny-cnn/infer", json=body(x)).headers["x-deepserve-replica"]
+                      for _ in range(20)}
+        return len(served) == 2
+
+    wait_for(both_serve, 90, "both tiny-cnn replicas answering")
+    assert httpx.get(cluster["base"] + "/v2/models/tiny-cnn/ready").status_code == 200
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event(cluster: dict[str, Any]) -> None:
+    """The answer's head is out, so no other replica can take over: the stream ends at once with an error event
+    in its protocol's shape (not at the request's deadline, 30 s later, and never hanging)."""
+    import ray
+
+    body_ = {"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 3}}
+    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+        with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body_) as s:
+            replica = s.headers["x-deepserve-replica"]
+            lines = s.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::deepserve#tiny-charlm#{replica}", namespace="serve"),
+                     no_restart=True)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert events[-1]["status"] == 503 and "replica was lost" in events[-1]["error"]
+    metrics = httpx.get(cluster["base"] + "/metrics").text
+    assert 'deepserve_ray_replica_lost_total{model="tiny-charlm",outcome="stream_ended"} 1.0' in metrics
+
+
+def test_sigterm_drains_and_stops(cluster: dict[str, Any]) -> None:
+    """Last: SIGTERM ends the application (replicas drain, Ray stops) and the command exits 0."""
+    import ray
+
+    ray.shutdown()  # this driver leaves first
+    proc = cluster["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(90) == 0
+
+
+# ---- configuration (no Ray needed) ---------------------------------------------------------------------------
+
+
+def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> None:
+    from deepserve.serve.ray_app import plan
+    from deepserve.serve.settings import read_config_file
+
+    configs = {
+        "fixed": {"max_batch_size": 8, "ray": {"num_replicas": 3, "num_cpus": 1, "num_gpus": 0.5}},
+        "scaled": {"ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}},
+        "plain": {},
+        "bad": {"ray": {"num_replicas": 0}},
+    }
+    for name, config in configs.items():
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "empty").mkdir()  # no versions: no deployment (the repository reports it)
+    assert read_config_file(tmp_path / "fixed") == {"max_batch_size": 8}  # the ray section is not a setting
+    deployments, why_not = plan(tmp_path)
+    assert sorted(deployments) == ["fixed", "plain", "scaled"]
+    assert deployments["fixed"].deployment_options() == {
+        "num_replicas": 3, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.5}}
+    scaled = deployments["scaled"].deployment_options()
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert "num_replicas" not in scaled
+    assert deployments["plain"].deployment_options()["num_replicas"] == 1
+    assert why_not == {"bad": f"{tmp_path / 'bad' / 'config.json'}: ray.num_replicas must be an integer >= 1, got 0"}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"replicas": 2}, "unknown ray settings ['replicas']"),
+    ({"num_replicas": 2, "autoscaling": {}}, "ray.num_replicas or ray.autoscaling, not both"),
+    ({"num_replicas": 1.5}, "ray.num_replicas must be an integer >= 1, got 1.5"),
+    ({"num_cpus": -1}, "ray.num_cpus must be a number >= 0, got -1"),
+    ({"num_gpus": "one"}, "ray.num_gpus must be a number >= 0, got 'one'"),
+    ({"autoscaling": {"min_replicas": 1}}, "ray.autoscaling must give exactly"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 2, "target_ongoing_requests": 4}},
+     "ray.autoscaling.max_replicas must be an integer >= 3, got 2"),
+    ({"autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 0}},
+     "ray.autoscaling.target_ongoing_requests must be a number >= 1, got 0"),
+    ([2], "ray must be a mapping, got list"),
+])
+def test_bad_ray_sections_are_refused_naming_the_file_and_field(tmp_path: Path, section: Any, message: str) -> None:
+    from deepserve.serve.ray_app import RayOptions
+    from deepserve.serve.settings import SettingsError, read_engine_section
+
+    (tmp_path / "config.json").write_text(json.dumps({"ray": section}))
+    with pytest.raises(SettingsError) as refused:
+        RayOptions.from_section(*read_engine_section(tmp_path, "ray"))
+    assert str(refused.value).startswith(str(tmp_path / "config.json")) and message in str(refused.value)
+
+
+def test_build_app_is_what_serve_run_imports(repository: Path) -> None:
+    """``serve run deepserve.serve.ray_app:build_app repository=DIR`` (binding needs no cluster)."""
+    from ray.serve import Application
+
+    from deepserve.serve.ray_app import build_app
+
+    assert isinstance(build_app({"repository": str(repository)}), Application)
+    assert isinstance(build_app({"repository": str(repository), "device": "cpu"}), Application)
+    with pytest.raises(ValueError, match=r"repository=DIR.*got \['repo'\]"):
+        build_app({"repo": str(repository)})
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_app({"repository": str(repository / "nope")})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--api-key", "k"], "does not check API keys yet"),
+    (["--cors-allow-origin", "*"], "does not answer CORS yet"),
+    (["--model-control", "explicit", "--load-model", "tiny-cnn"], "every model of the repository is deployed"),
+])
+def test_what_the_ray_engine_does_not_do_is_refused_naming_the_flag(
+        repository: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    from deepserve.cli import main
+
+    assert main(["serve", "--engine", "ray", "--repository", str(repository), "--port", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
