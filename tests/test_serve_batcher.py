@@ -204,14 +204,16 @@ async def test_cheap_batches_run_on_the_loop_and_costly_ones_on_the_worker_threa
         return _double(inputs)
 
     executor = ThreadPoolExecutor(1)
-    b = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=5.0)
+    # The threshold and the costs are far apart, so a loaded machine's scheduling delays (tens of ms) can't
+    # move a batch across it.
+    b = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=250.0)
     b.start()
     try:
         await b.submit(_request(0))  # no estimate yet: the worker thread
         await b.submit(_request(1))  # ~0 ms per row measured: on the loop
-        cost["per_row_s"] = 0.004
-        await b.submit(_request(2, rows=2))  # predicted cheap, so inline; measures 4 ms per row
-        await b.submit(_request(3, rows=2))  # estimate now over 5 ms for 2 rows: the worker thread
+        cost["per_row_s"] = 0.2
+        await b.submit(_request(2, rows=2))  # predicted cheap, so inline; measures 200 ms per row
+        await b.submit(_request(3, rows=2))  # estimate now 400 ms for 2 rows: the worker thread
         off = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=0.0)
         off.start()
         cost["per_row_s"] = 0.0
@@ -239,7 +241,9 @@ async def test_a_busy_event_loop_does_not_count_as_the_cost_of_a_worker_thread_b
         return _double(inputs)  # ~0 ms
 
     executor = ThreadPoolExecutor(1)
-    b = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=5.0)
+    # The threshold and the costs are far apart, so a loaded machine's scheduling delays (tens of ms) can't
+    # move a batch across it.
+    b = Batcher(run, max_batch_size=8, executor=executor, inline_below_ms=250.0)
     b.start()
     try:
         first = asyncio.ensure_future(b.submit(_request(0)))  # no estimate yet: the worker thread
