@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 # The KServe SDK's typed models check deploy/kserve (tests/k8s_schemas.py). kserve itself pins protobuf<7 and a
 # model server's dependencies, so it goes, without them, into a folder of its own rather than into the venv.
 KSERVE_SDK ?= kserve==0.21.0
-$(VENV)/.installed-dev: $(VENV)/.installed
+$(VENV)/.installed-dev: $(VENV)/.installed Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps --upgrade --target .cache/kserve-sdk "$(KSERVE_SDK)"
 	touch $@

@@ -16,6 +16,7 @@ have fixed random weights and are exported into a temporary repository (``--cach
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 import time
@@ -56,6 +57,29 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def run_one(scenario: str, report, repository: Path, checkpoints: Path, p, *, profile: bool) -> None:
+    """Run one scenario into ``report``; each module is imported only when its scenario is chosen."""
+    needs = NEEDS[scenario]
+    if scenario == "classification":
+        from benchmarks.classification import run_scenario
+
+        run_scenario(report, repository, p, needs, profile=profile)
+        return
+    calls = {
+        "generation": ("benchmarks.generation", "run_scenario", (report, repository, p, needs)),
+        "tail": ("benchmarks.tail", "run_scenario", (report, repository, p, needs)),
+        "coldstart": ("benchmarks.coldstart", "run_scenario", (report, repository, p)),
+        "engine": ("benchmarks.generation", "run_engine", (report, repository, p)),
+        "rollout": ("benchmarks.rollout", "run_scenario", (report, repository, p)),
+        "overload": ("benchmarks.generation", "run_overload", (report, repository, p)),
+        "peer": ("benchmarks.ct2_peer", "run_scenario", (report, repository, checkpoints, p)),
+        "scaleout": ("benchmarks.scaleout", "run_scenario", (report, repository, p, needs)),
+    }
+    module, function, call_args = calls.get(
+        scenario, ("benchmarks.modellevel", "run_scenario", (report, repository, checkpoints, p, needs)))
+    getattr(importlib.import_module(module), function)(*call_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmarks.common import plan
@@ -90,46 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"[bench] scenario {scenario} ...", flush=True)
         try:
-            if scenario == "classification":
-                from benchmarks.classification import run_scenario
-
-                run_scenario(report, repository, p, NEEDS[scenario], profile=not args.no_profile)
-            elif scenario == "generation":
-                from benchmarks.generation import run_scenario as run_generation
-
-                run_generation(report, repository, p, NEEDS[scenario])
-            elif scenario == "tail":
-                from benchmarks.tail import run_scenario as run_tail
-
-                run_tail(report, repository, p, NEEDS[scenario])
-            elif scenario == "coldstart":
-                from benchmarks.coldstart import run_scenario as run_coldstart
-
-                run_coldstart(report, repository, p)
-            elif scenario == "engine":
-                from benchmarks.generation import run_engine
-
-                run_engine(report, repository, p)
-            elif scenario == "rollout":
-                from benchmarks.rollout import run_scenario as run_rollout
-
-                run_rollout(report, repository, p)
-            elif scenario == "overload":
-                from benchmarks.generation import run_overload
-
-                run_overload(report, repository, p)
-            elif scenario == "peer":
-                from benchmarks.ct2_peer import run_scenario as run_peer
-
-                run_peer(report, repository, checkpoints, p)
-            elif scenario == "scaleout":
-                from benchmarks.scaleout import run_scenario as run_scaleout
-
-                run_scaleout(report, repository, p, NEEDS[scenario])
-            else:
-                from benchmarks.modellevel import run_scenario as run_model_level
-
-                run_model_level(report, repository, checkpoints, p, NEEDS[scenario])
+            run_one(scenario, report, repository, checkpoints, p, profile=not args.no_profile)
         except (ImportError, RuntimeError, OSError, ValueError, KeyError) as e:  # keep the other scenarios' numbers
             failures.append(scenario)
             report.section(f"Scenario {scenario} — failed").blocks.append(f"`{type(e).__name__}: {e}`")

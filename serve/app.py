@@ -30,7 +30,7 @@ from deepserve.serve.heap import settle
 from deepserve.serve.http_util import (
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, DirectRoute, HotPath, error_response,
 )
-from deepserve.serve.metrics import RequestMetricsMiddleware
+from deepserve.serve.metrics import Metrics, RequestMetricsMiddleware
 from deepserve.serve.model_state import request_leases
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.repository import ModelRepository
@@ -197,6 +197,16 @@ def create_app(
     app.state.max_json_depth = max_json_depth
     install_error_handlers(app)
 
+    hot_routes = install_routes(app, repository.metrics)
+    app.hot_path = HotPath(hot_routes, repository.metrics.observe_request, repository.metrics.reject)
+    app.add_middleware(RequestMetricsMiddleware, metrics=repository.metrics)  # every other route
+    app.gate = front_gate(app, access or AccessPolicy.open(), cors_allow_origins, repository.metrics)
+    return app
+
+
+def install_routes(app: FastAPI, metrics: Metrics) -> list[DirectRoute]:
+    """Add every route to ``app``; the per-request POST routes that go through the front door are returned
+    (v2 infer, predictions, an optional package's HOT_ROUTES such as Triton generate)."""
     from deepserve.serve import control, pages, predictions, v2
 
     # The classification routes go on the app's own router, not through include_router: this FastAPI matches
@@ -215,8 +225,6 @@ def create_app(
         app.include_router(module.router)
         optional_hot.extend(getattr(module, "HOT_ROUTES", ()))
 
-    metrics = repository.metrics
-
     @app.get("/metrics", name="metrics", tags=["observability"], response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text format: this repository's serving metrics and "
                                              "prometheus-client's default registry (generation, process)."}})
@@ -226,17 +234,16 @@ def create_app(
 
     pages.install_docs(app)
     pages.install_playground(app)
+    return [r for r in (*v2.router.routes, *predictions.router.routes, *optional_hot)
+            if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
 
-    # every per-request POST route (v2 infer, predictions, an optional package's HOT_ROUTES such as Triton
-    # generate) goes through the front door
-    hot_routes = [r for r in (*v2.router.routes, *predictions.router.routes, *optional_hot)
-                  if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
-    app.hot_path = HotPath(hot_routes, metrics.observe_request, metrics.reject)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # every other route
-    gate: ASGIApp = AuthGate(app.dispatch, access or AccessPolicy.open(), metrics.reject)
+
+def front_gate(app: DeepServeApp, access: AccessPolicy, cors_allow_origins: list[str] | None,
+               metrics: Metrics) -> ASGIApp:
+    """The key check in front of ``app.dispatch``, with CORS outside it when origins are allowed."""
+    gate: ASGIApp = AuthGate(app.dispatch, access, metrics.reject)
     if cors_allow_origins:  # outside the key check: browsers send preflights without credentials
         gate = CORSMiddleware(gate, allow_origins=cors_allow_origins, allow_methods=["*"], allow_headers=["*"],
                               expose_headers=["Retry-After", "WWW-Authenticate", "Inference-Header-Content-Length",
                                               "X-Request-Id"])
-    app.gate = gate
-    return app
+    return gate
