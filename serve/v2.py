@@ -77,18 +77,23 @@ def _flatten(data: Any) -> list:
     return [x for d in data for x in _flatten(d)]
 
 
+def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary tensor data after it (binary extension), by Inference-Header-Content-Length."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+    return body[:n], memoryview(body)[n:]
+
+
 def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFAULT_MAX_JSON_DEPTH
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse an infer request into its JSON header and ``{input name: array}``."""
-    binary = memoryview(b"")
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
-        if not 0 < n <= len(body):
-            raise BadRequest(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
-        binary, body = memoryview(body)[n:], body[:n]
+    body, binary = _split_binary(body, header_length)
     request = parse_json(body, max_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
