@@ -23,11 +23,6 @@ from tests.artifacts import make_classifier_artifact
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory) -> dict[int, Path]:
     """Two versions of one tiny classifier with different weights, exported once, copied in by each test."""

@@ -375,11 +375,6 @@ def test_openai_sdk_with_api_key(server):
         openai.OpenAI(base_url=f"{server['base']}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 # ---------------------------------------------------------------------------------------------- defaults
 # The defaults of create_app, in process (the flags' own defaults are create_app's, see serve/cli.py).
 

@@ -26,11 +26,6 @@ INFER = "/v2/models/tiny-cnn/infer"
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 def repo_dir(tmp_path_factory):
     """tiny-cnn/1 (good), ts-cnn/1 (the same graph served by TorchScript, max_batch_size 4),
     multi/1 good + multi/2 tampered, and tampered/, corrupt/, unsupported/, empty/ models."""

@@ -15,11 +15,6 @@ from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def _double(inputs):
     return {"y": inputs["x"] * 2}
 

@@ -19,11 +19,6 @@ GENERATE = "/v2/models/tiny-charlm/generate"
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 def repo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile-repo")
     good = make_classifier_artifact(root, "tiny-cnn", quantize=False)

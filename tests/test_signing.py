@@ -27,11 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, Path]:
     """A trusted key pair (public key alone in ``trusted/``) and an untrusted one."""
     root = tmp_path_factory.mktemp("keys")
