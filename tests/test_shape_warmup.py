@@ -4,23 +4,13 @@ exported artifacts: the bounded set of sizes runs through the step model, and no
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from deepserve.manifest import load_manifest
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.shape_warmup import WARM_STEPS, warm_sizes, warm_step_shapes
-from tests.artifacts import make_charlm_artifact, make_seq2seq_artifact
-from tests.test_generation_serving import settings
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("warm-repo")
-    make_charlm_artifact(root, quantize=False)
-    make_seq2seq_artifact(root, quantize=False)
-    return root
+from tests.test_generation_serving import repo, settings  # noqa: F401  (repo: the char-LM and seq2seq artifacts)
 
 
 def test_the_sizes_are_the_largest_then_each_power_of_two_below_it():
