@@ -32,7 +32,6 @@ from deepserve.serve.model_state import Loaded, ModelEntry, ModelState, VersionE
 from deepserve.serve.poller import Poller
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
 from deepserve.serve.servable import Servable
-from deepserve.serve.shape_warmup import warm_step_shapes
 from deepserve.serve.settings import ModelSettings, SettingsError, env_overrides, resolve_settings
 
 log = logging.getLogger("deepserve.serve")
@@ -282,7 +281,6 @@ class ModelRepository:
         try:
             await servable.start()
             await servable.warmup()
-            await warm_step_shapes(servable)  # a generation model's continuous batch sizes
             if not servable.ready:
                 raise RuntimeError(servable.reason or "not ready after warmup")
         except BaseException:
