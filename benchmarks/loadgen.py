@@ -15,8 +15,8 @@ localhost / ::1 are accepted as targets.
 from __future__ import annotations
 
 import asyncio
-import functools
 import dataclasses
+import functools
 import gc
 import json
 import time
