@@ -27,23 +27,14 @@ def uvicorn_config(app: Any) -> uvicorn.Config:
                           backlog=2048)
 
 
-GC_MODES = ("shipped", "freeze-only", "nofreeze", "disabled", "thresholds")
-"""``--gc``: the collector as deepserve sets it (shipped: start-up heap frozen, full collections at idle moments);
-frozen but no idle collections, CPython's thresholds (freeze-only: the setup before idle collection); as before
-that (nofreeze: start-up heap not frozen, CPython's thresholds); off (disabled, the reference that cannot be
-shipped); frozen with ``--gc-thresholds`` and no idle collections."""
+GC_MODES = ("shipped", "nofreeze", "disabled", "thresholds")
+"""``--gc``: the collector as deepserve sets it (shipped); as before it did (nofreeze: start-up heap not frozen,
+CPython's thresholds); off (disabled, the reference that cannot be shipped); frozen with ``--gc-thresholds``."""
 
 
 def set_gc(mode: str, thresholds: tuple[int, ...]) -> None:
     """Applied once the app's start-up (and its ``settle()``) is done: the tail scenario's collector options."""
-    if mode == "shipped":
-        return
-    from deepserve.serve.heap import idle
-
-    idle.enabled = False
-    if mode == "freeze-only":
-        gc.set_threshold(700, 10, 10)
-    elif mode == "nofreeze":
+    if mode == "nofreeze":
         gc.unfreeze()
         gc.set_threshold(700, 10, 10)
     elif mode == "disabled":

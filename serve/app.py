@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import deepserve
 from deepserve.serve.auth import AccessPolicy, AuthGate
 from deepserve.serve.errors import ServeError
-from deepserve.serve.heap import idle, settle
+from deepserve.serve.heap import settle
 from deepserve.serve.http_util import (
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH, DirectRoute, HotPath, error_response,
 )
@@ -138,16 +138,12 @@ class DeepServeApp(FastAPI):
             current_request_id.reset(token)
 
     async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        idle.enter()  # the last request answered is the moment for a full collection (serve/heap.py)
-        try:
-            with request_leases():
-                if self.hot_path is not None:
-                    scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
-                    if await self.hot_path(scope, receive, send):
-                        return
-                await super().__call__(scope, receive, send)
-        finally:
-            idle.leave()
+        with request_leases():
+            if self.hot_path is not None:
+                scope["app"] = self  # what Starlette sets, so handlers reach app.state through the request
+                if await self.hot_path(scope, receive, send):
+                    return
+            await super().__call__(scope, receive, send)
 
 
 def _refusal(problem: str | None) -> JSONResponse:

@@ -16,7 +16,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
 )
 
-from deepserve.serve.heap import idle
 from deepserve.serve.model_state import ModelState
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -55,9 +54,6 @@ class Metrics:
                                registry=r)
         self.rejected = Counter("deepserve_rejected_requests", "Requests refused by auth or a limit, by reason",
                                 ["reason"], registry=r)
-        Gauge("deepserve_idle_gc_collections", "Full garbage collections run when the server went idle (the "
-              "rest of python_gc_collections_total's generation 2 ran by threshold)", registry=r
-              ).set_function(lambda: idle.collections)
         self._request_children: dict[tuple[str, str, str], tuple] = {}
         self._models: frozenset[str] | None = None  # None: no repository told us its names (every label kept)
 

@@ -7,7 +7,6 @@ the collector tracks after each round of requests.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import io
 import json
@@ -26,7 +25,7 @@ from PIL import Image
 
 from deepserve.serve.app import create_app
 from deepserve.serve.cli import uvicorn_config
-from deepserve.serve.heap import GC_THRESHOLDS, IdleCollector, idle, settle
+from deepserve.serve.heap import GC_THRESHOLDS, settle
 from tests.artifacts import make_charlm_artifact, make_classifier_artifact, make_seq2seq_artifact
 from tests.servers import free_port
 from tests.test_serve_socket import body, images
@@ -119,43 +118,6 @@ def test_a_soak_of_requests_leaves_no_growing_set_of_objects(base):
     early, late = (min(range(a, a + 2), key=sizes.__getitem__) for a in (1, ROUNDS - 2))
     growth = tracked[late] - tracked[early]
     assert sizes[late] - sizes[early] < LEAK_LIMIT, f"rounds' objects {sizes}; grew: {growth.most_common(8)}"
-
-
-def test_the_last_request_answered_is_followed_by_a_full_collection_on_the_server_loop(base):
-    test_thread = threading.current_thread()
-    collected = threading.Event()
-
-    def on_gc(phase: str, info: dict) -> None:
-        if phase == "stop" and info["generation"] == 2 and threading.current_thread() is not test_thread:
-            collected.set()
-
-    before = idle.collections
-    gc.collect(1)  # a middle-generation collection: the oldest generation has something new to look at
-    gc.callbacks.append(on_gc)
-    try:
-        assert httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=body(images(1, 0))).status_code == 200
-        assert collected.wait(30), "no full collection ran in the server's thread after its last request"
-    finally:
-        gc.callbacks.remove(on_gc)
-    assert idle.collections > before
-    metrics = httpx.get(f"{base}/metrics").text
-    assert f"deepserve_idle_gc_collections {float(idle.collections)}" in metrics
-
-
-@pytest.mark.anyio
-async def test_no_idle_collection_while_a_request_is_in_flight():
-    collector = IdleCollector()
-    gc.collect(1)  # something for a full collection to do
-    collector.enter()
-    collector.enter()
-    collector.leave()  # one still in flight: nothing scheduled
-    await asyncio.sleep(0)  # one turn of the loop, where a scheduled collection would run
-    assert collector.collections == 0
-    collector.enter()  # a third arrives before the second leaves: the count never reached zero
-    collector.leave()
-    collector.leave()
-    await asyncio.sleep(0)
-    assert collector.collections == 1
 
 
 class _Cycle:
