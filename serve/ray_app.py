@@ -143,11 +143,19 @@ def is_local(address: str | None) -> bool:
     return not address or address.removeprefix("ray://").split(":")[0] in ("127.0.0.1", "localhost")
 
 
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+"""Ray Serve's throughput-optimised mode (handle calls over gRPC, user code and router on the replica's own
+event loop, no per-request log lines on stderr): about 30% less CPU per request on the Ray path, measured on
+the digits CNN. Without its direct-ingress part, which would bind each replica an HTTP port of its own. Serve's
+processes read it at start: set it on every node of a cluster."""
+
+
 def local_ray_env() -> dict[str, str]:
     """Environment for a local single-node Ray on 127.0.0.1. Ray otherwise resolves 127.0.0.1 to the machine's
     network address (so that other nodes could join); this documented switch keeps every node address on the
-    loopback. It is read when ray is imported, and Ray's own processes inherit it."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    loopback. It is read when ray is imported, and Ray's own processes inherit it, as they do
+    ``THROUGHPUT_ENV``."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **THROUGHPUT_ENV}
 
 
 def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None = None) -> None:

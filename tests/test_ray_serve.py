@@ -89,8 +89,13 @@ def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with open(out, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process joins the cluster as a driver (to kill replicas, read their metrics)
+    from deepserve.serve.ray_app import THROUGHPUT_ENV
+
+    # this process joins the cluster as a driver (to kill replicas, read their metrics), with handles of Serve's
+    # default kind (a throughput-optimised handle needs a running event loop)
+    driver = {k: v for k, v in env.items() if k not in THROUGHPUT_ENV}
+    saved = {k: os.environ.get(k) for k in driver}
+    os.environ.update(driver)
     import ray
 
     try:
