@@ -2,8 +2,6 @@
 ``ModelReplica`` deployment, replicas from the ``ray`` section of its config), unloading deletes it. Ray places,
 replicates and restarts the replicas; the repository keeps the plain server's index, states, reasons, model
 control routes and ``--model-control`` modes, over ``RemoteServable``s that stand for the replicas.
-
-A load call's ``parameters.config`` may carry a ``ray`` section too: it replaces the file's for that load.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from deepserve.manifest import Manifest
-from deepserve.serve.errors import LoadFailed
-from deepserve.serve.ray_app import RayOptions, model_options
+from deepserve.serve.errors import BadRequest, LoadFailed
+from deepserve.serve.ray_app import model_options
 from deepserve.serve.ray_replica import ModelReplica, ServingOptions, model_app
 from deepserve.serve.repository import ModelRepository
 from deepserve.serve.servable import Servable
@@ -69,8 +67,6 @@ class RayModelRepository(ModelRepository):
         self.options = options
         self.handles: dict[str, DeploymentHandle] = {}
         """Model -> its deployment's handle, while its application is deployed."""
-        self.ray_sections: dict[str, dict[str, Any]] = {}
-        """A load call's ``ray`` section, kept for the model's later (re)deploys."""
 
     def _remote(self, manifest: Manifest, directory: Path, settings: Any, device: str) -> Servable:
         return RemoteServable(manifest, directory, settings, self.handles.get(Path(directory).parent.name))
@@ -81,18 +77,15 @@ class RayModelRepository(ModelRepository):
         an application that is already running (the ingress restarted) is kept as it is."""
         self.scan()
         model = self.model(name)
-        settings = dict(config) if config is not None else None
-        if settings is not None and "ray" in settings:
-            self.ray_sections[name] = settings.pop("ray")
-        elif config is not None:
-            self.ray_sections.pop(name, None)
+        if config is not None and "ray" in config:
+            raise BadRequest("parameters.config: replicas and resources come from the ray section of the model's "
+                             "config file; edit it and load the model again")
         try:
-            await asyncio.to_thread(self._deploy, name, settings, keep_running=not self.ready)
-        except DEPLOY_ERRORS as e:
-            self.handles.pop(name, None)
+            await asyncio.to_thread(self._deploy, name, config, keep_running=not self.ready)
+        except DEPLOY_ERRORS as e:  # what served before (its application, its handle) keeps serving
             reason = self.public_reason(str(e))
             raise LoadFailed(f"model {name!r}: " + self._record_failure(model, model.versions.values(), reason))
-        await super().load_model(name, config=settings, versions=versions)
+        await super().load_model(name, config=config, versions=versions)
 
     async def unload_model(self, name: str) -> None:
         """Stop routing to ``name``, then delete its application: Ray drains each replica (the requests in
@@ -101,14 +94,14 @@ class RayModelRepository(ModelRepository):
         if self.handles.pop(name, None) is not None:
             await asyncio.to_thread(serve.delete, model_app(name))
 
-    def _deploy(self, name: str, config: dict[str, Any] | None, *, keep_running: bool) -> None:
-        section = self.ray_sections.get(name)
-        options = (RayOptions.from_section("parameters.config", section) if section is not None
-                   else model_options(self.path / name))
+    def _deploy(self, name: str, config: Mapping[str, Any] | None, *, keep_running: bool) -> None:
+        """Deploy the model's application with its config file's ray section and ``config`` (None: the file's
+        settings), unless ``keep_running`` and it runs already; then take its handle."""
+        options = model_options(self.path / name)
         app_name = model_app(name)
         if not (keep_running and app_name in serve.status().applications):
             app = ModelReplica.options(name=name, graceful_shutdown_timeout_s=self.options.graceful_timeout_s,
                                        **options.deployment_options()).bind(
-                str(self.path.resolve()), name, self.options, config)
+                str(self.path.resolve()), name, self.options, dict(config) if config is not None else None)
             serve.run(app, name=app_name, route_prefix=None)  # returns once its replicas are up
         self.handles[name] = serve.get_deployment_handle(name, app_name=app_name)

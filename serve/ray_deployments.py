@@ -68,7 +68,8 @@ class RayForwarder:
     def __init__(self, app: DeepServeApp, dispatch: ASGIApp) -> None:
         self.app, self.dispatch = app, dispatch
         self.repository: RayModelRepository = app.state.repository
-        self._streams: dict[int, DeploymentHandle] = {}
+        self._streams: dict[str, tuple[DeploymentHandle, DeploymentHandle]] = {}
+        """Model -> (its handle, that handle's streaming view): a redeploy gives a new handle."""
         self.replica_lost = Counter("deepserve_ray_replica_lost", "Requests whose replica died under them, by what "
                                     "followed: retried on another replica, stream_ended, or answered 503",
                                     ["model", "outcome"], registry=self.repository.metrics.registry)
@@ -112,10 +113,10 @@ class RayForwarder:
         handle = self.repository.handles[model]
         if not stream:
             return handle
-        streaming = self._streams.get(id(handle))
-        if streaming is None:  # one streaming view per deployed handle (a redeploy gives a new handle)
-            streaming = self._streams[id(handle)] = handle.options(stream=True)
-        return streaming
+        cached = self._streams.get(model)
+        if cached is None or cached[0] is not handle:
+            cached = self._streams[model] = (handle, handle.options(stream=True))
+        return cached[1]
 
     @staticmethod
     def _completion_target(body: bytes) -> tuple[str | None, str | None, bool]:

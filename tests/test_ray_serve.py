@@ -256,7 +256,8 @@ def test_keys_and_cors_are_the_plain_servers(cluster: dict[str, Any]) -> None:
     assert "access-control-allow-origin" not in stranger.headers
 
 
-def test_load_deploys_the_models_application_and_unload_deletes_it(cluster: dict[str, Any]) -> None:
+def test_load_deploys_the_models_application_and_unload_deletes_it(cluster: dict[str, Any],
+                                                                   repository: Path) -> None:
     """Model control under Ray: load deploys ``deepserve.spare-cnn`` (Ray places its replica), it serves, and
     unload deletes the application; the admin key guards both."""
     from ray import serve
@@ -279,8 +280,14 @@ def test_load_deploys_the_models_application_and_unload_deletes_it(cluster: dict
         gone = c.post("/v2/models/spare-cnn/infer", json=x, headers=AUTH)
         assert gone.status_code == 503 and "spare-cnn" in gone.json()["error"]
         bad = c.post("/v2/repository/models/spare-cnn/load", headers=ADMIN,
-                     json={"parameters": {"config": json.dumps({"ray": {"num_replicas": 0}})}})
-        assert bad.status_code == 400 and "ray.num_replicas must be an integer >= 1, got 0" in bad.json()["error"]
+                     json={"parameters": {"config": json.dumps({"ray": {"num_replicas": 2}})}})
+        assert bad.status_code == 400 and "ray section of the model's config file" in bad.json()["error"]
+        config = repository / "spare-cnn" / "config.json"
+        config.write_text(json.dumps({"ray": {"num_replicas": 0}}))
+        refused = c.post("/v2/repository/models/spare-cnn/load", headers=ADMIN)
+        assert refused.status_code == 400, refused.text
+        assert "config.json: ray.num_replicas must be an integer >= 1, got 0" in refused.json()["error"]
+        assert "/tmp" not in refused.json()["error"]  # the answer names no server path
         assert "deepserve.spare-cnn" not in serve.status().applications
 
 
