@@ -154,8 +154,8 @@ def local_ray_env() -> dict[str, str]:
     """Environment for a local single-node Ray on 127.0.0.1. Ray otherwise resolves 127.0.0.1 to the machine's
     network address (so that other nodes could join); this documented switch keeps every node address on the
     loopback. It is read when ray is imported, and Ray's own processes inherit it, as they do
-    ``THROUGHPUT_ENV``."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **THROUGHPUT_ENV}
+    ``THROUGHPUT_ENV`` (unless the environment sets those variables itself)."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **{k: os.environ.get(k, v) for k, v in THROUGHPUT_ENV.items()}}
 
 
 def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None = None) -> None:
