@@ -1,8 +1,11 @@
 """The Ray Serve application on a real local Ray (127.0.0.1, 2 CPUs, no dashboard), started once for the module
-the way users start it (``deepserve serve --engine ray``), with 2 replicas of the classifier and of the char-LM.
+the way users start it (``deepserve serve --engine ray`` with API keys, ``--metrics-auth``, CORS and explicit
+model control), with 2 replicas of the classifier and of the char-LM and an autoscaling seq2seq model.
 
-It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process
-give the same bodies), spread requests over the replicas, survive the loss of a replica under load (every
+It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process,
+with the same flags, give the same bodies), check keys and CORS as it does, deploy and delete a model's
+application on load and unload, show every replica's batch and generation series in ``/metrics``, spread
+requests over the replicas, scale out under load and back, survive the loss of a replica under load (every
 request answered 200 or a clear 503, none hanging; Ray brings the replica back), and a client that hangs up must
 stop its generation inside the replica."""
 
