@@ -604,3 +604,17 @@ def test_build_app_is_what_serve_run_imports(repository: Path) -> None:
         build_app({"repo": str(repository)})
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         build_app({"repository": str(repository / "nope")})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load-model", "tiny-cnn"], "--load-model needs --model-control explicit"),
+    (["--model-control", "explicit", "--load-model", "nope"], "--load-model nope: not in the repository"),
+    (["--metrics-auth"], "--metrics-auth needs keys"),
+])
+def test_bad_flags_are_refused_by_name_before_ray_starts(
+        repository: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    from deepserve.cli import main
+
+    assert main(["serve", "--engine", "ray", "--repository", str(repository), "--port", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
