@@ -146,8 +146,9 @@ def is_local(address: str | None) -> bool:
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 """Ray Serve's throughput-optimised mode (handle calls over gRPC, user code and router on the replica's own
 event loop, no per-request log lines on stderr): 0.85x the CPU per request on the Ray path and 1.18x the
-requests per second, measured on the digits CNN (``python -m benchmarks.run --only scaleout``). Without its direct-ingress part, which would bind each replica an HTTP port of its own. Serve's
-processes read it at start: set it on every node of a cluster."""
+requests per second, measured on the digits CNN (``python -m benchmarks.run --only scaleout``). Without its
+direct-ingress part, which would bind each replica an HTTP port of its own. Serve's processes read it at start:
+set it on every node of a cluster."""
 
 
 def local_ray_env() -> dict[str, str]:
