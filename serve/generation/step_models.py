@@ -197,8 +197,11 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
         c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
-        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw),
-                                Graph.open(manifest.graphs["decode_step"], directory, **kw), layers=c.layers,
+        decode = Graph.open(manifest.graphs["decode_step"], directory, **kw)
+        narrow = None
+        if decode.session is not None and device == "cpu" and (threads or 0) > 1:
+            narrow = Graph.open(manifest.graphs["decode_step"], directory, **{**kw, "threads": 1})
+        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode, layers=c.layers,
                                 heads=c.heads, head_dim=c.head_dim, vocab_size=c.vocab_size, pad_id=c.pad_id,
-                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id)
+                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id, narrow=narrow)
     raise ValueError(f"task {manifest.task!r} is not a generation task")
