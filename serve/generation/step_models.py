@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deepserve.manifest import GraphSpec, Manifest, StepGraphContract
-from deepserve.serve.runtime import TorchScriptRuntime, open_runtime
+from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
 
@@ -44,6 +44,8 @@ class Graph:
         """The manifest's input names, in call order."""
         self.torch_device = torch_device
         self.platform = platform
+        self.runtime: GraphRuntime | None = None
+        """The runtime behind ``fn`` (None for graphs built from a plain function)."""
         if torch_device is not None:
             import torch
 
@@ -56,9 +58,20 @@ class Graph:
         # scheduler thread needs for its selection work between two steps
         rt = open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
                           precision=precision, threads=threads)
+        return cls.of(rt)
+
+    @classmethod
+    def of(cls, rt: GraphRuntime) -> Graph:
         torchscript = isinstance(rt, TorchScriptRuntime)
-        return cls(rt.call, rt.output_names, torch_device=device if torchscript else None, platform=rt.platform,
-                   session=getattr(rt, "session", None), input_names=rt.input_names)
+        graph = cls(rt.call, rt.output_names, torch_device=rt.device if torchscript else None,
+                    platform=rt.platform, session=getattr(rt, "session", None), input_names=rt.input_names)
+        graph.runtime = rt
+        return graph
+
+    def narrow(self) -> Graph | None:
+        """This graph on one CPU intra-op thread (``GraphRuntime.narrow``), or None."""
+        one = self.runtime.narrow() if self.runtime is not None else None
+        return Graph.of(one) if one is not None else None
 
     def __call__(self, *inputs: Array) -> list[Array]:
         return self._fn(*inputs)
@@ -198,10 +211,8 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
 
         c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
         decode = Graph.open(manifest.graphs["decode_step"], directory, **kw)
-        narrow = None
-        if decode.session is not None and device == "cpu" and (threads or 0) > 1:
-            narrow = Graph.open(manifest.graphs["decode_step"], directory, **{**kw, "threads": 1})
         return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode, layers=c.layers,
                                 heads=c.heads, head_dim=c.head_dim, vocab_size=c.vocab_size, pad_id=c.pad_id,
-                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id, narrow=narrow)
+                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id,
+                                narrow=decode.narrow())
     raise ValueError(f"task {manifest.task!r} is not a generation task")
