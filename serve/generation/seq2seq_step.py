@@ -11,11 +11,7 @@ import numpy as np
 from deepserve.manifest import cache_names
 from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
 
-NARROW_ROWS = 64
-"""Below this many rows a decode step is a chain of small matrix-vector products: a second intra-op thread
-costs more in hand-offs than it saves (ONNX Runtime, 2 cores: batch 1 0.85 -> 0.74 ms a step on one thread,
-int8 0.52 -> 0.38 ms; at 128 rows two threads win)."""
-
+NARROW_ROWS = 64  # below it a step's matrix-vector products lose more to a 2nd thread's hand-offs than it gains
 
 class Seq2SeqStepModel(StepModel):
     """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
@@ -30,9 +26,7 @@ class Seq2SeqStepModel(StepModel):
 
     def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
                  pad_id: int, bos_id: int, eos_id: int, narrow: Graph | None = None) -> None:
-        self.encode, self.decode = encode, decode
-        self.narrow = narrow
-        """``decode`` on one intra-op thread, run below ``NARROW_ROWS`` rows (None: always ``decode``)."""
+        self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
         self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)

@@ -35,17 +35,16 @@ class Graph:
     needs (so that TorchScript state never leaves torch and ONNX Runtime state never leaves numpy)."""
 
     def __init__(self, fn: Callable[..., list[Array]], output_names: list[str], *, torch_device: str | None = None,
-                 platform: str = "custom", session: Any = None, input_names: list[str] | None = None) -> None:
+                 platform: str = "custom", runtime: GraphRuntime | None = None,
+                 input_names: list[str] | None = None) -> None:
         self._fn = fn
-        self.session = session
-        """The ONNX Runtime session behind ``fn`` (None for other graphs)."""
+        self.runtime = runtime
+        """The runtime behind ``fn`` (None for graphs built from a plain function)."""
         self.output_names = output_names
         self.input_names = input_names or []
         """The manifest's input names, in call order."""
         self.torch_device = torch_device
         self.platform = platform
-        self.runtime: GraphRuntime | None = None
-        """The runtime behind ``fn`` (None for graphs built from a plain function)."""
         if torch_device is not None:
             import torch
 
@@ -56,17 +55,13 @@ class Graph:
              threads: int | None = None) -> Graph:
         # on CPU, ONNX Runtime's workers sleep between runs (backends.py): spinning ones take the cores the
         # scheduler thread needs for its selection work between two steps
-        rt = open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
-                          precision=precision, threads=threads)
-        return cls.of(rt)
+        return cls.of(open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
+                                   precision=precision, threads=threads))
 
     @classmethod
     def of(cls, rt: GraphRuntime) -> Graph:
-        torchscript = isinstance(rt, TorchScriptRuntime)
-        graph = cls(rt.call, rt.output_names, torch_device=rt.device if torchscript else None,
-                    platform=rt.platform, session=getattr(rt, "session", None), input_names=rt.input_names)
-        graph.runtime = rt
-        return graph
+        return cls(rt.call, rt.output_names, torch_device=rt.device if isinstance(rt, TorchScriptRuntime) else None,
+                   platform=rt.platform, runtime=rt, input_names=rt.input_names)
 
     def narrow(self) -> Graph | None:
         """This graph on one CPU intra-op thread (``GraphRuntime.narrow``), or None."""
