@@ -109,12 +109,10 @@ class Seq2SeqStepModel(StepModel):
 
     def _pad_src(self, x: Array, S: int, axis: int, value: Any) -> Array:
         """Right-pad the source axis to S (cross-attention masks the padding)."""
-        have = x.shape[axis]
-        if have == S:
+        if x.shape[axis] == S:
             return x
-        shape = list(x.shape)
-        shape[axis] = S - have
-        return self.decode.cat([x, self.decode.full(tuple(shape), value, x)], axis)
+        shape = (*x.shape[:axis], S - x.shape[axis], *x.shape[axis + 1 :])
+        return self.decode.cat([x, self.decode.full(shape, value, x)], axis)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         g = self.decode
@@ -125,8 +123,7 @@ class Seq2SeqStepModel(StepModel):
         run = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else g
         out = dict(zip(g.output_names, run(*[feeds[name] for name in g.input_names])))
         self.past = [out[name] for name in self.present_names]
-        B = len(tokens)
-        self.past_pad = np.concatenate([self.past_pad, np.zeros((B, 1), bool)], 1)
+        self.past_pad = np.concatenate([self.past_pad, np.zeros((len(tokens), 1), bool)], 1)
         self.positions = self.positions + 1
         logits = g.numpy(out["logits"])
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
