@@ -1,7 +1,7 @@
 """``make reliability``: overload, a disconnect storm, SIGTERM under load, a soak and a hostile-input sweep against
 ``deepserve serve`` subprocesses on loopback, written to ``benchmarks/results/<date>-reliability.md``.
 
-    python -m benchmarks.reliability [--soak-s 300] [--overload-s 8] [--out benchmarks/results]
+    python -m benchmarks.reliability [--soak-s 300] [--overload-s 8] [--only generation ...] [--out DIR]
 
 Models are the benchmark's fixed-random-weight ResNet-18 (classification: the model, not HTTP, is the cost,
 which is what admission control can act on) and char-LM (generation). Load is bounded: open-loop arrivals at
@@ -283,20 +283,31 @@ def commit() -> str:
     return (run.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
+SCENARIOS = ("classification", "generation", "storm", "sweep", "soak", "sigterm")
+
+
 async def run_all(args: argparse.Namespace, repository: Path, report: Report) -> None:
-    flags = ("--max-queue-wait-ms", str(args.max_queue_wait_ms))
+    only = set(args.only or SCENARIOS)
+    flags = ("--max-queue-wait-ms", str(args.max_queue_wait_ms)) if args.max_queue_wait_ms is not None else ()
     with served(repository, *flags) as server:
         over = report.section("Overload (open loop at 2x and 4x the measured capacity)")
-        over.blocks += await overload(server, "classification", classify_requests(), (1, 2, 4), args.overload_s,
-                                      report)
-        over.blocks += await overload(server, "generation", generate_requests(), (4, 16, 32), args.overload_s, report)
-        report.section("Disconnect storm").blocks.append(await disconnect_storm(server))
-        report.section("Hostile-input sweep").blocks.append(sweep(server))
-        table, report.data["soak"] = await soak(server, args.soak_s)
-        report.section(f"Soak ({args.soak_s:.0f} s, closed loop c=4, classification and generation)"
-                       ).blocks.append(table)
-    report.section("SIGTERM under load (closed loop c=32, classification)").blocks.append(
-        await sigterm_under_load(repository, args.overload_s))
+        if "classification" in only:
+            over.blocks += await overload(server, "classification", classify_requests(), (1, 2, 4),
+                                          args.overload_s, report)
+        if "generation" in only:
+            over.blocks += await overload(server, "generation", generate_requests(), (4, 16, 32), args.overload_s,
+                                          report)
+        if "storm" in only:
+            report.section("Disconnect storm").blocks.append(await disconnect_storm(server))
+        if "sweep" in only:
+            report.section("Hostile-input sweep").blocks.append(sweep(server))
+        if "soak" in only:
+            table, report.data["soak"] = await soak(server, args.soak_s)
+            report.section(f"Soak ({args.soak_s:.0f} s, closed loop c=4, classification and generation)"
+                           ).blocks.append(table)
+    if "sigterm" in only:
+        report.section("SIGTERM under load (closed loop c=32, classification)").blocks.append(
+            await sigterm_under_load(repository, args.overload_s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--soak-s", type=float, default=300.0, help="soak duration (default 300)")
     parser.add_argument("--overload-s", type=float, default=8.0, help="seconds per overload cell (default 8)")
-    parser.add_argument("--max-queue-wait-ms", type=float, default=50.0,
-                        help="the server's queue-delay budget during the run (default 50)")
+    parser.add_argument("--max-queue-wait-ms", type=float, default=None,
+                        help="the server's queue-delay budget during the run (default: the server's own)")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=None,
+                        help="run only these scenarios (default: all)")
     parser.add_argument("--models", type=Path, default=None, help="reuse exported benchmark models from here")
     args = parser.parse_args(argv)
     work = args.models or Path(tempfile.mkdtemp(prefix="reliability-models-"))
