@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import json
 import signal
 import socket
@@ -220,23 +221,76 @@ async def disconnect_storm(server: Served, clients: int = 64) -> Table:
     return table
 
 
-async def sigterm_under_load(repository: Path, seconds: float) -> Table:
-    """Closed-loop classification load; SIGTERM a third of the way in; how the answers and the exit went."""
+class Outcome(enum.Enum):
+    """How one request fared around a SIGTERM, as the client saw it."""
+
+    OK = "completed (200)"
+    SHED = "shed 429"
+    REFUSED_503 = "refused 503 + close"
+    REFUSED_CONNECT = "refused at connect"
+    RESET_NEW = "reset, first request on a new connection"
+    RESET_REUSED = "reset, on a reused keep-alive connection"
+    OTHER = "other"
+
+
+async def _sigterm_client(port: int, raw: bytes, stop_at: float, outcomes: list[tuple[float, Outcome]]) -> None:
+    """One closed-loop client: keep-alive, reconnecting after a close or an error; each answer's outcome is
+    recorded with its time, and whether a reset hit a fresh connection (the listen backlog, or a connection
+    the server accepted but closed unanswered) or one that had been answered before."""
+    reader = writer = None
+    answered = 0  # on the current connection
+    while time.perf_counter() < stop_at:
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                answered = 0
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            outcome = {200: Outcome.OK, 429: Outcome.SHED, 503: Outcome.REFUSED_503}.get(status, Outcome.OTHER)
+            outcomes.append((time.perf_counter(), outcome))
+            answered += 1
+            if b"connection: close" in head.lower():
+                writer.close()
+                writer = None
+        except ConnectionRefusedError:
+            outcomes.append((time.perf_counter(), Outcome.REFUSED_CONNECT))
+            writer = None
+            await asyncio.sleep(0.01)  # the server is gone: a client backs off before reconnecting
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            outcomes.append((time.perf_counter(), Outcome.RESET_REUSED if answered else Outcome.RESET_NEW))
+            if writer is not None:
+                writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+
+
+async def sigterm_under_load(repository: Path, seconds: float, clients: int = 32) -> Table:
+    """Closed-loop classification load; SIGTERM a third of the way in; how the answers and the exit went,
+    before and after the signal."""
     server = Served(repository)
-    load = asyncio.ensure_future(run_load(server.spec(classify_requests(), 32, seconds, timeout_s=60, drain_s=30)))
+    raw = classify_requests()[0].encode("127.0.0.1", server.port)
+    outcomes: list[tuple[float, Outcome]] = []
+    stop_at = time.perf_counter() + seconds
+    load = asyncio.gather(*(_sigterm_client(server.port, raw, stop_at, outcomes) for _ in range(clients)))
     await asyncio.sleep(seconds / 3)
     server.proc.send_signal(signal.SIGTERM)
     signalled = time.perf_counter()
     code = await asyncio.to_thread(server.proc.wait, 120)
     drain_s = time.perf_counter() - signalled
-    result = await load
-    refused = result.errors.pop("503", 0)
-    shed = result.errors.pop("429", 0)
-    connect = result.errors.pop("ConnectionRefusedError", 0)  # a new connection after the listener closed
+    await load
     server.stop()
-    table = Table(["completed (200)", "shed 429 (before)", "refused 503 + close", "refused at connect",
-                   "failed (resets, other)", "exit code", "drain s"])
-    table.add(result.ok, shed, refused, connect, dict(result.errors) or 0, code, drain_s)
+    table = Table(["outcome", "before SIGTERM", "after SIGTERM, during the drain", "after exit"],
+                  title=f"closed loop c={clients}; exit code {code}; drain {drain_s:.2f} s")
+    ended = signalled + drain_s
+    for kind in Outcome:
+        phases = [sum(1 for t, o in outcomes if o is kind and lo <= t < hi)
+                  for lo, hi in ((0.0, signalled), (signalled, ended), (ended, float("inf")))]
+        if any(phases) or kind in (Outcome.OK, Outcome.RESET_NEW, Outcome.RESET_REUSED):
+            table.add(kind.value, *phases)
     return table
 
 
