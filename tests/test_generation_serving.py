@@ -267,6 +267,19 @@ def test_requests_that_cannot_run_are_refused_and_leave_the_next_one_alone(serve
         assert after.status_code == 200 and after.json() == {**want, "id": "next"}
 
 
+def test_integer_parameters_take_integral_json_numbers(server):
+    """JSON has one number type: 3.0 is an integer to JSON Schema and to the OpenAPI document, so it is served as
+    3; 3.5 is still refused, naming the parameter."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "a", "parameters": {"max_new_tokens": 3.0}})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+        r = c.post("/v1/completions", json={"model": "tiny-charlm", "prompt": "a", "max_tokens": 2.0,
+                                            "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+        r = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "a", "parameters": {"max_new_tokens": 3.5}})
+        assert r.status_code == 400 and r.json()["error"].startswith("max_new_tokens must be an integer")
+
+
 def test_openai_sdk_sync_and_stream(server):
     from openai import BadRequestError, NotFoundError, OpenAI
 
