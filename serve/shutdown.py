@@ -46,6 +46,7 @@ class _DrainingMixin:
     _header_timer: asyncio.TimerHandle | None = None
     _draining = False
     _lingered = False
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def busy(self) -> bool:
         """A request is being answered on this connection."""
@@ -92,7 +93,14 @@ class _DrainingMixin:
         # Idle, or its answer already started without Connection: close (the client may send its next request
         # on it): stay open while others drain, and at least DRAIN_LINGER_S, so that the next request is
         # answered 503 + Connection: close rather than meeting a closed socket (a reset)
-        self.loop.call_later(DRAIN_LINGER_S, self._linger_over)  # type: ignore[attr-defined]
+        self._linger()
+
+    def _linger(self) -> None:
+        """Stay open at least ``DRAIN_LINGER_S`` more (then close once nothing is busy)."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._lingered = False
+        self._linger_timer = self.loop.call_later(DRAIN_LINGER_S, self._linger_over)  # type: ignore[attr-defined]
 
     def _linger_over(self) -> None:
         self._lingered = True
@@ -101,6 +109,8 @@ class _DrainingMixin:
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         if self._draining:
+            if not self.transport.is_closing():  # type: ignore[attr-defined]
+                self._linger()  # an answer sent without Connection: close: its client may send another request
             self._close_idle_when_drained()
 
     def _close_idle_when_drained(self) -> None:

@@ -128,6 +128,33 @@ def test_connections_waiting_to_be_accepted_at_shutdown_are_answered_503_not_res
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
+def test_a_connection_whose_answer_was_under_way_at_sigterm_answers_its_next_request_503(tmp_path):
+    """A stream already answering when SIGTERM arrives cannot say Connection: close any more; after it ends, the
+    client's next request on that connection gets 503 + Connection: close, not a closed socket."""
+    from tests.artifacts import make_charlm_artifact
+    from tests.live_server import running_server
+
+    make_charlm_artifact(tmp_path / "repo")
+    body = json.dumps({"text_input": "a", "parameters": {"max_new_tokens": 3000, "min_new_tokens": 3000,
+                                                          "seed": 1}}).encode()
+    with running_server(tmp_path / "repo", tmp_path, env={"DEEPSERVE_MAX_NEW_TOKENS": "3000"}) as live, \
+            socket.create_connection(("127.0.0.1", live["port"]), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/tiny-charlm/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        stream = sock.recv(65536)
+        assert stream.startswith(b"HTTP/1.1 200") and b"connection: close" not in stream.lower()  # under way
+        live["proc"].send_signal(signal.SIGTERM)
+        while not stream.endswith(b"\r\n0\r\n\r\n"):  # the stream runs to its end
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the stream ended"
+            stream += chunk
+        assert b"[DONE]" in stream or b'"finish_reason": "length"' in stream
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # was a reset or an empty read
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer[:300]
+        assert live["proc"].wait(timeout=60) == 0
+
+
 def wait_until_started(server, timeout_s: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not server.started and time.monotonic() < deadline:
