@@ -95,7 +95,9 @@ class Batcher:
         self.max_queue_wait = None if max_queue_wait_ms is None else max_queue_wait_ms / 1000.0
         """Longest predicted queueing delay admitted; 0 = no bound (only the deadline's); None = adaptive."""
         self._seconds_per_row: float | None = None  # batch cost estimate; unknown until a batch has run
-        self._admit_seconds_per_row = 0.0  # a plain moving average: one slow batch must not shed a burst
+        # admission's cost per row follows the cheap batches: down at once, up slowly. A batch slowed by the machine
+        # (preempted, the GIL, a batch shape the runtime has not seen since the load) must not shed a burst
+        self._admit_seconds_per_row = 0.0
         self._queued_rows = 0
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -305,7 +307,8 @@ class Batcher:
         self._seconds_per_row = (per_row if estimate is None or per_row > estimate
                                  else 0.8 * estimate + 0.2 * per_row)
         if estimate is not None:  # the first batch (the warm-up) pays one-off costs: not a prediction
-            self._admit_seconds_per_row = 0.8 * self._admit_seconds_per_row + 0.2 * per_row
+            admit = self._admit_seconds_per_row
+            self._admit_seconds_per_row = per_row if not admit or per_row < admit else 0.95 * admit + 0.05 * per_row
         if self.on_batch is not None:
             self.on_batch(total, elapsed)
         offset = 0
