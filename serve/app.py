@@ -104,6 +104,8 @@ class DeepServeApp(FastAPI):
     """Set on SIGTERM: requests in flight finish, new ones are refused (``serve/shutdown.py``)."""
     aborted: int = 0
     """Requests cancelled before they were answered (a drain that ran past its timeout)."""
+    echo_request_id: bool = True
+    """Add ``X-Request-Id`` to answers; off where a proxy in front adds the same id itself (Ray Serve's)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,7 +120,8 @@ class DeepServeApp(FastAPI):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), id_header]
+                if self.echo_request_id:
+                    message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
@@ -239,9 +242,10 @@ def install_routes(app: FastAPI, metrics: Metrics) -> list[DirectRoute]:
 
 
 def front_gate(app: DeepServeApp, access: AccessPolicy, cors_allow_origins: list[str] | None,
-               metrics: Metrics) -> ASGIApp:
-    """The key check in front of ``app.dispatch``, with CORS outside it when origins are allowed."""
-    gate: ASGIApp = AuthGate(app.dispatch, access, metrics.reject)
+               metrics: Metrics, inner: ASGIApp | None = None) -> ASGIApp:
+    """The key check in front of ``app.dispatch`` (or ``inner``: the Ray ingress's forwarder), with CORS outside
+    it when origins are allowed."""
+    gate: ASGIApp = AuthGate(inner or app.dispatch, access, metrics.reject)
     if cors_allow_origins:  # outside the key check: browsers send preflights without credentials
         gate = CORSMiddleware(gate, allow_origins=cors_allow_origins, allow_methods=["*"], allow_headers=["*"],
                               expose_headers=["Retry-After", "WWW-Authenticate", "Inference-Header-Content-Length",

@@ -1,8 +1,10 @@
-"""deepserve as a Ray Serve application (``pip install 'deepserve[ray]'``): one deployment per model of a
-repository, whose replicas each hold the model's servable with its own batcher or generation engine, behind an
-ingress that exposes the same HTTP API as ``deepserve serve`` (``serve/ray_deployments.py``).
+"""deepserve as a Ray Serve application (``pip install 'deepserve[ray]'``): an ingress that exposes the same
+HTTP API as ``deepserve serve`` (``serve/ray_deployments.py``), and one Ray Serve application per loaded model,
+``deepserve.<model>``, whose replicas each hold the model's servable with its own batcher or generation engine
+(``serve/ray_replica.py``). The ingress deploys a model's application when it loads the model (at start, or on
+``POST /v2/repository/models/<model>/load``) and deletes it on unload (``serve/ray_control.py``).
 
-    deepserve serve --repository DIR --engine ray [--ray-address auto|ray://HOST:10001]
+    deepserve serve --repository DIR --engine ray [--ray-address auto|ray://HOST:10001] [--api-key ...]
     serve run deepserve.serve.ray_app:build_app repository=DIR
 
 Replicas and resources come from the ``ray`` section of ``<repository>/<model>/config.json``::
@@ -10,7 +12,7 @@ Replicas and resources come from the ``ray`` section of ``<repository>/<model>/c
     {"max_batch_size": 32, "ray": {"num_replicas": 2, "num_cpus": 1}}
     {"ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}, "num_gpus": 1}}
 
-On a cluster, every node must see the repository at the same path (a shared or synced folder).
+On a cluster, every node must see the repository (and an ``--api-key-file``) at the same path.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from deepserve.serve.settings import SettingsError, read_engine_section
 
 APP_NAME = "deepserve"
 _AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
+_AUTOSCALING_DELAYS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
+"""Optional: how long Ray's autoscaler waits before it adds or removes a replica, and the window it averages."""
 
 
 def _number(path: Any, name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
@@ -43,7 +47,8 @@ class RayOptions:
     num_replicas: int = 1
     """Fixed replica count (when ``autoscaling`` is not given)."""
     autoscaling: dict[str, Any] | None = None
-    """``min_replicas``, ``max_replicas``, ``target_ongoing_requests``: Ray Serve's autoscaler drives the count."""
+    """``min_replicas``, ``max_replicas``, ``target_ongoing_requests`` (and optionally ``upscale_delay_s``,
+    ``downscale_delay_s``, ``look_back_period_s``): Ray Serve's autoscaler drives the count."""
     num_cpus: float = 0.5
     """CPUs Ray reserves per replica (a scheduling token; the graphs' own threads are set by deepserve)."""
     num_gpus: float = 0.0
@@ -52,7 +57,7 @@ class RayOptions:
     """Requests Ray sends a replica at once: enough to fill its batches (Ray's default of 5 would not)."""
 
     @classmethod
-    def from_section(cls, path: Path | None, raw: dict[str, Any]) -> RayOptions:
+    def from_section(cls, path: Path | str | None, raw: dict[str, Any]) -> RayOptions:
         unknown = sorted(set(raw) - {f for f in cls.__dataclass_fields__})
         if unknown:
             raise SettingsError(f"{path}: unknown ray settings {unknown}; known: {sorted(cls.__dataclass_fields__)}")
@@ -64,9 +69,13 @@ class RayOptions:
             _number(path, name, raw.get(name, 0), minimum=0)
         scaling = raw.get("autoscaling")
         if scaling is not None:
-            if not isinstance(scaling, dict) or sorted(scaling) != sorted(_AUTOSCALING_KEYS):
-                raise SettingsError(f"{path}: ray.autoscaling must give exactly {list(_AUTOSCALING_KEYS)}, "
-                                    f"got {scaling!r}")
+            if (not isinstance(scaling, dict) or not set(_AUTOSCALING_KEYS) <= set(scaling)
+                    or not set(scaling) <= {*_AUTOSCALING_KEYS, *_AUTOSCALING_DELAYS}):
+                raise SettingsError(f"{path}: ray.autoscaling must give {list(_AUTOSCALING_KEYS)} and may give "
+                                    f"{list(_AUTOSCALING_DELAYS)}, got {scaling!r}")
+            for name in _AUTOSCALING_DELAYS:
+                if name in scaling:
+                    _number(path, f"autoscaling.{name}", scaling[name], minimum=0)
             _number(path, "autoscaling.min_replicas", scaling["min_replicas"], minimum=0, integer=True)
             _number(path, "autoscaling.max_replicas", scaling["max_replicas"],
                     minimum=max(1, scaling["min_replicas"]), integer=True)
@@ -94,43 +103,31 @@ class AppOptions:
     """How long a stopping replica may take to drain (Ray's graceful_shutdown_timeout_s)."""
     trust: Any = None
     """An ``ArtifactTrust`` (``--trusted-keys``, ``--allow-symlinks-out``); None: the repository's default."""
+    front: Any = None
+    """A ``FrontOptions`` (keys, CORS, ``--model-control``); None: the plain server's defaults."""
 
 
-def plan(repository: str | Path) -> tuple[dict[str, RayOptions], dict[str, str]]:
-    """The deployments a repository asks for: model -> its ``RayOptions``, and model -> why it gets none (a bad
-    ``ray`` section; that model is reported not ready, the others serve). Models without version folders get
-    neither: the ingress's repository reports them."""
-    root = Path(repository)
-    if not root.is_dir():
-        raise FileNotFoundError(f"model repository {root} is not a directory")
-    deployments, why_not = {}, {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not any(v.is_dir() and v.name.isdigit() for v in model_dir.iterdir()):
-            continue
-        try:
-            deployments[model_dir.name] = RayOptions.from_section(*read_engine_section(model_dir, "ray"))
-        except SettingsError as e:
-            why_not[model_dir.name] = str(e)
-    return deployments, why_not
+def model_options(model_dir: Path) -> RayOptions:
+    """A model's deployment options, from the ``ray`` section of its config file; ``SettingsError`` naming the
+    file and field when they are wrong."""
+    return RayOptions.from_section(*read_engine_section(model_dir, "ray"))
 
 
 def application(options: AppOptions):  # -> ray.serve.Application
-    """The ingress bound to one ``ModelReplica`` deployment per model of ``plan``."""
-    from deepserve.serve.ray_deployments import Ingress, ModelReplica, ServingOptions
+    """The ingress; it deploys each model's application as it loads the model (``ray_control.py``)."""
+    from deepserve.serve.ray_deployments import FrontOptions, Ingress
+    from deepserve.serve.ray_replica import ServingOptions
 
     root = Path(options.repository).resolve()
-    deployments, why_not = plan(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model repository {root} is not a directory")
     serving = ServingOptions(overrides=dict(options.overrides), device=options.device,
                              max_body_bytes=options.max_body_bytes, max_pixels=options.max_pixels,
+                             graceful_timeout_s=options.graceful_timeout_s,
                              **({"trust": options.trust} if options.trust is not None else {}))
-    models = {
-        name: ModelReplica.options(name=name, graceful_shutdown_timeout_s=options.graceful_timeout_s,
-                                   **ray_options.deployment_options()).bind(str(root), name, serving)
-        for name, ray_options in deployments.items()
-    }
     return Ingress.options(name="ingress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0.25},
                            graceful_shutdown_timeout_s=options.graceful_timeout_s).bind(
-        str(root), models, serving, why_not)
+        str(root), serving, options.front or FrontOptions())
 
 
 def build_app(args: dict[str, str]):  # -> ray.serve.Application
@@ -146,11 +143,20 @@ def is_local(address: str | None) -> bool:
     return not address or address.removeprefix("ray://").split(":")[0] in ("127.0.0.1", "localhost")
 
 
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+"""Ray Serve's throughput-optimised mode (handle calls over gRPC, user code and router on the replica's own
+event loop, no per-request log lines on stderr): 0.85x the CPU per request on the Ray path and 1.18x the
+requests per second, measured on the digits CNN (``python -m benchmarks.run --only scaleout``). Without its
+direct-ingress part, which would bind each replica an HTTP port of its own. Serve's processes read it at start:
+set it on every node of a cluster."""
+
+
 def local_ray_env() -> dict[str, str]:
     """Environment for a local single-node Ray on 127.0.0.1. Ray otherwise resolves 127.0.0.1 to the machine's
     network address (so that other nodes could join); this documented switch keeps every node address on the
-    loopback. It is read when ray is imported, and Ray's own processes inherit it."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    loopback. It is read when ray is imported, and Ray's own processes inherit it, as they do
+    ``THROUGHPUT_ENV`` (unless the environment sets those variables itself)."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **{k: os.environ.get(k, v) for k, v in THROUGHPUT_ENV.items()}}
 
 
 def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None = None) -> None:
@@ -171,33 +177,24 @@ def start_ray(address: str | None, host: str, port: int, *, num_cpus: int | None
     serve.start(http_options={"host": host, "port": port})
 
 
-def refuse_unsupported(args: argparse.Namespace, access: Any) -> None:
-    """``ValueError`` naming what ``--engine ray`` does not do yet rather than ignoring it: API keys and CORS
-    (the ingress would not check them) and model control (replicas and redeploys are Ray's)."""
-    if access is not None and (access.api_keys or access.admin_keys):
-        raise ValueError("--engine ray does not check API keys yet: drop --api-key / --api-key-file / "
-                         "--admin-api-key (and DEEPSERVE_API_KEY / DEEPSERVE_ADMIN_API_KEY), or serve without Ray")
-    if args.cors_allow_origin:
-        raise ValueError("--engine ray does not answer CORS yet: drop --cors-allow-origin")
-    if args.model_control != "none" or args.load_model:
-        raise ValueError(f"--model-control {args.model_control} / --load-model: with --engine ray every model of "
-                         f"the repository is deployed; its replicas come from config.json's ray section")
-
-
 def run_cli(args: argparse.Namespace, overrides: dict[str, Any], trust: Any = None, access: Any = None) -> int:
     """``deepserve serve --engine ray``: deploy, serve until SIGTERM/SIGINT, then drain and shut down."""
-    refuse_unsupported(args, access)
     if is_local(args.ray_address):
         os.environ.update(local_ray_env())  # before ray is first imported
     import ray
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
-    from deepserve.serve.cli import example_requests, model_tasks
+    from deepserve.serve.cli import check_model_control, example_requests, model_tasks
+    from deepserve.serve.ray_deployments import FrontOptions
 
+    check_model_control(args, sorted(p.name for p in Path(args.repository).iterdir() if p.is_dir()))
+    front = FrontOptions(access=access, cors_allow_origins=list(args.cors_allow_origin),
+                         model_control=args.model_control, load_models=tuple(args.load_model),
+                         poll_interval_s=args.poll_interval, max_json_depth=args.max_json_depth)
     options = AppOptions(repository=args.repository, overrides=overrides, device=args.device,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
-                         graceful_timeout_s=args.graceful_timeout_s, trust=trust)
+                         graceful_timeout_s=args.graceful_timeout_s, trust=trust, front=front)
     app = application(options)
     start_ray(args.ray_address, args.host, args.port)
     stop = threading.Event()

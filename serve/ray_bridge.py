@@ -22,14 +22,19 @@ REPLICA_HEADER = b"x-deepserve-replica"
 """Names the replica that answered (the ingress passes it on): where a request went, for operators and tests."""
 _PLAIN_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string", "root_path",
                "server", "client")
-_DROPPED_HEADERS = {b"content-length", b"content-encoding"}
+_DROPPED_HEADERS = {b"content-length", b"content-encoding", b"authorization"}
+"""The body is already read and decoded; the ingress checked the key (replicas need not see it)."""
 
 
-def portable_scope(scope: Scope, body_length: int) -> dict[str, Any]:
-    """The scope's plain values, for a body that is already read (and decompressed): the headers describe it."""
+def portable_scope(scope: Scope, body_length: int, request_id: str | None = None) -> dict[str, Any]:
+    """The scope's plain values, for a body that is already read (and decompressed): the headers describe it,
+    and carry the ingress's ``request_id`` (so the replica's log lines name the id the client got)."""
     out = {k: scope[k] for k in _PLAIN_KEYS if k in scope}
-    out["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k.lower() not in _DROPPED_HEADERS]
+    dropped = _DROPPED_HEADERS | ({b"x-request-id"} if request_id else set())
+    out["headers"] = [(k, v) for k, v in scope.get("headers", ()) if k.lower() not in dropped]
     out["headers"].append((b"content-length", str(body_length).encode()))
+    if request_id:
+        out["headers"].append((b"x-request-id", request_id.encode()))
     return out
 
 

@@ -1,5 +1,6 @@
 """Schema checks for the manifests in ``deploy/``: Kubernetes kinds with ``kubernetes-validate`` (the API's
-published JSON schemas), KServe kinds with the KServe SDK's typed models.
+published JSON schemas), KServe kinds with the KServe SDK's typed models, the Prometheus Operator's
+``ServiceMonitor`` with ``cloudcoil-models-prometheus-operator`` (pydantic models generated from its CRDs).
 
 The ``kserve`` package cannot go into the dev extras: it pins ``protobuf<7`` (our environment has 7.x) and pulls
 a model server's dependencies. Its typed models (``kserve/models/v1beta1_*.py``, generated from KServe's OpenAPI
@@ -29,6 +30,7 @@ KSERVE_SDK = ROOT / ".cache" / "kserve-sdk"
 K8S_VERSION = "1.33"
 """The Kubernetes release the manifests target (KServe 0.15+ supports it)."""
 KSERVE_GROUP = "serving.kserve.io"
+PROMETHEUS_OPERATOR_GROUP = "monitoring.coreos.com"
 
 
 def kserve_models() -> types.ModuleType:
@@ -101,8 +103,34 @@ KSERVE_KINDS = {"ClusterServingRuntime": ("v1alpha1", "V1alpha1ClusterServingRun
                 "InferenceService": ("v1beta1", "V1beta1InferenceService")}
 
 
+def validate_prometheus_operator(doc: dict[str, Any]) -> None:
+    """A Prometheus Operator kind with its typed models: pydantic checks types, patterns and required fields;
+    the models drop fields they do not know, so a document must come back whole from a round trip."""
+    from cloudcoil.models.prometheus_operator import v1
+
+    assert doc["apiVersion"] == f"{PROMETHEUS_OPERATOR_GROUP}/v1", f"{doc['kind']}: only v1 kinds are checked"
+    cls = getattr(v1, doc.get("kind", ""), None)
+    assert cls is not None, f"{doc.get('kind')}: not a Prometheus Operator v1 kind"
+    back = cls.model_validate(doc).model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert back == doc, f"{doc['kind']}: unknown or misplaced field(s): {_lost(doc, back)}"
+
+
+def _lost(doc: Any, back: Any, where: str = "") -> list[str]:
+    """The paths of ``doc`` that ``back`` lacks or changed."""
+    if isinstance(doc, dict) and isinstance(back, dict):
+        return [p for k, v in doc.items() for p in (_lost(v, back[k], f"{where}.{k}") if k in back
+                                                     else [f"{where}.{k}"])]
+    if isinstance(doc, list) and isinstance(back, list) and len(doc) == len(back):
+        return [p for i, (a, b) in enumerate(zip(doc, back)) for p in _lost(a, b, f"{where}[{i}]")]
+    return [] if doc == back else [where]
+
+
 def validate(doc: dict[str, Any]) -> None:
-    """One manifest document: a KServe kind with the SDK's models, anything else with the Kubernetes schemas."""
+    """One manifest document: a KServe kind with the SDK's models, a Prometheus Operator kind with its models,
+    anything else with the Kubernetes schemas."""
+    if doc.get("apiVersion", "").startswith(PROMETHEUS_OPERATOR_GROUP + "/"):
+        validate_prometheus_operator(doc)
+        return
     if not doc.get("apiVersion", "").startswith(KSERVE_GROUP + "/"):
         validate_core(doc)
         return

@@ -43,7 +43,7 @@ def test_every_manifest_validates() -> None:
     files = sorted(DEPLOY.rglob("*.yaml"))
     kinds = sorted(d["kind"] for f in files for d in documents(f))
     assert kinds == ["ClusterServingRuntime", "Deployment", "HorizontalPodAutoscaler", *["InferenceService"] * 6,
-                     "PodDisruptionBudget", "Service"]
+                     "PodDisruptionBudget", "Service", "ServiceMonitor"]
     for f in files:
         for doc in documents(f):
             k8s_schemas.validate(doc)
@@ -59,9 +59,13 @@ def test_every_manifest_validates() -> None:
     ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["securityContext"].__setitem__(
         "readOnlyRootFilesystem", "yes")),
     ("Service", lambda d: d["spec"].__setitem__("portz", [])),
+    ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].__setitem__("paht", "/metrics")),
+    ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].__setitem__("interval", "often")),
+    ("ServiceMonitor", lambda d: d["spec"].pop("selector")),
 ], ids=["isvc-unknown-field", "isvc-wrong-type", "isvc-missing-required", "isvc-probe-without-port",
         "runtime-container-unknown-field", "runtime-missing-containers", "deployment-wrong-type",
-        "service-unknown-field"])
+        "service-unknown-field", "servicemonitor-unknown-field", "servicemonitor-bad-interval",
+        "servicemonitor-missing-selector"])
 def test_the_checks_refuse_broken_manifests(breakage: tuple[str, Any]) -> None:
     name, breaks = breakage
     doc = copy.deepcopy(kind(name, "kserve" if name in k8s_schemas.KSERVE_KINDS else "k8s")[0])
@@ -104,6 +108,10 @@ def test_manifests_agree_with_each_other_and_the_server() -> None:
         "selector"]["matchLabels"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == kind("Deployment", "k8s")[0]["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    monitor = kind("ServiceMonitor", "k8s")[0]["spec"]
+    assert monitor["selector"]["matchLabels"] == service["metadata"]["labels"]  # it finds the Service ...
+    endpoint = monitor["endpoints"][0]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
 
 
 def pod_labels() -> dict[str, str]:

@@ -1,8 +1,11 @@
 """The Ray Serve application on a real local Ray (127.0.0.1, 2 CPUs, no dashboard), started once for the module
-the way users start it (``deepserve serve --engine ray``), with 2 replicas of the classifier and of the char-LM.
+the way users start it (``deepserve serve --engine ray`` with API keys, ``--metrics-auth``, CORS and explicit
+model control), with 2 replicas of the classifier and of the char-LM and an autoscaling seq2seq model.
 
-It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process
-give the same bodies), spread requests over the replicas, survive the loss of a replica under load (every
+It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process,
+with the same flags, give the same bodies), check keys and CORS as it does, deploy and delete a model's
+application on load and unload, show every replica's batch and generation series in ``/metrics``, spread
+requests over the replicas, scale out under load and back, survive the loss of a replica under load (every
 request answered 200 or a clear 503, none hanging; Ray brings the replica back), and a client that hangs up must
 stop its generation inside the replica."""
 
@@ -34,15 +37,27 @@ from tests.test_serve_socket import body, images
 ROOT = Path(__file__).resolve().parents[1]
 MODELS: dict[str, dict[str, Any]] = {
     "tiny-cnn": {"num_replicas": 2}, "tiny-charlm": {"num_replicas": 2},
-    "tiny-seq2seq": {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}},
+    "tiny-seq2seq": {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                     "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 1}},
+    "spare-cnn": {"num_replicas": 1},
 }
-"""Each model's ray section (Ray rejects a malformed autoscaling config when the app deploys)."""
+"""Each model's ray section (Ray rejects a malformed autoscaling config when the app deploys). ``spare-cnn`` is
+not loaded at start (``--model-control explicit``): a test loads and unloads it."""
+STARTED = ("tiny-cnn", "tiny-charlm", "tiny-seq2seq")
+API_KEY, ADMIN_KEY = "ray-api-key", "ray-admin-key"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+ORIGIN = "http://playground.example"
+FLAGS = ["--api-key", API_KEY, "--admin-api-key", ADMIN_KEY, "--metrics-auth", "--cors-allow-origin", ORIGIN,
+         "--model-control", "explicit", *(f for m in STARTED for f in ("--load-model", m))]
+"""The server's flags: keys on every route (metrics too), CORS for one origin, three of the four models loaded."""
 
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ray-repo")
     make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    make_classifier_artifact(root, "spare-cnn", quantize=False)
     make_charlm_artifact(root, "tiny-charlm", quantize=False)
     make_seq2seq_artifact(root, "tiny-seq2seq", quantize=False)
     for name, ray_section in MODELS.items():
@@ -73,12 +88,17 @@ def cluster(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env = ray_env()
     out = tmp_path_factory.mktemp("ray-log") / "stdout.txt"
     cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--engine", "ray", "--repository", str(repository),
-           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+           "--port", str(port), "--device", "cpu", "--log-level", "warning", *FLAGS]
     with open(out, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process joins the cluster as a driver (to kill replicas, read their metrics)
+    from deepserve.serve.ray_app import THROUGHPUT_ENV
+
+    # this process joins the cluster as a driver (to kill replicas, read their metrics), with handles of Serve's
+    # default kind (a throughput-optimised handle needs a running event loop)
+    driver = {k: v for k, v in env.items() if k not in THROUGHPUT_ENV}
+    saved = {k: os.environ.get(k) for k in driver}
+    os.environ.update(driver)
     import ray
 
     try:
@@ -108,10 +128,15 @@ def plain(repository: Path) -> Iterator[Any]:
     """``deepserve serve``'s own app, in process, over the same repository: the reference answers."""
     from starlette.testclient import TestClient
 
+    from deepserve.cli import build_parser
     from deepserve.serve.app import create_app
+    from deepserve.serve.cli import access_policy
+    from deepserve.serve.repository import ModelRepository
 
-    # a loopback client, as the test's requests to Ray are (model control and the index allow loopback)
-    with TestClient(create_app(repository, device="cpu"), client=("127.0.0.1", 50000)) as client:
+    args = build_parser("serve").parse_args(["serve", "--repository", str(repository), *FLAGS])
+    repo = ModelRepository(repository, device="cpu", model_control="explicit", load_models=STARTED)
+    app = create_app(repo, access=access_policy(args), cors_allow_origins=[ORIGIN])
+    with TestClient(app, client=("127.0.0.1", 50000), headers=AUTH) as client:  # a loopback client, as ours
         yield client
 
 
@@ -119,19 +144,17 @@ def replicas(model: str) -> list[dict[str, str]]:
     import ray
 
     return [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::deepserve#{model}#")]
+            if a["name"].startswith(f"SERVE_REPLICA::deepserve.{model}#{model}#")]
 
 
 def replica_metrics(model: str, replica: str) -> str:
-    """The Prometheus text of one replica, asked through the deployment's handle until that replica answers."""
+    """The Prometheus text of one replica (Ray's handle broadcast asks every replica of the deployment)."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(model, app_name="deepserve")
-    for _ in range(200):  # bounded: Ray routes each call to one of the replicas
-        name, text = handle.metrics.remote().result(timeout_s=30)
-        if name == replica:
-            return text
-    pytest.fail(f"replica {replica} of {model} never answered")
+    handle = serve.get_deployment_handle(model, app_name=f"deepserve.{model}")
+    answers = dict(handle.broadcast("metrics").results(timeout_s=30))
+    assert replica in answers, (replica, sorted(answers))
+    return answers[replica]
 
 
 def sample(text: str, metric: str, model: str) -> float:
@@ -189,7 +212,7 @@ UPLOADS: list[tuple[str, dict[str, Any]]] = [  # bodies with their own headers: 
 
 def test_answers_are_the_plain_servers(cluster: dict[str, Any], plain: Any) -> None:
     """Every answer, errors included, is the one ``deepserve serve`` gives: status and body."""
-    with httpx.Client(base_url=cluster["base"], timeout=60) as ray_client:
+    with httpx.Client(base_url=cluster["base"], timeout=60, headers=AUTH) as ray_client:
         for method, path, payload in REQUESTS:
             kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
             ours, theirs = ray_client.request(method, path, **kwargs), plain.request(method, path, **kwargs)
@@ -211,11 +234,103 @@ def test_startup_says_where_and_prints_example_requests(cluster: dict[str, Any])
     assert "predictions/tiny-cnn" in text and "/v1/completions" in text  # the same examples as deepserve serve
 
 
-def test_model_control_is_refused_rather_than_reaching_one_replica(cluster: dict[str, Any]) -> None:
-    for action in ("load", "unload"):
-        r = httpx.post(f"{cluster['base']}/v2/repository/models/tiny-cnn/{action}", timeout=30)
-        assert r.status_code == 400 and "Ray's under --engine ray" in r.json()["error"]
-    assert httpx.get(f"{cluster['base']}/v2/models/tiny-cnn/ready", timeout=30).status_code == 200
+def test_keys_and_cors_are_the_plain_servers(cluster: dict[str, Any]) -> None:
+    base, x = cluster["base"], body(images(1, seed=5))
+    refused = httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=x, timeout=30)
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert "API key" in refused.json()["error"]
+    wrong = httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=x, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]
+    assert httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=x, headers=AUTH, timeout=30).status_code == 200
+    assert httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=x, headers=ADMIN, timeout=30).status_code == 200
+    assert httpx.get(f"{base}/metrics", timeout=30).status_code == 401  # --metrics-auth
+    assert httpx.get(f"{base}/v2/health/ready", timeout=30).status_code == 200  # open, as on the plain server
+    preflight = httpx.options(f"{base}/v2/models/tiny-cnn/infer", timeout=30, headers={
+        "origin": ORIGIN, "access-control-request-method": "POST", "access-control-request-headers": "authorization"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    answer = httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=x, headers={**AUTH, "origin": ORIGIN}, timeout=30)
+    assert answer.headers["access-control-allow-origin"] == ORIGIN
+    assert len(answer.headers.get_list("x-request-id")) == 1
+    named = httpx.post(f"{base}/v2/models/tiny-cnn/infer", json=x, headers={**AUTH, "x-request-id": "abc-1"})
+    assert named.headers.get_list("x-request-id") == ["abc-1"]  # the client's id, answered once
+    assert httpx.get(f"{base}/v2/models", headers=AUTH).headers.get_list("x-request-id")[0] != "abc-1"
+    stranger = httpx.options(f"{base}/v2/models", headers={"origin": "http://elsewhere.example",
+                                                           "access-control-request-method": "GET"}, timeout=30)
+    assert "access-control-allow-origin" not in stranger.headers
+
+
+def test_load_deploys_the_models_application_and_unload_deletes_it(cluster: dict[str, Any],
+                                                                   repository: Path) -> None:
+    """Model control under Ray: load deploys ``deepserve.spare-cnn`` (Ray places its replica), it serves, and
+    unload deletes the application; the admin key guards both."""
+    from ray import serve
+
+    base, x = cluster["base"], body(images(2, seed=6))
+    with httpx.Client(base_url=base, timeout=120) as c:
+        index = {r["name"]: r for r in c.post("/v2/repository/index", headers=ADMIN).json()}
+        assert index["spare-cnn"]["state"] == "UNAVAILABLE" and "deepserve.spare-cnn" not in serve.status().applications
+        assert c.post("/v2/models/spare-cnn/infer", json=x, headers=AUTH).status_code == 503
+        assert c.post("/v2/repository/models/spare-cnn/load", headers=AUTH).status_code == 401  # not the admin key
+        loaded = c.post("/v2/repository/models/spare-cnn/load", headers=ADMIN)
+        assert loaded.status_code == 200 and loaded.json()[0]["state"] == "READY", loaded.text
+        assert serve.status().applications["deepserve.spare-cnn"].status == "RUNNING"
+        served = c.post("/v2/models/spare-cnn/infer", json=x, headers=AUTH)
+        assert served.status_code == 200 and served.headers["x-deepserve-replica"]
+        assert len(replicas("spare-cnn")) == 1
+        unloaded = c.post("/v2/repository/models/spare-cnn/unload", headers=ADMIN)
+        assert unloaded.status_code == 200 and unloaded.json()[0]["state"] == "UNAVAILABLE"
+        assert "deepserve.spare-cnn" not in serve.status().applications and not replicas("spare-cnn")
+        gone = c.post("/v2/models/spare-cnn/infer", json=x, headers=AUTH)
+        assert gone.status_code == 503 and "spare-cnn" in gone.json()["error"]
+        bad = c.post("/v2/repository/models/spare-cnn/load", headers=ADMIN,
+                     json={"parameters": {"config": json.dumps({"ray": {"num_replicas": 2}})}})
+        assert bad.status_code == 400 and "ray section of the model's config file" in bad.json()["error"]
+        config = repository / "spare-cnn" / "config.json"
+        config.write_text(json.dumps({"ray": {"num_replicas": 0}}))
+        refused = c.post("/v2/repository/models/spare-cnn/load", headers=ADMIN)
+        assert refused.status_code == 400, refused.text
+        assert "config.json: ray.num_replicas must be an integer >= 1, got 0" in refused.json()["error"]
+        assert "/tmp" not in refused.json()["error"]  # the answer names no server path
+        assert "deepserve.spare-cnn" not in serve.status().applications
+
+
+def families(text: str) -> dict[str, list[Any]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_show_every_replicas_batches_and_generation(cluster: dict[str, Any], plain: Any) -> None:
+    """A scrape of the ingress has the plain server's families, with each replica's batch and generation series
+    labelled by replica; requests served by either replica of a 2-replica model show up in its series."""
+
+    def per_replica(text: str, family: str, sample: str, model: str) -> dict[str, float]:
+        return {s.labels["replica"]: s.value for s in families(text).get(family, [])
+                if s.name == sample and s.labels.get("model") == model and "replica" in s.labels}
+
+    with httpx.Client(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
+        before = c.get("/metrics").text
+        served = Counter(c.post("/v2/models/tiny-cnn/infer", json=body(images(1, seed=i))).headers[
+            "x-deepserve-replica"] for i in range(16))
+        tokens = Counter()
+        for i in range(6):
+            r = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "a", "parameters": {
+                "max_new_tokens": 5, "seed": i}})
+            tokens[r.headers["x-deepserve-replica"]] += 5
+        after = c.get("/metrics").text
+    assert len(served) == 2, served
+    old = per_replica(before, "deepserve_batch_size", "deepserve_batch_size_sum", "tiny-cnn")
+    new = per_replica(after, "deepserve_batch_size", "deepserve_batch_size_sum", "tiny-cnn")
+    for replica, rows in served.items():  # one row per request, in whichever batch it rode
+        assert new[replica] - old.get(replica, 0.0) == rows, (replica, old, new)
+    old = per_replica(before, "deepserve_generation_tokens", "deepserve_generation_tokens_total", "tiny-charlm")
+    new = per_replica(after, "deepserve_generation_tokens", "deepserve_generation_tokens_total", "tiny-charlm")
+    for replica, count in tokens.items():
+        assert new[replica] - old.get(replica, 0.0) >= count, (replica, old, new)
+    assert set(families(plain.get("/metrics").text)) <= set(families(after))  # the plain server's families
+    requests = [s for s in families(after)["deepserve_requests"] if s.labels.get("endpoint") == "infer"
+                and s.labels["model"] == "tiny-cnn"]
+    assert requests and all("replica" not in s.labels for s in requests)  # counted once, by the ingress
 
 
 def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, Any], plain: Any) -> None:
@@ -223,19 +338,20 @@ def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, 
 
     client = triton.InferenceServerClient(url=f"127.0.0.1:{cluster['port']}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny-cnn")
-    assert client.get_model_metadata("tiny-cnn")["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    assert client.get_model_metadata("tiny-cnn", headers=AUTH)["inputs"][0]["shape"] == [-1, 1, 8, 8]
     x = images(5, seed=4)
     out = plain.post("/v2/models/tiny-cnn/infer", json=body(x)).json()["outputs"][0]
     expected = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
     for binary in (False, True):
         inp = triton.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
-        result = client.infer("tiny-cnn", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)])
+        result = client.infer("tiny-cnn", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)],
+                              headers=dict(AUTH))  # tritonclient adds to the dict it is given
         np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
     client.close()
 
     async def many() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60) as c:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
             return await asyncio.gather(*(c.post("/v2/models/tiny-cnn/infer", json=body(x[i % 5 : i % 5 + 1]))
                                           for i in range(60)))
 
@@ -250,7 +366,7 @@ def test_tritonclient_and_requests_spread_over_both_replicas(cluster: dict[str, 
 def test_openai_sdk_completion_stream_and_beam_search(cluster: dict[str, Any]) -> None:
     from openai import NotFoundError, OpenAI
 
-    client = OpenAI(base_url=cluster["base"] + "/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=cluster["base"] + "/v1", api_key=API_KEY, max_retries=0)
     assert {m.id for m in client.models.list()} == {"tiny-charlm", "tiny-seq2seq"}
     done = client.completions.create(model="tiny-charlm", prompt="the ", max_tokens=12, temperature=0)
     assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 12
@@ -263,7 +379,7 @@ def test_openai_sdk_completion_stream_and_beam_search(cluster: dict[str, Any]) -
     with pytest.raises(NotFoundError) as missing:
         client.completions.create(model="nope", prompt="a")
     assert missing.value.code == "model_not_found"
-    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+    with httpx.Client(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
         whole = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "ab", "parameters": {
             "num_beams": 2, "max_new_tokens": 6}}).json()
         with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json={"text_input": "ab", "parameters": {
@@ -280,7 +396,7 @@ def test_a_client_that_hangs_up_stops_its_generation_in_the_replica(cluster: dic
     def running_rows(replica: str) -> float:
         return sample(replica_metrics("tiny-charlm", replica), "deepserve_generation_running_rows", "tiny-charlm")
 
-    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+    with httpx.Client(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
         with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body_) as s:
             replica = s.headers["x-deepserve-replica"]
             next(line for line in s.iter_lines() if line.startswith("data: "))  # tokens are coming
@@ -303,6 +419,7 @@ def test_a_non_streaming_client_that_hangs_up_stops_its_generation_too(cluster: 
     payload = json.dumps({"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 2}}).encode()
     with socket.create_connection(("127.0.0.1", cluster["port"])) as sock:
         sock.sendall(b"POST /v2/models/tiny-charlm/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nAuthorization: Bearer " + API_KEY.encode() +
                      b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
         wait_for(lambda: ongoing() >= 1, 20, "the request reaching a replica")
     wait_for(lambda: all(sample(replica_metrics("tiny-charlm", r), "deepserve_generation_running_rows",
@@ -318,7 +435,7 @@ def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster:
     x = images(1, seed=9)
 
     async def load() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60) as c:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
             async def infer() -> httpx.Response:
                 return await c.post("/v2/models/tiny-cnn/infer", json=body(x))
 
@@ -336,14 +453,14 @@ def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster:
             assert "replica" in r.json()["error"] and r.headers["retry-after"]
     assert statuses[200] >= 150, statuses  # the surviving replica serves the rest
     lost = re.findall(r'^deepserve_ray_replica_lost_total{model="tiny-cnn",outcome="(\w+)"} (\S+)$',
-                      httpx.get(cluster["base"] + "/metrics").text, re.M)
+                      httpx.get(cluster["base"] + "/metrics", headers=AUTH).text, re.M)
     assert float(dict(lost).get("answered_503", 0)) == statuses[503]  # each 503 is a replica lost, counted
     # Ray replaces the replica without anyone asking; then both take requests again
     wait_for(lambda: len(replicas("tiny-cnn")) == 2 and victims[0] not in replicas("tiny-cnn"), 90,
              "a new tiny-cnn replica")
 
     def both_serve() -> bool:
-        with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+        with httpx.Client(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
             served = {c.post("/v2/models/tiny-cnn/infer", json=body(x)).headers["x-deepserve-replica"]
                       for _ in range(20)}
         return len(served) == 2
@@ -358,17 +475,53 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event(cluster: dict[str,
     import ray
 
     body_ = {"text_input": "a", "parameters": {"max_new_tokens": 1_000_000, "seed": 3}}
-    with httpx.Client(base_url=cluster["base"], timeout=60) as c:
+    with httpx.Client(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
         with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body_) as s:
             replica = s.headers["x-deepserve-replica"]
             lines = s.iter_lines()
             next(line for line in lines if line.startswith("data: "))
-            ray.kill(ray.get_actor(f"SERVE_REPLICA::deepserve#tiny-charlm#{replica}", namespace="serve"),
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::deepserve.tiny-charlm#tiny-charlm#{replica}", namespace="serve"),
                      no_restart=True)
             events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
     assert events[-1]["status"] == 503 and "replica was lost" in events[-1]["error"]
-    metrics = httpx.get(cluster["base"] + "/metrics").text
+    metrics = httpx.get(cluster["base"] + "/metrics", headers=AUTH).text
     assert 'deepserve_ray_replica_lost_total{model="tiny-charlm",outcome="stream_ended"} 1.0' in metrics
+
+
+def test_sustained_load_scales_out_to_two_replicas_and_back(cluster: dict[str, Any]) -> None:
+    """``tiny-seq2seq`` autoscales (1 to 2 replicas, target 1 ongoing request, short delays): Ray's autoscaler
+    adds a replica under sustained load and removes it once the load stops, each within a deadline read from
+    Ray's own status API."""
+    import threading
+
+    from ray import serve
+
+    def running() -> int:
+        app = serve.status().applications.get("deepserve.tiny-seq2seq")
+        return app.deployments["tiny-seq2seq"].replica_states.get("RUNNING", 0) if app else 0
+
+    assert running() == 1
+    stop, statuses = threading.Event(), Counter()
+
+    async def load() -> None:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60, headers=AUTH) as c:
+            async def client(i: int) -> None:
+                while not stop.is_set():
+                    r = await c.post("/v2/models/tiny-seq2seq/generate", json={"text_input": f"{i}+{i}",
+                                     "parameters": {"num_beams": 2, "max_new_tokens": 8}})
+                    statuses[r.status_code] += 1
+
+            await asyncio.gather(*(client(i) for i in range(6)))
+
+    worker = threading.Thread(target=asyncio.run, args=(load(),))
+    worker.start()
+    try:
+        wait_for(lambda: running() == 2, 60, "a second tiny-seq2seq replica under load")
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive() and set(statuses) == {200}, statuses
+    wait_for(lambda: running() == 1, 60, "tiny-seq2seq back to one replica once the load stopped")
 
 
 def test_sigterm_drains_and_stops(cluster: dict[str, Any]) -> None:
@@ -385,29 +538,31 @@ def test_sigterm_drains_and_stops(cluster: dict[str, Any]) -> None:
 
 
 def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> None:
-    from deepserve.serve.ray_app import plan
-    from deepserve.serve.settings import read_config_file
+    from deepserve.serve.ray_app import model_options
+    from deepserve.serve.settings import SettingsError, read_config_file
 
     configs = {
         "fixed": {"max_batch_size": 8, "ray": {"num_replicas": 3, "num_cpus": 1, "num_gpus": 0.5}},
-        "scaled": {"ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}},
+        "scaled": {"ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
+                                           "downscale_delay_s": 5}}},
         "plain": {},
         "bad": {"ray": {"num_replicas": 0}},
     }
     for name, config in configs.items():
         (tmp_path / name / "1").mkdir(parents=True)
         (tmp_path / name / "config.json").write_text(json.dumps(config))
-    (tmp_path / "empty").mkdir()  # no versions: no deployment (the repository reports it)
     assert read_config_file(tmp_path / "fixed") == {"max_batch_size": 8}  # the ray section is not a setting
-    deployments, why_not = plan(tmp_path)
-    assert sorted(deployments) == ["fixed", "plain", "scaled"]
+    deployments = {name: model_options(tmp_path / name) for name in ("fixed", "scaled", "plain")}
     assert deployments["fixed"].deployment_options() == {
         "num_replicas": 3, "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.5}}
     scaled = deployments["scaled"].deployment_options()
-    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
+                                            "downscale_delay_s": 5}
     assert "num_replicas" not in scaled
     assert deployments["plain"].deployment_options()["num_replicas"] == 1
-    assert why_not == {"bad": f"{tmp_path / 'bad' / 'config.json'}: ray.num_replicas must be an integer >= 1, got 0"}
+    with pytest.raises(SettingsError) as bad:
+        model_options(tmp_path / "bad")
+    assert str(bad.value) == f"{tmp_path / 'bad' / 'config.json'}: ray.num_replicas must be an integer >= 1, got 0"
 
 
 @pytest.mark.parametrize("section, message", [
@@ -416,7 +571,11 @@ def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> 
     ({"num_replicas": 1.5}, "ray.num_replicas must be an integer >= 1, got 1.5"),
     ({"num_cpus": -1}, "ray.num_cpus must be a number >= 0, got -1"),
     ({"num_gpus": "one"}, "ray.num_gpus must be a number >= 0, got 'one'"),
-    ({"autoscaling": {"min_replicas": 1}}, "ray.autoscaling must give exactly"),
+    ({"autoscaling": {"min_replicas": 1}}, "ray.autoscaling must give ['min_replicas', 'max_replicas'"),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "delay": 1}},
+     "may give ['upscale_delay_s', 'downscale_delay_s', 'look_back_period_s']"),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": -1}},
+     "ray.autoscaling.upscale_delay_s must be a number >= 0, got -1"),
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 2, "target_ongoing_requests": 4}},
      "ray.autoscaling.max_replicas must be an integer >= 3, got 2"),
     ({"autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 0}},
@@ -448,11 +607,11 @@ def test_build_app_is_what_serve_run_imports(repository: Path) -> None:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--api-key", "k"], "does not check API keys yet"),
-    (["--cors-allow-origin", "*"], "does not answer CORS yet"),
-    (["--model-control", "explicit", "--load-model", "tiny-cnn"], "every model of the repository is deployed"),
+    (["--load-model", "tiny-cnn"], "--load-model needs --model-control explicit"),
+    (["--model-control", "explicit", "--load-model", "nope"], "--load-model nope: not in the repository"),
+    (["--metrics-auth"], "--metrics-auth needs keys"),
 ])
-def test_what_the_ray_engine_does_not_do_is_refused_naming_the_flag(
+def test_bad_flags_are_refused_by_name_before_ray_starts(
         repository: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
     from deepserve.cli import main
 
