@@ -99,7 +99,7 @@ def test_seq2seq_step_runner_does_not_spin_or_copy_for_nothing(repo):
     reorder that keeps every row in place copies no cache; a real one still moves the rows."""
     directory = repo / "tiny-seq2seq" / "1"
     step = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
-    assert step.decode.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert step.decode.runtime.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     tokens = step.join([[6, 8, 18], [9, 13]], [1, 1])
     logits = step.step(tokens)
     cache, cross = list(step.past), list(step.cross)

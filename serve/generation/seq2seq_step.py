@@ -11,6 +11,8 @@ import numpy as np
 from deepserve.manifest import cache_names
 from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
 
+NARROW_ROWS = 64  # below it a step's matrix-vector products lose more to a 2nd thread's hand-offs than it gains
+
 class Seq2SeqStepModel(StepModel):
     """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
 
@@ -23,8 +25,8 @@ class Seq2SeqStepModel(StepModel):
     and moving rows copies whole contiguous rows."""
 
     def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
-                 pad_id: int, bos_id: int, eos_id: int) -> None:
-        self.encode, self.decode = encode, decode
+                 pad_id: int, bos_id: int, eos_id: int, narrow: Graph | None = None) -> None:
+        self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
         self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
@@ -107,12 +109,10 @@ class Seq2SeqStepModel(StepModel):
 
     def _pad_src(self, x: Array, S: int, axis: int, value: Any) -> Array:
         """Right-pad the source axis to S (cross-attention masks the padding)."""
-        have = x.shape[axis]
-        if have == S:
+        if x.shape[axis] == S:
             return x
-        shape = list(x.shape)
-        shape[axis] = S - have
-        return self.decode.cat([x, self.decode.full(tuple(shape), value, x)], axis)
+        shape = (*x.shape[:axis], S - x.shape[axis], *x.shape[axis + 1 :])
+        return self.decode.cat([x, self.decode.full(shape, value, x)], axis)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         g = self.decode
@@ -120,10 +120,10 @@ class Seq2SeqStepModel(StepModel):
         feeds = {"tokens": g.asarray(tokens.reshape(-1, 1)), "positions": g.asarray(self.positions),
                  "src_pad_mask": src_pad, "past_pad_mask": g.asarray(self.past_pad),
                  **dict(zip(self.cross_names, cross)), **dict(zip(self.past_names, self.past))}
-        out = dict(zip(g.output_names, g(*[feeds[name] for name in g.input_names])))
+        run = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else g
+        out = dict(zip(g.output_names, run(*[feeds[name] for name in g.input_names])))
         self.past = [out[name] for name in self.present_names]
-        B = len(tokens)
-        self.past_pad = np.concatenate([self.past_pad, np.zeros((B, 1), bool)], 1)
+        self.past_pad = np.concatenate([self.past_pad, np.zeros((len(tokens), 1), bool)], 1)
         self.positions = self.positions + 1
         logits = g.numpy(out["logits"])
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs

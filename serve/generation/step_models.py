@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deepserve.manifest import GraphSpec, Manifest, StepGraphContract
-from deepserve.serve.runtime import TorchScriptRuntime, open_runtime
+from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
 
@@ -35,15 +35,13 @@ class Graph:
     needs (so that TorchScript state never leaves torch and ONNX Runtime state never leaves numpy)."""
 
     def __init__(self, fn: Callable[..., list[Array]], output_names: list[str], *, torch_device: str | None = None,
-                 platform: str = "custom", session: Any = None, input_names: list[str] | None = None) -> None:
-        self._fn = fn
-        self.session = session
-        """The ONNX Runtime session behind ``fn`` (None for other graphs)."""
+                 platform: str = "custom", runtime: GraphRuntime | None = None,
+                 input_names: list[str] | None = None) -> None:
+        self._fn, self.runtime = fn, runtime  # the runtime behind fn (None for a plain function)
         self.output_names = output_names
         self.input_names = input_names or []
         """The manifest's input names, in call order."""
-        self.torch_device = torch_device
-        self.platform = platform
+        self.torch_device, self.platform = torch_device, platform
         if torch_device is not None:
             import torch
 
@@ -54,11 +52,13 @@ class Graph:
              threads: int | None = None) -> Graph:
         # on CPU, ONNX Runtime's workers sleep between runs (backends.py): spinning ones take the cores the
         # scheduler thread needs for its selection work between two steps
-        rt = open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
-                          precision=precision, threads=threads)
-        torchscript = isinstance(rt, TorchScriptRuntime)
-        return cls(rt.call, rt.output_names, torch_device=device if torchscript else None, platform=rt.platform,
-                   session=getattr(rt, "session", None), input_names=rt.input_names)
+        return cls.of(open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
+                                   precision=precision, threads=threads))
+
+    @classmethod
+    def of(cls, rt: GraphRuntime) -> Graph:
+        return cls(rt.call, rt.output_names, torch_device=rt.device if isinstance(rt, TorchScriptRuntime) else None,
+                   platform=rt.platform, runtime=rt, input_names=rt.input_names)
 
     def __call__(self, *inputs: Array) -> list[Array]:
         return self._fn(*inputs)
@@ -156,10 +156,7 @@ class CharLMStepModel(StepModel):
             state = [g.take(s, idx, 1) for s in new_state]
             out = g(tokens, *state)
             for k in range(self.n_state):
-                if g.torch_device is None:
-                    new_state[k][:, idx] = out[1 + k]
-                else:
-                    new_state[k][:, g.asarray(idx)] = out[1 + k]
+                new_state[k][:, idx if g.torch_device is None else g.asarray(idx)] = out[1 + k]
         rep = expand_copies(copies)
         new_state = [g.take(s, rep, 1) for s in new_state]
         self.state = [g.cat([old, new], 1) for old, new in zip(self.state, new_state)]
@@ -197,8 +194,10 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
         c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
-        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw),
-                                Graph.open(manifest.graphs["decode_step"], directory, **kw), layers=c.layers,
+        decode = Graph.open(manifest.graphs["decode_step"], directory, **kw)
+        narrow = decode.runtime.narrow()  # the same graph on one CPU thread, for small steps (or None)
+        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode, layers=c.layers,
                                 heads=c.heads, head_dim=c.head_dim, vocab_size=c.vocab_size, pad_id=c.pad_id,
-                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id)
+                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id,
+                                narrow=Graph.of(narrow) if narrow is not None else None)
     raise ValueError(f"task {manifest.task!r} is not a generation task")

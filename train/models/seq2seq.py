@@ -193,21 +193,22 @@ class DecoderBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new token per row, the cross K/V of N = ``sources`` sources shared by B = N * G rows: rows
         n*G .. n*G+G-1 attend to source n, as G queries of one call (the beams of a request read their source's
-        K/V once, not from G copies). With T = 1 the heads transpose is a reshape of constant shape, which keeps
-        the exported step graph lean. x (B,1,D), past_k/v (B,H,P,Dh), self_blocked (B,1,1,P+1),
-        cross_k/v (N,H,S,Dh), src_blocked (N,1,1,S) -> x (B,1,D), present k/v (B,H,P+1,Dh)."""
+        K/V once, not from G copies). The rows stay 2-D (no time axis): with T = 1 the heads transpose is a
+        reshape of constant shape, and each linear layer exports as one Gemm with its bias, which keeps the
+        step graph lean. x (B,D), past_k/v (B,H,P,Dh), self_blocked (B,1,1,P+1), cross_k/v (N,H,S,Dh),
+        src_blocked (N,1,1,S) -> x (B,D), present k/v (B,H,P+1,Dh)."""
         sa, ca = self.self_attn, self.cross_attn
         H, D = sa.n_heads, sa.proj.out_features
         Dh = D // H
-        qkv = sa.qkv(self.ln1(x))  # (B,1,3D)
-        q, k, v = (qkv[..., j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
+        qkv = sa.qkv(self.ln1(x))  # (B,3D)
+        q, k, v = (qkv[:, j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
         k = torch.cat([past_k, k], dim=2)  # (B,H,P+1,Dh)
         v = torch.cat([past_v, v], dim=2)
         y = attend(q, k, v, self_blocked, sa.scale, sa.attn_drop)  # (B,H,1,Dh)
-        x = x + sa.proj(y.reshape(-1, 1, D))  # (B,1,D)
+        x = x + sa.proj(y.reshape(-1, D))  # (B,D)
         cq = ca.q(self.ln2(x)).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
         y = attend(cq, cross_k, cross_v, src_blocked, ca.scale, ca.attn_drop)  # (N,H,G,Dh)
-        x = x + ca.proj(y.transpose(1, 2).reshape(-1, 1, D))  # (B,1,D)
+        x = x + ca.proj(y.transpose(1, 2).reshape(-1, D))  # (B,D)
         return x + self.ff(self.ln3(x)), k, v
 
 
@@ -242,7 +243,7 @@ class Seq2SeqTransformer(nn.Module):
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (..., D)
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions (B,T) -> (B,T,D); embeddings scaled by sqrt(D) as the weights are tied to the output."""
+        """tokens, positions (B,T) or (B,) -> (B,T,D) or (B,D); embeddings scaled by sqrt(D) as the weights are tied to the output."""
         x = self.embed(tokens) * math.sqrt(self.args.d_model) + self.positional(positions)
         return self.embed_drop(x)
 
@@ -318,7 +319,7 @@ class Seq2SeqTransformer(nn.Module):
         (``DecoderBlock.step``). tokens (B,1), positions (B,), src_pad_mask (N,S), past_pad_mask (B,P), then per
         layer i: cross_k_i, cross_v_i (N,H,S,Dh), past_k_i, past_v_i (B,H,P,Dh)
         -> logits (B,V), then per layer i: present_k_i, present_v_i (B,H,P+1,Dh)."""
-        x = self.embed_tokens(tokens, positions.unsqueeze(1))  # (B,1,D)
+        x = self.embed_tokens(tokens[:, 0], positions)  # (B,D)
         # the new token's own slot is never blocked, so no query row is fully masked even when P = 0
         own = torch.zeros_like(tokens, dtype=torch.bool)  # (B,1)
         self_blocked = torch.cat([past_pad_mask, own], dim=1)[:, None, None, :]  # (B,1,1,P+1)
@@ -329,7 +330,7 @@ class Seq2SeqTransformer(nn.Module):
             cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
             x, k, v = block.step(x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources)
             present += [k, v]  # (B,H,P+1,Dh) each
-        return (self.logits(x[:, 0]), *present)  # logits (B,V)
+        return (self.logits(x), *present)  # logits (B,V)
 
     def empty_cache(
         self, batch: int, device: torch.device | None = None
