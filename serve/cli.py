@@ -23,7 +23,7 @@ _SETTING_FLAGS = (
     ("--max-queue-size", "max_queue_size", int, "requests queued per instance before 429 (default 1024)"),
     ("--max-queue-wait-ms", "max_queue_wait_ms", float,
      "refuse (429 + Retry-After) requests predicted to wait longer in the queue (default: adaptive, 1.5 rows' "
-     "worth of the model's recent time per row, at least 10 ms; 0 = no bound)"),
+     "worth of the model's recent time per row, at least 15 ms; 0 = no bound)"),
     ("--request-timeout-s", "request_timeout_s", float, "deadline of requests that bring none (default 30)"),
     ("--instances", "instances", int, "model instances, each with its own batcher (default 1)"),
     ("--precision", "precision", str, "graph variant: fp32 | int8 | fp16 (default fp32)"),

@@ -47,7 +47,7 @@ class ModelSettings:
     """Requests predicted (rows ahead x recent time per row) to wait longer than this in a batcher's queue are
     refused at once with 429 + Retry-After; 0 turns the bound off (the deadline still applies: a request
     predicted to finish past its deadline is refused the same way). None (the default) adapts it to the model:
-    1.5 rows' worth of the recent time per row, at least 10 ms."""
+    1.5 rows' worth of the recent time per row, at least 15 ms (``batcher.AUTO_WAIT_FLOOR_MS``)."""
     request_timeout_s: float = 30.0
     """Deadline for a request that brings none of its own; a request past it is answered 504."""
     inline_batch_ms: float = 0.5
