@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deepserve.manifest import GraphSpec, Manifest, StepGraphContract
+from deepserve.manifest import CharLMGraphContract, GraphSpec, Manifest, StepGraphContract
 from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
@@ -124,10 +124,12 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 
 
 class CharLMStepModel(StepModel):
-    """Char-LSTM / GRU ``step`` graph: tokens (B,T), h (and c) (L,B,H) -> logits (B,T,V), h_out (, c_out)."""
+    """Char-LSTM / GRU ``step`` graph: tokens (B,T), h (and c) (L,B,H) -> logits (B,T,V), h_out (, c_out).
+    Prompts go through ``prefill`` (the same, logits of the last position only) when the artifact has it."""
 
-    def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int) -> None:
-        self.graph = graph
+    def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
+                 prefill: Graph | None = None) -> None:
+        self.graph, self.prefill = graph, prefill or graph
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
         self.vocab_size = vocab_size
         self.eos_id = None
@@ -154,7 +156,7 @@ class CharLMStepModel(StepModel):
             idx = np.asarray(members, np.int64)
             tokens = g.asarray(np.asarray([prompts[i][:-1] for i in members], np.int64))  # (n,T)
             state = [g.take(s, idx, 1) for s in new_state]
-            out = g(tokens, *state)
+            out = self.prefill(tokens, *state)
             for k in range(self.n_state):
                 new_state[k][:, idx if g.torch_device is None else g.asarray(idx)] = out[1 + k]
         rep = expand_copies(copies)
@@ -179,17 +181,12 @@ class CharLMStepModel(StepModel):
 def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device: str, precision: str = "fp32",
                     threads: int | None = None, eos_id: int | None = None) -> StepModel:
     """The step runner for a char-lm or seq2seq artifact."""
-    facts = manifest.model
     kw = dict(backend=backend, device=device, precision=precision, threads=threads)
     if manifest.task == "char-lm":
-        spec = manifest.graphs["step"]
-        graph = Graph.open(spec, directory, **kw)
-        n_state = len(spec.inputs) - 1
-        h = spec.inputs[1].shape
-        layers = int(facts.get("num_layers", h[0]))
-        hidden = int(facts.get("hidden_size", h[2]))
-        vocab = int(facts.get("vocab_size", spec.outputs[0].shape[-1]))
-        return CharLMStepModel(graph, layers, hidden, n_state, vocab)
+        lm = CharLMGraphContract.of(manifest)
+        prefill = Graph.open(manifest.graphs["prefill"], directory, **kw) if lm.prefill else None
+        return CharLMStepModel(Graph.open(manifest.graphs["step"], directory, **kw), lm.layers, lm.hidden,
+                               len(lm.state), lm.vocab_size, prefill)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
