@@ -4,8 +4,8 @@ Both in process, in the same run, rounds alternating (ABBA) so that both sides o
 Ceiling: the step model the engine opens (same backend and threads) holding 32 rows, one ``step`` call and a greedy
 argmax per token and nothing else: what the engine would reach if admission, prefill, selection and events were
 free. Beside it the same model work without the engine: 32 prompts joined (prefilled) then N steps, repeated. Continuous batching: ``GenerationServable`` (the server's engine without HTTP) with 32 requests always in
-flight (a closed loop), each exactly N greedy tokens after a 24-character prompt; its prompts join through the
-``prefill`` graph, and once more through the ``step`` graph (how artifacts exported before ``prefill`` run).
+flight (a closed loop), each exactly N greedy tokens after a 24-character prompt, on the ``prefill`` graph (prompts
+and steps), and once more on the ``step`` graph alone (how artifacts exported before ``prefill`` run).
 Target: continuous >= 0.90 of the ceiling.
 """
 
@@ -81,8 +81,9 @@ async def measure(directory: Path, n: int, seconds: float, rounds: int) -> dict[
         return open_step_model(manifest, directory, backend=settings.backend, device="cpu",
                                threads=backends.cpu_threads(1))
 
-    step_only = opened()
-    step_only.prefill = step_only.graph  # joins as an artifact without the prefill graph does
+    old = load_manifest(directory, verify=False)
+    old.graphs.pop("prefill")  # as exported before the prefill graph
+    step_only = open_step_model(old, directory, backend=settings.backend, device="cpu", threads=backends.cpu_threads(1))
     engines = {"prefill": GenerationServable(manifest, directory, settings, "cpu"),
                "step only": GenerationServable(manifest, directory, settings, "cpu", step_model=step_only)}
     ceiling_model, texts = opened(), prompts("charlm")

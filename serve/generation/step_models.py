@@ -124,12 +124,13 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 
 
 class CharLMStepModel(StepModel):
-    """Char-LSTM / GRU ``step`` graph: tokens (B,T), h (and c) (L,B,H) -> logits (B,T,V), h_out (, c_out).
-    Prompts go through ``prefill`` (the same, logits of the last position only) when the artifact has it."""
+    """Char-LSTM / GRU graph: tokens (B,T), h (and c) (L,B,H) -> logits, h_out (, c_out). The ``prefill`` graph
+    (logits (B,V) of the last position) serves prompts and single steps alike, one session; artifacts exported
+    before it have the ``step`` graph (logits (B,T,V)), ``last_only=False``."""
 
     def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
-                 prefill: Graph | None = None) -> None:
-        self.graph, self.prefill = graph, prefill or graph
+                 last_only: bool = False) -> None:
+        self.graph, self.last_only = graph, last_only
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
         self.vocab_size = vocab_size
         self.eos_id = None
@@ -156,7 +157,7 @@ class CharLMStepModel(StepModel):
             idx = np.asarray(members, np.int64)
             tokens = g.asarray(np.asarray([prompts[i][:-1] for i in members], np.int64))  # (n,T)
             state = [g.take(s, idx, 1) for s in new_state]
-            out = self.prefill(tokens, *state)
+            out = g(tokens, *state)
             for k in range(self.n_state):
                 new_state[k][:, idx if g.torch_device is None else g.asarray(idx)] = out[1 + k]
         rep = expand_copies(copies)
@@ -169,7 +170,8 @@ class CharLMStepModel(StepModel):
         g = self.graph
         out = g(g.asarray(tokens.reshape(-1, 1)), *self.state)
         self.state = out[1:]
-        return g.numpy(out[0])[:, 0, :]  # (B,V)
+        logits = g.numpy(out[0])
+        return logits if self.last_only else logits[:, 0, :]  # (B,V)
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
         if is_identity(index, self.rows):
@@ -184,9 +186,8 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
     kw = dict(backend=backend, device=device, precision=precision, threads=threads)
     if manifest.task == "char-lm":
         lm = CharLMGraphContract.of(manifest)
-        prefill = Graph.open(manifest.graphs["prefill"], directory, **kw) if lm.prefill else None
-        return CharLMStepModel(Graph.open(manifest.graphs["step"], directory, **kw), lm.layers, lm.hidden,
-                               len(lm.state), lm.vocab_size, prefill)
+        graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, **kw)
+        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
