@@ -62,6 +62,8 @@ def build_app(args: argparse.Namespace) -> Any:
 
     accepted = inspect.signature(create_app).parameters
     kwargs = {k: v for k, v in (("device", args.device),) if k in accepted and v is not None}
+    if args.max_queue_wait_ms is not None:
+        kwargs["settings"] = {"max_queue_wait_ms": args.max_queue_wait_ms}
     return create_app(Path(args.repository), **kwargs)
 
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("app", choices=["deepserve", "echo"])
     parser.add_argument("--repository", help="model repository (deepserve only)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (deepserve only)")
+    parser.add_argument("--max-queue-wait-ms", type=float, default=0.0,
+                        help="deepserve's queue-delay budget; default 0 (off): closed-loop runs beside peers that "
+                             "never shed measure every request served (the reliability suite measures shedding)")
     parser.add_argument("--gc", choices=GC_MODES, default="shipped", help="garbage collector option (see GC_MODES)")
     parser.add_argument("--gc-thresholds", default="700,10,10", help="with --gc thresholds: gc.set_threshold's")
     args = parser.parse_args(argv)
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repository is required for the deepserve app")
     sock = socket.socket(fileno=args.fd)
     server = _Server(uvicorn_config(build_app(args)))
+    if args.app == "deepserve":
+        from deepserve.serve.cli import GIL_SWITCH_S
+
+        sys.setswitchinterval(GIL_SWITCH_S)  # as `deepserve serve` runs
     server.gc_mode = (args.gc, tuple(int(t) for t in args.gc_thresholds.split(",")))
     server.run(sockets=[sock])
     return 0

@@ -167,7 +167,9 @@ class GenerationParams:
             unknown = sorted(set(raw) - names)
             raise ParameterError(unknown[0], "is not a generation parameter", raw[unknown[0]],
                                  message=f"{where}: unknown parameter(s) {unknown}; known: {sorted(names)}")
-        return cls(**raw)
+        # JSON has one number type: 16.0 is an integer to JSON Schema (and to the OpenAPI document), so here too
+        return cls(**{k: int(v) if k in INTEGER_FIELDS and isinstance(v, float) and v.is_integer() else v
+                      for k, v in raw.items()})
 
     def changed(self) -> dict[str, Any]:
         """The parameters that differ from their defaults, as JSON values (what a client needs to send)."""
@@ -176,6 +178,7 @@ class GenerationParams:
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationParams))
+INTEGER_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationParams) if f.metadata.get("kind") == "integer")
 _DEFAULTS = GenerationParams()
 
 _TYPES = {"integer": {"type": "integer"}, "number": {"type": "number"}}

@@ -75,6 +75,7 @@ class ClassificationServable(Servable):
         self.metrics = metrics
         self.graph = manifest.graphs["model"]
         self.input_spec = {t.name: t for t in self.graph.inputs}
+        self._input_checks = [(t, np.dtype(t.dtype)) for t in self.graph.inputs]  # built once, not per request
         self.image_input = self.graph.inputs[0].name
         self.labels = list(manifest.labels)
         self.preprocessor = ImagePreprocessor.from_manifest(manifest.preprocessing, max_pixels=max_pixels)
@@ -164,16 +165,12 @@ class ClassificationServable(Servable):
         return ", ".join(f"{t.name} ({spec_text(t)})" for t in self.graph.inputs)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
-        for name in inputs:
-            if name not in self.input_spec:
-                raise BadRequest(f"unknown input {name!r} for model {self.manifest.name}; "
-                                 f"expected {self._expected()}")
-        for spec in self.graph.inputs:
-            if spec.name not in inputs:
-                raise BadRequest(f"missing input {spec.name!r} for model {self.manifest.name}; "
-                                 f"expected {self._expected()}")
+        if len(inputs) != len(self.input_spec) or not all(name in self.input_spec for name in inputs):
+            self._name_problem(inputs)
+        rows = -1
+        for spec, dtype in self._input_checks:
             array = inputs[spec.name]
-            if array.dtype != np.dtype(spec.dtype):
+            if array.dtype != dtype:
                 raise BadRequest(f"input {spec.name!r}: datatype {_v2_name(array.dtype)} does not match the expected "
                                  f"{spec_text(spec)}")
             shape_ok = array.ndim == len(spec.shape) and array.shape[0] >= 1 and all(
@@ -181,11 +178,21 @@ class ClassificationServable(Servable):
             if not shape_ok:
                 raise BadRequest(f"input {spec.name!r}: shape {list(array.shape)} does not match the expected "
                                  f"{spec_text(spec)}")
-            if array.dtype.kind == "f" and not np.isfinite(array).all():  # would answer null logits
+            if dtype.kind == "f" and not all_finite(array):  # would answer null logits
                 raise BadRequest(f"input {spec.name!r} holds NaN or infinite values; every value must be finite")
-        rows = {inputs[s.name].shape[0] for s in self.graph.inputs}
-        if len(rows) > 1:
-            raise BadRequest(f"inputs disagree on the batch size: {sorted(rows)}")
+            if rows not in (-1, array.shape[0]):
+                raise BadRequest(f"inputs disagree on the batch size: "
+                                 f"{sorted({inputs[s.name].shape[0] for s in self.graph.inputs})}")
+            rows = array.shape[0]
+
+    def _name_problem(self, inputs: dict[str, np.ndarray]) -> None:
+        """Raise the 400 for inputs whose names are not the graph's (unknown first, then missing)."""
+        for name in inputs:
+            if name not in self.input_spec:
+                raise BadRequest(f"unknown input {name!r} for model {self.manifest.name}; "
+                                 f"expected {self._expected()}")
+        missing = next(spec.name for spec in self.graph.inputs if spec.name not in inputs)
+        raise BadRequest(f"missing input {missing!r} for model {self.manifest.name}; expected {self._expected()}")
 
     async def decode_images(self, images: list[bytes]) -> np.ndarray:
         """Encoded images -> ``[N, C, H, W]`` float32.
@@ -276,6 +283,20 @@ def _top_k_indices(probs: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
         return np.argsort(neg, axis=-1, kind="stable")[:, :k]
     picked = np.sort(part[:, :k], axis=-1)  # index order, so the stable sort below breaks ties by index
     return picked[rows, np.argsort(neg[rows, picked], axis=-1, kind="stable")]
+
+
+FINITE_BY_SUM = 16384
+"""Up to this many values, ``all_finite`` tests their sum (~1 µs) instead of each value (~5 µs of numpy calls);
+past it the element-wise test is the faster (vectorized) one."""
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in a floating-point ``array``. Any NaN or infinity makes the sum NaN or infinite, so a
+    finite sum proves them absent; a non-finite sum (or finite values that overflow when added) takes the
+    element-wise test."""
+    if array.size <= FINITE_BY_SUM and math.isfinite(np.add.reduce(array, axis=None)):
+        return True
+    return bool(np.isfinite(array).all())
 
 
 def _v2_name(dtype: np.dtype) -> str:

@@ -33,7 +33,7 @@ def _json_body(properties: dict[str, Any]) -> dict[str, Any]:
 
 
 _LOAD_DOC = _json_body({"parameters": {"type": "object", "properties": {
-    "config": {"type": "string", "description": "JSON settings replacing the model's config.json for this load, "
+    "config": {"type": "string", "contentMediaType": "application/json", "description": "JSON settings replacing the model's config.json for this load, "
                                                 "e.g. {\"max_batch_size\": 8, \"version_policy\": \"latest 1\"}"}}}})
 _UNLOAD_DOC = _json_body({"parameters": {"type": "object", "properties": {
     "unload_dependents": {"type": "boolean", "description": "Accepted for Triton's clients; no dependents here."}}}})

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
+from deepserve.serve.http_util import MAX_TIMEOUT_MS, TIMEOUT_HEADER
 from deepserve.serve.model_state import ModelState
 
 
@@ -209,6 +210,7 @@ INFER_HEADER_PARAMETER: dict[str, Any] = {
     "description": "Binary tensor extension: length of the JSON header at the start of the body.",
 }
 TIMEOUT_HEADER_PARAMETER: dict[str, Any] = {
-    "name": "x-request-timeout-ms", "in": "header", "required": False, "schema": {"type": "number", "exclusiveMinimum": 0},
-    "description": "Relative deadline in milliseconds; past it the request answers 504.",
+    "name": TIMEOUT_HEADER, "in": "header", "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_MS},
+    "description": "Relative deadline in milliseconds (at most a day); past it the request answers 504.",
 }

@@ -43,10 +43,11 @@ class ModelSettings:
     """How long the batcher waits for more requests after the first one of a batch arrived."""
     max_queue_size: int = 1024
     """Requests that may wait per model instance; beyond it requests are refused with 429 + Retry-After."""
-    max_queue_wait_ms: float = 1000.0
+    max_queue_wait_ms: float | None = None
     """Requests predicted (rows ahead x recent time per row) to wait longer than this in a batcher's queue are
     refused at once with 429 + Retry-After; 0 turns the bound off (the deadline still applies: a request
-    predicted to finish past its deadline is refused the same way)."""
+    predicted to finish past its deadline is refused the same way). None (the default) adapts it to the model:
+    1.5 rows' worth of the recent time per row, at least 15 ms (``batcher.AUTO_WAIT_FLOOR_MS``)."""
     request_timeout_s: float = 30.0
     """Deadline for a request that brings none of its own; a request past it is answered 504."""
     inline_batch_ms: float = 0.5
@@ -83,6 +84,8 @@ class ModelSettings:
                   "must be an integer >= 1", value)
         for name in ("max_queue_delay_ms", "request_timeout_s", "inline_batch_ms", "max_queue_wait_ms"):
             value = getattr(self, name)
+            if name == "max_queue_wait_ms" and value is None:  # adaptive
+                continue
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, name,
                   "must be a number >= 0", value)
         check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0", self.request_timeout_s)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import os
 import signal
+import socket
 from typing import Any
 
 import uvicorn
@@ -26,6 +28,8 @@ DEFAULT_KEEP_ALIVE_S = 75.0
 """Idle keep-alive timeout: longer than load balancers' usual 60 s, so the balancer, not the server, closes an
 idle connection (a server closing first races the balancer's next request: the classic source of 502s)."""
 DEFAULT_HEADER_TIMEOUT_S = 20.0
+MAX_QUEUED_ANSWERED = 1024
+"""Most connections taken from the accept queue at shutdown (see ``DrainingServer._answer_accept_queue``)."""
 DRAIN_LINGER_S = 0.5
 """How long idle connections stay open after SIGTERM at the least (see ``_DrainingMixin.shutdown``)."""
 _PROTOCOLS = {"h11": ("uvicorn.protocols.http.h11_impl", "H11Protocol"),
@@ -42,6 +46,7 @@ class _DrainingMixin:
     _header_timer: asyncio.TimerHandle | None = None
     _draining = False
     _lingered = False
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def busy(self) -> bool:
         """A request is being answered on this connection."""
@@ -81,12 +86,21 @@ class _DrainingMixin:
 
     def shutdown(self) -> None:
         self._draining = True
-        if self.busy():
-            super().shutdown()  # type: ignore[misc]  # answer with Connection: close, then close
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if self.busy() and not cycle.response_started:
+            super().shutdown()  # type: ignore[misc]  # its answer says Connection: close, then it closes
             return
-        # Idle: stay open while others drain, and at least DRAIN_LINGER_S, so that a request already on its way
-        # is answered 503 + Connection: close rather than meeting a closed socket (a reset)
-        self.loop.call_later(DRAIN_LINGER_S, self._linger_over)  # type: ignore[attr-defined]
+        # Idle, or its answer already started without Connection: close (the client may send its next request
+        # on it): stay open while others drain, and at least DRAIN_LINGER_S, so that the next request is
+        # answered 503 + Connection: close rather than meeting a closed socket (a reset)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Stay open at least ``DRAIN_LINGER_S`` more (then close once nothing is busy)."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._lingered = False
+        self._linger_timer = self.loop.call_later(DRAIN_LINGER_S, self._linger_over)  # type: ignore[attr-defined]
 
     def _linger_over(self) -> None:
         self._lingered = True
@@ -95,6 +109,8 @@ class _DrainingMixin:
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         if self._draining:
+            if not self.transport.is_closing():  # type: ignore[attr-defined]
+                self._linger()  # an answer sent without Connection: close: its client may send another request
             self._close_idle_when_drained()
 
     def _close_idle_when_drained(self) -> None:
@@ -127,6 +143,34 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.deepserve_app.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._answer_accept_queue()
+        await super().shutdown(sockets)
+
+    async def _answer_accept_queue(self) -> None:
+        """Close the listeners without resetting what waits in their accept queues: closing a listening socket
+        makes the kernel reset every connection it completed but the server had not accepted yet, whose clients
+        have sent a request. Each is accepted instead (the app, draining, answers it 503 + Connection: close),
+        until the queue is empty; the listener closes right then, with no await in between."""
+        loop = asyncio.get_running_loop()
+
+        def factory() -> asyncio.Protocol:  # what uvicorn's own listeners create per connection
+            return self.config.http_protocol_class(config=self.config, server_state=self.server_state,  # type: ignore
+                                                   app_state=self.lifespan.state, _loop=loop)
+
+        for server in self.servers:
+            listeners = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
+            server.close()  # the loop stops accepting; the duplicates keep the queues open
+            for listener in listeners:
+                listener.setblocking(False)
+                for _ in range(MAX_QUEUED_ANSWERED):  # bounded: clients that reconnect at once do not hold it
+                    try:
+                        conn, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    await loop.connect_accepted_socket(factory, conn)
+                listener.close()
 
 
 def _after_drain(sig: int, frame: Any) -> None:

@@ -36,6 +36,8 @@ DTYPES: dict[str, Any] = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
 NP_TO_V2 = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+_DTYPE_TO_V2 = {np.dtype(v): k for k, v in DTYPES.items()}
+"""By dtype object: a dict lookup, where ``dtype.name`` is a Python-level property (~2 µs) on every answer."""
 _ORJSON_NUMPY = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                                        np.uint32, np.uint64, np.float32, np.float64)}
 """Array dtypes orjson writes directly (OPT_SERIALIZE_NUMPY); others go through ``tolist()``."""
@@ -43,7 +45,8 @@ _ORJSON_NUMPY = {np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np
 
 
 def v2_datatype(array: np.ndarray) -> str:
-    return "BYTES" if array.dtype == object else NP_TO_V2[array.dtype.name]
+    found = _DTYPE_TO_V2.get(array.dtype)
+    return found if found is not None else NP_TO_V2[array.dtype.name]  # e.g. a byte-swapped dtype
 
 
 def _bytes_from_binary(buf: memoryview, name: str) -> list[bytes]:

@@ -532,36 +532,41 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     run(main())
 
 
-def test_admission_predicts_when_rows_free_and_sheds_what_would_wait_too_long():
-    """Rows free as running requests end and the waiting ones ahead take them first; a request that would wait
-    longer than a typical request runs, or miss its deadline, is refused at once with Retry-After."""
-    from deepserve.serve.generation.admission import Admission, Slot
+def test_admission_predicts_the_wait_from_rows_and_sheds_what_would_wait_too_long():
+    """Rows free at max_running_rows / typical_steps per step: a request that finds more rows wanted than free
+    waits in proportion, and is refused at once with Retry-After when that exceeds a quarter of a typical run,
+    or would miss its deadline. Refusing a typical request needs nothing of it (the check before the body)."""
+    from deepserve.serve.generation.admission import QUEUE_BUDGET, Admission, Slot
 
-    a = Admission(max_running_rows=4)
-    running, waiting = [Slot(2, 10), Slot(2, 30)], [Slot(2, 5)]
-    assert a.wait_steps(running, waiting, Slot(2, 8)) == 15  # the waiting one takes the rows freed at 10
-    assert a.wait_steps(running, [], Slot(4, 8)) == 30 and a.wait_steps([Slot(1, 9)], [], Slot(3, 8)) == 0
+    a = Admission(max_running_rows=8)
     a.observe(0.01)
-    a.check(0, Slot(2, 24), 1.0, lambda: running, lambda: [])  # starts after 10 steps <= 24 / 2: typical now 24
-    assert a.last_start == 10
+    a.check(0, Slot(2, 40), 1.0)  # rows free: admitted, and 40 steps is now the typical length
+    assert a.typical_steps == 40 and a.wait_steps(6, 2) == 0
+    a.waiting_rows = 2
+    assert a.wait_steps(8, 2) == 4 * 40 / 8  # 4 rows short: half a batch must free up first
+    a.waiting_rows = 1
+    a.check(8, Slot(1, 40), 10.0)  # 2 rows short: 10 steps = QUEUE_BUDGET of a 40-step run
+    assert QUEUE_BUDGET * 40 == 10
     with pytest.raises(Overloaded) as late:
-        a.check(0, Slot(2, 24), 0.3, lambda: running, lambda: [])  # 0.10 s waiting + 0.24 s running
+        a.check(8, Slot(1, 40), 0.45)  # 0.10 s waiting + 0.40 s running > 0.45 s left
     assert "deadline" in late.value.message
+    a.waiting_rows = 2
     with pytest.raises(Overloaded) as full:
-        a.check(0, Slot(2, 8), 10.0, lambda: running, lambda: waiting)  # waits 15 steps > 24 / 2
-    assert full.value.headers["Retry-After"] == "1" and full.value.status == 429
-    a.last_start = 100  # the last admitted request starts 100 steps from now: no need to look at the others
+        a.check(8, Slot(1, 40), 10.0)  # 15 steps > 10
+    assert full.value.status == 429 and full.value.headers["Retry-After"] == "1" and "0.150 s" in full.value.message
     with pytest.raises(Overloaded):
-        a.check(0, Slot(1, 8), 10.0, lambda: pytest.fail("looked"), lambda: pytest.fail("looked"))
+        a.refuse_if_full(8)
+    a.refuse_if_full(7)  # one row frees: a typical request would wait 10 steps, within the budget
 
 
 def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at_once():
-    """Two rows, requests of 20 steps: two run, the others would wait a whole run and are refused with 429 before
-    they cost a step; a request twice as long may wait that long, and is queued. Every admitted one completes."""
+    """Four rows, requests of 20 steps: four run and one waits (a quarter of a batch), the others would wait
+    longer and are refused with 429 before they cost a step, as is a request twice as long. Every admitted one
+    completes."""
     model = TableModel(vocab_size=4, eos_id=None, seed=1)
 
     async def main():
-        s = await started(model, max_running_rows=2, max_waiting=100)
+        s = await started(model, max_running_rows=4, max_waiting=100)
         try:
             await s.generate("a", {"temperature": 0, "max_new_tokens": 3})  # the scheduler learns its step time
             model.gate = threading.Semaphore(0)  # hold the batch still while the burst arrives
@@ -580,8 +585,8 @@ def test_a_burst_is_admitted_up_to_what_finishes_in_time_and_the_rest_refused_at
             await s.stop()
 
     results, refused = run(main())
-    assert [r.completion_tokens for r in results] == [20, 20, 40]
-    assert len(refused) == 10 and all(e.status == 429 and "Retry-After" in e.headers for e in refused)
+    assert [r.completion_tokens for r in results] == [20] * 5
+    assert len(refused) == 8 and all(e.status == 429 and "Retry-After" in e.headers for e in refused)
 
 
 def test_stop_strings_processors_and_streaming_text():

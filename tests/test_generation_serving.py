@@ -8,6 +8,8 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -229,13 +231,14 @@ def test_seq2seq_batching_does_not_change_greedy_or_beam(repo):
 # ---------------------------------------------------------------------------------------------- live server
 
 
-@pytest.fixture(scope="module")
-def server(repo):
+@contextmanager
+def live_app(repo: Path, **model_settings) -> Iterator[SimpleNamespace]:
+    """``create_app`` over ``repo`` on uvicorn in a thread, on a free loopback port."""
     import uvicorn
 
     from deepserve.serve.app import create_app
 
-    app = create_app(repo, settings={"max_new_tokens": 4000, "max_beams_x_n": 8, "backend": "onnx"}, device="cpu")
+    app = create_app(repo, settings={"backend": "onnx", **model_settings}, device="cpu")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -246,9 +249,17 @@ def server(repo):
     while not srv.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)  # test fixture only: wait for uvicorn's startup (models load in its lifespan)
     assert srv.started, "server did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
-    srv.should_exit = True
-    thread.join(30)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with live_app(repo, max_new_tokens=4000, max_beams_x_n=8) as live:
+        yield live
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -308,6 +319,19 @@ def test_requests_that_cannot_run_are_refused_and_leave_the_next_one_alone(serve
         assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
         after = c.post("/v2/models/tiny-seq2seq/generate", json={**body, "id": "next"})
         assert after.status_code == 200 and after.json() == {**want, "id": "next"}
+
+
+def test_integer_parameters_take_integral_json_numbers(server):
+    """JSON has one number type: 3.0 is an integer to JSON Schema and to the OpenAPI document, so it is served as
+    3; 3.5 is still refused, naming the parameter."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "a", "parameters": {"max_new_tokens": 3.0}})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+        r = c.post("/v1/completions", json={"model": "tiny-charlm", "prompt": "a", "max_tokens": 2.0,
+                                            "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+        r = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "a", "parameters": {"max_new_tokens": 3.5}})
+        assert r.status_code == 400 and r.json()["error"].startswith("max_new_tokens must be an integer")
 
 
 def test_openai_sdk_sync_and_stream(server):
@@ -454,6 +478,29 @@ def test_a_non_streaming_client_that_disconnects_frees_its_rows(server):
                    and s.labels == {"model": "tiny-charlm", "endpoint": "generate", "status": "499"})
 
     assert wait_for(lambda: gone() >= 1, 20.0)
+
+
+def test_a_full_scheduler_refuses_before_reading_the_body(repo):
+    """One decoding row, held by a long stream: a typical request would wait a whole run, so /generate answers
+    429 with Retry-After before it parses the body (a body that is not JSON gets the same answer), and the
+    scheduler queues nothing; once the stream's client hangs up, requests are served again."""
+    with live_app(repo, max_running_rows=1, max_new_tokens=10**6) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        scheduler = live.app.state.repository.get("tiny-charlm").scheduler
+        long = {"text_input": "a", "parameters": {"max_new_tokens": 10**6, "seed": 3, "min_new_tokens": 10**6}}
+        with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=long) as s:
+            lines = s.iter_lines()  # kept: closing it would close the stream
+            assert next(lines).startswith("data: ") and scheduler.reserved == 1  # it holds the row
+            for body in (b"{not json", json.dumps({"text_input": "b"}).encode()):
+                for route in ("generate", "generate_stream"):
+                    r = c.post(f"/v2/models/tiny-charlm/{route}", content=body,
+                               headers={"Content-Type": "application/json"})
+                    assert r.status_code == 429 and r.json()["code"] == "overloaded", r.text
+                    assert int(r.headers["Retry-After"]) >= 1 and "decoding slot" in r.json()["error"]
+            assert not scheduler.waiting
+        assert scheduler.wait_rows(0, 20.0)
+        r = c.post("/v2/models/tiny-charlm/generate", json={"text_input": "b", "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
 def wait_for(predicate, timeout: float) -> bool:

@@ -447,10 +447,12 @@ def test_replica_loss_under_load_fails_over_or_503s_and_ray_restores_it(cluster:
 
     answers = asyncio.run(load())
     statuses = Counter(r.status_code for r in answers)
-    assert set(statuses) <= {200, 503}, statuses
+    assert set(statuses) <= {200, 429, 503}, statuses  # 429: the survivor's queue-delay budget sheds the burst
     for r in answers:
         if r.status_code == 503:
             assert "replica" in r.json()["error"] and r.headers["retry-after"]
+        if r.status_code == 429:
+            assert r.json()["code"] == "overloaded" and r.headers["retry-after"]
     assert statuses[200] >= 150, statuses  # the surviving replica serves the rest
     lost = re.findall(r'^deepserve_ray_replica_lost_total{model="tiny-cnn",outcome="(\w+)"} (\S+)$',
                       httpx.get(cluster["base"] + "/metrics", headers=AUTH).text, re.M)

@@ -301,6 +301,28 @@ async def test_a_request_predicted_to_wait_past_the_queue_budget_is_refused_at_o
     await b.stop()
 
 
+async def test_the_default_queue_budget_adapts_to_the_model():
+    """Unset, the budget is AUTO_WAIT_ROWS rows' worth of the recent cost per row: a slow model's burst is
+    admitted up to 1.5 rows ahead and the rest refused; a fast model's burst stays under the floor, all
+    admitted."""
+    from deepserve.serve.batcher import AUTO_WAIT_ROWS
+
+    slow = Batcher(_slow(0.05), max_batch_size=1, max_queue_delay_ms=0, max_queue_wait_ms=None, name="m")
+    slow.start()
+    await _learn_cost(slow, 12)
+    outcomes = await asyncio.gather(*(slow.submit(_request(i)) for i in range(10)), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert AUTO_WAIT_ROWS == 1.5 and len(refused) == 8  # waits of 0 and 1 rows admitted, 2-9 refused
+    assert all(isinstance(e, Overloaded) and "adaptive" in e.message for e in refused)
+    await slow.stop()
+    fast = Batcher(_double, max_batch_size=8, max_queue_delay_ms=0, max_queue_wait_ms=None, name="m")
+    fast.start()
+    await _learn_cost(fast, 4)
+    outcomes = await asyncio.gather(*(fast.submit(_request(i)) for i in range(64)), return_exceptions=True)
+    assert not [o for o in outcomes if isinstance(o, Exception)]
+    await fast.stop()
+
+
 async def test_a_request_predicted_to_finish_past_its_deadline_is_refused_not_timed_out():
     b = Batcher(_slow(0.05), max_batch_size=1, max_queue_delay_ms=0, name="m")  # no queue budget
     b.start()

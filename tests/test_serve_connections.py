@@ -89,6 +89,79 @@ def test_json_log_lines_carry_the_request_id(server):
     assert mine and "sha256 mismatch" in mine[0]["message"]  # the full reason is in the log, tied to the id
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_connections_waiting_to_be_accepted_at_shutdown_are_answered_503_not_reset(tmp_path, http):
+    """Clients whose connections the kernel completed, but the server had not accepted yet when it shut down,
+    get 503 + Connection: close: closing a listener with a full accept queue resets them all."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from deepserve.serve.app import create_app
+    from deepserve.serve.shutdown import DrainingServer, draining_protocol
+
+    app = create_app(tmp_path, device="cpu")
+    port = free_port()
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio", log_level="warning",
+                                           http=draining_protocol(http)), app)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_until_started(server)
+    loop = server.servers[0].get_loop()
+
+    async def shut_down_with_a_full_accept_queue() -> list[socket.socket]:
+        # no await until the shutdown: the loop cannot accept these, they wait in the kernel's queue
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(8)]
+        for c in clients:
+            c.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.handle_exit(signal.SIGTERM, None)
+        await server._answer_accept_queue()  # what uvicorn's shutdown now begins with
+        return clients
+
+    clients = asyncio.run_coroutine_threadsafe(shut_down_with_a_full_accept_queue(), loop).result(30)
+    answers = [_read_all(c) for c in clients]  # a reset raises ConnectionResetError here
+    thread.join(30)
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer[:200]
+    with pytest.raises(ConnectionRefusedError):  # and the listener is closed
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_connection_whose_answer_was_under_way_at_sigterm_answers_its_next_request_503(tmp_path):
+    """A stream already answering when SIGTERM arrives cannot say Connection: close any more; after it ends, the
+    client's next request on that connection gets 503 + Connection: close, not a closed socket."""
+    from tests.artifacts import make_charlm_artifact
+    from tests.live_server import running_server
+
+    make_charlm_artifact(tmp_path / "repo")
+    body = json.dumps({"text_input": "a", "parameters": {"max_new_tokens": 3000, "min_new_tokens": 3000,
+                                                          "seed": 1}}).encode()
+    with running_server(tmp_path / "repo", tmp_path, env={"DEEPSERVE_MAX_NEW_TOKENS": "3000"}) as live, \
+            socket.create_connection(("127.0.0.1", live["port"]), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/tiny-charlm/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        stream = sock.recv(65536)
+        assert stream.startswith(b"HTTP/1.1 200") and b"connection: close" not in stream.lower()  # under way
+        live["proc"].send_signal(signal.SIGTERM)
+        while not stream.endswith(b"\r\n0\r\n\r\n"):  # the stream runs to its end
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the stream ended"
+            stream += chunk
+        assert b"[DONE]" in stream or b'"finish_reason": "length"' in stream
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # was a reset or an empty read
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer[:300]
+        assert live["proc"].wait(timeout=60) == 0
+
+
+def wait_until_started(server, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)  # test only: uvicorn's startup runs in another thread
+    return server.started
+
+
 def test_sigterm_answers_new_requests_503_while_in_flight_work_drains_then_exits_0(server):
     """Runs last in this module: it stops the server."""
     body = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8],

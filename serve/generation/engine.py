@@ -145,6 +145,12 @@ class GenerationServable(Servable):
         self.scheduler.submit(job)
         return job
 
+    def check_admission(self) -> None:
+        """Refuse (429 + Retry-After, 503 when closing) before the body is read when a typical request would be:
+        under overload most refusals then cost no body parsing."""
+        if self.scheduler is not None:
+            self.scheduler.refuse_if_full()
+
     def cancel(self, job: Job) -> None:
         if self.scheduler is not None and not job.finished:
             self.scheduler.cancel(job)

@@ -94,7 +94,7 @@ def to_params(body: dict[str, Any]) -> GenerationParams:
     if use_beam and "num_beams" not in raw:
         raw["num_beams"] = raw.get("num_return_sequences", 1)
         check(raw["num_beams"] > 1, "use_beam_search", "needs num_beams > 1 (or n > 1)", use_beam)
-    return GenerationParams(**raw)
+    return GenerationParams.from_dict(raw)
 
 
 def openai_named(error: InvalidParameter) -> InvalidParameter:

@@ -184,8 +184,9 @@ def _head(servable: GenerationServable) -> dict[str, Any]:
 
 
 async def _generate(request: Request, model: str, version: str | None) -> Response:
-    body = await read_json(request)
     servable = generation_servable(request, model, version)
+    servable.check_admission()  # shed before reading and parsing the body
+    body = await read_json(request)
     text, params = _triton_request(body)
     job = servable.submit(text, params, deadline=deadline_from(request))
     result, = await run_to_results(request, servable, [job])
@@ -202,8 +203,9 @@ async def _generate(request: Request, model: str, version: str | None) -> Respon
 
 
 async def _generate_stream(request: Request, model: str, version: str | None) -> StreamingResponse:
-    body = await read_json(request)
     servable = generation_servable(request, model, version)
+    servable.check_admission()  # shed before reading and parsing the body
+    body = await read_json(request)
     text, params = _triton_request(body)
     job = servable.submit(text, params, stream=True, deadline=deadline_from(request))  # errors: plain HTTP ones
     head, tok = _head(servable), servable.tokenizer

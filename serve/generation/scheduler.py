@@ -75,8 +75,14 @@ class Scheduler:
             if len(self.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.waiting)} generation requests are already waiting "
                                  f"(max_waiting={self.max_waiting})", retry_after_s=1.0)
-            self.admission.check(self.steps, Slot(rows, max_new_tokens), deadline - time.monotonic(),
-                                 self._running_slots, lambda: [Slot(j.reserve, j.max_new_tokens) for j in self.waiting])
+            self.admission.check(self.reserved, Slot(rows, max_new_tokens), deadline - time.monotonic())
+
+    def refuse_if_full(self) -> None:
+        """``admit``'s refusal for a one-row request of typical length, before its body is read: no lock (a
+        moment's staleness only moves the boundary by a request)."""
+        if self.closing:
+            raise ShuttingDown()
+        self.admission.refuse_if_full(self.reserved)
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` (after ``admit``)."""
@@ -84,16 +90,10 @@ class Scheduler:
             if self.closing:
                 raise ShuttingDown()
             self.waiting.append(job)
+            self.admission.waiting_rows += job.reserve
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
                 self.wake.set()
-
-    def _running_slots(self) -> list[Slot]:
-        """The running requests' rows and remaining steps (read from the event loop: a step may be under way,
-        which makes this at most one step stale)."""
-        col = self.log.col
-        return [Slot(j.reserve, (j.col0 + j.max_new_tokens - col) if j.plain else j.max_new_tokens - j.generated)
-                for j in list(self.running) if not j.finished]
 
     def cancel(self, job: Job) -> None:
         """Free the request's rows at the next step boundary (client gone, or deadline)."""
@@ -185,6 +185,7 @@ class Scheduler:
                 job = self.waiting[0]
                 if job.cancelled or job.deadline < now:
                     self.waiting.popleft()
+                    self.admission.waiting_rows -= job.reserve
                     if not job.cancelled:
                         outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
                             "the request's deadline passed while it waited for a decoding slot"))))
@@ -192,6 +193,7 @@ class Scheduler:
                 if self.reserved + job.reserve > self.max_running_rows:
                     break
                 self.waiting.popleft()
+                self.admission.waiting_rows -= job.reserve
                 self.reserved += job.reserve
                 joining.append(job)
             self.metrics.waiting.set(len(self.waiting))
