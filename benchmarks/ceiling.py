@@ -12,6 +12,7 @@ Target: continuous >= 0.90 of the ceiling.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ async def measure(directory: Path, n: int, seconds: float, rounds: int) -> dict[
 
 
 def run_scenario(report: Report, source: Path, p: Plan) -> dict[str, Any]:
+    from deepserve.serve.cli import GIL_SWITCH_S
+
+    sys.setswitchinterval(GIL_SWITCH_S)  # as `deepserve serve` runs its engines
     section = report.section("Scenario 3e — char-LM continuous batching vs the engine's step ceiling")
     section.blocks.append(__doc__.split("\n\n")[1].replace("\n", " ") + f" N = {NEW_TOKENS}.")
     runs = asyncio.run(measure(source / "charlm" / "1", NEW_TOKENS, 4 * p.cell_s, max(3, p.paired_rounds)))
