@@ -9,7 +9,8 @@ and seq2seq through the server), engine (3b: the seq2seq engine in process), ove
 1-4x capacity), peer (3d: the seq2seq engine vs CTranslate2, same weights; the bench extra), model (4: eager /
 TorchScript / ONNX Runtime latency), rollout (5: request latency while a model reloads vs steady), tail (6:
 p50/p99/max per repetition, collector options, first burst, mosec; the bench extra), coldstart (7: process start
-to ready, first request, memory), scaleout (8: the plain server against Ray Serve with 1 and 2 replicas). Models
+to ready, first request, memory), scaleout (8: the plain server against Ray Serve with 1 and 2 replicas), ceiling
+(3e: char-LM continuous batching at concurrency 32 against the engine's step ceiling at batch 32, in process). Models
 have fixed random weights and are exported into a temporary repository (``--cache DIR`` keeps it between runs).
 """
 
@@ -23,11 +24,12 @@ import time
 from pathlib import Path
 
 SCENARIOS = ("classification", "generation", "engine", "model", "rollout", "overload", "peer", "tail", "coldstart",
-             "scaleout")
+             "scaleout", "ceiling")
 NEEDS = {"classification": ["digits-cnn", "resnet18"], "generation": ["charlm", "seq2seq"], "engine": ["seq2seq"],
          "model": ["digits-cnn", "resnet18", "charlm", "seq2seq"], "rollout": ["digits-cnn"],
          "overload": ["charlm"], "peer": ["seq2seq"], "tail": ["digits-cnn", "resnet18", "charlm"],
-         "coldstart": ["digits-cnn", "charlm", "seq2seq"], "scaleout": ["digits-cnn", "resnet18"]}
+         "coldstart": ["digits-cnn", "charlm", "seq2seq"], "scaleout": ["digits-cnn", "resnet18"],
+         "ceiling": ["charlm"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,7 @@ def run_one(scenario: str, report, repository: Path, checkpoints: Path, p, *, pr
         "overload": ("benchmarks.generation", "run_overload", (report, repository, p)),
         "peer": ("benchmarks.ct2_peer", "run_scenario", (report, repository, checkpoints, p)),
         "scaleout": ("benchmarks.scaleout", "run_scenario", (report, repository, p, needs)),
+        "ceiling": ("benchmarks.ceiling", "run_scenario", (report, repository, p)),
     }
     module, function, call_args = calls.get(
         scenario, ("benchmarks.modellevel", "run_scenario", (report, repository, checkpoints, p, needs)))

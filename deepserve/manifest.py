@@ -301,6 +301,37 @@ class StepGraphContract:
                                     f"{what} lack {missing}")
 
 
+@dataclass(frozen=True)
+class CharLMGraphContract:
+    """What the char-LM graphs promise their driver. ``step``: (tokens[B,T], *state) -> (logits[B,T,V],
+    *state_out); ``prefill`` (optional; artifacts exported before it have only ``step``): the same inputs ->
+    (logits[B,V] of the last position, *state_out). State is ``h`` (and ``c`` for LSTM), each [L,B,H]."""
+
+    layers: int
+    hidden: int
+    vocab_size: int
+    state: tuple[str, ...]
+    """State input names in call order; each has an output ``<name>_out``."""
+    prefill: bool
+    """Whether the artifact has the ``prefill`` graph."""
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> CharLMGraphContract:
+        """The contract of a char-LM artifact; ``ManifestError`` naming a ``prefill`` graph that breaks it."""
+        step, facts = manifest.graphs["step"], manifest.model
+        h = step.inputs[1].shape
+        contract = cls(int(facts.get("num_layers", h[0])), int(facts.get("hidden_size", h[2])),
+                       int(facts.get("vocab_size", step.outputs[0].shape[-1])),
+                       tuple(t.name for t in step.inputs[1:]), "prefill" in manifest.graphs)
+        if contract.prefill:
+            pre = manifest.graphs["prefill"]
+            if ([t.name for t in pre.inputs] != [t.name for t in step.inputs]
+                    or [t.name for t in pre.outputs] != [t.name for t in step.outputs] or len(pre.outputs[0].shape) != 2):
+                raise ManifestError("graph prefill must take the step graph's inputs and return logits [batch, vocab] "
+                                    "and the same state outputs; re-export the checkpoint with `deepserve export`")
+        return contract
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -74,26 +74,23 @@ class ClassifierGraph(nn.Module):
 
 
 class LSTMStep(nn.Module):
-    """(tokens[B,T], h[L,B,H], c[L,B,H]) -> (logits[B,T,V], h_out, c_out)."""
+    """(tokens[B,T], h[L,B,H], c[L,B,H]) -> (logits, h_out, c_out) through the model's ``forward`` (logits
+    [B,T,V]) or ``prefill`` (logits [B,V])."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, method: str = "forward") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
     def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        logits, state = self.model(tokens, (h, c))
+        logits, state = getattr(self.model, self.method)(tokens, (h, c))
         return logits, state[0], state[1]
 
 
-class GRUStep(nn.Module):
-    """(tokens[B,T], h[L,B,H]) -> (logits[B,T,V], h_out)."""
+class GRUStep(LSTMStep):
+    """(tokens[B,T], h[L,B,H]) -> (logits, h_out), as ``LSTMStep``."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor):
-        logits, state = self.model(tokens, (h,))
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor):  # type: ignore[override]
+        logits, state = getattr(self.model, self.method)(tokens, (h,))
         return logits, state[0]
 
 
@@ -175,16 +172,18 @@ def _charlm(model_type: str, model: nn.Module, data: dict, where: str, gen: torc
         raise ExportError(f"{where}: model has {logits.shape[-1]} outputs but the vocabulary has {vocab_size} entries")
     state_axes = (layers, "batch", hidden)
     names = ["h", "c"][: len(state)]
-    graph = GraphDef(
-        name="step",
-        module=LSTMStep(model) if cell == "lstm" else GRUStep(model),
-        inputs=[_spec("tokens", "int64", "batch", "time")] + [_spec(n, "float32", *state_axes) for n in names],
-        outputs=[_spec("logits", "float32", "batch", "time", vocab_size)]
-        + [_spec(f"{n}_out", "float32", *state_axes) for n in names],
-        example=(tokens, *state),
-    )
+    wrap = LSTMStep if cell == "lstm" else GRUStep
+    inputs = [_spec("tokens", "int64", "batch", "time")] + [_spec(n, "float32", *state_axes) for n in names]
+    state_out = [_spec(f"{n}_out", "float32", *state_axes) for n in names]
+    step = GraphDef(name="step", module=wrap(model), inputs=inputs,
+                    outputs=[_spec("logits", "float32", "batch", "time", vocab_size)] + state_out,
+                    example=(tokens, *state))
+    # the prompt in one call, logits of its last position only (the model's own ``prefill``)
+    prefill = GraphDef(name="prefill", module=wrap(model, "prefill"), inputs=inputs,
+                       outputs=[_spec("logits", "float32", "batch", vocab_size)] + state_out,
+                       example=(tokens, *state))
     facts = {"type": model_type, "cell": cell, "num_layers": int(layers), "hidden_size": int(hidden), "vocab_size": vocab_size}
-    return TaskGraphs({"step": graph}, facts)
+    return TaskGraphs({"step": step, "prefill": prefill}, facts)
 
 
 def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: torch.Generator) -> TaskGraphs:

@@ -61,7 +61,10 @@ def _charlm_reference(ref: Reference, model: nn.Module, tg: TaskGraphs, gen: tor
     vocab = tg.model_facts["vocab_size"]
     for i, (b, t) in enumerate(((1, 1), (2, 4), (5, 9))):
         state = tuple(0.5 * torch.randn(s.shape, generator=gen) for s in model.init_state(b))
-        _record(ref, tg, "step", i, (torch.randint(0, vocab, (b, t), generator=gen), *state))
+        tokens = torch.randint(0, vocab, (b, t), generator=gen)
+        for graph in ("step", "prefill"):
+            if graph in tg.graphs:
+                _record(ref, tg, graph, i, (tokens, *state))
     # teacher forcing from the initial state
     tokens = torch.randint(0, vocab, (2, 12), generator=gen)
     state = tuple(model.init_state(2))
@@ -159,6 +162,8 @@ def run_checks(task: str, ref: Reference, runners: dict[str, Runner], data_ids: 
     if task == "char-lm":
         results.append(_charlm_cached(ref, runners["step"]))
         results.append(_charlm_greedy(ref, runners["step"]))
+        if "prefill" in runners:
+            results.append(_charlm_prefill(ref, runners["prefill"], runners["step"]))
     elif task == "seq2seq":
         results.append(_seq2seq_cached(ref, runners["encode"], runners["decode_step"]))
         results.append(_seq2seq_greedy(ref, runners["encode"], runners["decode_step"], data_ids))
@@ -215,6 +220,17 @@ def _charlm_cached(ref: Reference, run: Runner) -> dict[str, Any]:
     got = np.concatenate(steps, axis=1)
     return {"check": "cached-decoding", "graph": "step", "cases": [f"tokens{list(tokens.shape)} prefill 5"],
             "max_abs_diff": _diff(got, ref["cached/logits"])}
+
+
+def _charlm_prefill(ref: Reference, prefill: Runner, step: Runner) -> dict[str, Any]:
+    """The prompt in one ``prefill`` call == one ``step`` call per token: last logits and the state."""
+    tokens, state = ref["cached/tokens"], _charlm_state(ref, "cached")
+    logits, got = _charlm_feed(prefill, tokens, state)
+    for t in range(tokens.shape[1]):
+        last, state = _charlm_feed(step, tokens[:, t : t + 1], state)
+    diffs = [_diff(logits, last[:, -1])] + [_diff(got[n], state[n]) for n in state]
+    return {"check": "prefill-vs-steps", "graph": "prefill", "cases": [f"tokens{list(tokens.shape)}"],
+            "max_abs_diff": max(diffs)}
 
 
 def _charlm_greedy(ref: Reference, run: Runner) -> dict[str, Any]:

@@ -169,3 +169,19 @@ def test_model_level_feeds_fit_every_graph_of_every_task(tmp_path: Path) -> None
                 outputs = runtime.run(feeds(spec, batch, vocab))
                 first = outputs[spec.outputs[0].name]  # logits / memory: rows on axis 0
                 assert len(first) == batch, (directory.parent.name, name, batch)
+
+
+def test_ceiling_scenario_measures_every_side_and_leaves_the_step_model_empty(tmp_path: Path) -> None:
+    import asyncio
+
+    from benchmarks.ceiling import measure, step_ceiling
+    from deepserve.manifest import load_manifest
+    from deepserve.serve.generation.step_models import open_step_model
+    from tests.artifacts import make_charlm_artifact
+
+    directory = make_charlm_artifact(tmp_path, formats=("onnx",), quantize=False)
+    runs = asyncio.run(measure(directory, 3, 0.2, 1))
+    assert set(runs) == {"ceiling", "ceiling + prefill", "prefill", "step only"}
+    assert all(len(v) == 1 and v[0] > 0 for v in runs.values())
+    model = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
+    assert step_ceiling(model, 0.05, [[3, 4, 5]], 2) > 0 and model.rows == 0

@@ -166,8 +166,12 @@ def test_folded_resnet_onnx_quantizes_its_convolutions(work: Path) -> None:
 def test_charlm_artifact(work: Path, cell: str) -> None:
     ckpt = make_charlm_checkpoint(work / f"{cell}.pt", cell=cell)
     directory = _export(ckpt, work / "repo", f"char-{cell}")
-    raw = _check_common(directory, ckpt, ("step",))
+    raw = _check_common(directory, ckpt, ("step", "prefill"))
     state = ["h", "c"] if cell == "lstm" else ["h"]
+    pre = raw["graphs"]["prefill"]
+    assert pre["inputs"] == raw["graphs"]["step"]["inputs"]
+    assert [t["name"] for t in pre["outputs"]] == ["logits", *[f"{s}_out" for s in state]]
+    assert pre["outputs"][0]["shape"] == ["batch", len(CHARLM_VOCAB)]
     graph = raw["graphs"]["step"]
     assert [t["name"] for t in graph["inputs"]] == ["tokens", *state]
     assert [t["name"] for t in graph["outputs"]] == ["logits", *[f"{s}_out" for s in state]]
@@ -181,6 +185,7 @@ def test_charlm_artifact(work: Path, cell: str) -> None:
     for fmt in ("torchscript", "onnx"):
         assert checks[(fmt, "cached-decoding")]["max_abs_diff"] <= 1e-4
         assert checks[(fmt, "greedy")]["tokens_equal"] is True
+        assert checks[(fmt, "prefill-vs-steps")]["max_abs_diff"] <= 1e-4
 
     # prefill a prompt, then single steps, through ONNX Runtime == eager full sequence
     model = restore_model(load_checkpoint(ckpt))
@@ -196,6 +201,30 @@ def test_charlm_artifact(work: Path, cell: str) -> None:
         out = sess.run(None, {"tokens": tokens[:, t : t + 1].numpy(), **feeds})
         logits.append(out[0])
     assert np.abs(np.concatenate(logits, axis=1) - eager.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_charlm_prefill_equals_single_steps(work: Path, cell: str) -> None:
+    """The model's prefill over T tokens == T one-token forwards (last logits and state), and its exported graph
+    == the eager prefill on a batch and length other than the traced example's."""
+    model = restore_model(load_checkpoint(make_charlm_checkpoint(work / f"{cell}.pt", cell=cell)))
+    tokens = torch.randint(0, len(CHARLM_VOCAB), (4, 9), generator=torch.Generator().manual_seed(1))
+    start = tuple(0.3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(2)) for s in model.init_state(4))
+    with torch.no_grad():
+        last, pre_state = model.prefill(tokens, start)
+        state = start
+        for t in range(tokens.shape[1]):
+            logits, state = model(tokens[:, t : t + 1], state)
+    assert last.shape == (4, len(CHARLM_VOCAB))
+    torch.testing.assert_close(last, logits[:, -1], atol=1e-5, rtol=0)
+    for a, b in zip(pre_state, state):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    directory = _export(make_charlm_checkpoint(work / f"{cell}.pt", cell=cell), work / "repo", f"pre-{cell}")
+    names = ["h", "c"][: len(start)]
+    out = _session(directory / "prefill.onnx").run(None, {"tokens": tokens.numpy(),
+                                                          **{n: s.numpy() for n, s in zip(names, start)}})
+    assert np.abs(out[0] - last.numpy()).max() <= 1e-4
+    assert all(np.abs(o - s.numpy()).max() <= 1e-4 for o, s in zip(out[1:], pre_state))
 
 
 # ---------------------------------------------------------------------------------------------- seq2seq

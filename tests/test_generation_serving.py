@@ -79,19 +79,73 @@ def test_cached_seq2seq_steps_equal_a_full_rerun_even_left_padded(repo, tmp_path
                                atol=1e-4)
 
 
-def test_cached_charlm_steps_equal_a_full_rerun(repo, tmp_path):
+def without_prefill(directory: Path, into: Path) -> Path:
+    """A copy of a char-LM artifact as exported before the ``prefill`` graph: ``step`` only."""
+    import shutil
+
+    shutil.copytree(directory, into)
+    manifest = load_manifest(into)
+    spec = manifest.graphs.pop("prefill")
+    for name in spec.files.values():
+        (into / name).unlink()
+        manifest.files.pop(name)
+    manifest.save(into)
+    return into
+
+
+@pytest.mark.parametrize("graphs", ["step+prefill", "step only"])
+def test_cached_charlm_steps_equal_a_full_rerun(repo, tmp_path, graphs):
     directory = repo / "tiny-charlm" / "1"
+    if graphs == "step only":
+        directory = without_prefill(directory, tmp_path / "old")
     step = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
+    assert step.last_only == (graphs == "step+prefill")  # the prefill graph serves single steps too
     ref = torch_model(make_charlm_checkpoint(tmp_path / "c.pt", seed=0))
     seq = [9, 10, 3, 12, 15, 1, 20]
     tokens = step.join([seq[:3]], [1])  # prefill two tokens, then feed one at a time
-    got = []
+    tokens = np.concatenate([tokens, step.join([seq[:5], seq[:1]], [2, 1])])  # other lengths, copies, no prefill
+    got, others = [], []
     for t in seq[3:]:
-        got.append(step.step(tokens)[0])
-        tokens = np.asarray([t])
+        logits = step.step(tokens)
+        got.append(logits[0])
+        others.append(logits[1:])
+        tokens = np.asarray([t, 0, 0, 0])
     with torch.no_grad():
         full, _ = ref(torch.tensor([seq]), ref.init_state(1))
+        five, _ = ref(torch.tensor([seq[:5]]), ref.init_state(1))
+        one, _ = ref(torch.tensor([seq[:1]]), ref.init_state(1))
     np.testing.assert_allclose(np.stack(got), full[0, 2:-1].numpy(), atol=1e-4)
+    np.testing.assert_allclose(others[0], torch.cat([five[:, -1]] * 2 + [one[:, -1]]).numpy(), atol=1e-4)
+
+
+def test_a_prefill_graph_that_breaks_the_contract_is_refused_by_name(repo):
+    from deepserve.manifest import CharLMGraphContract, ManifestError
+
+    manifest = load_manifest(repo / "tiny-charlm" / "1")
+    assert CharLMGraphContract.of(manifest).prefill
+    manifest.graphs["prefill"] = manifest.graphs["step"]  # logits [B,T,V]: every position, not the last
+    with pytest.raises(ManifestError, match="graph prefill must .* logits \\[batch, vocab\\]"):
+        CharLMGraphContract.of(manifest)
+
+
+def test_a_charlm_artifact_without_prefill_serves_the_same_text(repo, tmp_path):
+    new = repo / "tiny-charlm" / "1"
+    old = without_prefill(new, tmp_path / "old")
+
+    async def answers(directory: Path) -> list[str]:
+        s = GenerationServable(load_manifest(directory), directory, settings(), "cpu")
+        await s.start()
+        await s.warmup()
+        try:
+            results = await asyncio.gather(*(s.generate(text, {"temperature": 0, "max_new_tokens": 6})
+                                              for text in ("ab", "hello", "a", "hello")))
+            return [r.outputs[0].text for r in results]
+        finally:
+            await s.stop()
+
+    assert "prefill" not in load_manifest(old).graphs
+    texts = asyncio.run(answers(old))
+    assert texts == asyncio.run(answers(new)) and all(len(t) == 6 for t in texts)
 
 
 def test_seq2seq_step_runner_does_not_spin_or_copy_for_nothing(repo):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deepserve.manifest import GraphSpec, Manifest, StepGraphContract
+from deepserve.manifest import CharLMGraphContract, GraphSpec, Manifest, StepGraphContract
 from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
@@ -124,10 +124,13 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 
 
 class CharLMStepModel(StepModel):
-    """Char-LSTM / GRU ``step`` graph: tokens (B,T), h (and c) (L,B,H) -> logits (B,T,V), h_out (, c_out)."""
+    """Char-LSTM / GRU graph: tokens (B,T), h (and c) (L,B,H) -> logits, h_out (, c_out). The ``prefill`` graph
+    (logits (B,V) of the last position) serves prompts and single steps alike, one session; artifacts exported
+    before it have the ``step`` graph (logits (B,T,V)), ``last_only=False``."""
 
-    def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int) -> None:
-        self.graph = graph
+    def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
+                 last_only: bool = False) -> None:
+        self.graph, self.last_only = graph, last_only
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
         self.vocab_size = vocab_size
         self.eos_id = None
@@ -167,7 +170,8 @@ class CharLMStepModel(StepModel):
         g = self.graph
         out = g(g.asarray(tokens.reshape(-1, 1)), *self.state)
         self.state = out[1:]
-        return g.numpy(out[0])[:, 0, :]  # (B,V)
+        logits = g.numpy(out[0])
+        return logits if self.last_only else logits[:, 0, :]  # (B,V)
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
         if is_identity(index, self.rows):
@@ -179,17 +183,11 @@ class CharLMStepModel(StepModel):
 def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device: str, precision: str = "fp32",
                     threads: int | None = None, eos_id: int | None = None) -> StepModel:
     """The step runner for a char-lm or seq2seq artifact."""
-    facts = manifest.model
     kw = dict(backend=backend, device=device, precision=precision, threads=threads)
     if manifest.task == "char-lm":
-        spec = manifest.graphs["step"]
-        graph = Graph.open(spec, directory, **kw)
-        n_state = len(spec.inputs) - 1
-        h = spec.inputs[1].shape
-        layers = int(facts.get("num_layers", h[0]))
-        hidden = int(facts.get("hidden_size", h[2]))
-        vocab = int(facts.get("vocab_size", spec.outputs[0].shape[-1]))
-        return CharLMStepModel(graph, layers, hidden, n_state, vocab)
+        lm = CharLMGraphContract.of(manifest)
+        graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, **kw)
+        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 

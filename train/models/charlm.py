@@ -2,11 +2,12 @@
 
 tokens -> embedding -> multi-layer LSTM/GRU (batch_first) -> dropout -> linear head over the vocabulary.
 The recurrent state is an explicit input and output so that serving can step it one token (or chunk) at a
-time; state is ``(h, c)`` for LSTM and ``(h,)`` for GRU, each ``(L, B, H)``.
+time; state is ``(h, c)`` for LSTM and ``(h,)`` for GRU, each ``(L, B, H)``. ``prefill`` consumes a whole
+prompt and returns only the last position's logits.
 
-Export: the exporter wraps the model as ``(tokens, h, c) -> (logits, h_out, c_out)`` (GRU: no ``c``) and
-traces it (TorchScript) or exports it with ONNX opset 17; nothing in ``forward`` depends on concrete sizes,
-so the batch and time axes stay dynamic.
+Export: the exporter wraps ``forward`` (the ``step`` graph) and ``prefill`` (the ``prefill`` graph) as
+``(tokens, h, c) -> (logits, h_out, c_out)`` (GRU: no ``c``) and traces them (TorchScript) or exports them with
+ONNX opset 17; nothing in either depends on concrete sizes, so the batch and time axes stay dynamic.
 """
 
 from __future__ import annotations
@@ -76,21 +77,31 @@ class CharRNN(nn.Module):
             return (h, torch.zeros(shape, device=device))
         return (h,)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """tokens ``(B, T)`` int64, state as from ``init_state`` (None: zeros) -> logits ``(B, T, V)``, new state."""
+    def _recur(self, tokens: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """tokens ``(B, T)`` -> recurrent outputs ``(B, T, H)`` after dropout, new state."""
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         x = self.drop(self.embed(tokens))  # (B, T, E)
         if self.args.cell == "lstm":
             h, c = state  # (L, B, H) each
             y, (h, c) = self.rnn(x, (h, c))  # y: (B, T, H)
-            new_state: State = (h, c)
-        else:
-            (h,) = state
-            y, h = self.rnn(x, h)  # y: (B, T, H)
-            new_state = (h,)
-        logits = self.head(self.drop(y))  # (B, T, V)
-        return logits, new_state
+            return self.drop(y), (h, c)
+        (h,) = state
+        y, h = self.rnn(x, h)  # y: (B, T, H)
+        return self.drop(y), (h,)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """tokens ``(B, T)`` int64, state as from ``init_state`` (None: zeros) -> logits ``(B, T, V)``, new state."""
+        y, new_state = self._recur(tokens, state)
+        return self.head(y), new_state  # (B, T, V)
+
+    def prefill(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """A whole prompt in one call: tokens ``(B, T)`` -> the last position's logits ``(B, V)``, new state.
+
+        The same recurrence as ``forward`` over all T tokens; the head runs on the last position only, the one
+        a decoder samples from."""
+        y, new_state = self._recur(tokens, state)
+        return self.head(y[:, -1, :]), new_state  # (B, V)
 
     @torch.no_grad()
     def generate(
