@@ -70,6 +70,18 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _restore(checkpoint: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The checkpoint's payload and its model, on the CPU in fp32 and in eval mode."""
+    payload = _load(checkpoint)
+    from deepserve.train.checkpoint import CheckpointError, restore_model
+
+    try:
+        model = restore_model(payload, checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return payload, model.cpu().float().eval()
+
+
 def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: int | None, formats: Sequence[str],
                        quantize: bool, fp16: bool, overwrite: bool, sign_key: Path | None,
                        log: Callable[[str], Any]) -> Path:
@@ -81,15 +93,8 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
     checkpoint, repository = Path(checkpoint), Path(repository)
     writer.check_repository(repository)
     version = writer.resolve_version(repository / name, version, overwrite)
-    payload = _load(checkpoint)
+    payload, model = _restore(checkpoint)
     task, model_type, data = payload["task"], payload["model"]["type"], payload["data"]
-    from deepserve.train.checkpoint import CheckpointError, restore_model
-
-    try:
-        model = restore_model(payload, checkpoint)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    model = model.cpu().float().eval()
     where = f"checkpoint {checkpoint}"
     tg = build_graphs(task, model_type, model, data, where)
     if task == "seq2seq":

@@ -182,7 +182,8 @@ def _charlm(model_type: str, model: nn.Module, data: dict, where: str, gen: torc
     prefill = GraphDef(name="prefill", module=wrap(model, "prefill"), inputs=inputs,
                        outputs=[_spec("logits", "float32", "batch", vocab_size)] + state_out,
                        example=(tokens, *state))
-    facts = {"type": model_type, "cell": cell, "num_layers": int(layers), "hidden_size": int(hidden), "vocab_size": vocab_size}
+    facts = {"type": model_type, "cell": cell, "num_layers": int(layers), "hidden_size": int(hidden),
+             "vocab_size": vocab_size}
     return TaskGraphs({"step": step, "prefill": prefill}, facts)
 
 
@@ -224,10 +225,21 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
                                                         past_k, past_v, past_mask)
     _same(where, "decode_step", got_shared,
           (logits1, *[t[i] for i in range(layers) for t in (present_k1, present_v1)]))
-    kv_src = ("sources", heads, "src_len", head_dim)  # decode_step: B = sources * G rows (DecoderBlock.step)
-    kv_past = ("batch", heads, "past_len", head_dim)
-    kv_present = ("batch", heads, "present_len", head_dim)
     contract = StepGraphContract(int(layers), int(heads), int(head_dim), int(vocab_size))
+    graphs = _seq2seq_graphs(contract, int(d_model), encode, decode, (src, src_mask),
+                             (tokens, positions, src_mask, past_mask, *per_layer))
+    facts = {"type": model_type, "d_model": int(d_model), **contract.facts()}
+    return TaskGraphs(graphs, facts)
+
+
+def _seq2seq_graphs(contract: StepGraphContract, d_model: int, encode: nn.Module, decode: nn.Module,
+                    encode_example: tuple[torch.Tensor, ...],
+                    decode_example: tuple[torch.Tensor, ...]) -> dict[str, GraphDef]:
+    """The ``encode`` and ``decode_step`` graphs' names and axes, as ``contract`` names the caches."""
+    # decode_step: B = sources * G rows (DecoderBlock.step)
+    kv_src = ("sources", contract.heads, "src_len", contract.head_dim)
+    kv_past = ("batch", contract.heads, "past_len", contract.head_dim)
+    kv_present = ("batch", contract.heads, "present_len", contract.head_dim)
     cross = [_spec(n, "float32", "batch", *kv_src[1:]) for n in contract.names("cross")]
     layer_inputs = [_spec(n, "float32", *(kv_src if n.startswith("cross") else kv_past))
                     for n in contract.names(("cross", "past"))]
@@ -236,7 +248,7 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
         module=encode,
         inputs=[_spec("src", "int64", "batch", "src_len"), _spec("src_pad_mask", "bool", "batch", "src_len")],
         outputs=[_spec("memory", "float32", "batch", "src_len", d_model), *cross],
-        example=(src, src_mask),
+        example=encode_example,
     )
     decode_graph = GraphDef(
         name="decode_step",
@@ -248,12 +260,11 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
             _spec("past_pad_mask", "bool", "batch", "past_len"),
             *layer_inputs,
         ],
-        outputs=[_spec("logits", "float32", "batch", vocab_size)]
+        outputs=[_spec("logits", "float32", "batch", contract.vocab_size)]
         + [_spec(n, "float32", *kv_present) for n in contract.names("present")],
-        example=(tokens, positions, src_mask, past_mask, *per_layer),
+        example=decode_example,
     )
-    facts = {"type": model_type, "d_model": int(d_model), **contract.facts()}
-    return TaskGraphs({"encode": encode_graph, "decode_step": decode_graph}, facts)
+    return {"encode": encode_graph, "decode_step": decode_graph}
 
 
 def _same(where: str, graph: str, got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:

@@ -12,7 +12,7 @@ request that finds ``short`` more rows wanted (waiting ones ahead, its own) than
 ``max_new_tokens``: an upper bound when EOS or a stop string ends a request earlier, so the wait is
 overestimated then (admission errs towards shedding, not towards queueing).
 
-Because the rule needs nothing from the request but its rows, routes ask ``full()`` before reading the body:
+Because the rule needs nothing from the request but its rows, routes call ``refuse_if_full()`` before reading the body:
 under overload most refusals cost no body parsing at all.
 """
 
