@@ -194,9 +194,31 @@ class BeamSearch:
                 self._after_step(parents, tokens, vals.astype(np.float64), float(vals[0]))
                 return tokens, parents
         top = top_candidates(cand, min(2 * self.num_beams, cand.size))  # by score, ties by (beam, token) order
-        t = self.generated
-        length = t + 1  # generated tokens including this one
-        want_lp = self.logprobs is not None
+        length = self.generated + 1  # generated tokens including this one
+        next_beams, next_tokens, next_sums = self._scan(cand, top, lps, length)
+        parents = np.asarray(next_beams, np.int64)
+        tokens = np.asarray(next_tokens, np.int64)
+        if self.logprobs is not None:
+            self.token_lp = np.concatenate([self.token_lp[parents], lps[parents, tokens][:, None]], axis=1)
+            self.top_lp = [self.top_lp[b] + [_tops(lps[b], self.logprobs)] for b in next_beams]
+        self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
+        self.scores = np.asarray(next_sums, np.float64)
+        best_sum = float(cand[top[0]]) if len(top) else -np.inf
+        if not next_beams or self._is_done(best_sum, length):
+            self.done = True
+        elif length >= self.max_new_tokens:
+            for b in range(len(next_beams)):  # finalize: the live beams compete as they are
+                self._add(self.seqs[b].tolist(), float(self.scores[b]), length, "length", b, None, None)
+            self.done = True
+        self.rows = 0 if self.done else len(next_beams)
+        return tokens, parents
+
+    def _scan(self, cand: np.ndarray, top: np.ndarray, lps: np.ndarray,
+              length: int) -> tuple[list[int], list[int], list[float]]:
+        """Walk the ranked candidates ``top`` (flat indices into ``cand``, (beams x V)): an ending one ranked
+        within num_beams becomes a hypothesis, the others fill the next beams. Returns their beams, tokens and
+        sums of log-probs."""
+        V = lps.shape[1]
         next_beams: list[int] = []
         next_tokens: list[int] = []
         next_sums: list[float] = []
@@ -214,7 +236,7 @@ class BeamSearch:
                 if rank >= self.num_beams:
                     continue
                 tokens = self.seqs[beam].tolist() + ([] if reason == "eos" else [tok])
-                lp = float(lps[beam, tok]) if want_lp and reason == "stop" else None
+                lp = float(lps[beam, tok]) if self.logprobs is not None and reason == "stop" else None
                 tops = _tops(lps[beam], self.logprobs) if lp is not None else None
                 self._add(tokens, s, length, reason, beam, lp, tops)
             else:
@@ -223,22 +245,7 @@ class BeamSearch:
                 next_sums.append(s)
                 if len(next_beams) == self.num_beams:
                     break
-        parents = np.asarray(next_beams, np.int64)
-        tokens = np.asarray(next_tokens, np.int64)
-        if want_lp:
-            self.token_lp = np.concatenate([self.token_lp[parents], lps[parents, tokens][:, None]], axis=1)
-            self.top_lp = [self.top_lp[b] + [_tops(lps[b], self.logprobs)] for b in next_beams]
-        self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
-        self.scores = np.asarray(next_sums, np.float64)
-        best_sum = float(cand[top[0]]) if len(top) else -np.inf
-        if not next_beams or self._is_done(best_sum, length):
-            self.done = True
-        elif length >= self.max_new_tokens:
-            for b in range(len(next_beams)):  # finalize: the live beams compete as they are
-                self._add(self.seqs[b].tolist(), float(self.scores[b]), length, "length", b, None, None)
-            self.done = True
-        self.rows = 0 if self.done else len(next_beams)
-        return tokens, parents
+        return next_beams, next_tokens, next_sums
 
     def _after_step(self, parents: np.ndarray, tokens: np.ndarray, sums: np.ndarray, best_sum: float) -> None:
         """The fast path's bookkeeping: no candidate ended, the next beams are the top num_beams."""
