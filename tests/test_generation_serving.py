@@ -189,6 +189,54 @@ def test_a_source_that_leaves_takes_its_cross_state_with_it(repo):
         step.reorder(np.zeros(0, np.int64))
 
 
+def _concat_era_artifact(directory: Path, target: Path) -> Path:
+    """``directory``'s artifact as exported before ``kv_update``: decode_step returns each layer's grown cache
+    (``present_k_i`` = past ++ new) and the manifest has no ``kv_update`` entry."""
+    import shutil
+
+    import onnx
+
+    shutil.copytree(directory, target)
+    model = onnx.load(str(target / "decode_step.onnx"))
+    for out in model.graph.output:
+        if out.name.startswith("new_"):
+            present, past = out.name.replace("new_", "present_"), out.name.replace("new_", "past_")
+            model.graph.node.append(onnx.helper.make_node("Concat", [past, out.name], [present], axis=2))
+            out.name = present
+            out.type.tensor_type.shape.dim[2].dim_param = "present_len"
+    onnx.save(model, str(target / "decode_step.onnx"))
+    raw = json.loads((target / "manifest.json").read_text())
+    del raw["model"]["kv_update"]
+    for out in raw["graphs"]["decode_step"]["outputs"]:
+        if out["name"].startswith("new_"):
+            out["name"], out["shape"][2] = out["name"].replace("new_", "present_"), "present_len"
+    (target / "manifest.json").write_text(json.dumps(raw))
+    return target
+
+
+def test_a_seq2seq_artifact_from_before_kv_update_still_serves_the_same_tokens(repo, tmp_path):
+    """Artifacts whose decode_step returns the grown caches (no ``kv_update`` in the manifest) keep serving,
+    step for step the same logits as the slot graphs, through joins, beam moves and a leaving request."""
+    directory = repo / "tiny-seq2seq" / "1"
+    old_dir = _concat_era_artifact(directory, tmp_path / "old" / "1")
+    new, old = (open_step_model(load_manifest(d, verify=False), d, backend="onnx", device="cpu", threads=1)
+                for d in (directory, old_dir))
+    assert new.slot and not old.slot and old.decode.output_names[1] == "present_k_0"
+    tokens = [m.join([[6, 8, 18, 10], [9, 13]], [2, 1]) for m in (new, old)]
+    for t in range(20):  # past the first SLOTS slots, so the slot caches grow once
+        if t == 5:
+            tokens = [np.concatenate([tok, m.join([[7, 5, 11]], [1])]) for tok, m in zip(tokens, (new, old))]
+        if t in (8, 15):  # beams follow their parents; then the first request leaves
+            index = np.asarray([1, 1, 2, 3]) if t == 8 else np.asarray([2, 3])
+            for m in (new, old):
+                m.reorder(index, regroup=t == 15)
+            tokens = [tok[index] for tok in tokens]
+        got, want = (m.step(tok) for m, tok in zip((new, old), tokens))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        tokens = [got.argmax(1), want.argmax(1)]
+    assert new.fill == old.fill == old.past_pad.shape[1] < new.past_pad.shape[1]
+
+
 def test_seq2seq_artifact_with_stacked_caches_is_refused_by_name(repo, tmp_path):
     """Artifacts exported before per-layer caches fed one (L,B,H,P,Dh) tensor: say so instead of failing mid-run."""
     manifest = load_manifest(repo / "tiny-seq2seq" / "1")

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from deepserve.manifest import cache_names
+from deepserve.manifest import KVUpdate, cache_names
 from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
 
 NARROW_ROWS = 64  # below it a step's matrix-vector products lose more to a 2nd thread's hand-offs than it gains
+SLOTS = 16  # empty cache slots added at a time (KVUpdate.SLOT): one cache copy per 16 steps, not one per step
 
 class Seq2SeqStepModel(StepModel):
     """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
@@ -21,18 +22,21 @@ class Seq2SeqStepModel(StepModel):
     one request share them. When the rows are G contiguous rows per source, in source order (every request at
     the same width: all greedy, or all beams at full width), ``decode_step`` gets them as they are and each
     source's rows read its K/V once as G queries; otherwise it gets a per-row copy (``cross``), made again
-    only when the rows' sources change. Each layer's ``present_k_i`` becomes its next ``past_k_i`` as it is,
-    and moving rows copies whole contiguous rows."""
+    only when the rows' sources change. ``KVUpdate.SLOT`` graphs return each layer's new K/V, written into slot
+    ``fill`` of the cache (grown SLOTS empty slots at a time); older graphs' ``present_k_i`` becomes the next
+    ``past_k_i`` as it is. Moving rows copies whole contiguous rows."""
 
     def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
-                 pad_id: int, bos_id: int, eos_id: int, narrow: Graph | None = None) -> None:
+                 pad_id: int, bos_id: int, eos_id: int, narrow: Graph | None = None,
+                 kv_update: KVUpdate = KVUpdate.CONCAT) -> None:
         self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
         self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
         self.rows = 0
-        self.cross_names, self.past_names, self.present_names = (cache_names(k, layers)
-                                                                 for k in ("cross", "past", "present"))
+        self.slot = kv_update is KVUpdate.SLOT
+        self.cross_names, self.past_names, self.out_names = (cache_names(k, layers) for k in
+                                                             ("cross", "past", "new" if self.slot else "present"))
         g = decode
         empty = g.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
         self.cross_src: list[Array] = [empty] * (2 * layers)  # cross_names order, each (N,H,S,Dh), one per source
@@ -44,6 +48,7 @@ class Seq2SeqStepModel(StepModel):
         self._buffers: list[list[np.ndarray | None]] = [[None, None] for _ in range(2 * layers)]  # see _take_rows
         self._moving: np.ndarray | None = None  # see _move_rows_in_place
         self.past_pad = np.zeros((0, 0), bool)  # (B,P) True = empty slot; numpy, converted per step
+        self.fill = 0  # cache slots written (SLOT: the next K/V goes to slot ``fill``; CONCAT: all of P)
         self.positions = np.zeros(0, np.int64)  # (B,)
 
     @property
@@ -122,12 +127,26 @@ class Seq2SeqStepModel(StepModel):
                  **dict(zip(self.cross_names, cross)), **dict(zip(self.past_names, self.past))}
         run = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else g
         out = dict(zip(g.output_names, run(*[feeds[name] for name in g.input_names])))
-        self.past = [out[name] for name in self.present_names]
-        self.past_pad = np.concatenate([self.past_pad, np.zeros((len(tokens), 1), bool)], 1)
-        self.positions = self.positions + 1
+        if self.slot:
+            self._write_slot([out[name] for name in self.out_names])
+        else:
+            self.past = [out[name] for name in self.out_names]
+            self.past_pad = np.concatenate([self.past_pad, np.zeros((len(tokens), 1), bool)], 1)
+        self.fill += 1
+        self.positions += 1
         logits = g.numpy(out["logits"])
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
         return logits
+
+    def _write_slot(self, new: list[Array]) -> None:
+        """Write this step's K/V (each (B,H,1,Dh)) into slot ``fill`` of the caches, SLOTS more slots when full."""
+        if self.fill == self.past_pad.shape[1]:
+            self.past = [self.decode.cat([x, self.decode.full((len(x), self.heads, SLOTS, self.head_dim), 0.0, x)], 2)
+                         for x in self.past]
+            self.past_pad = np.concatenate([self.past_pad, np.ones((self.rows, SLOTS), bool)], 1)
+        for x, n in zip(self.past, new):
+            x[:, :, self.fill] = n[:, :, 0]
+        self.past_pad[:, self.fill] = False
 
     def _keep_sources(self, kept: np.ndarray) -> None:
         """Keep sources ``kept`` (in that order) and trim the source axis to the longest of them. The cross K/V
@@ -188,7 +207,7 @@ class Seq2SeqStepModel(StepModel):
             self._move_rows_in_place(index)  # beams follow their parents: most rows stay where they are
         else:
             self.past = [self._take_rows(i, x[:, :, first:] if first else x, index) for i, x in enumerate(self.past)]
-        self.past_pad = pad[:, first:]
+        self.past_pad, self.fill = pad[:, first:], max(self.fill - first, 0)
         self.positions = self.positions[index]
         row_src = self.row_src[index]
         if regroup:

@@ -197,5 +197,5 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode, layers=c.layers,
                                 heads=c.heads, head_dim=c.head_dim, vocab_size=c.vocab_size, pad_id=c.pad_id,
                                 bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id,
-                                narrow=Graph.of(narrow) if narrow is not None else None)
+                                narrow=Graph.of(narrow) if narrow is not None else None, kv_update=c.kv_update)
     raise ValueError(f"task {manifest.task!r} is not a generation task")
