@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from deepserve.manifest import GraphSpec, KVUpdate, Manifest, TensorSpec
+from deepserve.manifest import GraphSpec, KVUpdate, Manifest, StepGraphContract, TensorSpec
 from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event
@@ -323,8 +323,8 @@ def test_seq2seq_rows_keep_reading_their_own_source_through_joins_and_reorders(k
     is (N < B), other layouts a per-row copy, and joins, beam moves and leaving requests keep every row on its
     own source and cache."""
     seen: list[int] = []
-    step = Seq2SeqStepModel(*toy_seq2seq_graphs(seen, kv_update), layers=1, heads=1, head_dim=1, vocab_size=64,
-                            pad_id=0, bos_id=2, eos_id=3, kv_update=kv_update)
+    contract = StepGraphContract(layers=1, heads=1, head_dim=1, vocab_size=64, kv_update=kv_update)
+    step = Seq2SeqStepModel(*toy_seq2seq_graphs(seen, kv_update), contract)
     tokens = step.join([[10, 5], [20, 6, 7]], [3, 3])  # two beam requests of 3 rows each
     assert step.step(tokens).argmax(1).tolist() == [10] * 3 + [20] * 3 and seen[-1] == 2
     assert step.step(np.arange(40, 46)).argmax(1).tolist() == [11] * 3 + [21] * 3
