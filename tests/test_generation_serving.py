@@ -79,6 +79,37 @@ def test_cached_seq2seq_steps_equal_a_full_rerun_even_left_padded(repo, tmp_path
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_cached_seq2seq_steps_stay_exact_as_the_cache_grows(repo, tmp_path, backend):
+    """40 steps cross two growths of the slot caches (SLOTS = 16 at a time), with a row joining late (left
+    padding), beam-style row moves and a row leaving: every step still equals the model's full forward."""
+    directory = repo / "tiny-seq2seq" / "1"
+    step = open_step_model(load_manifest(directory), directory, backend=backend, device="cpu", threads=1)
+    ref = torch_model(make_seq2seq_checkpoint(tmp_path / "s.pt", seed=0))
+    srcs = [[6, 8, 18, 10, 4], [9, 13]]
+    tgts = [[int(t) for t in np.random.default_rng(i).integers(4, 20, 40)] for i in range(2)]
+    got: list[list[np.ndarray]] = [[], []]
+    tokens = step.join([srcs[0]], [1])
+    for t in range(40):
+        if t == 3:  # row 1 joins and then follows row 0's source for a few steps as two beams would
+            tokens = np.concatenate([tokens, step.join([srcs[1]], [1])])
+        logits = step.step(tokens)
+        for r, i in enumerate([0, 1][: len(tokens)] if t < 36 else [1]):
+            got[i].append(logits[r])
+        tokens = np.asarray([tgts[i][len(got[i]) - 1] for i in ([0, 1][: len(tokens)] if t < 35 else [1])])
+        if t == 20:  # rows swap places and swap back: a move that copies both rows
+            step.reorder(np.asarray([1, 0]), regroup=False)
+            step.reorder(np.asarray([1, 0]), regroup=False)
+        if t == 35:
+            step.reorder(np.asarray([1]))  # row 0 leaves
+    assert step.past_pad.shape[1] > step.fill > 32  # the caches grew past two rounds of SLOTS
+    for i in range(2):
+        with torch.no_grad():
+            full = ref(torch.tensor([srcs[i]]), torch.tensor([[2] + tgts[i][: len(got[i]) - 1]]))[0].numpy()
+        keep = np.isfinite(np.stack(got[i]))
+        np.testing.assert_allclose(np.stack(got[i])[keep], full[keep], atol=1e-4)
+
+
 def without_prefill(directory: Path, into: Path) -> Path:
     """A copy of a char-LM artifact as exported before the ``prefill`` graph: ``step`` only."""
     import shutil

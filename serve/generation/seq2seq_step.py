@@ -63,9 +63,9 @@ class Seq2SeqStepModel(StepModel):
             if len(self.row_src) == self.sources and bool(np.all(self.row_src == np.arange(self.sources))):
                 self._rows_cache = (self.cross_src, self.src_pad_src)  # one row per source: no copy
             else:
-                g = self.decode
-                self._rows_cache = ([g.take(x, self.row_src, 0) for x in self.cross_src],
-                                    g.take(self.src_pad_src, self.row_src, 0))
+                take = self.decode.take
+                self._rows_cache = ([take(x, self.row_src, 0) for x in self.cross_src],
+                                    take(self.src_pad_src, self.row_src, 0))
         return self._rows_cache
 
     @property
@@ -129,7 +129,7 @@ class Seq2SeqStepModel(StepModel):
     def _write_slot(self, new: list[Array]) -> None:
         """Write this step's K/V (each (B,H,1,Dh)) into slot ``fill`` of the caches, SLOTS more slots when full."""
         if self.fill == self.past_pad.shape[1]:
-            self.past = [self._pad_axis(x, self.fill + SLOTS, 2, 0.0) for x in self.past]
+            self.past = [self._grown(i, x) for i, x in enumerate(self.past)]
             self.past_pad = np.concatenate([self.past_pad, np.ones((self.rows, SLOTS), bool)], 1)
         for x, n in zip(self.past, new):
             x[:, :, self.fill] = n[:, :, 0]
@@ -152,11 +152,15 @@ class Seq2SeqStepModel(StepModel):
         """``x`` rows ``index``; on numpy into one of two buffers kept per cache tensor (the one ``x`` is not in)."""
         if self.decode.torch_device is not None:
             return self.decode.take(x, index, 0)
-        pair = self._buffers[slot]
-        out = _room(pair, int(pair[0] is not None and np.may_share_memory(pair[0], x)), (len(index), *x.shape[1:]),
-                    x.dtype)
         # mode="clip": with the default "raise", numpy gathers into a temporary and copies that into ``out``
-        np.take(x, index, axis=0, out=out, mode="clip")
+        return np.take(x, index, axis=0, out=_room(self._buffers[slot], (len(index), *x.shape[1:]), x), mode="clip")
+
+    def _grown(self, slot: int, x: Array) -> Array:
+        """Cache ``x`` (B,H,fill,Dh) with SLOTS more empty slots (zeros: masked, yet finite for the att @ V)."""
+        if self.decode.torch_device is not None:
+            return self._pad_axis(x, self.fill + SLOTS, 2, 0.0)
+        out = _room(self._buffers[slot], (len(x), self.heads, self.fill + SLOTS, self.head_dim), x)
+        out[:, :, : self.fill], out[:, :, self.fill :] = x, 0.0
         return out
 
     def _move_rows_in_place(self, index: np.ndarray) -> None:
@@ -167,9 +171,7 @@ class Seq2SeqStepModel(StepModel):
         moved = np.flatnonzero(index != np.arange(len(index)))
         src = index[moved]
         for x in self.past:
-            rows = _room(self._moving, 0, (len(moved), *x.shape[1:]), x.dtype)
-            np.take(x, src, axis=0, out=rows, mode="clip")
-            x[moved] = rows
+            x[moved] = np.take(x, src, axis=0, out=_room(self._moving, (len(moved), *x.shape[1:]), x), mode="clip")
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
         if is_identity(index, self.rows):  # e.g. every beam continued its own row: no cache copy
@@ -198,10 +200,12 @@ class Seq2SeqStepModel(StepModel):
         self.rows = len(index)
 
 
-def _room(store: list[np.ndarray | None], k: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A ``shape`` view of the reusable buffer ``store[k]``, replaced by a larger one (room to grow a few steps)
-    when it is too small: a fresh multi-megabyte array per step costs more in page faults than the copy."""
+def _room(store: list[np.ndarray | None], shape: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+    """A ``shape`` view of the first reused buffer in ``store`` that ``x`` (the source of the copy about to fill
+    it) is not in, replaced by a larger one (room to grow a few steps) when too small: a fresh multi-megabyte
+    array per step costs more in page faults than the copy."""
+    k = next(i for i, b in enumerate(store) if b is None or not np.may_share_memory(b, x))
     size = math.prod(shape)  # np.prod of a short tuple costs ~3 us, called per cache per step
     if store[k] is None or store[k].size < size:
-        store[k] = np.empty(size + size // 4, dtype)
+        store[k] = np.empty(size + size // 4, x.dtype)
     return store[k][:size].reshape(shape)
