@@ -2,21 +2,25 @@
 
 Classification at concurrency 64 for each model and protocol: a fresh deepserve server (default settings) and,
 for JSON and the raw image, a fresh mosec peer (``benchmarks.mosec_peer``: same model file, same bodies, same
-load generator). Repetition 0 is the first burst right after ready, with no warm-up requests; then repetitions
-alternate between the two servers (ABBA order), so each pair saw the same shared machine. Every repetition is
-shown with its p50, p99 and max, so that a stall cannot hide in a median.
+load generator). On the digits CNN also deepserve on the plain asyncio event loop (``deepserve asyncio``) and,
+over JSON, two deepserve processes accepting on one socket (``deepserve x2``, benchmark-only). Repetition 0 is
+the first burst right after ready, with no warm-up requests; then repetitions run the servers in alternating
+order (ABBA), so each repetition's servers saw the same shared machine. Every repetition is shown with its p50,
+p99 and max, so that a stall cannot hide in a median.
 
 The collector options are compared the same way on the digits CNN over JSON, one server per option, in
 rotating order: deepserve as shipped (start-up heap frozen), as before (not frozen), larger thresholds, and the
 collector disabled (the reference, which a long-running server cannot ship). ``gen2`` counts the full
 collections during the repetition (``python_gc_collections_total``). Generation: the char-LM streaming greedy
-tokens at concurrency 32; the inter-token latency is the gap between consecutive token events of a stream.
+tokens at concurrency 32 from deepserve as shipped, not frozen, and on the asyncio loop; the inter-token latency
+is the gap between consecutive token events of a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,11 @@ PROTOCOLS = ("json", "binary", "image")
 MOSEC_PROTOCOLS = ("json", "image")
 READ_GAP_S = 1e-4
 """Token events less than this apart arrived in one read of the load generator."""
+VARIANTS = {"deepserve asyncio": ("--loop", "asyncio")}
+"""Servers beside deepserve as shipped (uvloop) on the digits CNN: the plain asyncio event loop."""
+PROCESSES_SIDE, PROCESSES = "deepserve x2", 2
+"""Benchmark-only (``serve`` has no such option): that many deepserve processes accepting on one listening socket,
+on the digits CNN over JSON; what several server processes sharing the port would give on this machine."""
 GC_OPTIONS = {"shipped": (), "nofreeze": ("--gc", "nofreeze"),
               "thresholds 10000,50,100": ("--gc", "thresholds", "--gc-thresholds", "10000,50,100"),
               "disabled": ("--gc", "disabled")}
@@ -78,18 +87,53 @@ def _mosec_requests(requests: list[Request]) -> list[Request]:
     return [Request(r.method, "/inference", r.body, r.headers) for r in requests]
 
 
+class SharedSocketServers(ServerProcess):
+    """``count`` deepserve processes accepting on one listening socket (the kernel spreads the connections)."""
+
+    def __init__(self, count: int, **kwargs: Any) -> None:
+        super().__init__("deepserve", **kwargs)
+        self.others = [ServerProcess("deepserve", **kwargs) for _ in range(count - 1)]
+
+    def start(self, shared: socket.socket | None = None) -> SharedSocketServers:
+        with socket.socket() as listener:
+            listener.bind((self.host, 0))
+            listener.listen(2048)
+            try:
+                for server in (self, *self.others):
+                    ServerProcess.start(server, listener)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def stop(self) -> None:
+        for other in self.others:
+            other.stop()
+        super().stop()
+
+
+def _start_sides(sides: dict[str, Any], name: str, protocol: str, source: Path, p: Plan, reqs: list[Request]) -> None:
+    """Start the servers of one model and protocol into ``sides``; the peer first: its workers may still be busy starting
+    when its front end answers, which must not land in deepserve's first burst."""
+    if protocol in MOSEC_PROTOCOLS:
+        sides["mosec"] = (MosecProcess(source / name / "1", protocol).start(), _mosec_requests(reqs))
+    sides["deepserve"] = (ServerProcess("deepserve", repository=source, device=p.device).start(), reqs)
+    if name == "digits-cnn":
+        for variant, args in VARIANTS.items():
+            sides[variant] = (ServerProcess("deepserve", repository=source, device=p.device, extra_args=args).start(),
+                              reqs)
+        if protocol == "json":
+            sides[PROCESSES_SIDE] = (SharedSocketServers(PROCESSES, repository=source, device=p.device).start(), reqs)
+
+
 def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
     n, reps = REQUESTS[name], repetitions(p)
     for protocol in PROTOCOLS:
         reqs = payloads(name, name)[protocol]
         sides: dict[str, tuple[ServerProcess, list[Request]]] = {}
         try:
-            # the peer starts first: its workers may still be busy starting when its front end answers, which
-            # must not land in deepserve's first burst (rep 0 runs deepserve first, then the peer's)
-            if protocol in MOSEC_PROTOCOLS:
-                sides["mosec"] = (MosecProcess(source / name / "1", protocol).start(), _mosec_requests(reqs))
-            sides["deepserve"] = (ServerProcess("deepserve", repository=source, device=p.device).start(), reqs)
-            order = sorted(sides)  # deepserve, mosec
+            _start_sides(sides, name, protocol, source, p, reqs)
+            order = sorted(sides)  # deepserve and its variants, mosec
             for rep in range(reps + 1):
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
@@ -124,9 +168,8 @@ def generation(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
     reqs = requests_for("charlm", prompts("charlm"), "greedy-stream", n)
     servers = {}
     try:
-        for option in ("shipped", "nofreeze"):
-            servers[option] = ServerProcess("deepserve", repository=source, device=p.device,
-                                            extra_args=GC_OPTIONS[option]).start()
+        for option, args in GEN_OPTIONS.items():
+            servers[option] = ServerProcess("deepserve", repository=source, device=p.device, extra_args=args).start()
         for rep in range(repetitions(p) + 1):
             for option in servers if rep % 2 == 0 else list(servers)[::-1]:
                 gaps: list[float] = []
@@ -176,7 +219,7 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
         table.add(r["option"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"], _ratio(r["p99"], r["p50"]), r["gen2"])
     section.blocks.append(table)
     if results["generation"]:
-        table = Table(["collector", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
+        table = Table(["server", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
                        "between reads p50 / p99 / max ms", "p99 / p50 (reads)", "errors"],
                       title=f"{MODELS['charlm'].describe}: streamed greedy tokens at concurrency {GEN_CONCURRENCY}, "
                             f"{4 * GEN_CONCURRENCY} requests per rep")
