@@ -3,7 +3,7 @@
 Classification at concurrency 64 for each model and protocol: a fresh deepserve server (default settings) and,
 for JSON and the raw image, a fresh mosec peer (``benchmarks.mosec_peer``: same model file, same bodies, same
 load generator). On the digits CNN also deepserve on the plain asyncio event loop (``deepserve asyncio``) and,
-over JSON, two deepserve processes accepting on one socket (``deepserve x2``, benchmark-only). Repetition 0 is
+over JSON, ``deepserve serve --workers 2`` (two server processes on the port). Repetition 0 is
 the first burst right after ready, with no warm-up requests; then repetitions run the servers in alternating
 order (ABBA), so each repetition's servers saw the same shared machine. Every repetition is shown with its p50,
 p99 and max, so that a stall cannot hide in a median.
@@ -21,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from benchmarks.generation import prompts, requests_for
 from benchmarks.loadgen import LoadResult, LoadSpec, Request, Response, run_load
 from benchmarks.models import MODELS
 from benchmarks.results import Report, Table
-from benchmarks.servers import MosecProcess, ServerProcess
+from benchmarks.servers import ROOT, MosecProcess, ServerProcess
 
 CONCURRENCY, GEN_CONCURRENCY = 64, 32
 REQUESTS = {"digits-cnn": 3000, "resnet18": 320}
@@ -45,12 +48,13 @@ READ_GAP_S = 1e-4
 """Token events less than this apart arrived in one read of the load generator."""
 VARIANTS = {"deepserve asyncio": ("--loop", "asyncio")}
 """Servers beside deepserve as shipped (uvloop) on the digits CNN: the plain asyncio event loop."""
-PROCESSES_SIDE, PROCESSES = "deepserve x2", 2
-"""Benchmark-only (``serve`` has no such option): that many deepserve processes accepting on one listening socket,
-on the digits CNN over JSON; what several server processes sharing the port would give on this machine."""
+WORKERS_SIDE, WORKERS = "deepserve --workers 2", 2
+"""On the digits CNN over JSON also ``deepserve serve --workers 2``: two server processes on the port."""
 GC_OPTIONS = {"shipped": (), "nofreeze": ("--gc", "nofreeze"),
               "thresholds 10000,50,100": ("--gc", "thresholds", "--gc-thresholds", "10000,50,100"),
               "disabled": ("--gc", "disabled")}
+GEN_OPTIONS = {"shipped": (), "nofreeze": GC_OPTIONS["nofreeze"], "asyncio": ("--loop", "asyncio")}
+"""The char-LM stream's servers: as shipped, its heap not frozen, and on the plain asyncio event loop."""
 
 
 def repetitions(p: Plan) -> int:
@@ -87,29 +91,29 @@ def _mosec_requests(requests: list[Request]) -> list[Request]:
     return [Request(r.method, "/inference", r.body, r.headers) for r in requests]
 
 
-class SharedSocketServers(ServerProcess):
-    """``count`` deepserve processes accepting on one listening socket (the kernel spreads the connections)."""
+class WorkersServer(ServerProcess):
+    """``deepserve serve --workers N`` itself (uvicorn's supervisor and its workers on one port), with the
+    benchmark servers' queue setting."""
 
-    def __init__(self, count: int, **kwargs: Any) -> None:
+    def __init__(self, workers: int, **kwargs: Any) -> None:
         super().__init__("deepserve", **kwargs)
-        self.others = [ServerProcess("deepserve", **kwargs) for _ in range(count - 1)]
+        self.workers = workers
 
-    def start(self, shared: socket.socket | None = None) -> SharedSocketServers:
-        with socket.socket() as listener:
-            listener.bind((self.host, 0))
-            listener.listen(2048)
-            try:
-                for server in (self, *self.others):
-                    ServerProcess.start(server, listener)
-            except BaseException:
-                self.stop()
-                raise
+    def start(self) -> WorkersServer:
+        with socket.socket() as probe:  # the command binds its own socket: take a free port number for it
+            probe.bind((self.host, 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(self.repository), "--port",
+             str(self.port), "--device", self.device or "cpu", "--workers", str(self.workers),
+             "--max-queue-wait-ms", "0", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=self._log, env=self.env, cwd=ROOT)
+        try:
+            self._wait_http("/v2/health/ready", time.monotonic() + self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
-
-    def stop(self) -> None:
-        for other in self.others:
-            other.stop()
-        super().stop()
 
 
 def _start_sides(sides: dict[str, Any], name: str, protocol: str, source: Path, p: Plan, reqs: list[Request]) -> None:
@@ -123,7 +127,7 @@ def _start_sides(sides: dict[str, Any], name: str, protocol: str, source: Path, 
             sides[variant] = (ServerProcess("deepserve", repository=source, device=p.device, extra_args=args).start(),
                               reqs)
         if protocol == "json":
-            sides[PROCESSES_SIDE] = (SharedSocketServers(PROCESSES, repository=source, device=p.device).start(), reqs)
+            sides[WORKERS_SIDE] = (WorkersServer(WORKERS, repository=source, device=p.device).start(), reqs)
 
 
 def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:

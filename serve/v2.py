@@ -28,6 +28,7 @@ from deepserve.serve.schemas import (
     ModelIndex, ModelMetadata, ModelReady, Ready, ServerMetadata, answers, error_responses,
 )
 from deepserve.serve.servable import task_phrase
+from deepserve.serve.workers import worker_count
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES: dict[str, Any] = {
@@ -246,8 +247,12 @@ async def live(request: Request) -> Response:
 @router.get("/v2/health/ready", name="ready", responses=answers(Ready, 503))
 async def ready(request: Request) -> Response:
     repository = request.app.state.repository
-    if repository.ready:
+    workers = worker_count()
+    if repository.ready and (workers == 1 or repository.metrics.ready_workers() >= workers):
         return JSONResponse({"ready": True})
+    if repository.ready:  # this worker is, not all of them (serve --workers)
+        return JSONResponse({"ready": False, "error": f"{repository.metrics.ready_workers()} of {workers} worker "
+                                                      f"processes have loaded their models"}, status_code=503)
     state = "stopping" if repository.stopping else "loading its models"
     return JSONResponse({"ready": False, "error": f"the server is {state}"}, status_code=503)
 

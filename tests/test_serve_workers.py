@@ -1,0 +1,92 @@
+"""`deepserve serve --workers 2` on a real socket: both processes answer, /metrics sums them, model control answers
+409, and SIGTERM drains every worker before the command exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.artifacts import make_classifier_artifact
+from tests.live_server import running_server, scrape
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workers-repo")
+    make_classifier_artifact(root, "tiny-cnn", quantize=False)
+    with running_server(root, tmp_path_factory.mktemp("workers-log"), "--workers", str(WORKERS)) as s:
+        yield s
+
+
+def _body(seed: int) -> dict:
+    x = np.random.default_rng(seed).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    return {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": x.ravel().tolist()}]}
+
+
+async def _burst(url: str, n: int) -> list[httpx.Response]:
+    """``n`` concurrent requests, each on its own connection (so the kernel spreads them over the workers)."""
+    async def one(seed: int) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await client.post(url, json=_body(seed))
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_both_workers_answer_and_metrics_sum_them(server):
+    url = f"{server['base']}/v2/models/tiny-cnn/infer"
+    assert scrape(server["base"], "deepserve_workers_ready") == WORKERS
+    prefixes, sent = set(), 0
+    for _ in range(10):  # until both processes have answered (request ids carry a per-process prefix)
+        answers = asyncio.run(_burst(url, 32))
+        sent += len(answers)
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+        prefixes |= {r.headers["x-request-id"][:12] for r in answers}
+        if len(prefixes) == WORKERS:
+            break
+    assert len(prefixes) == WORKERS
+    # whichever worker answers the scrape, it counts every worker's requests
+    for _ in range(4):
+        text = httpx.get(f"{server['base']}/metrics", timeout=10).text
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('deepserve_requests_total{endpoint="infer"')) == sent
+
+
+def test_model_control_answers_409_naming_workers(server):
+    for action in ("load", "unload"):
+        r = httpx.post(f"{server['base']}/v2/repository/models/tiny-cnn/{action}", timeout=10)
+        assert r.status_code == 409 and "--workers" in r.json()["error"]
+    ready = httpx.get(f"{server['base']}/v2/models/tiny-cnn/ready", timeout=10)
+    assert ready.status_code == 200  # nothing was unloaded
+
+
+def test_sigterm_drains_every_worker_then_exits_0(server):
+    """Runs last in this module: it stops the shared server."""
+    url = f"{server['base']}/v2/models/tiny-cnn/infer"
+
+    async def load_then_terminate() -> list:
+        async with httpx.AsyncClient(timeout=30) as c:
+            tasks = [asyncio.ensure_future(c.post(url, json=_body(i))) for i in range(16)]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            server["proc"].send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    answered = 0
+    for outcome in asyncio.run(load_then_terminate()):
+        if isinstance(outcome, httpx.ConnectError):
+            continue  # sent after the listeners closed: never accepted, which is allowed
+        assert not isinstance(outcome, BaseException), repr(outcome)
+        if outcome.status_code == 503:
+            assert outcome.headers["connection"] == "close" and "error" in outcome.json()
+            continue
+        assert outcome.status_code == 200, outcome.text
+        answered += 1
+    assert answered >= 1
+    server["proc"].wait(timeout=60)
+    assert server["proc"].returncode == 0
+    assert server["stderr"].read_text().count("Application shutdown complete") == WORKERS
