@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,7 @@ from benchmarks.generation import prompts, requests_for
 from benchmarks.loadgen import LoadResult, LoadSpec, Request, Response, run_load
 from benchmarks.models import MODELS
 from benchmarks.results import Report, Table
-from benchmarks.servers import ROOT, MosecProcess, ServerProcess
+from benchmarks.servers import MosecProcess, ServerProcess
 
 CONCURRENCY, GEN_CONCURRENCY = 64, 32
 REQUESTS = {"digits-cnn": 3000, "resnet18": 320}
@@ -100,19 +97,10 @@ class WorkersServer(ServerProcess):
         self.workers = workers
 
     def start(self) -> WorkersServer:
-        with socket.socket() as probe:  # the command binds its own socket: take a free port number for it
-            probe.bind((self.host, 0))
-            self.port = probe.getsockname()[1]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(self.repository), "--port",
-             str(self.port), "--device", self.device or "cpu", "--workers", str(self.workers),
-             "--max-queue-wait-ms", "0", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=self._log, env=self.env, cwd=ROOT)
-        try:
-            self._wait_http("/v2/health/ready", time.monotonic() + self.startup_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self.port = self.free_port()
+        self.run_until_ready([sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(self.repository),
+                              "--port", str(self.port), "--device", self.device or "cpu", "--workers", str(self.workers),
+                              "--max-queue-wait-ms", "0", "--log-level", "warning"], self.env, "/v2/health/ready")
         return self
 
 
