@@ -324,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
         from deepserve.serve.ray_app import run_cli
 
         overrides, _, access, trust = inputs
-        return run_cli(args, overrides, trust, access)
+        try:
+            return run_cli(args, overrides, trust, access)
+        except (FileNotFoundError, ValueError) as e:  # flags that do not fit the repository: refused before Ray starts
+            raise CLIError(str(e)) from None
     app, repository = build_app(args, inputs)
     host = f"[{args.host}]" if ":" in args.host else args.host
     workers = f", {args.workers} worker processes" if args.workers > 1 else ""
