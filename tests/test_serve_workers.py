@@ -10,6 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
+from deepserve.serve.app import create_app
+from deepserve.serve.workers import WORKERS_ENV
 from tests.artifacts import make_classifier_artifact
 from tests.live_server import running_server, scrape
 
@@ -63,6 +65,25 @@ def test_model_control_answers_409_naming_workers(server):
         assert r.status_code == 409 and "--workers" in r.json()["error"]
     ready = httpx.get(f"{server['base']}/v2/models/tiny-cnn/ready", timeout=10)
     assert ready.status_code == 200  # nothing was unloaded
+
+
+@pytest.mark.anyio
+async def test_ready_only_once_every_worker_is(tmp_path, monkeypatch):
+    """One worker of two has loaded its models (the other's gauge is missing): not ready, saying how many are."""
+    make_classifier_artifact(tmp_path, "tiny-cnn", quantize=False)
+    app = create_app(tmp_path, device="cpu")
+    repository = app.state.repository
+    await repository.start()
+    repository.metrics.set_serving(True)  # what the lifespan does once the models are loaded
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            monkeypatch.setenv(WORKERS_ENV, "2")
+            r = await c.get("/v2/health/ready")
+            assert r.status_code == 503 and "1 of 2 worker processes" in r.json()["error"]
+            monkeypatch.setenv(WORKERS_ENV, "1")
+            assert (await c.get("/v2/health/ready")).json() == {"ready": True}
+    finally:
+        await repository.stop()
 
 
 def test_sigterm_drains_every_worker_then_exits_0(server):
