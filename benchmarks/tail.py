@@ -6,7 +6,9 @@ load generator). On the digits CNN also deepserve on the plain asyncio event loo
 over JSON, ``deepserve serve --workers 2`` (two server processes on the port). Repetition 0 is
 the first burst right after ready, with no warm-up requests; then repetitions run the servers in alternating
 order (ABBA), so each repetition's servers saw the same shared machine. Every repetition is shown with its p50,
-p99 and max, so that a stall cannot hide in a median.
+p99 and max, so that a stall cannot hide in a median, and with how long the server's main threads (its event
+loops) were runnable but waited for a core (Linux ``schedstat``): on a shared machine that is where a stall
+comes from when nothing in the server was slow.
 
 The collector options are compared the same way on the digits CNN over JSON, one server per option, in
 rotating order: deepserve as shipped (start-up heap frozen), as before (not frozen), larger thresholds, and the
@@ -83,6 +85,22 @@ def gen2_collections(server: ServerProcess) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
+def run_queue_wait_ms(pid: int) -> float:
+    """Milliseconds the main threads of ``pid`` and of its child processes have spent runnable but waiting for a
+    core (Linux ``schedstat``): the server's loop preempted by the generator or the machine's other work. nan
+    where ``/proc`` does not tell."""
+    total, pids = 0, [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            total += int(Path(f"/proc/{p}/schedstat").read_text().split()[1])
+            pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            if p == pid:
+                return float("nan")
+    return total / 1e6
+
+
 def _mosec_requests(requests: list[Request]) -> list[Request]:
     """The same bodies, to mosec's route."""
     return [Request(r.method, "/inference", r.body, r.headers) for r in requests]
@@ -129,8 +147,10 @@ def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]])
             for rep in range(reps + 1):
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
+                    waited = run_queue_wait_ms(server.pid)
                     res = run_cell(server.port, r, CONCURRENCY, n)
-                    rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep))
+                    rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep,
+                                        waited=run_queue_wait_ms(server.pid) - waited))
                     print(f"[tail] {name} {protocol} {server_name} rep {rep}: {rows[-1]}", flush=True)
         finally:
             for server, _ in sides.values():
@@ -199,10 +219,11 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     if "charlm" in names:
         generation(source, p, results["generation"])
     table = Table(["model", "protocol", "server", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50",
-                   "errors"], title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
+                   "main threads waited for a core, ms", "errors"],
+                  title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
     for r in results["classification"]:
         table.add(r["model"], r["protocol"], r["server"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"],
-                  _ratio(r["p99"], r["p50"]), r["errors"])
+                  _ratio(r["p99"], r["p50"]), r["waited"], r["errors"])
     section.blocks.append(table)
     table = Table(["collector", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50", "full collections"],
                   title=f"Collector options: digits CNN, v2 JSON, concurrency {CONCURRENCY}, {REQUESTS['digits-cnn']} "
