@@ -7,8 +7,8 @@ over JSON, ``deepserve serve --workers 2`` (two server processes on the port). R
 the first burst right after ready, with no warm-up requests; then repetitions run the servers in alternating
 order (ABBA), so each repetition's servers saw the same shared machine. Every repetition is shown with its p50,
 p99 and max, so that a stall cannot hide in a median, and with how long the server's main threads (its event
-loops) were runnable but waited for a core (Linux ``schedstat``): on a shared machine that is where a stall
-comes from when nothing in the server was slow.
+loops) and the load generator's were runnable but waited for a core (Linux ``schedstat``): on a shared machine
+that is where a stall comes from when nothing in the server was slow.
 
 The collector options are compared the same way on the digits CNN over JSON, one server per option, in
 rotating order: deepserve as shipped (start-up heap frozen), as before (not frozen), larger thresholds, and the
@@ -21,6 +21,7 @@ is the gap between consecutive token events of a stream.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -147,10 +148,11 @@ def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]])
             for rep in range(reps + 1):
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
-                    waited = run_queue_wait_ms(server.pid)
+                    waited, gen_waited = run_queue_wait_ms(server.pid), run_queue_wait_ms(os.getpid())
                     res = run_cell(server.port, r, CONCURRENCY, n)
                     rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep,
-                                        waited=run_queue_wait_ms(server.pid) - waited))
+                                        waited=run_queue_wait_ms(server.pid) - waited,
+                                        gen_waited=run_queue_wait_ms(os.getpid()) - gen_waited))
                     print(f"[tail] {name} {protocol} {server_name} rep {rep}: {rows[-1]}", flush=True)
         finally:
             for server, _ in sides.values():
@@ -219,11 +221,11 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     if "charlm" in names:
         generation(source, p, results["generation"])
     table = Table(["model", "protocol", "server", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50",
-                   "main threads waited for a core, ms", "errors"],
+                   "waited for a core, ms: server / generator", "errors"],
                   title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
     for r in results["classification"]:
         table.add(r["model"], r["protocol"], r["server"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"],
-                  _ratio(r["p99"], r["p50"]), r["waited"], r["errors"])
+                  _ratio(r["p99"], r["p50"]), f"{r['waited']:.1f} / {r['gen_waited']:.1f}", r["errors"])
     section.blocks.append(table)
     table = Table(["collector", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50", "full collections"],
                   title=f"Collector options: digits CNN, v2 JSON, concurrency {CONCURRENCY}, {REQUESTS['digits-cnn']} "
