@@ -117,8 +117,8 @@ def add_parser(subparsers) -> None:
                         "(the admin load/unload routes answer 409)")
     p.add_argument("--loop", choices=LOOPS, default="auto",
                    help="event loop: uvloop when installed (auto, the default), or asyncio; measured on 2 cores, "
-                        "uvloop serves the digits CNN's v2 JSON ~6-10%% faster and asyncio streams the char-LM "
-                        "~7%% faster (benchmarks/results, the tail scenario)")
+                        "uvloop serves the digits CNN's v2 requests 5-17%% faster, and the char-LM stream is within "
+                        "0-7%% either way (benchmarks/results, the tail scenario)")
     p.add_argument("--http", choices=HTTP_PARSERS, default="auto",
                    help="HTTP/1.1 parser: httptools when installed (auto, the default), or h11")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
