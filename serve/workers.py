@@ -3,8 +3,8 @@
 uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``) binds the port once, spawns N workers that accept
 on it, restarts a worker that dies or hangs, and on SIGTERM/SIGINT sends SIGTERM to each and waits for them. Each
 worker builds the same app from the serve command's flags (``worker_app``, uvicorn's app factory) and drains as a
-single server does: requests in flight finish, new ones get 503 with ``Connection: close``. What the processes
-share:
+single server does: requests in flight finish, new ones get 503 with ``Connection: close``; a worker whose
+supervisor was killed outright drains and stops the same way. What the processes share:
 
 - **metrics**: prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a folder made for this run),
   so ``/metrics`` from any worker sums every worker's counters and histograms (``metrics.Metrics.render``);
@@ -17,7 +17,9 @@ share:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -88,7 +90,16 @@ def worker_app() -> Any:
         previous = signal.getsignal(sig)
         if callable(previous):
             signal.signal(sig, partial(_drain_then, app, previous))
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a supervisor killed outright (SIGKILL) must not leave its workers serving
+        asyncio.get_running_loop().add_reader(parent.sentinel, _parent_gone, parent.sentinel)
     return app
+
+
+def _parent_gone(sentinel: int) -> None:
+    """The supervisor has exited: drain and stop as on SIGTERM."""
+    asyncio.get_running_loop().remove_reader(sentinel)
+    signal.raise_signal(signal.SIGTERM)
 
 
 def _drain_then(app: Any, previous: Any, sig: int, frame: Any) -> None:

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import signal
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -84,6 +88,27 @@ async def test_ready_only_once_every_worker_is(tmp_path, monkeypatch):
             assert (await c.get("/v2/health/ready")).json() == {"ready": True}
     finally:
         await repository.stop()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path):
+    """SIGKILL leaves the supervisor no time to stop its workers: they notice and stop themselves."""
+    make_classifier_artifact(tmp_path / "repo", "tiny-cnn", quantize=False)
+    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS)) as s:
+        pid = s["proc"].pid
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == WORKERS
+        exited = [os.pidfd_open(w) for w in workers]  # readable once the process has exited
+        s["proc"].kill()
+        s["proc"].wait()
+        deadline = time.monotonic() + 60
+        try:
+            for fd in exited:
+                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                assert ready, "a worker kept serving after its supervisor was killed"
+        finally:
+            for fd in exited:
+                os.close(fd)
 
 
 def test_sigterm_drains_every_worker_then_exits_0(server):
