@@ -328,7 +328,21 @@ def run(args: argparse.Namespace) -> int:
             return run_cli(args, overrides, trust, access)
         except (FileNotFoundError, ValueError) as e:  # flags that do not fit the repository: refused before Ray starts
             raise CLIError(str(e)) from None
+    if args.workers > 1:
+        from deepserve.serve.workers import metrics_directory, run_workers
+
+        with metrics_directory():  # before the app: its metrics live there too
+            _announce(args, implementations, build_app(args, inputs)[1])
+            return run_workers(flags, args, implementations)
     app, repository = build_app(args, inputs)
+    _announce(args, implementations, repository)
+    sys.setswitchinterval(GIL_SWITCH_S)
+    server = DrainingServer(uvicorn_config(app, args, implementations), app)
+    return run_server(server)  # SIGTERM/SIGINT: drain (new requests 503), then the lifespan stops the models
+
+
+def _announce(args: argparse.Namespace, implementations: dict[str, str], repository: Any) -> None:
+    """Where the server answers, what it serves, and example requests."""
     host = f"[{args.host}]" if ":" in args.host else args.host
     workers = f", {args.workers} worker processes" if args.workers > 1 else ""
     print(f"deepserve: playground at http://{host}:{args.port}/ (open it in a browser)", flush=True)
@@ -339,10 +353,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"deepserve: serving only artifacts signed by {', '.join(k.name for k in repository.trust.keys)}",
               flush=True)
     print(example_requests(f"http://{host}:{args.port}", model_tasks(args.repository)), flush=True)
-    if args.workers > 1:
-        from deepserve.serve.workers import run_workers
-
-        return run_workers(flags, args, implementations)
-    sys.setswitchinterval(GIL_SWITCH_S)
-    server = DrainingServer(uvicorn_config(app, args, implementations), app)
-    return run_server(server)  # SIGTERM/SIGINT: drain (new requests 503), then the lifespan stops the models

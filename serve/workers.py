@@ -6,10 +6,14 @@ worker builds the same app from the serve command's flags (``worker_app``, uvico
 single server does: requests in flight finish, new ones get 503 with ``Connection: close``; a worker whose
 supervisor was killed outright drains and stops the same way. What the processes share:
 
-- **metrics**: prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a folder made for this run),
-  so ``/metrics`` from any worker sums every worker's counters and histograms (``metrics.Metrics.render``);
+- **metrics**: prometheus-client's multiprocess mode, in a folder made for this run (``metrics_directory``), so
+  ``/metrics`` from any worker sums every worker's counters and histograms (``metrics.Metrics.render``); the
+  supervisor takes a dead worker's gauges away (``mark_process_dead``), so a crashed worker counts no more;
 - **readiness**: ``/v2/health/ready`` is true only once every worker has loaded its models (a gauge each worker
   sets in that folder);
+- **the listening socket**: the supervisor closes its copy before it stops the workers, so the last worker to
+  stop accepting closes the socket itself, right after answering its accept queue (``shutdown.DrainingServer``):
+  a later connection is refused, none is left queued to be reset when the supervisor exits;
 - **model control**: each worker holds its own models, so the admin routes that change them answer 409 (one
   worker cannot load or unload for the others); ``--model-control poll`` keeps every worker on the repository.
 """
@@ -18,18 +22,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
+
+from prometheus_client import multiprocess
+from uvicorn.supervisors import Multiprocess
 
 ARGS_ENV = "DEEPSERVE_SERVE_ARGS"
 """The serve command's flags (JSON) for the workers, which uvicorn starts as fresh interpreters (spawn)."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_PREFIX = "deepserve-metrics-"
+_LOCK = "supervisor.lock"
+"""In a run's metrics folder: held (flock) by its supervisor while it runs; the kernel lets go when it dies."""
 WORKERS_ENV = "DEEPSERVE_WORKERS"
 """How many workers serve the port; set in every worker (readiness waits for all of them)."""
 
@@ -40,21 +55,60 @@ def worker_count() -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
+@contextmanager
+def metrics_directory() -> Iterator[Path]:
+    """This run's metrics folder, set as ``PROMETHEUS_MULTIPROC_DIR`` and removed at the end: made under the
+    operator's ``PROMETHEUS_MULTIPROC_DIR`` if set, else the system's temporary folder. Folders there left by
+    supervisors that were killed outright (their lock free) are removed first."""
+    base = Path(os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir())
+    for stale in base.glob(f"{METRICS_PREFIX}*/{_LOCK}"):
+        with open(stale, "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running supervisor's
+            shutil.rmtree(stale.parent, ignore_errors=True)
+    run = Path(tempfile.mkdtemp(prefix=METRICS_PREFIX, dir=base))
+    with open(run / f".{_LOCK}", "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.rename(run / f".{_LOCK}", run / _LOCK)  # only ever seen locked
+        os.environ[MULTIPROC_ENV] = str(run)
+        try:
+            yield run
+        finally:
+            shutil.rmtree(run, ignore_errors=True)
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, and what it does not do for a shared socket and shared metrics."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:  # the workers hold the last copies: the last to stop accepting closes it
+            sock.close()
+        super().terminate_all()
+
+    def keep_subprocess_alive(self) -> None:
+        before = list(self.processes)
+        super().keep_subprocess_alive()
+        for process in before:
+            if process not in self.processes and process.pid is not None:  # died, and was replaced
+                multiprocess.mark_process_dead(process.pid)
+
+
 def run_workers(flags: dict[str, Any], args: argparse.Namespace, implementations: dict[str, str]) -> int:
     """Serve with ``args.workers`` processes under uvicorn's supervisor until SIGTERM/SIGINT; exit status 0.
-    ``flags``: the command's flags as given, from which each worker builds its app."""
+    ``flags``: the command's flags as given, from which each worker builds its app. Called inside
+    ``metrics_directory``."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     from deepserve.serve.cli import uvicorn_config
 
-    with tempfile.TemporaryDirectory(prefix="deepserve-metrics-") as metrics_dir:
-        os.environ.update({ARGS_ENV: json.dumps(flags), MULTIPROC_ENV: metrics_dir, WORKERS_ENV: str(args.workers)})
-        base = uvicorn_config(None, args, implementations)
-        # the app and its protocol by import path: the config is pickled into each spawned worker
-        config = uvicorn.Config(f"{__name__}:worker_app", factory=True, workers=args.workers,
-                                http=f"{__name__}:HttpProtocol", **{k: getattr(base, k) for k in _SHARED_CONFIG})
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    os.environ.update({ARGS_ENV: json.dumps(flags), WORKERS_ENV: str(args.workers)})
+    base = uvicorn_config(None, args, implementations)
+    # the app and its protocol by import path: the config is pickled into each spawned worker
+    config = uvicorn.Config(f"{__name__}:worker_app", factory=True, workers=args.workers,
+                            http=f"{__name__}:HttpProtocol", **{k: getattr(base, k) for k in _SHARED_CONFIG})
+    Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
 
 

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -90,42 +92,132 @@ async def test_ready_only_once_every_worker_is(tmp_path, monkeypatch):
         await repository.stop()
 
 
-def test_workers_stop_when_the_supervisor_is_killed(tmp_path):
-    """SIGKILL leaves the supervisor no time to stop its workers: they notice and stop themselves."""
+def _workers(supervisor: int) -> list[int]:
+    """The worker processes under ``supervisor`` (uvicorn spawns them: ``spawn_main`` on their command line)."""
+    children = [int(c) for c in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _wait_exits(pids: list[int], what: str) -> None:
+    """Until every one of ``pids`` has exited (bounded: 60 s on a busy machine)."""
+    exited = [os.pidfd_open(p) for p in pids]  # readable once the process has exited
+    deadline = time.monotonic() + 60
+    try:
+        for fd in exited:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, what
+    finally:
+        for fd in exited:
+            os.close(fd)
+
+
+def _wait_log(path: Path, text: str, count: int) -> None:
+    """Until ``text`` is in the log ``count`` times (bounded: about 60 s on a busy machine)."""
+    for _ in range(600):
+        if path.read_text().count(text) >= count:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{text!r} not logged {count} times:\n{path.read_text()[-3000:]}")
+
+
+def test_workers_stop_when_the_supervisor_is_killed_and_the_next_run_clears_its_metrics(tmp_path):
+    """SIGKILL leaves the supervisor no time to stop its workers or remove its metrics folder: the workers notice
+    and stop themselves, and the next run removes the folder (under ``PROMETHEUS_MULTIPROC_DIR`` when set)."""
     make_classifier_artifact(tmp_path / "repo", "tiny-cnn", quantize=False)
-    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS)) as s:
-        pid = s["proc"].pid
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    base = tmp_path / "metrics"
+    base.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(base)}
+    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS), env=env) as s:
+        workers = _workers(s["proc"].pid)
         assert len(workers) == WORKERS
-        exited = [os.pidfd_open(w) for w in workers]  # readable once the process has exited
+        (stale,) = base.iterdir()
         s["proc"].kill()
         s["proc"].wait()
-        deadline = time.monotonic() + 60
-        try:
-            for fd in exited:
-                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-                assert ready, "a worker kept serving after its supervisor was killed"
+        _wait_exits(workers, "a worker kept serving after its supervisor was killed")
+    assert stale.exists()
+    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS), env=env) as s:
+        (current,) = base.iterdir()
+        assert current != stale
+        s["proc"].send_signal(signal.SIGTERM)
+        assert s["proc"].wait(timeout=60) == 0
+    assert list(base.iterdir()) == []
+
+
+def test_a_crashed_worker_counts_no_more(tmp_path):
+    """A worker killed outright cannot take its ready gauge away: the supervisor does, so readiness and /metrics
+    count live workers only (its replacement counts once it has loaded)."""
+    make_classifier_artifact(tmp_path / "repo", "tiny-cnn", quantize=False)
+    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS)) as s:
+        crashed = _workers(s["proc"].pid)[0]
+        os.kill(crashed, signal.SIGKILL)
+        _wait_log(s["stderr"], f"Child process [{crashed}] died", 1)
+        _wait_log(s["stderr"], "Application startup complete", WORKERS + 1)  # the replacement
+        assert scrape(s["base"], "deepserve_workers_ready") == WORKERS
+        assert httpx.get(f"{s['base']}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_sigterm_resets_no_connection_queued_after_the_workers_stop_accepting(tmp_path):
+    """One worker still finishing a request after SIGTERM: a connection made once every worker has closed its
+    listener must be refused (or answered), not queued and reset when the supervisor exits."""
+    make_classifier_artifact(tmp_path / "repo", "tiny-cnn", quantize=False)
+    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS)) as s:
+        workers = _workers(s["proc"].pid)
+        body = json.dumps(_body(0)).encode()
+        slow = socket.create_connection(("127.0.0.1", s["port"]), timeout=30)
+        slow.sendall(b"POST /v2/models/tiny-cnn/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"expect: 100-continue\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n")
+        assert slow.recv(64).startswith(b"HTTP/1.1 100")  # the app waits for this request's body: in flight
+        s["proc"].send_signal(signal.SIGTERM)
+        exits = [os.pidfd_open(w) for w in workers]  # readable once the process has exited
+        try:  # the idle worker exits, the busy one drains
+            assert len(select.select(exits, [], [], 60)[0]) == 1
         finally:
-            for fd in exited:
+            for fd in exits:
                 os.close(fd)
+        late = None
+        try:
+            late = socket.create_connection(("127.0.0.1", s["port"]), timeout=30)
+            late.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        except ConnectionRefusedError:
+            pass  # never accepted: allowed
+        slow.sendall(body)
+        assert b" 200 " in slow.recv(65536).split(b"\r\n", 1)[0]
+        assert s["proc"].wait(timeout=60) == 0
+        if late is not None:
+            answer = late.recv(65536)  # a reset raises ConnectionResetError here
+            assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer
 
 
 def test_sigterm_drains_every_worker_then_exits_0(server):
-    """Runs last in this module: it stops the shared server."""
+    """Under load, no request is lost: each is answered (200, or 503 + Connection: close once draining) or its
+    connection refused; none is reset. Runs last in this module: it stops the shared server."""
     url = f"{server['base']}/v2/models/tiny-cnn/infer"
 
+    async def client(seed: int, outcomes: list, first: asyncio.Event) -> None:
+        """A new connection per request until the server refuses one (its listeners closed: never accepted,
+        which is allowed); a reset or any other failure is kept."""
+        for _ in range(500):  # bounded: the server stops within seconds of SIGTERM
+            try:
+                async with httpx.AsyncClient(timeout=30) as c:
+                    outcomes.append(await c.post(url, json=_body(seed)))
+            except httpx.ConnectError:
+                return
+            except httpx.TransportError as e:
+                outcomes.append(e)
+                return
+            first.set()
+
     async def load_then_terminate() -> list:
-        async with httpx.AsyncClient(timeout=30) as c:
-            tasks = [asyncio.ensure_future(c.post(url, json=_body(i))) for i in range(16)]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            server["proc"].send_signal(signal.SIGTERM)
-            return await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes: list = []
+        first = asyncio.Event()
+        clients = [asyncio.ensure_future(client(i, outcomes, first)) for i in range(16)]
+        await first.wait()
+        server["proc"].send_signal(signal.SIGTERM)
+        await asyncio.gather(*clients)
+        return outcomes
 
     answered = 0
     for outcome in asyncio.run(load_then_terminate()):
-        if isinstance(outcome, httpx.ConnectError):
-            continue  # sent after the listeners closed: never accepted, which is allowed
         assert not isinstance(outcome, BaseException), repr(outcome)
         if outcome.status_code == 503:
             assert outcome.headers["connection"] == "close" and "error" in outcome.json()
