@@ -8,8 +8,9 @@ generation engine (``serve/generation/metrics.py``) and the process collectors r
 
 With several worker processes (``serve --workers``, ``PROMETHEUS_MULTIPROC_DIR`` set) prometheus-client keeps
 every value in that folder and ``/metrics`` sums the workers' counters and histograms; a model counts as ready
-there only while every worker has it ready. Not exported then: the queue depth (read per worker at scrape time)
-and the per-process collectors.
+there only while every worker has it ready. The queue depth, read at scrape time by a single process, is set by
+each worker after each batch instead (as of its last batch: a worker's queue only changes while batches run), and
+summed over the live workers. Not exported then: the per-process collectors.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Metrics:
         self.latency = Histogram("deepserve_request_latency_seconds", "HTTP request latency",
                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("deepserve_queue_depth", "Requests waiting in a model's batchers",
-                                 ["model", "version"], registry=r)
+                                 ["model", "version"], registry=r, multiprocess_mode="livesum")
         self.batch_size = Histogram("deepserve_batch_size", "Rows per executed batch", ["model", "version"],
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.inference = Histogram("deepserve_inference_seconds", "Time to run one batch", ["model", "version"],
@@ -64,6 +65,7 @@ class Metrics:
                                 ["reason"], registry=r)
         self._request_children: dict[tuple[str, str, str], tuple] = {}
         self._models: frozenset[str] | None = None  # None: no repository told us its names (every label kept)
+        self._depths: dict[tuple[str, str], Callable[[], float]] = {}  # with workers: read after each batch
 
     def set_models(self, names: Iterable[str]) -> None:
         """The model names requests may be labelled with; any other is counted as ``UNKNOWN_MODEL``."""
@@ -72,17 +74,24 @@ class Metrics:
     def batch_hook(self, model: str, version: str) -> Callable[[int, float], None]:
         """``on_batch(rows, seconds)`` for a model version's batchers."""
         size, seconds = self.batch_size.labels(model, version), self.inference.labels(model, version)
+        waiting, depths, key = self.queue_depth.labels(model, version), self._depths, (model, version)
 
         def on_batch(rows: int, elapsed: float) -> None:
             size.observe(rows)
             seconds.observe(elapsed)
+            depth = depths.get(key)
+            if depth is not None:
+                waiting.set(depth())
 
         return on_batch
 
     def track_queue_depth(self, model: str, version: str, depth: Callable[[], float]) -> None:
         """Read ``depth()`` (requests waiting in every instance of the version) at scrape time: nothing to
-        update per request (and so nothing other workers could read)."""
-        if not multiprocess_dir():
+        update per request; with several workers, after each batch (other workers cannot call it)."""
+        if multiprocess_dir():
+            self._depths[(model, version)] = depth
+            self.queue_depth.labels(model, version).set(0.0)
+        else:
             self.queue_depth.labels(model, version).set_function(depth)
 
     def set_serving(self, serving: bool) -> None:

@@ -63,6 +63,8 @@ def test_both_workers_answer_and_metrics_sum_them(server):
         text = httpx.get(f"{server['base']}/metrics", timeout=10).text
         assert sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith('deepserve_requests_total{endpoint="infer"')) == sent
+    # each worker's queue depth as of its last batch, summed: nothing waits once every answer is in
+    assert 'deepserve_queue_depth{model="tiny-cnn",version="1"} 0.0' in text
 
 
 def test_model_control_answers_409_naming_workers(server):
