@@ -62,21 +62,24 @@ def metrics_directory() -> Iterator[Path]:
     supervisors that were killed outright (their lock free) are removed first."""
     base = Path(os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir())
     for stale in base.glob(f"{METRICS_PREFIX}*/{_LOCK}"):
-        with open(stale, "rb") as lock:
-            try:
+        try:
+            with open(stale, "rb") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a running supervisor's
-            shutil.rmtree(stale.parent, ignore_errors=True)
+                shutil.rmtree(stale.parent, ignore_errors=True)
+        except OSError:
+            continue  # a running supervisor's (locked), another user's, or just removed by another start
     run = Path(tempfile.mkdtemp(prefix=METRICS_PREFIX, dir=base))
     with open(run / f".{_LOCK}", "wb") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         os.rename(run / f".{_LOCK}", run / _LOCK)  # only ever seen locked
-        os.environ[MULTIPROC_ENV] = str(run)
+        operator_dir, os.environ[MULTIPROC_ENV] = os.environ.get(MULTIPROC_ENV), str(run)
         try:
             yield run
         finally:
             shutil.rmtree(run, ignore_errors=True)
+            os.environ.pop(MULTIPROC_ENV)
+            if operator_dir is not None:
+                os.environ[MULTIPROC_ENV] = operator_dir
 
 
 class Supervisor(Multiprocess):
