@@ -66,6 +66,30 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str], *, pro
     global BACKENDS
     BACKENDS = backends(p.device)
     results: dict[str, Any] = {"echo": {}, "server": {}, "ceiling": {}, "paired": {}}
+    _echo_sweep(report, results, names, p)
+    section = report.section("Scenario 1 — classification through the server")
+    section.blocks.append(__doc__.split("\n\n")[1].replace("\n", " ") +
+                          " `ratio` is the server's req/s over the echo ceiling for the same payload and concurrency.")
+    for name in names:
+        section.blocks.append(_server_sweep(results, source, name, p, profile))
+        section.blocks.extend(_model_figures(results, name, p))
+    if results["paired"]:
+        _paired_table(report, results, p)
+    report.data["classification"] = {" / ".join(map(str, k)): v for part in ("echo", "server")
+                                     for k, v in results[part].items()} | {
+        "ceiling_s": {b: v["sweep"] for b, v in results["ceiling"].items()},
+        "paired": {" / ".join(map(str, k)): v for k, v in results["paired"].items()}}
+    _targets(report, results, p)
+    return results
+
+
+def _route(name: str, backend: str, batching: str) -> str:
+    """The served name of one variant: ``<model>-<backend>-b1`` (batching off) or ``-bN`` (on)."""
+    return f"{name}-{backend}-b{'1' if batching == 'off' else 'N'}"
+
+
+def _echo_sweep(report: Report, results: dict[str, Any], names: list[str], p: Plan) -> None:
+    """Scenario 2: every payload, protocol and concurrency against the echo app, into ``results["echo"]``."""
     echo_section = report.section("Scenario 2 — the HTTP ceiling (echo app, same stack)")
     echo_section.blocks.append(
         "A FastAPI route on the same uvicorn settings that reads the body and returns a fixed 10-class answer; "
@@ -82,75 +106,77 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str], *, pro
                     _row(echo_table, [name, protocol, c], cell)
     echo_section.blocks.append(echo_table)
 
-    section = report.section("Scenario 1 — classification through the server")
-    section.blocks.append(__doc__.split("\n\n")[1].replace("\n", " ") +
-                          " `ratio` is the server's req/s over the echo ceiling for the same payload and concurrency.")
-    for name in names:
-        variants = {f"{name}-{b}-b{'1' if k == 'off' else 'N'}": (name, {"backend": b, **v})
-                    for b in BACKENDS for k, v in BATCHING.items()}
-        repository = serving_repository(source, variants)
-        table = Table(["backend", "batching", "protocol", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms",
-                       "errors", "ratio to echo", "CPU % srv / gen"], title=MODELS[name].describe)
-        with ServerProcess("deepserve", repository=repository, device=p.device) as server:
+
+def _server_sweep(results: dict[str, Any], source: Path, name: str, p: Plan, profile: bool) -> Table:
+    """Scenario 1 for ``name``: one server with every variant, each (variant, protocol, concurrency) cell, then
+    with the server still up the in-process ceiling (ResNet-18), the paired rounds and the profile."""
+    variants = {_route(name, b, k): (name, {"backend": b, **v}) for b in BACKENDS for k, v in BATCHING.items()}
+    repository = serving_repository(source, variants)
+    table = Table(["backend", "batching", "protocol", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms",
+                   "errors", "ratio to echo", "CPU % srv / gen"], title=MODELS[name].describe)
+    with ServerProcess("deepserve", repository=repository, device=p.device) as server:
+        for backend in BACKENDS:
+            for batching in BATCHING:
+                for protocol, requests in payloads(name, _route(name, backend, batching)).items():
+                    for c in p.concurrency:
+                        cell = measure(server.port, requests, c, p, server_pid=server.pid)
+                        row = cell.row()
+                        echo_rps = results["echo"].get((name, protocol, c), {}).get("rps")
+                        row["ratio"] = row["rps"] / echo_rps if echo_rps else None
+                        results["server"][(name, backend, batching, protocol, c)] = row
+                        _row(table, [backend, batching, protocol, c], cell, [row["ratio"]])
+        if name == "resnet18":  # the in-process ceiling, measured with the server idle
             for backend in BACKENDS:
-                for batching in BATCHING:
-                    route = f"{name}-{backend}-b{'1' if batching == 'off' else 'N'}"
-                    for protocol, requests in payloads(name, route).items():
-                        for c in p.concurrency:
-                            cell = measure(server.port, requests, c, p, server_pid=server.pid)
-                            row = cell.row()
-                            echo_rps = results["echo"].get((name, protocol, c), {}).get("rps")
-                            row["ratio"] = row["rps"] / echo_rps if echo_rps else None
-                            results["server"][(name, backend, batching, protocol, c)] = row
-                            _row(table, [backend, batching, protocol, c], cell, [row["ratio"]])
-            if name == "resnet18":  # the in-process ceiling, measured with the server idle
-                for backend in BACKENDS:
-                    results["ceiling"][backend] = _ceiling(source, name, backend, p)
-            _paired_rounds(results, name, server, p)
-            if profile:
-                results["profile"] = results.get("profile", {})
-                worst = _profile_cell(name, p)
-                route = f"{name}-{BACKENDS[0]}-bN"
-                reqs = payloads(name, route)[worst[0]]
-                results["profile"][name] = profile_server(
-                    server.pid, max(2.0, p.cell_s), lambda: measure(server.port, reqs, worst[1], p, duration_s=max(2.0, p.cell_s)))
-        section.blocks.append(table)
-        c_max = max(p.concurrency)
-        section.blocks.append(Plot(
-            f"{name}-rps", f"{name}: req/s vs concurrency (v2 binary; echo = HTTP ceiling)",
-            {**{f"{b} batching {k}": (list(p.concurrency),
-                                      [results["server"][(name, b, k, "binary", c)]["rps"] for c in p.concurrency])
-                for b in BACKENDS for k in BATCHING},
-             "echo": (list(p.concurrency), [results["echo"][(name, "binary", c)]["rps"] for c in p.concurrency])},
-            "concurrency", "requests/s"))
-        section.blocks.append(Plot(
-            f"{name}-protocols", f"{name}: req/s at concurrency {c_max} by protocol ({BACKENDS[0]})",
-            {f"batching {k}": (list(PROTOCOLS), [results["server"][(name, BACKENDS[0], k, pr, c_max)]["rps"]
-                                                 for pr in PROTOCOLS]) for k in BATCHING}
-            | {"echo": (list(PROTOCOLS), [results["echo"][(name, pr, c_max)]["rps"] for pr in PROTOCOLS])},
-            "protocol", "requests/s", kind="bar"))
-        if name == "resnet18":
-            ceil = Table(["backend", *[f"batch {b}" for b in CEILING_BATCHES]],
-                         title="ResNet-18 in process (server's runtime, same threads, server idle): ms per call (rows/s)")
-            for backend, times in results["ceiling"].items():
-                ceil.add(backend, *[f"{s * 1000:.3g} ({b / s:,.0f}/s)" for b, s in times["sweep"].items()])
-            section.blocks.append(ceil)
-    if results["paired"]:
-        paired_section = report.section("Paired rounds — the ratios the targets are judged on")
-        paired_section.blocks.append(
-            f"Each line alternates its two measurements back to back ({p.paired_rounds} rounds, ABBA order) while "
-            "the server is up; the result is the median over rounds. Cells as in scenario 1 (same duration).")
-        table = Table(["measurement", "first", "second", "rounds (first / second)", "result"])
-        for entry in results["paired"].values():
-            table.add(entry["what"], entry["first"], entry["second"],
-                      "; ".join(f"{a:.4g} / {b:.4g}" for a, b in entry["pairs"]), entry["text"])
-        paired_section.blocks.append(table)
-    report.data["classification"] = {" / ".join(map(str, k)): v for part in ("echo", "server")
-                                     for k, v in results[part].items()} | {
-        "ceiling_s": {b: v["sweep"] for b, v in results["ceiling"].items()},
-        "paired": {" / ".join(map(str, k)): v for k, v in results["paired"].items()}}
-    _targets(report, results, p)
-    return results
+                results["ceiling"][backend] = _ceiling(source, name, backend, p)
+        _paired_rounds(results, name, server, p)
+        if profile:
+            results.setdefault("profile", {})[name] = _profile(server, name, p)
+    return table
+
+
+def _profile(server: ServerProcess, name: str, p: Plan) -> str:
+    """py-spy's view of the server while it serves the cell the targets hinge on."""
+    protocol, c = _profile_cell(name, p)
+    reqs = payloads(name, _route(name, BACKENDS[0], "on"))[protocol]
+    return profile_server(server.pid, max(2.0, p.cell_s),
+                          lambda: measure(server.port, reqs, c, p, duration_s=max(2.0, p.cell_s)))
+
+
+def _model_figures(results: dict[str, Any], name: str, p: Plan) -> list[Plot | Table]:
+    """The plots of ``name``'s sweep (req/s by concurrency, by protocol) and, for ResNet-18, the ceiling table."""
+    c_max = max(p.concurrency)
+    figures: list[Plot | Table] = [Plot(
+        f"{name}-rps", f"{name}: req/s vs concurrency (v2 binary; echo = HTTP ceiling)",
+        {**{f"{b} batching {k}": (list(p.concurrency),
+                                  [results["server"][(name, b, k, "binary", c)]["rps"] for c in p.concurrency])
+            for b in BACKENDS for k in BATCHING},
+         "echo": (list(p.concurrency), [results["echo"][(name, "binary", c)]["rps"] for c in p.concurrency])},
+        "concurrency", "requests/s"), Plot(
+        f"{name}-protocols", f"{name}: req/s at concurrency {c_max} by protocol ({BACKENDS[0]})",
+        {f"batching {k}": (list(PROTOCOLS), [results["server"][(name, BACKENDS[0], k, pr, c_max)]["rps"]
+                                             for pr in PROTOCOLS]) for k in BATCHING}
+        | {"echo": (list(PROTOCOLS), [results["echo"][(name, pr, c_max)]["rps"] for pr in PROTOCOLS])},
+        "protocol", "requests/s", kind="bar")]
+    if name == "resnet18":
+        ceil = Table(["backend", *[f"batch {b}" for b in CEILING_BATCHES]],
+                     title="ResNet-18 in process (server's runtime, same threads, server idle): ms per call (rows/s)")
+        for backend, times in results["ceiling"].items():
+            ceil.add(backend, *[f"{s * 1000:.3g} ({b / s:,.0f}/s)" for b, s in times["sweep"].items()])
+        figures.append(ceil)
+    return figures
+
+
+def _paired_table(report: Report, results: dict[str, Any], p: Plan) -> None:
+    """The section listing every paired-rounds measurement with its rounds and result."""
+    paired_section = report.section("Paired rounds — the ratios the targets are judged on")
+    paired_section.blocks.append(
+        f"Each line alternates its two measurements back to back ({p.paired_rounds} rounds, ABBA order) while "
+        "the server is up; the result is the median over rounds. Cells as in scenario 1 (same duration).")
+    table = Table(["measurement", "first", "second", "rounds (first / second)", "result"])
+    for entry in results["paired"].values():
+        table.add(entry["what"], entry["first"], entry["second"],
+                  "; ".join(f"{a:.4g} / {b:.4g}" for a, b in entry["pairs"]), entry["text"])
+    paired_section.blocks.append(table)
 
 
 def default_backend(device: str) -> str:

@@ -112,18 +112,7 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
         np.savez(tmp / REFERENCE_FILE, **ref)
         specs = {g.name: GraphSpec(tuple(g.inputs), tuple(g.outputs), files[g.name]) for g in tg.graphs.values()}
         checks = check_parity(task, tmp, specs, ref, ids, formats)
-        variants: dict[str, Any] = {}
-        if quantize and "onnx" in formats:
-            op_types, plan = int8_plan(model_type)
-            variants["onnx-int8"] = _add_variant("onnx-int8", partial(fmt.quantize_int8, op_types=op_types), task,
-                                                 tmp, specs, ref, payload, ids, plan)
-        elif quantize:
-            log("note: no int8 variant (it is derived from the ONNX graph, which was not requested)")
-        if fp16 and task == "char-lm":
-            log("note: no fp16 variant for recurrent char-LMs (ONNX Runtime's fp16 LSTM/GRU crash its CPU provider, "
-                "and a single-token RNN step gains little from fp16)")
-        elif fp16:
-            variants["onnx-fp16"] = _add_variant("onnx-fp16", fmt.convert_fp16, task, tmp, specs, ref, payload, ids)
+        variants = _reduced_precision(tmp, specs, ref, payload, ids, formats, quantize, fp16, log)
         sections = _write_task_files(task, tmp, data, tg)
         manifest = Manifest(
             name=name,
@@ -304,6 +293,27 @@ def _parity_section(checks: list[dict[str, Any]]) -> dict[str, Any]:
     diffs = [c["max_abs_diff"] for c in checks if c["max_abs_diff"] is not None]
     return {"tolerance": parity.TOLERANCE, "device": "cpu", "reference": REFERENCE_FILE,
             "max_abs_diff": max(diffs, default=0.0), "passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def _reduced_precision(tmp: Path, specs: dict[str, GraphSpec], ref: parity.Reference, payload: dict[str, Any],
+                       ids: dict[str, int], formats: Sequence[str], quantize: bool, fp16: bool,
+                       log: Callable[[str], Any]) -> dict[str, Any]:
+    """The int8 / fp16 variants asked for, written into ``tmp`` beside the fp32 files: their manifest records by
+    name. Both derive from the ONNX graph; the log says why one asked for is not made."""
+    task = payload["task"]
+    variants: dict[str, Any] = {}
+    if quantize and "onnx" in formats:
+        op_types, plan = int8_plan(payload["model"]["type"])
+        variants["onnx-int8"] = _add_variant("onnx-int8", partial(fmt.quantize_int8, op_types=op_types), task,
+                                             tmp, specs, ref, payload, ids, plan)
+    elif quantize:
+        log("note: no int8 variant (it is derived from the ONNX graph, which was not requested)")
+    if fp16 and task == "char-lm":
+        log("note: no fp16 variant for recurrent char-LMs (ONNX Runtime's fp16 LSTM/GRU crash its CPU provider, "
+            "and a single-token RNN step gains little from fp16)")
+    elif fp16:
+        variants["onnx-fp16"] = _add_variant("onnx-fp16", fmt.convert_fp16, task, tmp, specs, ref, payload, ids)
+    return variants
 
 
 def _add_variant(variant: str, convert: Callable[[Path, Path], dict[str, int] | None], task: str, tmp: Path,

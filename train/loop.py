@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,142 +140,189 @@ def run_training(
 ) -> TrainResult:
     """Train ``family`` (``classifier | charlm | seq2seq``) with ``config`` (its run-config dataclass, or a
     dict of it) and write the best model to ``out_path``; side files go to ``out_path`` without suffix."""
-    config_cls, task_cls = family_classes(family)
-    if isinstance(config, dict):
-        config = build_config(config_cls, config)
-    cfg: TrainConfig = config.train
-    out_path = Path(out_path)
-    out_dir = out_path.with_suffix("")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    seed_everything(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = select_device(cfg.device)
-    task: Task = task_cls(config, device, out_dir)
-    task.setup()
-    model = task.model.to(device)
-    optimizer = make_optimizer(model, cfg)
-
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else nullcontext
-
-    sign = 1.0 if task.monitor_mode == "max" else -1.0
-    state = {"step": 0, "epoch": 0, "best": -math.inf, "best_metrics": {}, "bad_evals": 0, "elapsed": 0.0,
-             "last_eval_step": -1}
-    best_weights = copy.deepcopy(model.state_dict())
-    logger = _Logger(out_dir, cfg.tensorboard)
+    run = _Run(family, config, Path(out_path), log)
     if resume:
-        _resume(out_path, model, optimizer, state, logger, log)
-        best_weights = copy.deepcopy(load_checkpoint(out_path)["state_dict"])
+        run.resume()
+    run.train()
+    return run.finish()
 
-    steps_per_epoch = task.steps_per_epoch()
-    total_steps = cfg.max_steps or (cfg.epochs * steps_per_epoch if steps_per_epoch else 0)
 
-    def checkpoint(metrics: dict[str, float], weights: dict[str, torch.Tensor]) -> None:
+@dataclass
+class _Counters:
+    """Where a run stands; saved as a dict in the checkpoint's ``train_state["state"]`` for resuming."""
+
+    step: int = 0
+    epoch: int = 0
+    best: float = -math.inf
+    """The best monitored score so far, signed so that higher is better."""
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0
+    """Evaluations in a row without a better score (early stopping's count)."""
+    elapsed: float = 0.0
+    last_eval_step: int = -1
+
+
+class _Run:
+    """One training run: the task, model, optimiser and precision set up once, then driven by
+    ``run_training`` through resume, the epochs and the final report."""
+
+    def __init__(self, family: str, config: Any, out_path: Path, log: Log) -> None:
+        config_cls, task_cls = family_classes(family)
+        if isinstance(config, dict):
+            config = build_config(config_cls, config)
+        self.family, self.config, self.out_path, self.log = family, config, out_path, log
+        self.cfg: TrainConfig = config.train
+        self.out_dir = out_path.with_suffix("")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        seed_everything(self.cfg.seed)  # before the task builds its model and data
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        device = select_device(self.cfg.device)
+        self.task: Task = task_cls(config, device, self.out_dir)
+        self.task.setup()
+        self.model = self.task.model.to(device)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+
+        use_amp = self.cfg.amp and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else nullcontext
+
+        self.sign = 1.0 if self.task.monitor_mode == "max" else -1.0
+        self.state = _Counters()
+        self.best_weights = copy.deepcopy(self.model.state_dict())
+        self.logger = _Logger(self.out_dir, self.cfg.tensorboard)
+
+    def resume(self) -> None:
+        _resume(self.out_path, self.model, self.optimizer, self.state, self.logger, self.log)
+        self.best_weights = copy.deepcopy(load_checkpoint(self.out_path)["state_dict"])
+
+    def train(self) -> None:
+        """Epochs until the epoch count, ``max_steps``, ``max_time_s`` or early stopping ends them; every epoch
+        ends with an evaluation unless its last step was just evaluated."""
+        steps_per_epoch = self.task.steps_per_epoch()
+        total_steps = self.cfg.max_steps or (self.cfg.epochs * steps_per_epoch if steps_per_epoch else 0)
+        start = time.monotonic() - self.state.elapsed
+        stop = False
+        self.model.train()
+        bar = _progress(self.cfg, total_steps or None, f"train {self.family}")
+        try:
+            while not stop and self.state.epoch < self.cfg.epochs:
+                stop = self._epoch(start, total_steps, bar)
+                self.state.epoch += 1
+                if self.state.last_eval_step != self.state.step:
+                    stop = self._evaluate() or stop
+        finally:
+            if bar is not None:
+                bar.close()
+        self.state.elapsed = time.monotonic() - start
+
+    def _epoch(self, start: float, total_steps: int, bar: Any) -> bool:
+        """One pass over the training batches; True when a limit or early stopping ends training."""
+        cfg, state = self.cfg, self.state
+        items_since, t_since = 0, time.monotonic()
+        for batch in self.task.train_batches(state.epoch):
+            elapsed = time.monotonic() - start
+            progress = max(state.step / total_steps if total_steps else 0.0,
+                           elapsed / cfg.max_time_s if cfg.max_time_s else 0.0)
+            lr = lr_at(cfg, state.step, progress)
+            loss, items = self._step(batch, lr)
+            items_since += items
+            if not math.isfinite(loss):
+                raise RuntimeError(f"training diverged at step {state.step} (loss {loss}); lower train.lr")
+            if state.step % 10 == 0:
+                self.logger.scalars(state.step, {"train_loss": loss, "lr": lr})
+            if bar is not None:
+                now = time.monotonic()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{items_since / max(now - t_since, 1e-9):.0f}")
+            out_of_time = bool(cfg.max_time_s) and time.monotonic() - start >= cfg.max_time_s
+            out_of_steps = bool(cfg.max_steps) and state.step >= cfg.max_steps
+            stop = False
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and not (out_of_time or out_of_steps):
+                stop = self._evaluate()
+            if stop or out_of_time or out_of_steps:
+                return True
+        return False
+
+    def _step(self, batch: Any, lr: float) -> tuple[float, int]:
+        """One optimiser step at ``lr``; returns the batch's loss and item count."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            loss, items = self.task.training_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.step += 1
+        return loss.item(), items
+
+    def _evaluate(self) -> bool:
+        """Evaluate, keep the best weights, return True when early stopping says stop."""
+        state, task = self.state, self.task
+        state.last_eval_step = state.step
+        self.model.eval()
+        metrics = task.evaluate()
+        self.model.train()
+        self.logger.scalars(state.step, metrics)
+        if task.monitor not in metrics:
+            raise RuntimeError(f"{type(task).__name__}.evaluate() did not report its monitor {task.monitor!r}")
+        summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        self.log(f"step {state.step} epoch {state.epoch} {summary}")
+        task.on_evaluate(metrics, self.log)
+        score = self.sign * metrics[task.monitor]
+        if score > state.best:
+            state.best, state.best_metrics, state.bad_evals = score, dict(metrics), 0
+            self.best_weights.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+            self._checkpoint(metrics)
+        else:
+            state.bad_evals += 1
+        return bool(self.cfg.patience) and state.bad_evals >= self.cfg.patience
+
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        """Write the best weights with ``metrics``, and what resuming needs (the latest weights, the
+        optimiser, the counters, the history)."""
+        task = self.task
         save_checkpoint(
-            out_path,
+            self.out_path,
             task=task.task,
             model_type=task.model_type,
             model_args=args_dict(task.model_args),
-            state_dict=weights,
-            config=to_dict(config),
+            state_dict=self.best_weights,
+            config=to_dict(self.config),
             data=task.checkpoint_data(),
             metrics=metrics,
             train_state={
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "state": dict(state),
-                "history": logger.history,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "state": asdict(self.state),
+                "history": self.logger.history,
             },
         )
 
-    def evaluate() -> bool:
-        """Evaluate, keep the best weights, return True when early stopping says stop."""
-        state["last_eval_step"] = state["step"]
-        model.eval()
-        metrics = task.evaluate()
-        model.train()
-        logger.scalars(state["step"], metrics)
-        if task.monitor not in metrics:
-            raise RuntimeError(f"{task_cls.__name__}.evaluate() did not report its monitor {task.monitor!r}")
-        summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        log(f"step {state['step']} epoch {state['epoch']} {summary}")
-        task.on_evaluate(metrics, log)
-        score = sign * metrics[task.monitor]
-        if score > state["best"]:
-            state.update(best=score, best_metrics=dict(metrics), bad_evals=0)
-            best_weights.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-            checkpoint(metrics, best_weights)
-        else:
-            state["bad_evals"] += 1
-        return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
-
-    start = time.monotonic() - state["elapsed"]
-    stop = False
-    model.train()
-    bar = _progress(cfg, total_steps or None, f"train {family}")
-    try:
-        while not stop and state["epoch"] < cfg.epochs:
-            items_since, t_since = 0, time.monotonic()
-            for batch in task.train_batches(state["epoch"]):
-                elapsed = time.monotonic() - start
-                progress = max(state["step"] / total_steps if total_steps else 0.0,
-                               elapsed / cfg.max_time_s if cfg.max_time_s else 0.0)
-                lr = lr_at(cfg, state["step"], progress)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast():
-                    loss, items = task.training_loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                state["step"] += 1
-                items_since += items
-                if not math.isfinite(loss.item()):
-                    raise RuntimeError(f"training diverged at step {state['step']} (loss {loss.item()}); lower train.lr")
-                if state["step"] % 10 == 0:
-                    logger.scalars(state["step"], {"train_loss": loss.item(), "lr": lr})
-                if bar is not None:
-                    now = time.monotonic()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", items_s=f"{items_since / max(now - t_since, 1e-9):.0f}")
-                out_of_time = bool(cfg.max_time_s) and time.monotonic() - start >= cfg.max_time_s
-                out_of_steps = bool(cfg.max_steps) and state["step"] >= cfg.max_steps
-                if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not (out_of_time or out_of_steps):
-                    stop = evaluate()
-                if stop or out_of_time or out_of_steps:
-                    stop = True
-                    break
-            state["epoch"] += 1
-            if state["last_eval_step"] != state["step"]:
-                stop = evaluate() or stop
-    finally:
-        if bar is not None:
-            bar.close()
-    state["elapsed"] = time.monotonic() - start
-
-    model.load_state_dict(best_weights)
-    model.eval()
-    report = task.final_report()
-    metrics = {**state["best_metrics"], **report, "train_time_s": state["elapsed"], "steps": float(state["step"])}
-    checkpoint(metrics, best_weights)
-    logger.scalars(state["step"], report)
-    logger.close()
-    if len(logger.history) > 1:
-        save_curves(logger.history, out_dir / "curves.png")
-    log("final " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return TrainResult(out_path, metrics, state["step"], state["elapsed"], logger.history)
+    def finish(self) -> TrainResult:
+        """Restore the best weights, add the task's final report, write the checkpoint and the curves."""
+        state, logger = self.state, self.logger
+        self.model.load_state_dict(self.best_weights)
+        self.model.eval()
+        report = self.task.final_report()
+        metrics = {**state.best_metrics, **report, "train_time_s": state.elapsed, "steps": float(state.step)}
+        self._checkpoint(metrics)
+        logger.scalars(state.step, report)
+        logger.close()
+        if len(logger.history) > 1:
+            save_curves(logger.history, self.out_dir / "curves.png")
+        self.log("final " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return TrainResult(self.out_path, metrics, state.step, state.elapsed, logger.history)
 
 
 def _resume(out_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            state: dict[str, Any], logger: _Logger, log: Log) -> None:
+            state: _Counters, logger: _Logger, log: Log) -> None:
     payload = load_checkpoint(out_path)
     saved = payload.get("train_state")
     if not saved:
@@ -285,6 +332,7 @@ def _resume(out_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {out_path} does not match this model config: {e}") from None
     optimizer.load_state_dict(saved["optimizer"])
-    state.update(saved["state"])
+    for name, value in saved["state"].items():
+        setattr(state, name, value)
     logger.history.extend(saved.get("history", []))
-    log(f"resumed from {out_path} at step {state['step']} (epoch {state['epoch']})")
+    log(f"resumed from {out_path} at step {state.step} (epoch {state.epoch})")
