@@ -102,6 +102,8 @@ class TorchScriptRuntime(GraphRuntime):
             # load: a loaded module keeps the executor it was given.
             torch._C._jit_set_profiling_executor(False)
         self.module = torchscript_module(choice.file, device, threads=threads)
+        if device == "cpu":
+            self.module = _cpu_fast_path(torch, self.module)
         self.threads = threads
         """Intra-op threads each call runs on (CPU; None: whatever torch has)."""
         self.torch = torch
@@ -152,6 +154,18 @@ class TorchScriptRuntime(GraphRuntime):
             flat = self.call(*[self._to_device(n, inputs[n]) for n in self.input_names])
             # .cpu() waits for the device once per output; the copies are queued back to back.
             return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
+
+
+def _cpu_fast_path(torch: Any, module: Any) -> Any:
+    """``module`` on torch's Static Runtime, its frozen linear weights pre-transposed (seq2seq decode step, one
+    thread, engine: 0.53-0.59 -> 0.63-0.70 of ONNX Runtime's tokens/s). The JIT interpreter dispatches each op
+    afresh and allocates every output; Static Runtime plans memory once and reuses it between calls. Both are
+    private torch APIs: without them (or for a graph they refuse) the module runs as loaded."""
+    try:
+        torch._C._jit_pass_transpose_frozen_linear(module.graph)
+        return torch._C._jit_to_static_module(module._c)
+    except (AttributeError, RuntimeError):
+        return module
 
 
 def open_runtime(
