@@ -18,7 +18,6 @@ The char-LM runner lives here, the seq2seq one in ``seq2seq_step``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +27,13 @@ from deepserve.manifest import CharLMGraphContract, GraphSpec, Manifest, StepGra
 from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
+NARROW_ROWS = 64
+"""Steps of fewer rows run on one thread (LSTM, 256 hidden, 2 cores: as fast as on two up to 64 rows), leaving
+the other core to the scheduler's Python and the event loop; prompts' longer calls use every thread."""
+MAX_CHUNK = 32
+"""Positions of one budgeted prefill call: a few rows' call costs about as much per position as a full batch's
+(LSTM, 256 hidden, 2 cores: 15 us per position at 1 row, 75 us at 32), so a token budget alone would let a lone
+long prompt stall the batch for milliseconds."""
 
 
 class Graph:
@@ -112,6 +118,30 @@ class StepModel(ABC):
     def platform(self) -> str:
         return "custom"
 
+    # ---- prompts staged for prefill: the scheduler spends a budget of prompt tokens on them per iteration -----
+
+    staged: tuple[list[int], ...] = ()
+    """Prompts staged (``stage``) and not joined or dropped yet, in order."""
+
+    def stage(self, prompts: list[list[int]]) -> None:
+        self.staged = (*self.staged, *prompts)
+
+    def prefill(self, budget: int) -> list[int]:
+        """Spend about ``budget`` prompt tokens on the staged prompts; return the positions (in ``staged``) of
+        those ready to join. This default leaves the work to ``join``: every staged prompt is ready at once."""
+        return list(range(len(self.staged)))
+
+    def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
+        """``join`` the staged prompts at positions ``ready`` (``copies[i]`` rows for ``ready[i]``)."""
+        return self.join(self.unstage(ready), copies)
+
+    def unstage(self, positions: list[int]) -> list[list[int]]:
+        """Take the staged prompts at ``positions`` off the stage (returned in that order)."""
+        taken = [self.staged[i] for i in positions]
+        gone = set(positions)
+        self.staged = tuple(p for i, p in enumerate(self.staged) if i not in gone)
+        return taken
+
 
 def is_identity(index: np.ndarray, rows: int) -> bool:
     """Whether keeping rows ``index`` changes nothing (all rows, in their order)."""
@@ -126,16 +156,23 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 class CharLMStepModel(StepModel):
     """Char-LSTM / GRU graph: tokens (B,T), h (and c) (L,B,H) -> logits, h_out (, c_out). The ``prefill`` graph
     (logits (B,V) of the last position) serves prompts and single steps alike, one session; artifacts exported
-    before it have the ``step`` graph (logits (B,T,V)), ``last_only=False``."""
+    before it have the ``step`` graph (logits (B,T,V)), ``last_only=False``.
+
+    Staged prompts are prefilled in chunks (all but their last token, which the first step feeds): the rows of
+    one call advance by the same number of positions. An RNN has no mask and no notion of position, so prompts
+    staged at different times share a call as long as each has that many tokens left."""
 
     def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
-                 last_only: bool = False) -> None:
+                 last_only: bool = False, narrow: Graph | None = None) -> None:
         self.graph, self.last_only = graph, last_only
+        self.narrow = narrow  # the graph on one thread, for steps below NARROW_ROWS
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
         self.vocab_size = vocab_size
         self.eos_id = None
         self.rows = 0
         self.state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,B,H)
+        self.staged_state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,S,H), one per staged
+        self.fed: list[int] = []  # prompt tokens each staged prompt has consumed
 
     @property
     def platform(self) -> str:
@@ -144,30 +181,56 @@ class CharLMStepModel(StepModel):
     def _zeros(self, batch: int) -> Array:
         return self.graph.asarray(np.zeros((self.num_layers, batch, self.hidden_size), np.float32))
 
-    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+    def stage(self, prompts: list[list[int]]) -> None:
+        super().stage(prompts)
+        self.fed += [0] * len(prompts)
+        self.staged_state = [self.graph.cat([s, self._zeros(len(prompts))], 1) for s in self.staged_state]
+
+    def prefill(self, budget: int) -> list[int]:
+        """One call of at most ``budget`` tokens (rows x positions) and ``MAX_CHUNK`` positions."""
+        todo = [i for i, p in enumerate(self.staged) if self.fed[i] < len(p) - 1][:budget]
+        if todo:
+            self._advance(todo, min(MAX_CHUNK, budget // len(todo)))
+        return [i for i, p in enumerate(self.staged) if self.fed[i] >= len(p) - 1]
+
+    def _advance(self, todo: list[int], positions: int) -> None:
+        """Feed the staged prompts ``todo`` (each with tokens left) their next ``positions`` tokens or fewer."""
         g = self.graph
-        new_state = [self._zeros(len(prompts)) for _ in range(self.n_state)]  # (L,N,H)
-        # prefill all but the last prompt token, one graph call per distinct length (no padding: an RNN
-        # has no mask, so rows of different lengths cannot share a call)
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(prompts):
-            if len(p) > 1:
-                by_length[len(p) - 1].append(i)
-        for length, members in by_length.items():
-            idx = np.asarray(members, np.int64)
-            tokens = g.asarray(np.asarray([prompts[i][:-1] for i in members], np.int64))  # (n,T)
-            state = [g.take(s, idx, 1) for s in new_state]
-            out = g(tokens, *state)
-            for k in range(self.n_state):
-                new_state[k][:, idx if g.torch_device is None else g.asarray(idx)] = out[1 + k]
-        rep = expand_copies(copies)
-        new_state = [g.take(s, rep, 1) for s in new_state]
-        self.state = [g.cat([old, new], 1) for old, new in zip(self.state, new_state)]
+        n = min([positions, *(len(self.staged[i]) - 1 - self.fed[i] for i in todo)])
+        tokens = np.asarray([self.staged[i][self.fed[i]: self.fed[i] + n] for i in todo], np.int64)  # (R,n)
+        idx = np.asarray(todo, np.int64)
+        out = g(g.asarray(tokens), *(g.take(s, idx, 1) for s in self.staged_state))
+        for s, new in zip(self.staged_state, out[1:]):
+            s[:, idx if g.torch_device is None else g.asarray(idx)] = new
+        for i in todo:
+            self.fed[i] += n
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        """``prompts`` staged, prefilled without a budget (one call per distinct length) and joined."""
+        mine = list(range(len(self.staged), len(self.staged) + len(prompts)))
+        self.stage(prompts)
+        while todo := [i for i in mine if self.fed[i] < len(self.staged[i]) - 1]:
+            self._advance(todo, max(len(p) for p in prompts))
+        return self.join_staged(mine, copies)
+
+    def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
+        g = self.graph
+        rep = np.asarray(ready, np.int64)[expand_copies(copies)]
+        self.state = [g.cat([old, g.take(s, rep, 1)], 1) for old, s in zip(self.state, self.staged_state)]
         self.rows += len(rep)
-        return np.asarray([prompts[i][-1] for i in rep], np.int64)
+        last = [self.staged[i][-1] for i in rep]
+        self.unstage(ready)
+        return np.asarray(last, np.int64)
+
+    def unstage(self, positions: list[int]) -> list[list[int]]:
+        gone = set(positions)
+        keep = [i for i in range(len(self.staged)) if i not in gone]
+        self.staged_state = [self.graph.take(s, np.asarray(keep, np.int64), 1) for s in self.staged_state]
+        self.fed = [self.fed[i] for i in keep]
+        return super().unstage(positions)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        g = self.graph
+        g = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else self.graph
         out = g(g.asarray(tokens.reshape(-1, 1)), *self.state)
         self.state = out[1:]
         logits = g.numpy(out[0])
@@ -187,7 +250,9 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
     if manifest.task == "char-lm":
         lm = CharLMGraphContract.of(manifest)
         graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, **kw)
-        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill)
+        narrow = graph.runtime.narrow()
+        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill,
+                               narrow=Graph.of(narrow) if narrow is not None else None)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
