@@ -36,6 +36,9 @@ class StepPlan:
     """Row requests that return logprobs."""
     visited: list[Job] = field(default_factory=list)
     """Requests looked at every step (all but the plain ones, see ``Job.plain``)."""
+    streamed: list[tuple[Job, int]] = field(default_factory=list)
+    """Rows of streaming plain requests: (request, output index), and the rows themselves."""
+    stream_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def of(cls, running: list[Job], rows: int) -> StepPlan:
@@ -55,7 +58,10 @@ class StepPlan:
             top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
             processed=[j for j in row_jobs if j.processors],
             with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
-            visited=[j for j in running if not j.plain])
+            visited=[j for j in running if not j.plain],
+            streamed=[(j, s.index) for j in running if j.plain and j.stream for s in j.live],
+            stream_rows=np.asarray([r for j in running if j.plain and j.stream for r in range(j.start, j.start + j.rows)],
+                                   np.int64))
 
     def process(self, logits: np.ndarray) -> dict[int, np.ndarray]:
         """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
@@ -71,6 +77,8 @@ class StepPlan:
     def select(self, logits: np.ndarray) -> np.ndarray:
         """Every greedy row in one argmax, every sampled row in one vectorised draw (beams: ``select_beams``
         and the scheduler's ``_beam_step``, which move rows)."""
+        if isinstance(self.greedy, slice):  # every row greedy: one argmax, no scatter
+            return greedy_tokens(logits)
         chosen = np.empty(len(logits), np.int64)
         if self.any_greedy:
             chosen[self.greedy] = greedy_tokens(logits[self.greedy])

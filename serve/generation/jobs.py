@@ -14,7 +14,7 @@ import numpy as np
 
 from deepserve.serve.generation.params import GenerationParams, Processor
 from deepserve.serve.generation.strategies import BeamSearch, Sampling, _tops
-from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
+from deepserve.serve.generation.tokenizers import CharTokenizer, Tokenizer, stable_text
 
 _ids = itertools.count()
 
@@ -136,9 +136,11 @@ class Job:
         self.stops = params.stop
         self.track_text = stream or bool(self.stops)
         self.is_beam = isinstance(strategy, BeamSearch)
-        self.plain = not self.is_beam and not self.track_text and params.logprobs is None and not processors
-        """Row strategy with nothing to do per token but keep it: while this holds, the scheduler keeps the
-        request's tokens in its ``TokenLog`` and touches the request only when it ends (length or EOS)."""
+        self.plain = not self.is_beam and not self.stops and params.logprobs is None and not processors and \
+            (not stream or isinstance(tokenizer, CharTokenizer))
+        """Row strategy with nothing to do per token but keep it (and stream its text, one character-level piece
+        per token): while this holds, the scheduler keeps the request's tokens in its ``TokenLog``, streams the
+        pieces for all such rows at once and touches the request only when it ends (length or EOS)."""
         self.col0 = 0
         """Plain requests: the ``TokenLog`` column of the first generated token."""
         self.reserve = params.rows
@@ -199,6 +201,9 @@ class Job:
         """A plain request leaving the scheduler's token log: its rows' tokens of the columns before ``col``."""
         for r, seq in enumerate(self.live):
             seq.tokens.extend(log.tokens(self.start + r, self.col0, col))
+            if self.stream:  # the pieces streamed from the log so far are its text, all sent
+                seq.text = self.tokenizer.decode(seq.tokens)
+                seq.emitted = len(seq.text)
         self.generated = col - self.col0
 
     # ---- text ----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Scheduler:
         self.model = model
         self.tokenizer = tokenizer
         self.char_level = isinstance(tokenizer, CharTokenizer)
+        self.pieces = np.asarray(tokenizer.pieces if self.char_level else [], object)  # token id -> its text
         self.max_running_rows = max_running_rows
         self.max_waiting = max_waiting
         self.waiting: deque[Job] = deque()
@@ -249,6 +250,8 @@ class Scheduler:
         self.fresh = []
         self.log.write(chosen, lambda: min((j.col0 for j in self.running if j.plain), default=self.log.col))
         visit = self._to_visit(plan, chosen)
+        if plan.streamed:
+            self._stream_plain(plan, chosen, () if visit is plan.visited else set(visit), outbox)
         widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them
         plan.select_beams(logits)
         moves = RowMoves(len(chosen))
@@ -274,6 +277,13 @@ class Scheduler:
                 self._leave_log(j)
         ending = [j for j in ending if j.plain]
         return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
+
+    def _stream_plain(self, plan: StepPlan, chosen: np.ndarray, skip: set | tuple, outbox: list) -> None:
+        """Streaming plain rows: this step's piece of text as a delta each (requests in ``skip`` end or leave the log
+        this step and send theirs on the general path)."""
+        pieces = self.pieces[chosen[plan.stream_rows]].tolist()
+        outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
+                      if t and j not in skip)
 
     def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
                 raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
@@ -333,6 +343,9 @@ class Scheduler:
         for seq in j.live:
             seq.finish_reason = "length"
             self.metrics.finished("length")
+            if j.stream:  # this step's piece, with the reason
+                outbox.append((j, Event(EventKind.DELTA, index=seq.index, text=str(self.pieces[seq.tokens[-1]]),
+                                        extra={"finish_reason": "length"})))
         j.row_seqs, j.live = j.live, []
         self._finish(j, outbox)
 
