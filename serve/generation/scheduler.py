@@ -1,13 +1,9 @@
-"""Continuous batching: one loop per model instance, on its own thread.
-
-Each iteration: admit waiting requests that fit (their prompts are staged in the model, which prefills them within
-``prefill_budget`` tokens per iteration, so a joining prompt delays running rows by a bounded chunk; seq2seq: one
-batched encoder call), let the prompts that are done join, run one model step over every running row, choose the next tokens (``batch.StepPlan``), update the
-requests, then drop the rows of finished, cancelled or expired requests and follow beam back-pointers with a
-single state gather. Plain requests (``Job.plain``) cost nothing per row and step: their tokens go into one
-``TokenLog`` column per step, and the loop visits them only when a row picks EOS or they reach max_new_tokens.
-Events reach the asyncio side through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a
-``threading.Event`` when idle: no polling.
+"""Continuous batching: one loop per model instance, on its own thread. Each iteration: stage the waiting requests
+that fit, prefill staged prompts within ``prefill_budget`` tokens (a joining prompt delays running rows by a bounded
+chunk) and let those done join, run one step over every running row, choose tokens (``batch.StepPlan``), update the
+requests, drop finished rows and follow beam back-pointers with one state gather. Plain requests (``Job.plain``)
+cost nothing per row: their tokens go into one ``TokenLog`` column per step. Events reach the asyncio side through
+one ``call_soon_threadsafe`` per loop and hand-over. The thread sleeps on a ``threading.Event`` when idle.
 """
 from __future__ import annotations
 
@@ -30,9 +26,7 @@ from deepserve.serve.generation.strategies import BeamSearch, log_softmax
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
-PREFILL_TOKENS = 256
-"""Prompt tokens prefilled per iteration at most (chunked prefill, as vLLM's ``max_num_batched_tokens``): joining
-prompts cost running rows at most a few steps' wait per iteration (char-LM, 32 rows x 8 positions: ~0.8 ms)."""
+PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~0.8 ms
 
 
 class Scheduler:
@@ -73,9 +67,8 @@ class Scheduler:
         self.thread.start()
 
     def admit(self, rows: int, max_new_tokens: int, deadline: float) -> None:
-        """Refuse at once (``ShuttingDown``, or ``Overloaded``: 429 with Retry-After) a request of ``rows`` rows and
-        up to ``max_new_tokens`` steps that could not start soon or finish by ``deadline``; called before the
-        request is tokenized, so that a refusal costs little."""
+        """Refuse at once (``ShuttingDown``, ``Overloaded``) a request that could not start soon or finish by
+        ``deadline``; called before it is tokenized, so that a refusal costs little."""
         with self.lock:
             if self.closing:
                 raise ShuttingDown()
@@ -168,9 +161,8 @@ class Scheduler:
         self.rows_changed.notify_all()
 
     def _expire(self, outbox: list) -> None:
-        """Remove cancelled and expired requests before the step (their rows are freed right away). Only looks
-        at the requests when one was cancelled or the earliest deadline has passed (then that bound is renewed:
-        one stale from a request that already left costs one more look)."""
+        """Remove cancelled and expired requests before the step; looks only when one was cancelled or the earliest
+        deadline passed (then renewed: a stale one from a request that left costs one more look)."""
         now = time.monotonic()
         if not self.cancels and now <= self.next_deadline:  # nothing to look for: no scan of every request
             return
@@ -224,15 +216,13 @@ class Scheduler:
         self.prefilling = [j for j in self.prefilling if j not in joining]
         start = len(self.tokens)
         for j in joining:
-            j.start = start
-            start += j.rows
-        self.running.extend(joining)
-        self.tokens = np.concatenate([self.tokens, first])
-        self.log.add_rows(len(first))
-        for j in joining:
+            j.start, start = start, start + j.rows
             if j.plain:
                 j.col0 = self.log.col
                 self.due.setdefault(j.col0 + max(1, j.max_new_tokens) - 1, []).append(j)
+        self.running.extend(joining)
+        self.tokens = np.concatenate([self.tokens, first])
+        self.log.add_rows(len(first))
         self.fresh.extend(joining)
         self._plan = None
         self.metrics.running.set(self.model.rows)
@@ -349,8 +339,7 @@ class Scheduler:
         j.row_seqs, j.live = j.live, []
         self._finish(j, outbox)
 
-    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None,
-                  outbox: list) -> None:
+    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, outbox: list) -> None:
         outbox.extend((j, event) for event in j.advance(chosen, raw_lp, eos, self.char_level))
         for seq in j.row_seqs:
             if seq.finish_reason:

@@ -1,19 +1,9 @@
-"""Step runners: the batched model state of a continuous batch and one decoding step over it.
-
-A ``StepModel`` owns the recurrent / key-value state of every running row, in batch order. The scheduler
-drives it with four calls:
-
-- ``join(prompts, copies)``: append rows for new requests (char-LM: prefill all prompt tokens but the last;
-  seq2seq: one batched encoder call). Returns the first input token of each new row.
-- ``step(tokens)``: feed one token per row, return next-token logits ``[B, V]`` (float32 numpy).
-- ``reorder(index, regroup)``: keep rows ``index`` in that order (finished rows leave, beams follow their
-  back-pointers). ``regroup=False`` promises that rows only moved within a request, whose rows share one
-  source, so the seq2seq cross-attention state is left alone.
-
-Graphs are opened by ``serve/runtime.py``: ONNX Runtime fed numpy arrays (the state stays numpy), or TorchScript
-(the state stays torch tensors on the module's device). ``Graph`` adds the array ops that hide the difference.
-The char-LM runner lives here, the seq2seq one in ``seq2seq_step``.
-"""
+"""Step runners: a ``StepModel`` owns the recurrent / key-value state of every running row, in batch order. The
+scheduler stages prompts (``stage``, ``prefill`` within a token budget, ``join_staged``: char-LM prefills all prompt
+tokens but the last, seq2seq runs one batched encoder call), runs ``step(tokens) -> logits [B, V]`` and
+``reorder(index, regroup)`` (finished rows leave, beams follow back-pointers; ``regroup=False``: rows moved only
+within a request, so the seq2seq cross-attention state stays). ``Graph`` hides whether a graph runs on ONNX Runtime
+(numpy state) or TorchScript (torch state on its device). The seq2seq runner lives in ``seq2seq_step``."""
 
 from __future__ import annotations
 
@@ -27,13 +17,10 @@ from deepserve.manifest import CharLMGraphContract, GraphSpec, Manifest, StepGra
 from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
-NARROW_ROWS = 64
-"""Steps of fewer rows run on one thread (LSTM, 256 hidden, 2 cores: as fast as on two up to 64 rows), leaving
-the other core to the scheduler's Python and the event loop; prompts' longer calls use every thread."""
+NARROW_ROWS = 64  # steps below it run on one thread (as fast as two here), leaving a core to Python
 MAX_CHUNK = 32
-"""Positions of one budgeted prefill call: a few rows' call costs about as much per position as a full batch's
-(LSTM, 256 hidden, 2 cores: 15 us per position at 1 row, 75 us at 32), so a token budget alone would let a lone
-long prompt stall the batch for milliseconds."""
+"""Positions per budgeted prefill call: one row's position costs a fifth of 32 rows' (15 vs 75 us), so a token
+budget alone would let a lone long prompt stall the batch for milliseconds."""
 
 
 class Graph:
@@ -45,8 +32,7 @@ class Graph:
                  input_names: list[str] | None = None) -> None:
         self._fn, self.runtime = fn, runtime  # the runtime behind fn (None for a plain function)
         self.output_names = output_names
-        self.input_names = input_names or []
-        """The manifest's input names, in call order."""
+        self.input_names = input_names or []  # The manifest's input names, in call order.
         self.torch_device, self.platform = torch_device, platform
         if torch_device is not None:
             import torch
@@ -118,17 +104,14 @@ class StepModel(ABC):
     def platform(self) -> str:
         return "custom"
 
-    # ---- prompts staged for prefill: the scheduler spends a budget of prompt tokens on them per iteration -----
-
-    staged: tuple[list[int], ...] = ()
-    """Prompts staged (``stage``) and not joined or dropped yet, in order."""
+    staged: tuple[list[int], ...] = ()  # prompts staged, not joined or dropped yet, in order
 
     def stage(self, prompts: list[list[int]]) -> None:
         self.staged = (*self.staged, *prompts)
 
     def prefill(self, budget: int) -> list[int]:
-        """Spend about ``budget`` prompt tokens on the staged prompts; return the positions (in ``staged``) of
-        those ready to join. This default leaves the work to ``join``: every staged prompt is ready at once."""
+        """Spend about ``budget`` prompt tokens on the staged prompts; return the positions of those ready to
+        join. This default leaves the work to ``join``: every staged prompt is ready at once."""
         return list(range(len(self.staged)))
 
     def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
@@ -137,8 +120,7 @@ class StepModel(ABC):
 
     def unstage(self, positions: list[int]) -> list[list[int]]:
         """Take the staged prompts at ``positions`` off the stage (returned in that order)."""
-        taken = [self.staged[i] for i in positions]
-        gone = set(positions)
+        taken, gone = [self.staged[i] for i in positions], set(positions)
         self.staged = tuple(p for i, p in enumerate(self.staged) if i not in gone)
         return taken
 
@@ -155,21 +137,15 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 
 class CharLMStepModel(StepModel):
     """Char-LSTM / GRU graph: tokens (B,T), h (and c) (L,B,H) -> logits, h_out (, c_out). The ``prefill`` graph
-    (logits (B,V) of the last position) serves prompts and single steps alike, one session; artifacts exported
-    before it have the ``step`` graph (logits (B,T,V)), ``last_only=False``.
-
-    Staged prompts are prefilled in chunks (all but their last token, which the first step feeds): the rows of
-    one call advance by the same number of positions. An RNN has no mask and no notion of position, so prompts
-    staged at different times share a call as long as each has that many tokens left."""
+    (logits (B,V) of the last position) serves prompts and steps alike; older artifacts have ``step`` (logits
+    (B,T,V)). Staged prompts are prefilled in chunks, all rows of a call by the same number of positions: an RNN
+    has no mask nor position, so prompts staged at different times share calls."""
 
     def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
                  last_only: bool = False, narrow: Graph | None = None) -> None:
-        self.graph, self.last_only = graph, last_only
-        self.narrow = narrow  # the graph on one thread, for steps below NARROW_ROWS
+        self.graph, self.last_only, self.narrow = graph, last_only, narrow  # narrow: on one thread
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
-        self.vocab_size = vocab_size
-        self.eos_id = None
-        self.rows = 0
+        self.vocab_size, self.eos_id, self.rows = vocab_size, None, 0
         self.state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,B,H)
         self.staged_state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,S,H), one per staged
         self.fed: list[int] = []  # prompt tokens each staged prompt has consumed
@@ -188,8 +164,7 @@ class CharLMStepModel(StepModel):
 
     def prefill(self, budget: int) -> list[int]:
         """One call of at most ``budget`` tokens (rows x positions) and ``MAX_CHUNK`` positions."""
-        todo = [i for i, p in enumerate(self.staged) if self.fed[i] < len(p) - 1][:budget]
-        if todo:
+        if todo := [i for i, p in enumerate(self.staged) if self.fed[i] < len(p) - 1][:budget]:
             self._advance(todo, min(MAX_CHUNK, budget // len(todo)))
         return [i for i, p in enumerate(self.staged) if self.fed[i] >= len(p) - 1]
 
@@ -218,9 +193,8 @@ class CharLMStepModel(StepModel):
         rep = np.asarray(ready, np.int64)[expand_copies(copies)]
         self.state = [g.cat([old, g.take(s, rep, 1)], 1) for old, s in zip(self.state, self.staged_state)]
         self.rows += len(rep)
-        last = [self.staged[i][-1] for i in rep]
-        self.unstage(ready)
-        return np.asarray(last, np.int64)
+        prompts = self.unstage(ready)
+        return np.asarray([prompts[i][-1] for i in expand_copies(copies)], np.int64)
 
     def unstage(self, positions: list[int]) -> list[list[int]]:
         gone = set(positions)
