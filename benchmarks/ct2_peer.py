@@ -139,46 +139,22 @@ GRID = [(beams, batch, precision) for precision in ("fp32", "int8") for beams in
 CTranslate2's int8 compute type)."""
 
 
-def run_scenario(report: Any, repository: Path, checkpoints: Path, p: Any) -> dict[str, Any]:
-    """Both engines over ``GRID``, 32-token sources and exactly ``p.gen_tokens * 2`` (64 in the full plan) target
-    tokens, each cell measured back to back (ABBA over ``p.paired_rounds`` rounds); ratio = ours / CTranslate2."""
-    import asyncio
-
-    from benchmarks.common import paired, paired_ratio
-    from benchmarks import generation
-    from benchmarks.generation import _cut, _engine_run, set_tokenizer
-    from benchmarks.models import corpus_lines, manifest
+def run_scenario(report: Any, repository: Path, checkpoints: Path, p: Any,
+                 cells: list[tuple[int, int, str]] | None = None) -> dict[str, Any]:
+    """Both engines over ``cells`` (default ``GRID``), 32-token sources and exactly ``p.gen_tokens * 2`` (64 in the
+    full plan) target tokens, each cell measured back to back (ABBA over ``p.paired_rounds`` rounds); ratio = ours /
+    CTranslate2."""
+    from benchmarks.common import paired_ratio
     from benchmarks.results import Table
 
     section = report.section("Scenario 3d — seq2seq engine vs CTranslate2 (in process)")
-    new_tokens, directory = 2 * p.gen_tokens, repository / "seq2seq" / "1"
-    set_tokenizer(directory / manifest(repository, "seq2seq").tokenizer["file"])
-    texts = [_cut(t, 32) for t in corpus_lines(32)]
-    sources = [generation._SPM.encode(t) for t in texts]
-    models = {q: convert(checkpoints / "seq2seq.pt", checkpoints / f"ct2-{q}", q) for q in ("float32", "int8")}
+    new_tokens = 2 * p.gen_tokens
+    setup = _setup(repository, checkpoints)
     table = Table(["beams", "batch", "precision", "deepserve tokens/s", "CTranslate2 tokens/s (best threads)",
                    "ratio (median of rounds)", "every round", "TorchScript tokens/s", "TorchScript / ORT"])
     results = {}
-    for beams, batch, precision in GRID:
-        waves = max(1, 16 // batch)  # about as many tokens per measurement in every cell
-        torchscript: list[float] = []  # fp32: the TorchScript backend right after ONNX Runtime, every round
-
-        def engine(backend: str) -> float:
-            run = asyncio.run(_engine_run(directory, batch, 32, new_tokens, "cpu", backend, precision, waves, beams))
-            return run["tokens_per_s"]
-
-        def ours() -> float:
-            rate = engine("onnx")
-            if precision == "fp32":
-                torchscript.append(engine("torchscript"))
-            return rate
-
-        def theirs() -> float:
-            q = "float32" if precision == "fp32" else "int8"
-            return max(run_cell(models[q], sources[:batch], beams, new_tokens, q, threads, rounds=waves)
-                       ["tokens_per_s"] for threads in (1, 2))
-
-        pairs = paired(ours, theirs, p.paired_rounds)
+    for beams, batch, precision in cells or GRID:
+        pairs, torchscript = measure_cell(setup, beams, batch, precision, new_tokens, p.paired_rounds)
         ratio = paired_ratio(pairs)
         ts_ratio = paired_ratio(list(zip(torchscript, (a for a, _ in pairs)))) if torchscript else None
         results[f"beam{beams}-b{batch}-{precision}"] = {"pairs": pairs, "ratio": ratio,
@@ -191,12 +167,56 @@ def run_scenario(report: Any, repository: Path, checkpoints: Path, p: Any) -> di
                           f"{new_tokens} target tokens per sequence, one batch of all requests; deepserve is the "
                           "in-process engine on ONNX Runtime with its default threads (one intra-op thread below 64 "
                           "rows, both cores above), CTranslate2 the better of 1 and 2 intra-op threads. fp32 cells "
-                          "also run the TorchScript backend right after ONNX Runtime in every round. Each cell alternates the engines over the rounds; the ratio is "
-                          "the median of the per-round ratios (this shared VM drifts between minutes).")
+                          "also run the TorchScript backend right after ONNX Runtime in every round. Each cell "
+                          "alternates the engines over the rounds; the ratio is the median of the per-round ratios "
+                          "(this shared VM drifts between minutes).")
     section.blocks.append(table)
     _targets(report, results)
     report.data["ctranslate2"] = results
     return results
+
+
+def _setup(repository: Path, checkpoints: Path) -> dict[str, Any]:
+    """The artifact, the sources (token ids) and both CTranslate2 models of the benchmark checkpoint."""
+    from benchmarks import generation
+    from benchmarks.generation import _cut, set_tokenizer
+    from benchmarks.models import corpus_lines, manifest
+
+    directory = repository / "seq2seq" / "1"
+    set_tokenizer(directory / manifest(repository, "seq2seq").tokenizer["file"])
+    sources = [generation._SPM.encode(_cut(t, 32)) for t in corpus_lines(32)]
+    models = {q: convert(checkpoints / "seq2seq.pt", checkpoints / f"ct2-{q}", q) for q in ("float32", "int8")}
+    return {"directory": directory, "sources": sources, "models": models}
+
+
+def measure_cell(setup: dict[str, Any], beams: int, batch: int, precision: str, new_tokens: int,
+                 rounds: int) -> tuple[list[tuple[float, float]], list[float]]:
+    """(ours, CTranslate2) tokens/s per round, ABBA; for fp32 also TorchScript's, right after ours each round."""
+    import asyncio
+
+    from benchmarks.common import paired
+    from benchmarks.generation import _engine_run
+
+    waves = max(1, 16 // batch)  # about as many tokens per measurement in every cell
+    torchscript: list[float] = []
+    q = "float32" if precision == "fp32" else "int8"
+
+    def engine(backend: str) -> float:
+        run = asyncio.run(_engine_run(setup["directory"], batch, 32, new_tokens, "cpu", backend, precision, waves,
+                                      beams))
+        return run["tokens_per_s"]
+
+    def ours() -> float:
+        rate = engine("onnx")
+        if precision == "fp32":
+            torchscript.append(engine("torchscript"))
+        return rate
+
+    def theirs() -> float:
+        return max(run_cell(setup["models"][q], setup["sources"][:batch], beams, new_tokens, q, threads,
+                            rounds=waves)["tokens_per_s"] for threads in (1, 2))
+
+    return paired(ours, theirs, rounds), torchscript
 
 
 def _median(values: list[float]) -> float:
@@ -213,3 +233,29 @@ def _targets(report: Any, results: dict[str, Any]) -> None:
     low = [k for k, r in ts.items() if r < 0.8]
     report.target("TorchScript / ONNX Runtime engine tokens/s, fp32 cells", ">= 0.8", min(ts.values(), default=None),
                   not low if ts else None, f"below 0.8: {', '.join(low)}" if low else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Some cells, printed (no results file): ``python -m benchmarks.ct2_peer --cache DIR --cell beam4-b8-int8``."""
+    import argparse
+
+    from benchmarks.models import prepare
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ct2_peer", description=main.__doc__)
+    parser.add_argument("--cache", type=Path, required=True, help="as benchmarks.run --cache (exports if empty)")
+    parser.add_argument("--cell", action="append", required=True, metavar="beam<B>-b<N>-<fp32|int8>")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    repository, checkpoints = args.cache / "repository", args.cache / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    prepare(repository, checkpoints, ["seq2seq"])
+    setup = _setup(repository, checkpoints)
+    for cell in args.cell:
+        beams, batch, precision = cell.split("-")
+        pairs, ts = measure_cell(setup, int(beams[4:]), int(batch[1:]), precision, 64, args.rounds)
+        print(f"{cell}: ours / CTranslate2 {_median([a / b for a, b in pairs]):.2f} (every round "
+              f"{', '.join(f'{a:.0f}/{b:.0f}' for a, b in pairs)})" + (f", TorchScript {ts}" if ts else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,10 +21,10 @@ import uvicorn
 READY = "READY"
 
 
-def uvicorn_config(app: Any) -> uvicorn.Config:
+def uvicorn_config(app: Any, loop: str = "auto") -> uvicorn.Config:
     """One uvicorn configuration for every app under test, so the echo ceiling is comparable."""
     return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=120,
-                          backlog=2048)
+                          backlog=2048, loop=loop)
 
 
 GC_MODES = ("shipped", "nofreeze", "disabled", "thresholds")
@@ -78,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                              "never shed measure every request served (the reliability suite measures shedding)")
     parser.add_argument("--gc", choices=GC_MODES, default="shipped", help="garbage collector option (see GC_MODES)")
     parser.add_argument("--gc-thresholds", default="700,10,10", help="with --gc thresholds: gc.set_threshold's")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="uvicorn's event loop (auto: uvloop when installed, as `deepserve serve --loop auto`)")
     args = parser.parse_args(argv)
     if args.app == "deepserve" and not args.repository:
         parser.error("--repository is required for the deepserve app")
     sock = socket.socket(fileno=args.fd)
-    server = _Server(uvicorn_config(build_app(args)))
+    server = _Server(uvicorn_config(build_app(args), args.loop))
     if args.app == "deepserve":
         from deepserve.serve.cli import GIL_SWITCH_S
 

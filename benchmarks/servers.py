@@ -52,11 +52,13 @@ class ServerProcess:
     def log_tail(self, chars: int = 3000) -> str:
         return Path(self._log.name).read_text(errors="replace")[-chars:]
 
-    def start(self) -> ServerProcess:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, 0))
-        listener.listen(2048)
+    def start(self, shared: socket.socket | None = None) -> ServerProcess:
+        """Start on a new listening socket, or on ``shared`` (another server's, still open: both accept on it)."""
+        listener = shared or socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if shared is None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, 0))
+            listener.listen(2048)
         self.port = listener.getsockname()[1]
         command = [sys.executable, "-m", "benchmarks.server_main", "--fd", str(listener.fileno()), self.app]
         if self.repository is not None:
@@ -66,7 +68,8 @@ class ServerProcess:
         command += self.extra_args
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                         pass_fds=(listener.fileno(),), env=self.env, cwd=ROOT)
-        listener.close()  # the child holds its own copy
+        if shared is None:
+            listener.close()  # the child holds its own copy
         try:
             self._wait_ready()
         except BaseException:
@@ -104,6 +107,21 @@ class ServerProcess:
                 raise ServerError(f"{self.app} server never became ready (last status {status}):\n{self.log_tail()}")
             time.sleep(delay)  # waiting on another process: no event to wait on
             delay = min(delay * 2, 1.0)
+
+    def free_port(self) -> int:
+        """A free port number, for a server that binds its own socket."""
+        with socket.socket() as probe:
+            probe.bind((self.host, 0))
+            return probe.getsockname()[1]
+
+    def run_until_ready(self, command: list[str], env: dict[str, str], ready_path: str) -> None:
+        """Start ``command`` (which binds ``self.port`` itself) and wait until GET ``ready_path`` answers 200."""
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
+        try:
+            self._wait_http(ready_path, time.monotonic() + self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
     def get(self, path: str, timeout: float = 30.0) -> tuple[int, Any]:
         """A plain GET (for readiness and metadata); returns the status and the decoded JSON (or text)."""
@@ -151,17 +169,9 @@ class MosecProcess(ServerProcess):
         self.artifact, self.protocol = artifact, protocol
 
     def start(self) -> MosecProcess:
-        with socket.socket() as probe:  # mosec binds its own socket: take a free port number for it
-            probe.bind((self.host, 0))
-            self.port = probe.getsockname()[1]
+        self.port = self.free_port()  # mosec binds its own socket
         # deepserve's default request deadline (30 s), not mosec's 3 s: a slow cell must not turn into errors
         env = {**self.env, "MOSEC_PORT": str(self.port), "MOSEC_ADDRESS": self.host, "MOSEC_LOG_LEVEL": "warning",
                "MOSEC_TIMEOUT": "30000"}
-        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.mosec_peer", str(self.artifact),
-                                         self.protocol], stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
-        try:
-            self._wait_http("/", time.monotonic() + self.startup_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self.run_until_ready([sys.executable, "-m", "benchmarks.mosec_peer", str(self.artifact), self.protocol], env, "/")
         return self

@@ -2,21 +2,28 @@
 
 Classification at concurrency 64 for each model and protocol: a fresh deepserve server (default settings) and,
 for JSON and the raw image, a fresh mosec peer (``benchmarks.mosec_peer``: same model file, same bodies, same
-load generator). Repetition 0 is the first burst right after ready, with no warm-up requests; then repetitions
-alternate between the two servers (ABBA order), so each pair saw the same shared machine. Every repetition is
-shown with its p50, p99 and max, so that a stall cannot hide in a median.
+load generator). On the digits CNN also deepserve on the plain asyncio event loop (``deepserve asyncio``) and,
+over JSON, ``deepserve serve --workers 2`` (two server processes on the port). Repetition 0 is
+the first burst right after ready, with no warm-up requests; then repetitions run the servers in alternating
+order (ABBA), so each repetition's servers saw the same shared machine. Every repetition is shown with its p50,
+p99 and max, so that a stall cannot hide in a median, and with how long the server's main threads (its event
+loops) and the load generator's were runnable but waited for a core (Linux ``schedstat``): on a shared machine
+that is where a stall comes from when nothing in the server was slow.
 
 The collector options are compared the same way on the digits CNN over JSON, one server per option, in
 rotating order: deepserve as shipped (start-up heap frozen), as before (not frozen), larger thresholds, and the
 collector disabled (the reference, which a long-running server cannot ship). ``gen2`` counts the full
 collections during the repetition (``python_gc_collections_total``). Generation: the char-LM streaming greedy
-tokens at concurrency 32; the inter-token latency is the gap between consecutive token events of a stream.
+tokens at concurrency 32 from deepserve as shipped, not frozen, and on the asyncio loop; the inter-token latency
+is the gap between consecutive token events of a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +46,15 @@ PROTOCOLS = ("json", "binary", "image")
 MOSEC_PROTOCOLS = ("json", "image")
 READ_GAP_S = 1e-4
 """Token events less than this apart arrived in one read of the load generator."""
+VARIANTS = {"deepserve asyncio": ("--loop", "asyncio")}
+"""Servers beside deepserve as shipped (uvloop) on the digits CNN: the plain asyncio event loop."""
+WORKERS_SIDE, WORKERS = "deepserve --workers 2", 2
+"""On the digits CNN over JSON also ``deepserve serve --workers 2``: two server processes on the port."""
 GC_OPTIONS = {"shipped": (), "nofreeze": ("--gc", "nofreeze"),
               "thresholds 10000,50,100": ("--gc", "thresholds", "--gc-thresholds", "10000,50,100"),
               "disabled": ("--gc", "disabled")}
+GEN_OPTIONS = {"shipped": (), "nofreeze": GC_OPTIONS["nofreeze"], "asyncio": ("--loop", "asyncio")}
+"""The char-LM stream's servers: as shipped, its heap not frozen, and on the plain asyncio event loop."""
 
 
 def repetitions(p: Plan) -> int:
@@ -73,9 +86,55 @@ def gen2_collections(server: ServerProcess) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
+def run_queue_wait_ms(pid: int) -> float:
+    """Milliseconds the main threads of ``pid`` and of its child processes have spent runnable but waiting for a
+    core (Linux ``schedstat``): the server's loop preempted by the generator or the machine's other work. nan
+    where ``/proc`` does not tell."""
+    total, pids = 0, [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            total += int(Path(f"/proc/{p}/schedstat").read_text().split()[1])
+            pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            if p == pid:
+                return float("nan")
+    return total / 1e6
+
+
 def _mosec_requests(requests: list[Request]) -> list[Request]:
     """The same bodies, to mosec's route."""
     return [Request(r.method, "/inference", r.body, r.headers) for r in requests]
+
+
+class WorkersServer(ServerProcess):
+    """``deepserve serve --workers N`` itself (uvicorn's supervisor and its workers on one port), with the
+    benchmark servers' queue setting."""
+
+    def __init__(self, workers: int, **kwargs: Any) -> None:
+        super().__init__("deepserve", **kwargs)
+        self.workers = workers
+
+    def start(self) -> WorkersServer:
+        self.port = self.free_port()
+        self.run_until_ready([sys.executable, "-m", "deepserve.cli", "serve", "--repository", str(self.repository),
+                              "--port", str(self.port), "--device", self.device or "cpu", "--workers", str(self.workers),
+                              "--max-queue-wait-ms", "0", "--log-level", "warning"], self.env, "/v2/health/ready")
+        return self
+
+
+def _start_sides(sides: dict[str, Any], name: str, protocol: str, source: Path, p: Plan, reqs: list[Request]) -> None:
+    """Start the servers of one model and protocol into ``sides``; the peer first: its workers may still be busy starting
+    when its front end answers, which must not land in deepserve's first burst."""
+    if protocol in MOSEC_PROTOCOLS:
+        sides["mosec"] = (MosecProcess(source / name / "1", protocol).start(), _mosec_requests(reqs))
+    sides["deepserve"] = (ServerProcess("deepserve", repository=source, device=p.device).start(), reqs)
+    if name == "digits-cnn":
+        for variant, args in VARIANTS.items():
+            sides[variant] = (ServerProcess("deepserve", repository=source, device=p.device, extra_args=args).start(),
+                              reqs)
+        if protocol == "json":
+            sides[WORKERS_SIDE] = (WorkersServer(WORKERS, repository=source, device=p.device).start(), reqs)
 
 
 def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
@@ -84,17 +143,16 @@ def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]])
         reqs = payloads(name, name)[protocol]
         sides: dict[str, tuple[ServerProcess, list[Request]]] = {}
         try:
-            # the peer starts first: its workers may still be busy starting when its front end answers, which
-            # must not land in deepserve's first burst (rep 0 runs deepserve first, then the peer's)
-            if protocol in MOSEC_PROTOCOLS:
-                sides["mosec"] = (MosecProcess(source / name / "1", protocol).start(), _mosec_requests(reqs))
-            sides["deepserve"] = (ServerProcess("deepserve", repository=source, device=p.device).start(), reqs)
-            order = sorted(sides)  # deepserve, mosec
+            _start_sides(sides, name, protocol, source, p, reqs)
+            order = sorted(sides)  # deepserve and its variants, mosec
             for rep in range(reps + 1):
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
+                    waited, gen_waited = run_queue_wait_ms(server.pid), run_queue_wait_ms(os.getpid())
                     res = run_cell(server.port, r, CONCURRENCY, n)
-                    rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep))
+                    rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep,
+                                        waited=run_queue_wait_ms(server.pid) - waited,
+                                        gen_waited=run_queue_wait_ms(os.getpid()) - gen_waited))
                     print(f"[tail] {name} {protocol} {server_name} rep {rep}: {rows[-1]}", flush=True)
         finally:
             for server, _ in sides.values():
@@ -124,9 +182,8 @@ def generation(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
     reqs = requests_for("charlm", prompts("charlm"), "greedy-stream", n)
     servers = {}
     try:
-        for option in ("shipped", "nofreeze"):
-            servers[option] = ServerProcess("deepserve", repository=source, device=p.device,
-                                            extra_args=GC_OPTIONS[option]).start()
+        for option, args in GEN_OPTIONS.items():
+            servers[option] = ServerProcess("deepserve", repository=source, device=p.device, extra_args=args).start()
         for rep in range(repetitions(p) + 1):
             for option in servers if rep % 2 == 0 else list(servers)[::-1]:
                 gaps: list[float] = []
@@ -164,10 +221,11 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     if "charlm" in names:
         generation(source, p, results["generation"])
     table = Table(["model", "protocol", "server", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50",
-                   "errors"], title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
+                   "waited for a core, ms: server / generator", "errors"],
+                  title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
     for r in results["classification"]:
         table.add(r["model"], r["protocol"], r["server"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"],
-                  _ratio(r["p99"], r["p50"]), r["errors"])
+                  _ratio(r["p99"], r["p50"]), f"{r['waited']:.1f} / {r['gen_waited']:.1f}", r["errors"])
     section.blocks.append(table)
     table = Table(["collector", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50", "full collections"],
                   title=f"Collector options: digits CNN, v2 JSON, concurrency {CONCURRENCY}, {REQUESTS['digits-cnn']} "
@@ -176,7 +234,7 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
         table.add(r["option"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"], _ratio(r["p99"], r["p50"]), r["gen2"])
     section.blocks.append(table)
     if results["generation"]:
-        table = Table(["collector", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
+        table = Table(["server", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
                        "between reads p50 / p99 / max ms", "p99 / p50 (reads)", "errors"],
                       title=f"{MODELS['charlm'].describe}: streamed greedy tokens at concurrency {GEN_CONCURRENCY}, "
                             f"{4 * GEN_CONCURRENCY} requests per rep")

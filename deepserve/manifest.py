@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -235,8 +236,19 @@ for B = N * G rows, rows n*G .. n*G+G-1 reading source n. Earlier layouts (``per
 none: stacked caches) are refused with a request to re-export."""
 
 
+class KVUpdate(str, Enum):
+    """Manifest ``model.kv_update``: what ``decode_step`` returns for the self-attention caches."""
+
+    CONCAT = "concat"
+    """``present_k_i`` / ``present_v_i`` [B,H,P+1,Dh]: the past with this step's K/V appended, the next step's past
+    as it is (artifacts exported before ``kv_update`` existed, which lack the entry)."""
+    SLOT = "slot"
+    """``new_k_i`` / ``new_v_i`` [B,H,1,Dh]: this step's K/V only; the driver writes them into its own cache
+    buffers, which may hold empty slots (``past_pad_mask`` True) past the filled ones, so no step copies a cache."""
+
+
 def cache_names(kinds: str | tuple[str, ...], layers: int) -> list[str]:
-    """A seq2seq step graph's per-layer tensors of ``kinds`` (cross | past | present), in graph order: layer by
+    """A seq2seq step graph's per-layer tensors of ``kinds`` (cross | past | present | new), in graph order: layer by
     layer, kind by kind, K then V (``cross_k_0, cross_v_0, past_k_0, past_v_0, cross_k_1, ...``)."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     return [f"{kind}_{kv}_{i}" for i in range(layers) for kind in kinds for kv in "kv"]
@@ -262,11 +274,18 @@ class StepGraphContract:
     eos_id: int = 3
     kv_layout: str = KV_LAYOUT
     """How the caches are laid out; serve drives ``KV_LAYOUT`` only."""
+    kv_update: KVUpdate = KVUpdate.SLOT
+    """What ``decode_step`` returns for the caches (``KVUpdate``; absent from older manifests: ``CONCAT``)."""
 
     def facts(self) -> dict[str, Any]:
         """The manifest ``model`` entries export writes."""
         return {"n_decoder_layers": self.layers, "n_heads": self.heads, "head_dim": self.head_dim,
-                "vocab_size": self.vocab_size, "kv_layout": self.kv_layout}
+                "vocab_size": self.vocab_size, "kv_layout": self.kv_layout, "kv_update": self.kv_update.value}
+
+    @property
+    def step_outputs(self) -> list[str]:
+        """``decode_step``'s cache outputs, in graph order."""
+        return self.names("new" if self.kv_update is KVUpdate.SLOT else "present")
 
     def names(self, kinds: str | tuple[str, ...]) -> list[str]:
         return cache_names(kinds, self.layers)
@@ -282,9 +301,14 @@ class StepGraphContract:
         missing = [k for k in ("n_decoder_layers", "n_heads", "head_dim", "vocab_size") if k not in facts]
         if missing:
             raise ManifestError(f"manifest model lacks {missing} (seq2seq step graphs)")
+        try:
+            update = KVUpdate(facts.get("kv_update", KVUpdate.CONCAT.value))
+        except ValueError:
+            raise ManifestError(f"manifest model.kv_update is {facts['kv_update']!r}; this deepserve knows "
+                                f"{[u.value for u in KVUpdate]}") from None
         contract = cls(int(facts["n_decoder_layers"]), int(facts["n_heads"]), int(facts["head_dim"]),
                        int(facts["vocab_size"]), int(special.get("pad", 0)), int(special.get("bos", 2)),
-                       int(special.get("eos", 3)))
+                       int(special.get("eos", 3)), kv_update=update)
         contract.check(manifest)
         return contract
 
@@ -293,7 +317,7 @@ class StepGraphContract:
         enc, dec = manifest.graphs["encode"], manifest.graphs["decode_step"]
         need = {"encode outputs": (self.names("cross"), enc.outputs),
                 "decode_step inputs": (self.names(("cross", "past")), dec.inputs),
-                "decode_step outputs": (["logits", *self.names("present")], dec.outputs)}
+                "decode_step outputs": (["logits", *self.step_outputs], dec.outputs)}
         for what, (names, specs) in need.items():
             missing = sorted(set(names) - {t.name for t in specs})
             if missing:

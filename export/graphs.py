@@ -220,11 +220,12 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         raise ExportError(f"{where}: cannot split the {model_type!r} model's caches per layer: {e}") from None
     _same(where, "encode", got_encode, (memory, *[t[i] for i in range(layers) for t in (cross_k, cross_v)]))
-    _same(where, "decode_step", got_decode, (logits, *[t[i] for i in range(layers) for t in (present_k, present_v)]))
+    # decode_step_layers returns the new position's K/V: the last slot of the stacked API's grown caches
+    _same(where, "decode_step", got_decode, (logits, *[t[i, :, :, -1:] for i in range(layers) for t in (present_k, present_v)]))
     logits1, present_k1, present_v1 = model.decode_step(tokens, positions, one_k, one_v, one_mask.expand_as(src_mask),
                                                         past_k, past_v, past_mask)
     _same(where, "decode_step", got_shared,
-          (logits1, *[t[i] for i in range(layers) for t in (present_k1, present_v1)]))
+          (logits1, *[t[i, :, :, -1:] for i in range(layers) for t in (present_k1, present_v1)]))
     contract = StepGraphContract(int(layers), int(heads), int(head_dim), int(vocab_size))
     graphs = _seq2seq_graphs(contract, int(d_model), encode, decode, (src, src_mask),
                              (tokens, positions, src_mask, past_mask, *per_layer))
@@ -239,7 +240,6 @@ def _seq2seq_graphs(contract: StepGraphContract, d_model: int, encode: nn.Module
     # decode_step: B = sources * G rows (DecoderBlock.step)
     kv_src = ("sources", contract.heads, "src_len", contract.head_dim)
     kv_past = ("batch", contract.heads, "past_len", contract.head_dim)
-    kv_present = ("batch", contract.heads, "present_len", contract.head_dim)
     cross = [_spec(n, "float32", "batch", *kv_src[1:]) for n in contract.names("cross")]
     layer_inputs = [_spec(n, "float32", *(kv_src if n.startswith("cross") else kv_past))
                     for n in contract.names(("cross", "past"))]
@@ -261,7 +261,7 @@ def _seq2seq_graphs(contract: StepGraphContract, d_model: int, encode: nn.Module
             *layer_inputs,
         ],
         outputs=[_spec("logits", "float32", "batch", contract.vocab_size)]
-        + [_spec(n, "float32", *kv_present) for n in contract.names("present")],
+        + [_spec(n, "float32", "batch", contract.heads, 1, contract.head_dim) for n in contract.step_outputs],
         example=decode_example,
     )
     return {"encode": encode_graph, "decode_step": decode_graph}

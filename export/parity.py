@@ -278,7 +278,9 @@ def _step(run: Runner, tokens: np.ndarray, positions: np.ndarray, cross: dict[st
     """One decode step -> (logits, the grown past caches, the grown past_pad_mask)."""
     out = run({"tokens": tokens, "positions": positions, "src_pad_mask": src_mask, "past_pad_mask": past_mask,
                **cross, **past})
-    past = {name: out[name.replace("past_", "present_")] for name in past}
+    # graphs of kv_update "slot" return the new position's K/V (new_*), older ones the grown cache (present_*)
+    past = {name: out[f"present_{name[5:]}"] if f"present_{name[5:]}" in out
+            else np.concatenate([value, out[f"new_{name[5:]}"]], axis=2) for name, value in past.items()}
     past_mask = np.concatenate([past_mask, np.zeros((tokens.shape[0], 1), dtype=bool)], axis=1)
     return out["logits"], past, past_mask
 

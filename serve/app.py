@@ -181,9 +181,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.repository.start()
         settle()  # the start-up heap leaves the collector's generations: no full collection walks it again
+        app.state.repository.metrics.set_serving(True)
         try:
             yield
         finally:
+            app.state.repository.metrics.set_serving(False)
             await app.state.repository.stop()
 
     app = DeepServeApp(

@@ -7,7 +7,9 @@
 
 ``tritonclient.http``'s ``get_model_repository_index``, ``load_model`` and ``unload_model`` speak exactly this.
 Load and unload answer the model's index rows once done; a failed load answers 400 naming every failure (what
-served before keeps serving). The auth gate guards these routes with the admin key (``auth.py``).
+served before keeps serving). The auth gate guards these routes with the admin key (``auth.py``). With several worker processes (``serve
+--workers``) each holds its own models, so load and unload answer 409: ``--model-control poll`` keeps them all
+on the repository instead.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from deepserve.serve.errors import BadRequest
+from deepserve.serve.errors import BadRequest, Conflict
 from deepserve.serve.http_util import DirectRoute, parse_json, read_body
 from deepserve.serve.schemas import RepositoryIndexRow, answers
+from deepserve.serve.workers import worker_count
 
 router = APIRouter(tags=["model control (Triton model repository extension)"], route_class=DirectRoute)
 
@@ -72,6 +75,15 @@ def config_override(params: dict[str, Any]) -> dict[str, Any] | None:
     return config
 
 
+def _one_worker(action: str) -> None:
+    """``Conflict`` (409) when several worker processes serve: this one cannot change the others' models."""
+    workers = worker_count()
+    if workers > 1:
+        raise Conflict(f"cannot {action} models at run time: the server runs {workers} worker processes "
+                       f"(--workers), each with its own models; change the repository and serve it with "
+                       f"--model-control poll, or run with --workers 1")
+
+
 def _rows(request: Request, model: str) -> Response:
     rows = [r for r in request.app.state.repository.triton_index() if r["name"] == model]
     return JSONResponse(rows)
@@ -87,18 +99,20 @@ async def repository_index(request: Request) -> Response:
 
 
 @router.post("/v2/repository/models/{model}/load", name="repository_load", openapi_extra=_LOAD_DOC,
-             responses=answers(list[RepositoryIndexRow], 400, 401, 403, 404,
+             responses=answers(list[RepositoryIndexRow], 400, 401, 403, 404, 409,
                                description="The model's versions once loaded and switched to"))
 async def load(request: Request, model: str) -> Response:
+    _one_worker("load")
     config = config_override((await _body(request)).get("parameters", {}))
     await request.app.state.repository.load_model(model, config=config)
     return _rows(request, model)
 
 
 @router.post("/v2/repository/models/{model}/unload", name="repository_unload", openapi_extra=_UNLOAD_DOC,
-             responses=answers(list[RepositoryIndexRow], 400, 401, 403, 404,
+             responses=answers(list[RepositoryIndexRow], 400, 401, 403, 404, 409,
                                description="The model's versions once drained and unloaded"))
 async def unload(request: Request, model: str) -> Response:
+    _one_worker("unload")
     await _body(request)  # unload_dependents is accepted: deepserve models have no dependents
     await request.app.state.repository.unload_model(model)
     return _rows(request, model)

@@ -33,6 +33,12 @@ class NotFound(ServeError):
     status = 404
 
 
+class Conflict(ServeError):
+    """The request cannot apply in the server's current setup (e.g. model control with several workers)."""
+
+    status = 409
+
+
 class NotReady(ServeError):
     """The model exists but is not ready (failed to load, still warming up, unloading or unloaded): a 503 that
     retrying soon does not fix, unlike ``Overloaded``."""

@@ -17,7 +17,7 @@ import orjson
 from fastapi.routing import APIRoute
 import numpy as np
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
@@ -73,15 +73,18 @@ async def read_body(request: Request) -> bytes:
             raise BadRequest(f"Content-Length must be a number, got {declared!r}")
         if int(declared) > limit:
             raise _too_large(declared, limit)
-        body = await request.body()
-    else:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(f"over {limit}", limit)
-            chunks.append(chunk)
-        body = b"".join(chunks)
+    chunks, size, more = [], 0, True
+    while more:  # from the ASGI channel itself: Starlette's body() wraps it in an async generator per request
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"over {limit}", limit)
+        chunks.append(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body  # what Request.body() caches, so later readers of the request see the same body
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body

@@ -5,15 +5,21 @@ and, for every other route, by a small pure-ASGI middleware that reads the match
 path parameter after routing; batchers report batch sizes and inference time through a hook, and queue depth is
 read when scraped. ``/metrics`` renders this registry and prometheus-client's default one, where the
 generation engine (``serve/generation/metrics.py``) and the process collectors register.
+
+With several worker processes (``serve --workers``, ``PROMETHEUS_MULTIPROC_DIR`` set) prometheus-client keeps
+every value in that folder and ``/metrics`` sums the workers' counters and histograms; a model counts as ready
+there only while every worker has it ready. Not exported then: the queue depth (read per worker at scrape time)
+and the per-process collectors.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Iterable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess,
 )
 
 from deepserve.serve.model_state import ModelState
@@ -43,9 +49,11 @@ class Metrics:
         self.inference = Histogram("deepserve_inference_seconds", "Time to run one batch", ["model", "version"],
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.model_ready = Gauge("deepserve_model_ready", "1 when the model version is ready", ["model", "version"],
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livemin")
         self.model_state = Gauge("deepserve_model_state", "1 for the state each model version is in",
-                                 ["model", "version", "state"], registry=r)
+                                 ["model", "version", "state"], registry=r, multiprocess_mode="livemax")
+        self.workers_ready = Gauge("deepserve_workers_ready", "Server processes that have loaded their models",
+                                   registry=r, multiprocess_mode="livesum")
         self.loads = Counter("deepserve_model_loads", "Model version loads and reloads by outcome",
                              ["model", "outcome"], registry=r)
         self.load_seconds = Histogram("deepserve_model_load_seconds", "Time to verify, open and warm up a version",
@@ -73,8 +81,24 @@ class Metrics:
 
     def track_queue_depth(self, model: str, version: str, depth: Callable[[], float]) -> None:
         """Read ``depth()`` (requests waiting in every instance of the version) at scrape time: nothing to
-        update per request."""
-        self.queue_depth.labels(model, version).set_function(depth)
+        update per request (and so nothing other workers could read)."""
+        if not multiprocess_dir():
+            self.queue_depth.labels(model, version).set_function(depth)
+
+    def set_serving(self, serving: bool) -> None:
+        """This process has loaded its models and serves (True), or has begun to stop (False: with several
+        workers its values of the ready and state gauges go, see ``prometheus_client.multiprocess``)."""
+        self.workers_ready.set(1.0 if serving else 0.0)
+        if not serving and multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())
+
+    def ready_workers(self) -> int:
+        """Server processes serving this port that have loaded their models (this one alone without workers)."""
+        registry = self.registry
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return int(registry.get_sample_value("deepserve_workers_ready") or 0)
 
     def set_ready(self, model: str, version: str, ready: bool) -> None:
         self.model_ready.labels(model, version).set(1.0 if ready else 0.0)
@@ -108,11 +132,21 @@ class Metrics:
         children[1].observe(elapsed)
 
     def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition of this registry, then of the default one (metric names differ)."""
+        """The Prometheus text exposition of this registry, then of the default one (metric names differ); with
+        several workers, every metric of every worker, summed."""
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         body = generate_latest(self.registry)
         if self.include_default_registry:
             body += generate_latest(REGISTRY)
         return body, CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess folder, set when several worker processes serve (``serve/workers.py``)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class RequestMetricsMiddleware:

@@ -28,6 +28,7 @@ from deepserve.serve.schemas import (
     ModelIndex, ModelMetadata, ModelReady, Ready, ServerMetadata, answers, error_responses,
 )
 from deepserve.serve.servable import task_phrase
+from deepserve.serve.workers import worker_count
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES: dict[str, Any] = {
@@ -107,53 +108,58 @@ def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFA
     for i, spec in enumerate(request["inputs"]):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest(f"inputs[{i}] must be an object with a string name")
-        name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
-        if name in inputs:
-            raise BadRequest(f"input {name!r} is given twice")
-        if datatype not in DTYPES:
-            raise BadRequest(f"input {name!r}: datatype must be one of {sorted(DTYPES)}, got {datatype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-        count = math.prod(shape)
-        params = spec.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the body's binary data")
-            buf = binary[offset : offset + size]
-            offset += size
-            if datatype == "BYTES":
-                elements: Any = _bytes_from_binary(buf, name)
-            else:
-                dtype = np.dtype(DTYPES[datatype])
-                if size != count * dtype.itemsize:
-                    raise BadRequest(f"input {name!r}: {size} bytes of binary data for shape {shape} of {datatype} "
-                                     f"(needs {count * dtype.itemsize})")
-                inputs[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)  # a view of the body
-                continue
-        elif "data" in spec:
-            if datatype == "BYTES":
-                elements = _bytes_from_json(spec["data"], name)
-            else:
-                try:
-                    array = np.asarray(spec["data"], dtype=DTYPES[datatype])
-                except (ValueError, TypeError, OverflowError) as e:
-                    raise BadRequest(f"input {name!r}: data does not hold {datatype} values ({e})") from None
-                if array.size != count:
-                    raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} (needs {count})")
-                inputs[name] = array.reshape(shape)
-                continue
-        else:
-            raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
-        if len(elements) != count:
-            raise BadRequest(f"input {name!r}: {len(elements)} BYTES elements for shape {shape} (needs {count})")
-        array = np.empty(count, dtype=object)
-        array[:] = elements
-        inputs[name] = array.reshape(shape)
+        if spec["name"] in inputs:
+            raise BadRequest(f"input {spec['name']!r} is given twice")
+        inputs[spec["name"]], offset = _decode_input(spec, binary, offset)
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data follow the inputs but no input claims them")
     return request, inputs
+
+
+def _decode_input(spec: dict[str, Any], binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+    """One input's array from its spec (its JSON data, or its bytes of ``binary`` from ``offset``), and the
+    offset of the next input's bytes."""
+    name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
+    if datatype not in DTYPES:
+        raise BadRequest(f"input {name!r}: datatype must be one of {sorted(DTYPES)}, got {datatype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    count = math.prod(shape)
+    params = spec.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the body's binary data")
+        buf = binary[offset : offset + size]
+        offset += size
+        if datatype == "BYTES":
+            return _object_array(_bytes_from_binary(buf, name), name, shape, count), offset
+        dtype = np.dtype(DTYPES[datatype])
+        if size != count * dtype.itemsize:
+            raise BadRequest(f"input {name!r}: {size} bytes of binary data for shape {shape} of {datatype} "
+                             f"(needs {count * dtype.itemsize})")
+        return np.frombuffer(buf, dtype=dtype).reshape(shape), offset  # a view of the body
+    if "data" not in spec:
+        raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
+    if datatype == "BYTES":
+        return _object_array(_bytes_from_json(spec["data"], name), name, shape, count), offset
+    try:
+        array = np.asarray(spec["data"], dtype=DTYPES[datatype])
+    except (ValueError, TypeError, OverflowError) as e:
+        raise BadRequest(f"input {name!r}: data does not hold {datatype} values ({e})") from None
+    if array.size != count:
+        raise BadRequest(f"input {name!r}: {array.size} values for shape {shape} (needs {count})")
+    return array.reshape(shape), offset
+
+
+def _object_array(elements: list[bytes], name: str, shape: list[int], count: int) -> np.ndarray:
+    """BYTES elements as an object array of ``shape``."""
+    if len(elements) != count:
+        raise BadRequest(f"input {name!r}: {len(elements)} BYTES elements for shape {shape} (needs {count})")
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array.reshape(shape)
 
 
 def _classification(logits: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
@@ -241,8 +247,12 @@ async def live(request: Request) -> Response:
 @router.get("/v2/health/ready", name="ready", responses=answers(Ready, 503))
 async def ready(request: Request) -> Response:
     repository = request.app.state.repository
-    if repository.ready:
+    workers = worker_count()
+    if repository.ready and (workers == 1 or repository.metrics.ready_workers() >= workers):
         return JSONResponse({"ready": True})
+    if repository.ready:  # this worker is, not all of them (serve --workers)
+        return JSONResponse({"ready": False, "error": f"{repository.metrics.ready_workers()} of {workers} worker "
+                                                      f"processes have loaded their models"}, status_code=503)
     state = "stopping" if repository.stopping else "loading its models"
     return JSONResponse({"ready": False, "error": f"the server is {state}"}, status_code=503)
 

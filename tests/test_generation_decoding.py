@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from deepserve.manifest import GraphSpec, Manifest, TensorSpec
+from deepserve.manifest import GraphSpec, KVUpdate, Manifest, StepGraphContract, TensorSpec
 from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event
@@ -289,10 +289,11 @@ def test_early_stopping_true_stops_once_enough_hypotheses_finished():
 # ---------------------------------------------------------------------------------------------- seq2seq state
 
 
-def toy_seq2seq_graphs(seen: list[int]) -> tuple[Graph, Graph]:
+def toy_seq2seq_graphs(seen: list[int], kv_update: KVUpdate = KVUpdate.CONCAT) -> tuple[Graph, Graph]:
     """encode: cross K = the source ids; decode_step under the shared-cross contract (B = N * G rows, row b
     reads source b // G): logits put 1 on the row's source's first id plus its cache length, so a row that read
-    the wrong source, or lost its cache, picks the wrong token. ``seen`` records N of every decode call."""
+    the wrong source, or lost its cache, picks the wrong token. ``seen`` records N of every decode call. The
+    step returns the new K/V (``KVUpdate.SLOT``) or the grown caches (``CONCAT``)."""
 
     def encode(src, src_pad):
         k = src.astype(np.float32)[:, None, :, None]  # (N,1,S,1)
@@ -306,26 +307,30 @@ def toy_seq2seq_graphs(seen: list[int]) -> tuple[Graph, Graph]:
         logits = np.zeros((B, 64), np.float32)
         logits[np.arange(B), first + (~past_pad).sum(1)] = 1.0
         new = tokens.astype(np.float32)[:, None, :, None]  # (B,1,1,1)
+        if kv_update is KVUpdate.SLOT:
+            return [logits, new, new.copy()]
         return [logits, np.concatenate([past_k, new], 2), np.concatenate([past_v, new], 2)]
 
-    cross = ["cross_k_0", "cross_v_0"]
+    cross, kind = ["cross_k_0", "cross_v_0"], "new" if kv_update is KVUpdate.SLOT else "present"
     return (Graph(encode, ["memory", *cross], input_names=["src", "src_pad_mask"]),
-            Graph(decode, ["logits", "present_k_0", "present_v_0"],
+            Graph(decode, ["logits", f"{kind}_k_0", f"{kind}_v_0"],
                   input_names=["tokens", "positions", "src_pad_mask", "past_pad_mask", *cross, "past_k_0", "past_v_0"]))
 
 
-def test_seq2seq_rows_keep_reading_their_own_source_through_joins_and_reorders():
+@pytest.mark.parametrize("kv_update", list(KVUpdate))
+def test_seq2seq_rows_keep_reading_their_own_source_through_joins_and_reorders(kv_update):
     """The step runner keeps one cross K/V per source: rows of one source in equal contiguous groups feed it as
     is (N < B), other layouts a per-row copy, and joins, beam moves and leaving requests keep every row on its
     own source and cache."""
     seen: list[int] = []
-    step = Seq2SeqStepModel(*toy_seq2seq_graphs(seen), layers=1, heads=1, head_dim=1, vocab_size=64, pad_id=0,
-                            bos_id=2, eos_id=3)
+    contract = StepGraphContract(layers=1, heads=1, head_dim=1, vocab_size=64, kv_update=kv_update)
+    step = Seq2SeqStepModel(*toy_seq2seq_graphs(seen, kv_update), contract)
     tokens = step.join([[10, 5], [20, 6, 7]], [3, 3])  # two beam requests of 3 rows each
     assert step.step(tokens).argmax(1).tolist() == [10] * 3 + [20] * 3 and seen[-1] == 2
     assert step.step(np.arange(40, 46)).argmax(1).tolist() == [11] * 3 + [21] * 3
     step.reorder(np.asarray([2, 2, 0, 4, 3, 3]), regroup=False)  # beams follow their parents (in place)
-    assert [x[:, 0, :, 0].tolist() for x in step.past] == [[[2, 42], [2, 42], [2, 40], [2, 44], [2, 43], [2, 43]]] * 2
+    assert [x[:, 0, : step.fill, 0].tolist() for x in step.past] == [[[2, 42], [2, 42], [2, 40], [2, 44], [2, 43],
+                                                                       [2, 43]]] * 2
     tokens = np.full(6, 7)
     assert step.step(tokens).argmax(1).tolist() == [12] * 3 + [22] * 3 and seen[-1] == 2
     tokens = np.concatenate([tokens, step.join([[30, 4]], [1])])  # a greedy request: uneven groups

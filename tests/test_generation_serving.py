@@ -79,6 +79,37 @@ def test_cached_seq2seq_steps_equal_a_full_rerun_even_left_padded(repo, tmp_path
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_cached_seq2seq_steps_stay_exact_as_the_cache_grows(repo, tmp_path, backend):
+    """40 steps cross two growths of the slot caches (SLOTS = 16 at a time), with a row joining late (left
+    padding), beam-style row moves and a row leaving: every step still equals the model's full forward."""
+    directory = repo / "tiny-seq2seq" / "1"
+    step = open_step_model(load_manifest(directory), directory, backend=backend, device="cpu", threads=1)
+    ref = torch_model(make_seq2seq_checkpoint(tmp_path / "s.pt", seed=0))
+    srcs = [[6, 8, 18, 10, 4], [9, 13]]
+    tgts = [[int(t) for t in np.random.default_rng(i).integers(4, 20, 40)] for i in range(2)]
+    got: list[list[np.ndarray]] = [[], []]
+    tokens = step.join([srcs[0]], [1])
+    for t in range(40):
+        if t == 3:  # row 1 joins and then follows row 0's source for a few steps as two beams would
+            tokens = np.concatenate([tokens, step.join([srcs[1]], [1])])
+        logits = step.step(tokens)
+        for r, i in enumerate([0, 1][: len(tokens)] if t < 36 else [1]):
+            got[i].append(logits[r])
+        tokens = np.asarray([tgts[i][len(got[i]) - 1] for i in ([0, 1][: len(tokens)] if t < 35 else [1])])
+        if t == 20:  # rows swap places and swap back: a move that copies both rows
+            step.reorder(np.asarray([1, 0]), regroup=False)
+            step.reorder(np.asarray([1, 0]), regroup=False)
+        if t == 35:
+            step.reorder(np.asarray([1]))  # row 0 leaves
+    assert step.past_pad.shape[1] > step.fill > 32  # the caches grew past two rounds of SLOTS
+    for i in range(2):
+        with torch.no_grad():
+            full = ref(torch.tensor([srcs[i]]), torch.tensor([[2] + tgts[i][: len(got[i]) - 1]]))[0].numpy()
+        keep = np.isfinite(np.stack(got[i]))
+        np.testing.assert_allclose(np.stack(got[i])[keep], full[keep], atol=1e-4)
+
+
 def without_prefill(directory: Path, into: Path) -> Path:
     """A copy of a char-LM artifact as exported before the ``prefill`` graph: ``step`` only."""
     import shutil
@@ -252,6 +283,54 @@ def test_a_source_that_leaves_takes_its_cross_state_with_it(repo):
         got = step.step(tokens)[1]
         np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], atol=1e-5)
         step.reorder(np.zeros(0, np.int64))
+
+
+def _concat_era_artifact(directory: Path, target: Path) -> Path:
+    """``directory``'s artifact as exported before ``kv_update``: decode_step returns each layer's grown cache
+    (``present_k_i`` = past ++ new) and the manifest has no ``kv_update`` entry."""
+    import shutil
+
+    import onnx
+
+    shutil.copytree(directory, target)
+    model = onnx.load(str(target / "decode_step.onnx"))
+    for out in model.graph.output:
+        if out.name.startswith("new_"):
+            present, past = out.name.replace("new_", "present_"), out.name.replace("new_", "past_")
+            model.graph.node.append(onnx.helper.make_node("Concat", [past, out.name], [present], axis=2))
+            out.name = present
+            out.type.tensor_type.shape.dim[2].dim_param = "present_len"
+    onnx.save(model, str(target / "decode_step.onnx"))
+    raw = json.loads((target / "manifest.json").read_text())
+    del raw["model"]["kv_update"]
+    for out in raw["graphs"]["decode_step"]["outputs"]:
+        if out["name"].startswith("new_"):
+            out["name"], out["shape"][2] = out["name"].replace("new_", "present_"), "present_len"
+    (target / "manifest.json").write_text(json.dumps(raw))
+    return target
+
+
+def test_a_seq2seq_artifact_from_before_kv_update_still_serves_the_same_tokens(repo, tmp_path):
+    """Artifacts whose decode_step returns the grown caches (no ``kv_update`` in the manifest) keep serving,
+    step for step the same logits as the slot graphs, through joins, beam moves and a leaving request."""
+    directory = repo / "tiny-seq2seq" / "1"
+    old_dir = _concat_era_artifact(directory, tmp_path / "old" / "1")
+    new, old = (open_step_model(load_manifest(d, verify=False), d, backend="onnx", device="cpu", threads=1)
+                for d in (directory, old_dir))
+    assert new.slot and not old.slot and old.decode.output_names[1] == "present_k_0"
+    tokens = [m.join([[6, 8, 18, 10], [9, 13]], [2, 1]) for m in (new, old)]
+    for t in range(20):  # past the first SLOTS slots, so the slot caches grow once
+        if t == 5:
+            tokens = [np.concatenate([tok, m.join([[7, 5, 11]], [1])]) for tok, m in zip(tokens, (new, old))]
+        if t in (8, 15):  # beams follow their parents; then the first request leaves
+            index = np.asarray([1, 1, 2, 3]) if t == 8 else np.asarray([2, 3])
+            for m in (new, old):
+                m.reorder(index, regroup=t == 15)
+            tokens = [tok[index] for tok in tokens]
+        got, want = (m.step(tok) for m, tok in zip((new, old), tokens))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        tokens = [got.argmax(1), want.argmax(1)]
+    assert new.fill == old.fill == 20 and new.past_pad.shape[1] == old.past_pad.shape[1] == 32
 
 
 def test_seq2seq_artifact_with_stacked_caches_is_refused_by_name(repo, tmp_path):

@@ -4,14 +4,16 @@ See ``step_models`` for the ``StepModel`` interface the scheduler drives."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from deepserve.manifest import cache_names
+from deepserve.manifest import KVUpdate, StepGraphContract, cache_names
 from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
 
 NARROW_ROWS = 64  # below it a step's matrix-vector products lose more to a 2nd thread's hand-offs than it gains
+SLOTS = 16  # empty cache slots added at a time (KVUpdate.SLOT): one cache copy per 16 steps, not one per step
 
 class Seq2SeqStepModel(StepModel):
     """``encode`` + ``decode_step`` graphs with a left-padded key/value cache (docs/ARCHITECTURE.md).
@@ -21,29 +23,30 @@ class Seq2SeqStepModel(StepModel):
     one request share them. When the rows are G contiguous rows per source, in source order (every request at
     the same width: all greedy, or all beams at full width), ``decode_step`` gets them as they are and each
     source's rows read its K/V once as G queries; otherwise it gets a per-row copy (``cross``), made again
-    only when the rows' sources change. Each layer's ``present_k_i`` becomes its next ``past_k_i`` as it is,
-    and moving rows copies whole contiguous rows."""
+    only when the rows' sources change. Each step's K/V is written into slot ``fill`` of the caches, which grow
+    SLOTS empty slots at a time (older ``KVUpdate.CONCAT`` graphs return it as the last slot of ``present_k_i``).
+    Moving rows copies whole contiguous rows."""
 
-    def __init__(self, encode: Graph, decode: Graph, *, layers: int, heads: int, head_dim: int, vocab_size: int,
-                 pad_id: int, bos_id: int, eos_id: int, narrow: Graph | None = None) -> None:
+    def __init__(self, encode: Graph, decode: Graph, c: StepGraphContract, *, narrow: Graph | None = None) -> None:
         self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
-        self.vocab_size, self.pad_id, self.bos_id, self.eos_id = vocab_size, pad_id, bos_id, eos_id
-        self.layers, self.heads, self.head_dim = layers, heads, head_dim
-        self.suppress = np.asarray(sorted({pad_id, bos_id} - {eos_id}), np.int64)
+        self.vocab_size, self.pad_id, self.bos_id, self.eos_id = c.vocab_size, c.pad_id, c.bos_id, c.eos_id
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim = c.layers, c.heads, c.head_dim
+        self.suppress = np.asarray(sorted({c.pad_id, c.bos_id} - {c.eos_id}), np.int64)
         self.rows = 0
-        self.cross_names, self.past_names, self.present_names = (cache_names(k, layers)
-                                                                 for k in ("cross", "past", "present"))
-        g = decode
-        empty = g.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
+        self.slot = c.kv_update is KVUpdate.SLOT
+        self.cross_names, self.past_names = cache_names("cross", layers), cache_names("past", layers)
+        self.new_names = cache_names("new" if self.slot else "present", layers)
+        empty = decode.asarray(np.zeros((0, heads, 0, head_dim), np.float32))
         self.cross_src: list[Array] = [empty] * (2 * layers)  # cross_names order, each (N,H,S,Dh), one per source
-        self.src_pad_src = g.asarray(np.zeros((0, 0), bool))  # (N,S) True = pad
+        self.src_pad_src = decode.asarray(np.zeros((0, 0), bool))  # (N,S) True = pad
         self.row_src = np.zeros(0, np.int64)  # (B,) each row's source
         self._rows_cache: tuple[list[Array], Array] | None = None  # per-row cross K/V and src_pad_mask
         self._grouped: bool | None = None  # whether rows are G contiguous rows per source, in source order
         self.past: list[Array] = [empty] * (2 * layers)  # past_names order, each (B,H,P,Dh)
         self._buffers: list[list[np.ndarray | None]] = [[None, None] for _ in range(2 * layers)]  # see _take_rows
-        self._moving: np.ndarray | None = None  # see _move_rows_in_place
+        self._moving: list[np.ndarray | None] = [None]  # see _move_rows_in_place
         self.past_pad = np.zeros((0, 0), bool)  # (B,P) True = empty slot; numpy, converted per step
+        self.fill = 0  # cache slots written: the next K/V goes to slot ``fill`` (P - fill slots are spare)
         self.positions = np.zeros(0, np.int64)  # (B,)
 
     @property
@@ -60,9 +63,9 @@ class Seq2SeqStepModel(StepModel):
             if len(self.row_src) == self.sources and bool(np.all(self.row_src == np.arange(self.sources))):
                 self._rows_cache = (self.cross_src, self.src_pad_src)  # one row per source: no copy
             else:
-                g = self.decode
-                self._rows_cache = ([g.take(x, self.row_src, 0) for x in self.cross_src],
-                                    g.take(self.src_pad_src, self.row_src, 0))
+                take = self.decode.take
+                self._rows_cache = ([take(x, self.row_src, 0) for x in self.cross_src],
+                                    take(self.src_pad_src, self.row_src, 0))
         return self._rows_cache
 
     @property
@@ -76,15 +79,10 @@ class Seq2SeqStepModel(StepModel):
             self._grouped = 0 < n <= b and b % n == 0 and bool(np.all(self.row_src == np.arange(b) // (b // n)))
         return self._grouped
 
-    def _rows_moved(self) -> None:
-        self._rows_cache, self._grouped = None, None
-
     def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
         g = self.decode
         n, s = len(prompts), max(len(p) for p in prompts)
-        src = np.full((n, s), self.pad_id, np.int64)
-        for i, p in enumerate(prompts):
-            src[i, : len(p)] = p
+        src = np.asarray([p + [self.pad_id] * (s - len(p)) for p in prompts], np.int64).reshape(n, s)
         src_pad = src == self.pad_id
         # both graphs come from the same backend and device, so encoder outputs feed the decoder as they are
         out = dict(zip(self.encode.output_names, self.encode(g.asarray(src), g.asarray(src_pad))))
@@ -92,12 +90,12 @@ class Seq2SeqStepModel(StepModel):
         rep = expand_copies(copies)
         m = len(rep)
         S = max(s, self.src_pad_src.shape[1])
-        self.cross_src = [g.cat([self._pad_src(old, S, 2, 0.0), self._pad_src(new, S, 2, 0.0)], 0)
+        self.cross_src = [g.cat([self._pad_axis(old, S, 2, 0.0), self._pad_axis(new, S, 2, 0.0)], 0)
                           for old, new in zip(self.cross_src, cross)]
-        self.src_pad_src = g.cat([self._pad_src(self.src_pad_src, S, 1, True),
-                                  self._pad_src(g.asarray(src_pad), S, 1, True)], 0)
+        self.src_pad_src = g.cat([self._pad_axis(self.src_pad_src, S, 1, True),
+                                  self._pad_axis(g.asarray(src_pad), S, 1, True)], 0)
         self.row_src = np.concatenate([self.row_src, self.sources - n + rep])
-        self._rows_moved()
+        self._rows_cache, self._grouped = None, None
         # new rows have no history: all P cache slots are empty (left padding)
         P = self.past_pad.shape[1]
         zeros = g.full((m, self.heads, P, self.head_dim), 0.0, self.past[0])
@@ -107,8 +105,8 @@ class Seq2SeqStepModel(StepModel):
         self.rows += m
         return np.full(m, self.bos_id, np.int64)
 
-    def _pad_src(self, x: Array, S: int, axis: int, value: Any) -> Array:
-        """Right-pad the source axis to S (cross-attention masks the padding)."""
+    def _pad_axis(self, x: Array, S: int, axis: int, value: Any) -> Array:
+        """Right-pad ``axis`` to S (a source axis: cross-attention masks the padding; a cache's: empty slots)."""
         if x.shape[axis] == S:
             return x
         shape = (*x.shape[:axis], S - x.shape[axis], *x.shape[axis + 1 :])
@@ -122,12 +120,21 @@ class Seq2SeqStepModel(StepModel):
                  **dict(zip(self.cross_names, cross)), **dict(zip(self.past_names, self.past))}
         run = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else g
         out = dict(zip(g.output_names, run(*[feeds[name] for name in g.input_names])))
-        self.past = [out[name] for name in self.present_names]
-        self.past_pad = np.concatenate([self.past_pad, np.zeros((len(tokens), 1), bool)], 1)
-        self.positions = self.positions + 1
+        self._write_slot([out[name] if self.slot else out[name][:, :, -1:] for name in self.new_names])
+        self.positions += 1
         logits = g.numpy(out["logits"])
         logits[:, self.suppress] = -np.inf  # pad and BOS are never outputs
         return logits
+
+    def _write_slot(self, new: list[Array]) -> None:
+        """Write this step's K/V (each (B,H,1,Dh)) into slot ``fill`` of the caches, SLOTS more slots when full."""
+        if self.fill == self.past_pad.shape[1]:
+            self.past = [self._grown(i, x) for i, x in enumerate(self.past)]
+            self.past_pad = np.concatenate([self.past_pad, np.ones((self.rows, SLOTS), bool)], 1)
+        for x, n in zip(self.past, new):
+            x[:, :, self.fill] = n[:, :, 0]
+        self.past_pad[:, self.fill] = False
+        self.fill += 1
 
     def _keep_sources(self, kept: np.ndarray) -> None:
         """Keep sources ``kept`` (in that order) and trim the source axis to the longest of them. The cross K/V
@@ -142,23 +149,19 @@ class Seq2SeqStepModel(StepModel):
         self.src_pad_src = src_pad[:, :keep]
 
     def _take_rows(self, slot: int, x: Array, index: np.ndarray) -> Array:
-        """``x`` rows ``index``. On numpy, into one of two buffers kept per cache tensor (the one ``x`` is not in):
-        a fresh multi-megabyte array each step costs more in page faults than the copy itself."""
+        """``x`` rows ``index``; on numpy into one of two buffers kept per cache tensor (the one ``x`` is not in)."""
         if self.decode.torch_device is not None:
             return self.decode.take(x, index, 0)
-        shape = (len(index), *x.shape[1:])
-        size = int(np.prod(shape))
-        pair = self._buffers[slot]
-        for k, buf in enumerate(pair):
-            if buf is not None and np.may_share_memory(buf, x):
-                continue
-            if buf is None or buf.size < size:
-                buf = pair[k] = np.empty(size + size // 4, x.dtype)  # room to grow a few steps
-            out = buf[:size].reshape(shape)
-            # mode="clip": with the default "raise", numpy gathers into a temporary and copies that into ``out``
-            np.take(x, index, axis=0, out=out, mode="clip")
-            return out
-        raise AssertionError("unreachable: x overlaps at most one buffer")  # pragma: no cover
+        # mode="clip": with the default "raise", numpy gathers into a temporary and copies that into ``out``
+        return np.take(x, index, axis=0, out=_room(self._buffers[slot], (len(index), *x.shape[1:]), x), mode="clip")
+
+    def _grown(self, slot: int, x: Array) -> Array:
+        """Cache ``x`` (B,H,fill,Dh) with SLOTS more empty slots (zeros: masked, yet finite for the att @ V)."""
+        if self.decode.torch_device is not None:
+            return self._pad_axis(x, self.fill + SLOTS, 2, 0.0)
+        out = _room(self._buffers[slot], (len(x), self.heads, self.fill + SLOTS, self.head_dim), x)
+        out[:, :, : self.fill], out[:, :, self.fill :] = x, 0.0
+        return out
 
     def _move_rows_in_place(self, index: np.ndarray) -> None:
         """Row i of every cache becomes row ``index[i]``, copying only the rows that change (about a quarter of
@@ -167,14 +170,8 @@ class Seq2SeqStepModel(StepModel):
         arrays (graph outputs or its buffers), so nothing else sees them change."""
         moved = np.flatnonzero(index != np.arange(len(index)))
         src = index[moved]
-        for i, x in enumerate(self.past):
-            shape = (len(moved), *x.shape[1:])
-            size = int(np.prod(shape))
-            if self._moving is None or self._moving.size < size:
-                self._moving = np.empty(size + size // 4, x.dtype)
-            rows = self._moving[:size].reshape(shape)
-            np.take(x, src, axis=0, out=rows, mode="clip")
-            x[moved] = rows
+        for x in self.past:
+            x[moved] = np.take(x, src, axis=0, out=_room(self._moving, (len(moved), *x.shape[1:]), x), mode="clip")
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
         if is_identity(index, self.rows):  # e.g. every beam continued its own row: no cache copy
@@ -188,7 +185,7 @@ class Seq2SeqStepModel(StepModel):
             self._move_rows_in_place(index)  # beams follow their parents: most rows stay where they are
         else:
             self.past = [self._take_rows(i, x[:, :, first:] if first else x, index) for i, x in enumerate(self.past)]
-        self.past_pad = pad[:, first:]
+        self.past_pad, self.fill = pad[:, first:], max(self.fill - first, 0)
         self.positions = self.positions[index]
         row_src = self.row_src[index]
         if regroup:
@@ -199,5 +196,16 @@ class Seq2SeqStepModel(StepModel):
             self._keep_sources(kept)
         if regroup or not np.array_equal(row_src, self.row_src):
             self.row_src = row_src.astype(np.int64, copy=False)
-            self._rows_moved()
+            self._rows_cache, self._grouped = None, None
         self.rows = len(index)
+
+
+def _room(store: list[np.ndarray | None], shape: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+    """A ``shape`` view of the first reused buffer in ``store`` that ``x`` (the source of the copy about to fill
+    it) is not in, replaced by a larger one (room to grow a few steps) when too small: a fresh multi-megabyte
+    array per step costs more in page faults than the copy."""
+    k = next(i for i, b in enumerate(store) if b is None or not np.may_share_memory(b, x))
+    size = math.prod(shape)  # np.prod of a short tuple costs ~3 us, called per cache per step
+    if store[k] is None or store[k].size < size:
+        store[k] = np.empty(size + size // 4, x.dtype)
+    return store[k][:size].reshape(shape)

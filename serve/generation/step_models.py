@@ -7,6 +7,7 @@ within a request, so the seq2seq cross-attention state stays). ``Graph`` hides w
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable
@@ -233,8 +234,7 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
         c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
         decode = Graph.open(manifest.graphs["decode_step"], directory, **kw)
         narrow = decode.runtime.narrow()  # the same graph on one CPU thread, for small steps (or None)
-        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode, layers=c.layers,
-                                heads=c.heads, head_dim=c.head_dim, vocab_size=c.vocab_size, pad_id=c.pad_id,
-                                bos_id=c.bos_id, eos_id=c.eos_id if eos_id is None else eos_id,
+        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode,
+                                c if eos_id is None else dataclasses.replace(c, eos_id=eos_id),
                                 narrow=Graph.of(narrow) if narrow is not None else None)
     raise ValueError(f"task {manifest.task!r} is not a generation task")

@@ -194,12 +194,19 @@ class BeamSearch:
                 self._after_step(parents, tokens, vals.astype(np.float64), float(vals[0]))
                 return tokens, parents
         top = top_candidates(cand, min(2 * self.num_beams, cand.size))  # by score, ties by (beam, token) order
-        t = self.generated
-        length = t + 1  # generated tokens including this one
-        want_lp = self.logprobs is not None
-        next_beams: list[int] = []
-        next_tokens: list[int] = []
-        next_sums: list[float] = []
+        length = self.generated + 1  # generated tokens including this one
+        parents, tokens, sums = self._scan(cand, top, lps, length)
+        if self.logprobs is not None:
+            self.token_lp = np.concatenate([self.token_lp[parents], lps[parents, tokens][:, None]], axis=1)
+            self.top_lp = [self.top_lp[b] + [_tops(lps[b], self.logprobs)] for b in parents.tolist()]
+        self._after_step(parents, tokens, sums, float(cand[top[0]]) if len(top) else -np.inf)
+        return tokens, parents
+
+    def _scan(self, cand: np.ndarray, top: np.ndarray, lps: np.ndarray, length: int) -> tuple[np.ndarray, ...]:
+        """Walk the ranked candidates ``top`` (flat indices into ``cand``, (beams x V)): an ending one ranked within
+        num_beams becomes a hypothesis, the others fill the next beams: their parents, tokens and sums."""
+        V = lps.shape[1]
+        picked: list[tuple[int, int, float]] = []  # (parent beam, token, sum of log-probs)
         for rank, f in enumerate(top.tolist()):
             s = float(cand[f])
             if not s > -np.inf:  # -inf (a blocked token) or NaN: no candidates left
@@ -214,38 +221,23 @@ class BeamSearch:
                 if rank >= self.num_beams:
                     continue
                 tokens = self.seqs[beam].tolist() + ([] if reason == "eos" else [tok])
-                lp = float(lps[beam, tok]) if want_lp and reason == "stop" else None
+                lp = float(lps[beam, tok]) if self.logprobs is not None and reason == "stop" else None
                 tops = _tops(lps[beam], self.logprobs) if lp is not None else None
                 self._add(tokens, s, length, reason, beam, lp, tops)
             else:
-                next_beams.append(beam)
-                next_tokens.append(tok)
-                next_sums.append(s)
-                if len(next_beams) == self.num_beams:
+                picked.append((beam, tok, s))
+                if len(picked) == self.num_beams:
                     break
-        parents = np.asarray(next_beams, np.int64)
-        tokens = np.asarray(next_tokens, np.int64)
-        if want_lp:
-            self.token_lp = np.concatenate([self.token_lp[parents], lps[parents, tokens][:, None]], axis=1)
-            self.top_lp = [self.top_lp[b] + [_tops(lps[b], self.logprobs)] for b in next_beams]
-        self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
-        self.scores = np.asarray(next_sums, np.float64)
-        best_sum = float(cand[top[0]]) if len(top) else -np.inf
-        if not next_beams or self._is_done(best_sum, length):
-            self.done = True
-        elif length >= self.max_new_tokens:
-            for b in range(len(next_beams)):  # finalize: the live beams compete as they are
-                self._add(self.seqs[b].tolist(), float(self.scores[b]), length, "length", b, None, None)
-            self.done = True
-        self.rows = 0 if self.done else len(next_beams)
-        return tokens, parents
+        parents, tokens, sums = zip(*picked) if picked else ((), (), ())
+        return np.asarray(parents, np.int64), np.asarray(tokens, np.int64), np.asarray(sums, np.float64)
 
     def _after_step(self, parents: np.ndarray, tokens: np.ndarray, sums: np.ndarray, best_sum: float) -> None:
-        """The fast path's bookkeeping: no candidate ended, the next beams are the top num_beams."""
+        """Extend the chosen next beams; the search is done when none is left, when they cannot beat the finished
+        hypotheses, or at max_new_tokens (then the live beams compete as they are)."""
         self.seqs = np.concatenate([self.seqs[parents], tokens[:, None]], axis=1)
         self.scores = sums
         length = self.seqs.shape[1]
-        if self._is_done(best_sum, length):
+        if not len(tokens) or self._is_done(best_sum, length):
             self.done = True
         elif length >= self.max_new_tokens:
             for b in range(len(tokens)):

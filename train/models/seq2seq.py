@@ -78,6 +78,18 @@ def attend(
     return att @ v  # (B,H,Tq,Dh)
 
 
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                  past_blocked: torch.Tensor, scale: float) -> torch.Tensor:
+    """``attend`` of one new query over its cached keys and its own new key, without concatenating them: a
+    cache copy per step would cost O(P) in a decode step that otherwise reads it once. q, k, v (B,H,1,Dh),
+    past_k/v (B,H,P,Dh), past_blocked (B,1,1,P) True where a cached slot is empty (the own slot never is).
+    Returns (B,H,1,Dh)."""
+    past = (q @ past_k.transpose(-2, -1)) * scale  # (B,H,1,P)
+    past = past.masked_fill(past_blocked, torch.finfo(past.dtype).min)
+    att = F.softmax(torch.cat([past, (q * k).sum(-1, keepdim=True) * scale], dim=-1), dim=-1)  # (B,H,1,P+1)
+    return att[..., :-1] @ past_v + att[..., -1:] * v  # (B,H,1,Dh)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, args: Seq2SeqArgs) -> None:
         super().__init__()
@@ -185,7 +197,7 @@ class DecoderBlock(nn.Module):
         x: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
-        self_blocked: torch.Tensor,
+        past_blocked: torch.Tensor,
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
         src_blocked: torch.Tensor,
@@ -195,16 +207,15 @@ class DecoderBlock(nn.Module):
         n*G .. n*G+G-1 attend to source n, as G queries of one call (the beams of a request read their source's
         K/V once, not from G copies). The rows stay 2-D (no time axis): with T = 1 the heads transpose is a
         reshape of constant shape, and each linear layer exports as one Gemm with its bias, which keeps the
-        step graph lean. x (B,D), past_k/v (B,H,P,Dh), self_blocked (B,1,1,P+1), cross_k/v (N,H,S,Dh),
-        src_blocked (N,1,1,S) -> x (B,D), present k/v (B,H,P+1,Dh)."""
+        step graph lean. Returns the new position's K/V only (the caller owns the cache and writes them into
+        it). x (B,D), past_k/v (B,H,P,Dh), past_blocked (B,1,1,P), cross_k/v (N,H,S,Dh), src_blocked (N,1,1,S)
+        -> x (B,D), new k/v (B,H,1,Dh)."""
         sa, ca = self.self_attn, self.cross_attn
         H, D = sa.n_heads, sa.proj.out_features
         Dh = D // H
         qkv = sa.qkv(self.ln1(x))  # (B,3D)
         q, k, v = (qkv[:, j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
-        k = torch.cat([past_k, k], dim=2)  # (B,H,P+1,Dh)
-        v = torch.cat([past_v, v], dim=2)
-        y = attend(q, k, v, self_blocked, sa.scale, sa.attn_drop)  # (B,H,1,Dh)
+        y = attend_cached(q, k, v, past_k, past_v, past_blocked, sa.scale)  # (B,H,1,Dh)
         x = x + sa.proj(y.reshape(-1, D))  # (B,D)
         cq = ca.q(self.ln2(x)).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
         y = attend(cq, cross_k, cross_v, src_blocked, ca.scale, ca.attn_drop)  # (N,H,G,Dh)
@@ -309,8 +320,8 @@ class Seq2SeqTransformer(nn.Module):
         -> logits (B,V), present_k/v (L,B,H,P+1,Dh).
         """
         caches = [t[i] for i in range(len(self.decoder)) for t in (cross_k, cross_v, past_k, past_v)]
-        logits, *present = self.decode_step_layers(tokens, positions, src_pad_mask, past_pad_mask, *caches)
-        return logits, torch.stack(present[0::2]), torch.stack(present[1::2])
+        logits, *new = self.decode_step_layers(tokens, positions, src_pad_mask, past_pad_mask, *caches)
+        return logits, torch.cat([past_k, torch.stack(new[0::2])], 3), torch.cat([past_v, torch.stack(new[1::2])], 3)
 
     def decode_step_layers(self, tokens: torch.Tensor, positions: torch.Tensor, src_pad_mask: torch.Tensor,
                            past_pad_mask: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -318,19 +329,18 @@ class Seq2SeqTransformer(nn.Module):
         step splits, copies or re-stacks a cache), and the cross K/V of N sources shared by B = N * G rows
         (``DecoderBlock.step``). tokens (B,1), positions (B,), src_pad_mask (N,S), past_pad_mask (B,P), then per
         layer i: cross_k_i, cross_v_i (N,H,S,Dh), past_k_i, past_v_i (B,H,P,Dh)
-        -> logits (B,V), then per layer i: present_k_i, present_v_i (B,H,P+1,Dh)."""
+        -> logits (B,V), then per layer i: new_k_i, new_v_i (B,H,1,Dh), the K/V of this step's position (the
+        caller appends them to its cache: the step never copies one)."""
         x = self.embed_tokens(tokens[:, 0], positions)  # (B,D)
-        # the new token's own slot is never blocked, so no query row is fully masked even when P = 0
-        own = torch.zeros_like(tokens, dtype=torch.bool)  # (B,1)
-        self_blocked = torch.cat([past_pad_mask, own], dim=1)[:, None, None, :]  # (B,1,1,P+1)
+        past_blocked = past_pad_mask[:, None, None, :]  # (B,1,1,P)
         src_blocked = src_pad_mask[:, None, None, :]  # (N,1,1,S)
         sources = caches[0].shape[0]  # N, read once: every layer's grouping reuses it
-        present: list[torch.Tensor] = []
+        new: list[torch.Tensor] = []
         for i, block in enumerate(self.decoder):
             cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
-            x, k, v = block.step(x, past_k, past_v, self_blocked, cross_k, cross_v, src_blocked, sources)
-            present += [k, v]  # (B,H,P+1,Dh) each
-        return (self.logits(x), *present)  # logits (B,V)
+            x, k, v = block.step(x, past_k, past_v, past_blocked, cross_k, cross_v, src_blocked, sources)
+            new += [k, v]  # (B,H,1,Dh) each
+        return (self.logits(x), *new)  # logits (B,V)
 
     def empty_cache(
         self, batch: int, device: torch.device | None = None
