@@ -498,6 +498,32 @@ def test_requests_kept_in_the_token_log_match_their_lone_runs(eos_id):
         assert [len(o.token_ids) for r in alone for o in r.outputs] == [150, 90, 90, 90, 1, 130, 70]
 
 
+@pytest.mark.parametrize("eos_id", [None, 3])
+def test_streams_kept_in_the_token_log_send_the_events_of_the_general_path(eos_id):
+    """Character-level streams without stops, logprobs or processors stream their pieces from the token log, all
+    rows at once; a stop string that never matches sends them down the general path: the same deltas (text,
+    output index, finish reason) either way, through joins, EOS and length."""
+    model = TableModel(vocab_size=4, eos_id=eos_id, seed=7, scale=0.7)
+    probes = [("ab", {"temperature": 0, "max_new_tokens": 40}), ("ca", {"temperature": 0, "max_new_tokens": 1}),
+              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3})]
+
+    async def streamed(s, text, params):
+        job = s.submit(text, params, stream=True)
+        return [(e.kind, e.index, e.text, e.extra.get("finish_reason")) for e in [e async for e in s.events(job)]
+                if e.kind == "delta"], [(o.token_ids, o.finish_reason) for o in job.result().outputs]
+
+    async def main(extra):
+        s = await started(model)
+        try:
+            return await asyncio.gather(*(streamed(s, t, {**p, **extra}) for t, p in probes))
+        finally:
+            await s.stop()
+
+    plain, general = run(main({})), run(main({"stop": ["zz"]}))
+    assert plain == general and sum(len(deltas) for deltas, _ in plain) > 6
+    assert {f for deltas, _ in plain for *_, f in deltas if f} == ({"length", "eos"} if eos_id else {"length"})
+
+
 def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     model = TableModel(vocab_size=4, eos_id=None, seed=1)
     model.gate = threading.Semaphore(0)

@@ -179,6 +179,71 @@ def test_a_charlm_artifact_without_prefill_serves_the_same_text(repo, tmp_path):
     assert texts == asyncio.run(answers(new)) and all(len(t) == 6 for t in texts)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_chunked_prefill_gives_the_tokens_of_whole_prompts(repo, backend):
+    """Prompts prefilled a few tokens per iteration (staged at different times, sharing calls) give exactly the
+    tokens of prompts prefilled whole, greedy and seeded sampling alike."""
+    directory = repo / "tiny-charlm" / "1"
+    prompts = ["hello there", "ab", "a", "the quick brown fox jumps", "hello there"]
+    params = [{"temperature": 0, "max_new_tokens": 8}, {"temperature": 0.9, "top_k": 5, "seed": 3, "max_new_tokens": 8}]
+
+    async def answers(budget: int) -> list[list[int]]:
+        s = GenerationServable(load_manifest(directory), directory, settings(backend=backend), "cpu")
+        await s.start()
+        s.scheduler.prefill_budget = budget
+        await s.warmup()
+        try:
+            results = await asyncio.gather(*(s.generate(t, p) for p in params for t in prompts))
+            return [r.outputs[0].token_ids for r in results]
+        finally:
+            await s.stop()
+
+    whole = asyncio.run(answers(10_000))
+    assert asyncio.run(answers(3)) == whole and len(set(map(tuple, whole))) > 2
+
+
+def test_a_long_prompt_joining_costs_running_rows_at_most_the_budget_per_step(repo):
+    """While a long prompt is prefilled, the running request steps every iteration: each prefill call between two
+    of its steps feeds at most the budget's tokens, and the long prompt joins after its last chunk."""
+    directory = repo / "tiny-charlm" / "1"
+    budget, long_prompt = 4, "abcdefghij" * 4
+
+    async def run() -> list[tuple[str, int]]:
+        s = GenerationServable(load_manifest(directory), directory, settings(), "cpu")
+        await s.start()
+        await s.warmup()
+        model, calls = s.model, []
+        s.scheduler.prefill_budget = budget
+        step, prefill = model.step, model.prefill
+
+        def logged_step(tokens):
+            calls.append(("step", len(tokens)))
+            return step(tokens)
+
+        def logged_prefill(b):
+            before = sum(model.fed)
+            ready = prefill(b)
+            calls.append(("prefill", sum(model.fed) - before))
+            return ready
+
+        model.step, model.prefill = logged_step, logged_prefill
+        try:  # a one-token prompt joins at once and runs 64 steps; the long one is staged right behind it
+            running = s.submit("x", {"temperature": 0, "max_new_tokens": 64, "min_new_tokens": 64})
+            await s.generate(long_prompt, {"temperature": 0, "max_new_tokens": 1})
+            await s.wait(running)
+        finally:
+            await s.stop()
+        return calls
+
+    calls = asyncio.run(run())
+    fed = [i for i, (kind, n) in enumerate(calls) if kind == "prefill" and n]
+    chunks = [calls[i][1] for i in fed]
+    assert sum(chunks) == len(long_prompt) - 1 and max(chunks) <= budget and len(chunks) >= 39 / budget
+    # between two chunks the running request took its step, alone (the long prompt had not joined yet)
+    assert all(("step", 1) in calls[a + 1:b] and ("step", 2) not in calls[a + 1:b] for a, b in zip(fed, fed[1:]))
+    assert calls[fed[-1] + 1] == ("step", 2)  # the long prompt joined right after its last chunk
+
+
 def test_seq2seq_step_runner_does_not_spin_or_copy_for_nothing(repo):
     """Decoding sessions sleep between runs (spinning workers starve the scheduler thread on few cores), and a
     reorder that keeps every row in place copies no cache; a real one still moves the rows."""

@@ -1,19 +1,13 @@
 """Admission by predicted wait: a request joins the waiting queue only if it can start soon and finish within its
 deadline; otherwise it is refused at once (429 with ``Retry-After``), before it costs anything.
 
-Under overload a queue bounded by count only lets every admitted request wait behind all the others: their
-latency grows to seconds, many pass their deadline mid-generation, and the work spent on them is lost. Here the
-wait is predicted in O(1) from three numbers the scheduler keeps up to date: the rows reserved by running
-requests, the rows of the requests waiting, and the typical request's length in steps. In a full batch of
-requests ``typical_steps`` long, rows free up at ``max_running_rows / typical_steps`` per step on average, so a
-request that finds ``short`` more rows wanted (waiting ones ahead, its own) than are free waits about
-``short * typical_steps / max_running_rows`` steps. A request is admitted while that is at most
-``QUEUE_BUDGET`` of a typical run, and wait plus its own run fit before its deadline. Lengths are
-``max_new_tokens``: an upper bound when EOS or a stop string ends a request earlier, so the wait is
-overestimated then (admission errs towards shedding, not towards queueing).
-
-Because the rule needs nothing from the request but its rows, routes call ``refuse_if_full()`` before reading the body:
-under overload most refusals cost no body parsing at all.
+A queue bounded by count lets every admitted request wait behind all the others under overload (seconds; many
+pass their deadline mid-generation). Here the wait is predicted in O(1): in a full batch of requests
+``typical_steps`` long, rows free up at ``max_running_rows / typical_steps`` per step, so a request that finds
+``short`` more rows wanted (waiting ones ahead, its own) than free waits ``short * typical_steps /
+max_running_rows`` steps. It is admitted while that is at most ``QUEUE_BUDGET`` of a typical run and wait plus run
+fit its deadline. Lengths are ``max_new_tokens``, an upper bound: admission errs towards shedding. The rule needs
+only the request's rows, so routes call ``refuse_if_full()`` before reading the body.
 """
 
 from __future__ import annotations
@@ -41,18 +35,14 @@ class Slot:
 
 
 class Admission:
-    """The wait predictor and the admission rule of one scheduler. The scheduler updates ``reserved`` and
-    ``waiting_rows`` as requests join and leave (under its lock); reading them from the event loop may be one
-    step stale, which the budget absorbs."""
+    """One scheduler's wait predictor and rule. The scheduler updates the counts under its lock; the event loop
+    may read them one step stale, which the budget absorbs."""
 
     def __init__(self, max_running_rows: int) -> None:
         self.max_running_rows = max_running_rows
-        self.step_s = 0.0
-        """Moving average of one scheduler step (model step and selection), in seconds."""
-        self.typical_steps = 0.0
-        """Moving average of the admitted requests' ``max_new_tokens``."""
-        self.waiting_rows = 0
-        """Rows reserved by the requests in the waiting queue."""
+        self.step_s = 0.0  # Moving average of one scheduler step (model step and selection), in seconds.
+        self.typical_steps = 0.0  # Moving average of the admitted requests' ``max_new_tokens``.
+        self.waiting_rows = 0  # Rows reserved by the requests in the waiting queue.
 
     def observe(self, seconds: float) -> None:
         """A step took ``seconds``."""
@@ -64,9 +54,8 @@ class Admission:
         return 0.0 if short <= 0 else short * max(self.typical_steps, 1.0) / self.max_running_rows
 
     def check(self, reserved: int, new: Slot, time_left_s: float) -> None:
-        """Raise ``Overloaded`` (429, ``Retry-After``) unless ``new``, with ``time_left_s`` until its deadline, can
-        start at the next step, or is predicted to start within ``QUEUE_BUDGET`` of a typical run and finish
-        before its deadline."""
+        """Raise ``Overloaded`` (429) unless ``new`` starts at the next step, or is predicted to start within
+        ``QUEUE_BUDGET`` of a typical run and finish within ``time_left_s``."""
         typical = self.typical_steps or new.steps  # the first request is its own yardstick
         steps = self.wait_steps(reserved, new.rows)
         wait, run = steps * self.step_s, new.steps * self.step_s

@@ -17,25 +17,21 @@ class StepPlan:
     """How this step picks each running row's token: the rows by strategy, and the requests it must visit.
     Rebuilt only when the batch changes."""
 
-    greedy: slice | np.ndarray
-    """Rows chosen by argmax (``slice(None)`` when that is every row)."""
+    greedy: slice | np.ndarray  # Rows chosen by argmax (``slice(None)`` when that is every row).
     any_greedy: bool
-    starts: list[int]
-    """Each running request's first row, in order (to find the request behind a row)."""
-    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Sampled rows, and each one's temperature, top-k and top-p."""
+    starts: list[int]  # Each running request's first row, in order (to find the request behind a row).
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sampled rows; their settings:
     temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     top_k: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     samplers: list[Job] = field(default_factory=list)
     """The sampling requests, in row order (each draws its rows' uniforms from its own generator)."""
     beams: list[Job] = field(default_factory=list)
-    processed: list[Job] = field(default_factory=list)
-    """Row requests with logit processors."""
-    with_logprobs: list[Job] = field(default_factory=list)
-    """Row requests that return logprobs."""
-    visited: list[Job] = field(default_factory=list)
-    """Requests looked at every step (all but the plain ones, see ``Job.plain``)."""
+    processed: list[Job] = field(default_factory=list)  # Row requests with logit processors.
+    with_logprobs: list[Job] = field(default_factory=list)  # Row requests that return logprobs.
+    visited: list[Job] = field(default_factory=list)  # requests looked at every step (all but ``Job.plain`` ones)
+    streamed: list[tuple[Job, int]] = field(default_factory=list)  # streaming plain rows: (request, output index)
+    stream_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def of(cls, running: list[Job], rows: int) -> StepPlan:
@@ -47,15 +43,17 @@ class StepPlan:
             return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), [j.rows for j in sampled])
 
         row_jobs = [j for j in running if not j.is_beam]
-        return cls(
-            greedy=slice(None) if len(greedy) == rows else np.asarray(greedy, np.int64),
+        return cls(greedy=slice(None) if len(greedy) == rows else np.asarray(greedy, np.int64),
             any_greedy=bool(greedy), starts=[j.start for j in running],
             sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
             temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
             top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
             processed=[j for j in row_jobs if j.processors],
             with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
-            visited=[j for j in running if not j.plain])
+            visited=[j for j in running if not j.plain],
+            streamed=[(j, s.index) for j in running if j.plain and j.stream for s in j.live],
+            stream_rows=np.asarray([r for j in running if j.plain and j.stream for r in range(j.start, j.start + j.rows)],
+                                   np.int64))
 
     def process(self, logits: np.ndarray) -> dict[int, np.ndarray]:
         """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
@@ -71,6 +69,8 @@ class StepPlan:
     def select(self, logits: np.ndarray) -> np.ndarray:
         """Every greedy row in one argmax, every sampled row in one vectorised draw (beams: ``select_beams``
         and the scheduler's ``_beam_step``, which move rows)."""
+        if isinstance(self.greedy, slice):  # every row greedy: one argmax, no scatter
+            return greedy_tokens(logits)
         chosen = np.empty(len(logits), np.int64)
         if self.any_greedy:
             chosen[self.greedy] = greedy_tokens(logits[self.greedy])
@@ -80,9 +80,8 @@ class StepPlan:
         return chosen
 
     def select_beams(self, logits: np.ndarray) -> None:
-        """Beam requests at full width without stops, logprobs or history-reading processors: one vectorised
-        selection per beam width (``BeamSearch.select_many``); the others are left to ``_beam_step``.
-        Processors that read no history (``min_new_tokens``) edit their request's block of scores first."""
+        """Beams at full width without stops, logprobs or history-reading processors: one ``select_many`` per
+        width (others: ``_beam_step``); history-free processors (``min_new_tokens``) edit their scores first."""
         groups: dict[int, list[Job]] = {}
         for j in self.beams:
             k = j.params.num_beams
@@ -99,16 +98,14 @@ class StepPlan:
 
 
 class RowMoves:
-    """Where this step's rows go: runs of rows that stay in place, and the rows of requests that moved, in order.
-    Requests whose rows all stay extend a run; only the others (beams, finished or partly finished requests)
-    cut it, so a step where nothing leaves builds no index at all."""
+    """Where this step's rows go: runs of rows that stay in place, cut only by requests that moved (beams, finished
+    ones), so a step where nothing leaves builds no index at all."""
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
         self.index: list[np.ndarray] = []
         self.tokens: list[np.ndarray] = []
-        self.run_start = 0
-        """First row of the current run of unchanged rows."""
+        self.run_start = 0  # First row of the current run of unchanged rows.
         self.moved = False
         self.regroup = False
         """Whether a request left or changed width (requests are renumbered, the model regroups its sources)."""

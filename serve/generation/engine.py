@@ -1,9 +1,6 @@
-"""``GenerationServable``: a char-LM or seq2seq artifact behind a continuous-batching scheduler.
-
-The HTTP layers (``routes.py``, ``openai_api.py``) call ``submit`` to turn text and parameters into a
-``Job`` (validated against the caps, tokenized, queued), then read its events: ``generate`` waits for the
-result, ``events`` yields streaming deltas. ``cancel`` frees a job's rows at the next step.
-"""
+"""``GenerationServable``: a char-LM or seq2seq artifact behind a continuous-batching scheduler. Routes ``submit``
+text and parameters (validated, tokenized, queued as a ``Job``), then ``wait`` for the result or read its
+``events``; ``cancel`` frees a job's rows at the next step."""
 
 from __future__ import annotations
 
@@ -32,22 +29,17 @@ class GenerationServable(Servable):
 
     def __init__(self, manifest: Manifest, directory: Path, settings: Any, device: str, *,
                  step_model: StepModel | None = None, tokenizer: Tokenizer | None = None) -> None:
-        self.manifest = manifest
-        self.directory = Path(directory)
-        self.settings = settings
-        self.device = device
+        self.manifest, self.directory, self.settings, self.device = manifest, Path(directory), settings, device
         self.ready = False
         self.reason: str | None = "not started"
-        self.model = step_model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = step_model, tokenizer
         self.scheduler: Scheduler | None = None
         self.is_seq2seq = manifest.task == "seq2seq"
         self.limits = Limits(
             max_prompt_length=min(settings.max_prompt_length,
                                   int(manifest.limits.get("max_source_length") or settings.max_prompt_length))
             if self.is_seq2seq else settings.max_prompt_length,
-            max_new_tokens=settings.max_new_tokens,
-            max_beams_x_n=settings.max_beams_x_n,
+            max_new_tokens=settings.max_new_tokens, max_beams_x_n=settings.max_beams_x_n,
             max_running_rows=settings.max_running_rows,
         )
 
@@ -156,12 +148,9 @@ class GenerationServable(Servable):
             self.scheduler.cancel(job)
 
     async def event_batches(self, job: Job) -> AsyncIterator[list[Event]]:
-        """Stream a job's events until ``done``, each time all that are ready (streams write them as one chunk:
-        when the event loop falls behind, fewer and larger writes let it catch up; otherwise one event each);
-        errors raise. Leaving early (client gone) cancels the job, and so does its deadline passing while it
-        waits (a grace second over it: the scheduler normally reports it itself, between steps). One timer
-        per request rather than a ``wait_for`` per event: 32 streams make thousands of events a second, and
-        each ``wait_for`` costs a task."""
+        """A job's events until ``done``, all that are ready each time (one write: a loop that fell behind catches
+        up); errors raise. Leaving early, or the deadline passing (plus a grace second), cancels the job. One
+        timer per request, not a ``wait_for`` (a task) per event: 32 streams make thousands of events a second."""
         timer = _deadline_timer(job)
         queue = job.events
         try:

@@ -14,7 +14,7 @@ import numpy as np
 
 from deepserve.serve.generation.params import GenerationParams, Processor
 from deepserve.serve.generation.strategies import BeamSearch, Sampling, _tops
-from deepserve.serve.generation.tokenizers import Tokenizer, stable_text
+from deepserve.serve.generation.tokenizers import CharTokenizer, Tokenizer, stable_text
 
 _ids = itertools.count()
 
@@ -26,10 +26,8 @@ class Output:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str
-    """length | eos | stop"""
-    score: float | None = None
-    """Beam search: the length-penalised hypothesis score."""
+    finish_reason: str  # length | eos | stop
+    score: float | None = None  # Beam search: the length-penalised hypothesis score.
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
@@ -73,8 +71,7 @@ class SeqState:
         self.finish_reason: str | None = None
         self.logprobs: list[float] | None = [] if want_logprobs else None
         self.top_logprobs: list[list[tuple[int, float]]] | None = [] if want_logprobs else None
-        self.lp_sent = 0
-        """Streaming: how many of ``logprobs`` were already sent."""
+        self.lp_sent = 0  # Streaming: how many of ``logprobs`` were already sent.
 
 
 def find_stop(text: str, stops: list[str], start: int) -> int:
@@ -118,46 +115,34 @@ class Job:
                  strategy: BeamSearch | Sampling | None, processors: list[Processor], tokenizer: Tokenizer,
                  stream: bool, deadline: float, loop: asyncio.AbstractEventLoop | None,
                  history_includes_prompt: bool) -> None:
-        self.id = next(_ids)
-        self.params = params
-        self.prompt_ids = prompt_ids
-        self.max_new_tokens = max_new_tokens
-        self.strategy = strategy
-        self.processors = processors
+        self.id, self.params, self.prompt_ids, self.max_new_tokens = next(_ids), params, prompt_ids, max_new_tokens
+        self.strategy, self.processors, self.tokenizer = strategy, processors, tokenizer
         self.needs_history = any(p.needs_history for p in processors)
         self.history_prefix = prompt_ids if history_includes_prompt else []
-        self.tokenizer = tokenizer
-        self.stream = stream
-        self.deadline = deadline
-        self.loop = loop
+        self.stream, self.deadline, self.loop = stream, deadline, loop
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.cancelled = False
-        self.finished = False
+        self.cancelled = self.finished = False
         self.stops = params.stop
         self.track_text = stream or bool(self.stops)
         self.is_beam = isinstance(strategy, BeamSearch)
-        self.plain = not self.is_beam and not self.track_text and params.logprobs is None and not processors
-        """Row strategy with nothing to do per token but keep it: while this holds, the scheduler keeps the
-        request's tokens in its ``TokenLog`` and touches the request only when it ends (length or EOS)."""
-        self.col0 = 0
-        """Plain requests: the ``TokenLog`` column of the first generated token."""
-        self.reserve = params.rows
-        """Rows reserved while running (beam search starts narrower but may widen to num_beams)."""
+        self.plain = not self.is_beam and not self.stops and params.logprobs is None and not processors and \
+            (not stream or isinstance(tokenizer, CharTokenizer))
+        """Row strategy with nothing to do per token but keep it (and stream its text, one character-level piece
+        per token): while this holds, the scheduler keeps the request's tokens in its ``TokenLog``, streams the
+        pieces for all such rows at once and touches the request only when it ends (length or EOS)."""
+        self.col0 = 0  # Plain requests: the ``TokenLog`` column of the first generated token.
+        self.reserve = params.rows  # while running (beam search starts narrower but may widen to num_beams)
         n = 1 if self.is_beam else params.num_return_sequences
         want_lp = params.logprobs is not None
         self.seqs = [SeqState(i, want_lp) for i in range(n)]
         self.live: list[SeqState] = list(self.seqs) if not self.is_beam else []
         """Row strategies: the sequence behind each of the request's rows, in row order."""
-        self.row_seqs: list[SeqState] = []
-        """Row strategies: ``live`` as it was at the start of the current step."""
-        self.beam_out: tuple = ()
-        """Beam search: (parents, tokens) of the current step."""
-        self.generated = 0
-        self.streamed_beam_text = ""
+        self.row_seqs: list[SeqState] = []  # Row strategies: ``live`` as it was at the start of the current step.
+        self.beam_out: tuple = ()  # Beam search: (parents, tokens) of the current step.
+        self.generated, self.streamed_beam_text = 0, ""
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
-        self.start = 0
-        """First row of the request in the running batch."""
+        self.start = 0  # First row of the request in the running batch.
 
     @property
     def rows(self) -> int:
@@ -199,6 +184,9 @@ class Job:
         """A plain request leaving the scheduler's token log: its rows' tokens of the columns before ``col``."""
         for r, seq in enumerate(self.live):
             seq.tokens.extend(log.tokens(self.start + r, self.col0, col))
+            if self.stream:  # the pieces streamed from the log so far are its text, all sent
+                seq.text = self.tokenizer.decode(seq.tokens)
+                seq.emitted = len(seq.text)
         self.generated = col - self.col0
 
     # ---- text ----------------------------------------------------------------------------------------------
@@ -303,16 +291,13 @@ class Job:
 
 
 class TokenLog:
-    """The token each batch row chose at every step, as a (rows, steps) array that follows the batch's row
-    order: one column write per step instead of one list append per row. Columns are absolute step numbers
-    offset by ``base``; the columns no running request needs any more are dropped when the array fills."""
+    """Each row's token of every step, a (rows, steps) array in batch order: one column write per step. Columns
+    are absolute steps offset by ``base``; those no running request needs are dropped when the array fills."""
 
     def __init__(self, width: int = 64) -> None:
         self.data = np.zeros((0, width), np.int64)  # (B, W)
-        self.base = 0
-        """Absolute column of ``data[:, 0]``."""
-        self.col = 0
-        """Absolute column of the next step."""
+        self.base = 0  # Absolute column of ``data[:, 0]``.
+        self.col = 0  # Absolute column of the next step.
 
     def write(self, chosen: np.ndarray, oldest: Callable[[], int]) -> None:
         """Store this step's tokens (B,) in column ``col`` and advance; ``oldest()`` is the first column any
@@ -341,9 +326,8 @@ class TokenLog:
 
 
 class EventKind(str, Enum):
-    """What an ``Event`` tells the request's caller: new streamed text (``DELTA``; index -1: the prefix every beam
-    shares), the result (``DONE``), a failure (``ERROR``), or the engine's own deadline timer (``TIMEOUT``). A
-    ``str`` enum: it compares equal to its value."""
+    """An ``Event``: streamed text (``DELTA``; index -1: the prefix every beam shares), the result (``DONE``), a
+    failure (``ERROR``), or the engine's deadline timer (``TIMEOUT``); equal to its string value."""
 
     DELTA, DONE, ERROR, TIMEOUT = "delta", "done", "error", "timeout"
 

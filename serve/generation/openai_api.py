@@ -1,14 +1,10 @@
 """OpenAI-compatible completions: ``POST /v1/completions`` (plain and ``stream``) and ``GET /v1/models``.
 
-Standard fields: model, prompt (a string or a list of strings), max_tokens (default 16), temperature
-(default 1), top_p, n, stream, seed, stop, logprobs. Extensions (the SDK sends them through ``extra_body``):
-top_k (-1 or 0 disables), use_beam_search, num_beams (defaults to n with use_beam_search, as in vLLM),
-length_penalty, early_stopping, repetition_penalty, min_tokens, no_repeat_ngram_size. A seq2seq model takes
-its source sentence as the prompt. Error messages name the OpenAI field (``max_tokens``, not
-``max_new_tokens``) and come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
-(``OpenAIRoute``), also as the last event of a stream that fails. With ``stream`` and
-``logprobs``, each chunk carries the logprobs of the tokens generated since the previous chunk of its choice
-(beam search: all of them in each choice's final chunk).
+Fields: model, prompt (a string or a list), max_tokens (16), temperature (1), top_p, n, stream, seed, stop, logprobs;
+extensions (``extra_body``): top_k (-1 or 0 off), use_beam_search, num_beams (n with beam search, as in vLLM),
+length_penalty, early_stopping, repetition_penalty, min_tokens, no_repeat_ngram_size. Errors name the OpenAI field
+in OpenAI's shape (``OpenAIRoute``), also as a failing stream's last event. Streamed chunks carry the logprobs of
+the tokens since their choice's previous chunk (beam search: all in the final chunk).
 """
 
 from __future__ import annotations
@@ -28,12 +24,10 @@ from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.routes import (
-    SSE_HEADERS, Piece, generation_servable, read_json, run_to_results, sse, sse_stream,
-)
+    SSE_HEADERS, Piece, generation_servable, read_json, run_to_results, sse, sse_stream)
 from deepserve.serve.generation.schemas import (
     COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
-    completion_request_schema, request_body, responses, sse_event,
-)
+    completion_request_schema, request_body, responses, sse_event)
 from deepserve.serve.http_util import deadline_from
 
 # ---- OpenAI's error shape -----------------------------------------------------------------------------------
@@ -44,9 +38,8 @@ _OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413
 
 
 def openai_error(error: ServeError) -> dict[str, Any]:
-    """``{"error": {"message", "type", "param", "code"}}``: what the openai SDK reads (``APIError.message``
-    ends with ``error.message``; ``.type``, ``.param`` and ``.code`` come from the same object). ``param`` is
-    the request field an ``InvalidParameter`` names."""
+    """``{"error": {"message", "type", "param", "code"}}``, what the openai SDK reads into ``APIError``; ``param``
+    is the request field an ``InvalidParameter`` names."""
     code = "model_not_found" if isinstance(error, NotFound) else "rate_limit_exceeded" if error.status == 429 else None
     return {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
                       "param": error.parameter if isinstance(error, InvalidParameter) else None, "code": code}}
@@ -69,8 +62,7 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as e:
                 problems = [f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg', 'invalid')}"
                             for err in e.errors()]
-                return JSONResponse(openai_error(BadRequest("; ".join(problems) or "invalid request")),
-                                    status_code=400)
+                return JSONResponse(openai_error(BadRequest("; ".join(problems) or "invalid request")), status_code=400)
 
         return openai_errors
 
@@ -142,8 +134,7 @@ def _usage(results: list[Result]) -> dict[str, int]:
              responses={**responses(Completion, OpenAIError), 200: {
                  "model": Completion, "description": "A text_completion object; with stream, server-sent events "
                                                      "of CompletionChunk objects ending with `data: [DONE]`",
-                 "content": {"text/event-stream": {"schema": sse_event(CompletionChunk, OpenAIError,
-                                                                        done="[DONE]")}}}})
+                 "content": {"text/event-stream": {"schema": sse_event(CompletionChunk, OpenAIError, done="[DONE]")}}}})
 async def completions(request: Request):
     body = await read_json(request)
     model = body.get("model")
@@ -164,16 +155,13 @@ async def completions(request: Request):
         if isinstance(e, InvalidParameter):
             raise openai_named(e) from None
         raise
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model}
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
     n = params.num_return_sequences
     if stream:
-        return StreamingResponse(_stream(servable, jobs, head, n), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(_stream(servable, jobs, head, n), media_type="text/event-stream", headers=SSE_HEADERS)
 
     results = await run_to_results(request, servable, jobs)
-    choices = [
-        {"index": i * n + o.index, "text": o.text, "logprobs": _output_logprobs(o, servable.tokenizer),
+    choices = [{"index": i * n + o.index, "text": o.text, "logprobs": _output_logprobs(o, servable.tokenizer),
          "finish_reason": o.finish_reason}
         for i, r in enumerate(results) for o in r.outputs
     ]
@@ -190,8 +178,7 @@ def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any],
         logprobs = None
         if lp is not None:
             logprobs, offsets[index] = _logprobs_json(lp, tok, offsets.get(index, 0))
-        return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": finish}]})
+        return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
     return sse_stream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
 

@@ -4,10 +4,8 @@ routes in ``openai_api.py`` differ only in their encoder and error shape).
     POST /v2/models/{model}[/versions/{version}]/generate          -> one JSON answer
     POST /v2/models/{model}[/versions/{version}]/generate_stream   -> server-sent events
 
-Body ``{"text_input": "...", "parameters": {...GenerationParams...}}``; answer ``{"model_name",
-"model_version", "text_output", "finish_reason", "usage", ...}``. Client errors raise ``ServeError``s, which
-the app turns into ``{"error": "..."}`` with the right status. The shapes are declared in ``schemas.py``
-(OpenAPI only: bodies are parsed by hand, answers are plain dicts).
+Body ``{"text_input", "parameters"}``; answer ``{"model_name", "model_version", "text_output", "finish_reason",
+"usage", ...}``; client errors raise ``ServeError``s. ``schemas.py`` declares the shapes for OpenAPI only.
 """
 
 from __future__ import annotations
@@ -25,11 +23,9 @@ from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event, EventKind, Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.schemas import (
-    GenerateResponse, GenerateStreamEvent, TritonError, generate_request_schema, request_body, responses,
-)
+    GenerateResponse, GenerateStreamEvent, TritonError, generate_request_schema, request_body, responses)
 from deepserve.serve.http_util import (
-    DirectRoute, deadline_from, json_depth_limit, parse_json, read_body, require_json,
-)
+    DirectRoute, deadline_from, json_depth_limit, parse_json, read_body, require_json)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -111,10 +107,8 @@ def pieces(job: Job, event: Event) -> Iterator[Piece]:
 
 async def sse_stream(servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
                      error: Callable[[ServeError], bytes], end: bytes = b"") -> AsyncIterator[bytes]:
-    """The server-sent events of ``jobs`` (one after the other; all were queued at once), each piece rendered by
-    ``encode(job number, piece)``: the Triton and OpenAI streams differ only in that and in ``error`` (the last
-    event of a stream that fails) and ``end``. Events ready together go out as one write (a stream that fell
-    behind catches up); leaving early (client gone) cancels every job."""
+    """The server-sent events of ``jobs`` (one after the other), each piece rendered by ``encode(job number,
+    piece)``; Triton and OpenAI differ only in that, ``error`` and ``end``. Leaving early cancels every job."""
     try:
         for i, job in enumerate(jobs):
             async with aclosing(servable.event_batches(job)) as batches:
@@ -221,8 +215,7 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@triton_router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)",
-                    **_GENERATE)
+@triton_router.post("/v2/models/{model}/generate", summary="Generate text (Triton generate extension)", **_GENERATE)
 async def generate(request: Request, model: str) -> Response:
     return await _generate(request, model, None)
 
@@ -245,5 +238,4 @@ async def generate_stream_version(request: Request, model: str, version: str) ->
 
 
 router.include_router(triton_router)
-HOT_ROUTES = triton_router.routes
-"""Answered by the app's front door (``HotPath``), ahead of the middleware stack."""
+HOT_ROUTES = triton_router.routes  # Answered by the app's front door (``HotPath``), ahead of the middleware stack.

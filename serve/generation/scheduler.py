@@ -1,12 +1,9 @@
-"""Continuous batching: one loop per model instance, on its own thread.
-
-Each iteration: admit waiting requests that fit (their rows join the batch: prefill or one batched encoder
-call), run one model step over every running row, choose the next tokens (``batch.StepPlan``), update the
-requests, then drop the rows of finished, cancelled or expired requests and follow beam back-pointers with a
-single state gather. Plain requests (``Job.plain``) cost nothing per row and step: their tokens go into one
-``TokenLog`` column per step, and the loop visits them only when a row picks EOS or they reach max_new_tokens.
-Events reach the asyncio side through one ``call_soon_threadsafe`` per loop and step. The thread sleeps on a
-``threading.Event`` when idle: no polling.
+"""Continuous batching: one loop per model instance, on its own thread. Each iteration: stage the waiting requests
+that fit, prefill staged prompts within ``prefill_budget`` tokens (a joining prompt delays running rows by a bounded
+chunk) and let those done join, run one step over every running row, choose tokens (``batch.StepPlan``), update the
+requests, drop finished rows and follow beam back-pointers with one state gather. Plain requests (``Job.plain``)
+cost nothing per row: their tokens go into one ``TokenLog`` column per step. Events reach the asyncio side through
+one ``call_soon_threadsafe`` per loop and hand-over. The thread sleeps on a ``threading.Event`` when idle.
 """
 from __future__ import annotations
 
@@ -29,18 +26,22 @@ from deepserve.serve.generation.strategies import BeamSearch, log_softmax
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
+PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~0.8 ms
 
 
 class Scheduler:
     def __init__(self, model: StepModel, tokenizer, *, max_running_rows: int, max_waiting: int,
-                 name: str = "model", version: str = "1") -> None:
+                 name: str = "model", version: str = "1", prefill_budget: int = PREFILL_TOKENS) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.char_level = isinstance(tokenizer, CharTokenizer)
+        self.pieces = np.asarray(tokenizer.pieces if self.char_level else [], object)  # token id -> its text
         self.max_running_rows = max_running_rows
         self.max_waiting = max_waiting
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
+        self.prefilling: list[Job] = []  # admitted, rows reserved, prompts staged in the model until they join
+        self.prefill_budget = prefill_budget
         self.reserved = 0
         self.tokens = np.zeros(0, np.int64)  # next input token of each row
         self.lock = threading.Lock()
@@ -66,9 +67,8 @@ class Scheduler:
         self.thread.start()
 
     def admit(self, rows: int, max_new_tokens: int, deadline: float) -> None:
-        """Refuse at once (``ShuttingDown``, or ``Overloaded``: 429 with Retry-After) a request of ``rows`` rows and
-        up to ``max_new_tokens`` steps that could not start soon or finish by ``deadline``; called before the
-        request is tokenized, so that a refusal costs little."""
+        """Refuse at once (``ShuttingDown``, ``Overloaded``) a request that could not start soon or finish by
+        ``deadline``; called before it is tokenized, so that a refusal costs little."""
         with self.lock:
             if self.closing:
                 raise ShuttingDown()
@@ -109,7 +109,7 @@ class Scheduler:
 
     def wait_rows(self, rows: int, timeout: float) -> bool:
         """Block until at most ``rows`` rows run and none wait (tests, drain)."""
-        return self.wait_until(lambda: self.model.rows <= rows and not self.waiting, timeout)
+        return self.wait_until(lambda: self.model.rows <= rows and not self.waiting and not self.prefilling, timeout)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` holds at a step boundary (checked whenever the batch may have changed)."""
@@ -121,11 +121,12 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.lock:
-                if not self.running and not self.waiting:
+                idle = not self.running and not self.prefilling and not self.waiting
+                if idle:
                     if self.closing:
                         return
                     self.wake.clear()
-            if not self.running and not self.waiting:
+            if idle:
                 self.wake.wait()
                 continue
             try:
@@ -160,22 +161,23 @@ class Scheduler:
         self.rows_changed.notify_all()
 
     def _expire(self, outbox: list) -> None:
-        """Remove cancelled and expired requests before the step (their rows are freed right away). Only looks
-        at the requests when one was cancelled or the earliest deadline has passed (then that bound is renewed:
-        one stale from a request that already left costs one more look)."""
+        """Remove cancelled and expired requests before the step; looks only when one was cancelled or the earliest
+        deadline passed (then renewed: a stale one from a request that left costs one more look)."""
         now = time.monotonic()
         if not self.cancels and now <= self.next_deadline:  # nothing to look for: no scan of every request
             return
         self.cancels = False
-        gone = [j for j in self.running if j.cancelled or j.deadline < now]
+        gone = [j for j in (*self.running, *self.prefilling) if j.cancelled or j.deadline < now]
         if gone:
             for j in gone:
                 if not j.cancelled:
                     outbox.append((j, Event(EventKind.ERROR, error=DeadlineExceeded(
                         "the request's deadline passed during generation"))))
                 j.finished = True
+            self.model.unstage([i for i, j in enumerate(self.prefilling) if j.finished])
+            self.prefilling = [j for j in self.prefilling if not j.finished]
             self._compact(keep_jobs=[j for j in self.running if not j.finished])
-        self.next_deadline = min((j.deadline for j in self.running), default=float("inf"))
+        self.next_deadline = min((j.deadline for j in (*self.running, *self.prefilling)), default=float("inf"))
 
     def _admit(self, outbox: list) -> None:
         joining: list[Job] = []
@@ -197,22 +199,30 @@ class Scheduler:
                 self.reserved += job.reserve
                 joining.append(job)
             self.metrics.waiting.set(len(self.waiting))
-        if not joining:
+        if joining:
+            self.model.stage([j.prompt_ids for j in joining])
+            self.prefilling += joining
+            self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
+        if self.prefilling:
+            self._join_prefilled()
+
+    def _join_prefilled(self) -> None:
+        """Spend this iteration's prefill budget; the requests whose prompts are done join the batch."""
+        ready = self.model.prefill(self.prefill_budget)
+        if not ready:
             return
-        copies = [j.rows for j in joining]
-        first = self.model.join([j.prompt_ids for j in joining], copies)
+        joining = [self.prefilling[i] for i in ready]
+        first = self.model.join_staged(ready, [j.rows for j in joining])
+        self.prefilling = [j for j in self.prefilling if j not in joining]
         start = len(self.tokens)
         for j in joining:
-            j.start = start
-            start += j.rows
-        self.running.extend(joining)
-        self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
-        self.tokens = np.concatenate([self.tokens, first])
-        self.log.add_rows(len(first))
-        for j in joining:
+            j.start, start = start, start + j.rows
             if j.plain:
                 j.col0 = self.log.col
                 self.due.setdefault(j.col0 + max(1, j.max_new_tokens) - 1, []).append(j)
+        self.running.extend(joining)
+        self.tokens = np.concatenate([self.tokens, first])
+        self.log.add_rows(len(first))
         self.fresh.extend(joining)
         self._plan = None
         self.metrics.running.set(self.model.rows)
@@ -230,6 +240,8 @@ class Scheduler:
         self.fresh = []
         self.log.write(chosen, lambda: min((j.col0 for j in self.running if j.plain), default=self.log.col))
         visit = self._to_visit(plan, chosen)
+        if plan.streamed:
+            self._stream_plain(plan, chosen, () if visit is plan.visited else set(visit), outbox)
         widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them
         plan.select_beams(logits)
         moves = RowMoves(len(chosen))
@@ -255,6 +267,13 @@ class Scheduler:
                 self._leave_log(j)
         ending = [j for j in ending if j.plain]
         return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
+
+    def _stream_plain(self, plan: StepPlan, chosen: np.ndarray, skip: set | tuple, outbox: list) -> None:
+        """Streaming plain rows: this step's piece of text as a delta each (requests in ``skip`` end or leave the log
+        this step and send theirs on the general path)."""
+        pieces = self.pieces[chosen[plan.stream_rows]].tolist()
+        outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
+                      if t and j not in skip)
 
     def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
                 raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
@@ -314,11 +333,13 @@ class Scheduler:
         for seq in j.live:
             seq.finish_reason = "length"
             self.metrics.finished("length")
+            if j.stream:  # this step's piece, with the reason
+                outbox.append((j, Event(EventKind.DELTA, index=seq.index, text=str(self.pieces[seq.tokens[-1]]),
+                                        extra={"finish_reason": "length"})))
         j.row_seqs, j.live = j.live, []
         self._finish(j, outbox)
 
-    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None,
-                  outbox: list) -> None:
+    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, outbox: list) -> None:
         outbox.extend((j, event) for event in j.advance(chosen, raw_lp, eos, self.char_level))
         for seq in j.row_seqs:
             if seq.finish_reason:
@@ -358,7 +379,7 @@ class Scheduler:
     def _compact(self, keep_jobs: list[Job]) -> None:
         index = np.concatenate([np.arange(j.start, j.start + j.rows) for j in keep_jobs]) if keep_jobs \
             else np.zeros(0, np.int64)
-        self.reserved = sum(j.reserve for j in keep_jobs)
+        self.reserved = sum(j.reserve for j in (*keep_jobs, *self.prefilling))
         self.model.reorder(index, regroup=True)
         self.log.reorder(index)
         self.tokens = self.tokens[index]
@@ -376,13 +397,15 @@ class Scheduler:
 
     def _fail_all(self, error: Exception) -> None:
         with self.rows_changed:  # as in ``_iteration``: finished and handed over under one hold
-            outbox = [(j, Event(EventKind.ERROR, error=error)) for j in self.running]
-            for j in self.running:
+            outbox = [(j, Event(EventKind.ERROR, error=error)) for j in (*self.running, *self.prefilling)]
+            for j, _ in outbox:
                 j.finished = True
             try:
+                self.model.unstage(list(range(len(self.prefilling))))
+                self.prefilling = []
                 self._compact([])
             except Exception:  # the model state itself is broken: start from an empty batch
                 log.exception("resetting the generation state failed")
-            self.running, self.reserved, self.tokens = [], 0, np.zeros(0, np.int64)
+            self.running, self.prefilling, self.reserved, self.tokens = [], [], 0, np.zeros(0, np.int64)
             self.log, self.due, self.fresh = TokenLog(), {}, []
             self._hand_over(outbox)

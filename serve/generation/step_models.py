@@ -1,25 +1,14 @@
-"""Step runners: the batched model state of a continuous batch and one decoding step over it.
-
-A ``StepModel`` owns the recurrent / key-value state of every running row, in batch order. The scheduler
-drives it with four calls:
-
-- ``join(prompts, copies)``: append rows for new requests (char-LM: prefill all prompt tokens but the last;
-  seq2seq: one batched encoder call). Returns the first input token of each new row.
-- ``step(tokens)``: feed one token per row, return next-token logits ``[B, V]`` (float32 numpy).
-- ``reorder(index, regroup)``: keep rows ``index`` in that order (finished rows leave, beams follow their
-  back-pointers). ``regroup=False`` promises that rows only moved within a request, whose rows share one
-  source, so the seq2seq cross-attention state is left alone.
-
-Graphs are opened by ``serve/runtime.py``: ONNX Runtime fed numpy arrays (the state stays numpy), or TorchScript
-(the state stays torch tensors on the module's device). ``Graph`` adds the array ops that hide the difference.
-The char-LM runner lives here, the seq2seq one in ``seq2seq_step``.
-"""
+"""Step runners: a ``StepModel`` owns the recurrent / key-value state of every running row, in batch order. The
+scheduler stages prompts (``stage``, ``prefill`` within a token budget, ``join_staged``: char-LM prefills all prompt
+tokens but the last, seq2seq runs one batched encoder call), runs ``step(tokens) -> logits [B, V]`` and
+``reorder(index, regroup)`` (finished rows leave, beams follow back-pointers; ``regroup=False``: rows moved only
+within a request, so the seq2seq cross-attention state stays). ``Graph`` hides whether a graph runs on ONNX Runtime
+(numpy state) or TorchScript (torch state on its device). The seq2seq runner lives in ``seq2seq_step``."""
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +18,10 @@ from deepserve.manifest import CharLMGraphContract, GraphSpec, Manifest, StepGra
 from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
 Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
+NARROW_ROWS = 64  # steps below it run on one thread (as fast as two here), leaving a core to Python
+MAX_CHUNK = 32
+"""Positions per budgeted prefill call: one row's position costs a fifth of 32 rows' (15 vs 75 us), so a token
+budget alone would let a lone long prompt stall the batch for milliseconds."""
 
 
 class Graph:
@@ -40,8 +33,7 @@ class Graph:
                  input_names: list[str] | None = None) -> None:
         self._fn, self.runtime = fn, runtime  # the runtime behind fn (None for a plain function)
         self.output_names = output_names
-        self.input_names = input_names or []
-        """The manifest's input names, in call order."""
+        self.input_names = input_names or []  # The manifest's input names, in call order.
         self.torch_device, self.platform = torch_device, platform
         if torch_device is not None:
             import torch
@@ -113,6 +105,26 @@ class StepModel(ABC):
     def platform(self) -> str:
         return "custom"
 
+    staged: tuple[list[int], ...] = ()  # prompts staged, not joined or dropped yet, in order
+
+    def stage(self, prompts: list[list[int]]) -> None:
+        self.staged = (*self.staged, *prompts)
+
+    def prefill(self, budget: int) -> list[int]:
+        """Spend about ``budget`` prompt tokens on the staged prompts; return the positions of those ready to
+        join. This default leaves the work to ``join``: every staged prompt is ready at once."""
+        return list(range(len(self.staged)))
+
+    def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
+        """``join`` the staged prompts at positions ``ready`` (``copies[i]`` rows for ``ready[i]``)."""
+        return self.join(self.unstage(ready), copies)
+
+    def unstage(self, positions: list[int]) -> list[list[int]]:
+        """Take the staged prompts at ``positions`` off the stage (returned in that order)."""
+        taken, gone = [self.staged[i] for i in positions], set(positions)
+        self.staged = tuple(p for i, p in enumerate(self.staged) if i not in gone)
+        return taken
+
 
 def is_identity(index: np.ndarray, rows: int) -> bool:
     """Whether keeping rows ``index`` changes nothing (all rows, in their order)."""
@@ -126,17 +138,18 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 
 class CharLMStepModel(StepModel):
     """Char-LSTM / GRU graph: tokens (B,T), h (and c) (L,B,H) -> logits, h_out (, c_out). The ``prefill`` graph
-    (logits (B,V) of the last position) serves prompts and single steps alike, one session; artifacts exported
-    before it have the ``step`` graph (logits (B,T,V)), ``last_only=False``."""
+    (logits (B,V) of the last position) serves prompts and steps alike; older artifacts have ``step`` (logits
+    (B,T,V)). Staged prompts are prefilled in chunks, all rows of a call by the same number of positions: an RNN
+    has no mask nor position, so prompts staged at different times share calls."""
 
     def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
-                 last_only: bool = False) -> None:
-        self.graph, self.last_only = graph, last_only
+                 last_only: bool = False, narrow: Graph | None = None) -> None:
+        self.graph, self.last_only, self.narrow = graph, last_only, narrow  # narrow: on one thread
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
-        self.vocab_size = vocab_size
-        self.eos_id = None
-        self.rows = 0
+        self.vocab_size, self.eos_id, self.rows = vocab_size, None, 0
         self.state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,B,H)
+        self.staged_state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,S,H), one per staged
+        self.fed: list[int] = []  # prompt tokens each staged prompt has consumed
 
     @property
     def platform(self) -> str:
@@ -145,30 +158,54 @@ class CharLMStepModel(StepModel):
     def _zeros(self, batch: int) -> Array:
         return self.graph.asarray(np.zeros((self.num_layers, batch, self.hidden_size), np.float32))
 
-    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+    def stage(self, prompts: list[list[int]]) -> None:
+        super().stage(prompts)
+        self.fed += [0] * len(prompts)
+        self.staged_state = [self.graph.cat([s, self._zeros(len(prompts))], 1) for s in self.staged_state]
+
+    def prefill(self, budget: int) -> list[int]:
+        """One call of at most ``budget`` tokens (rows x positions) and ``MAX_CHUNK`` positions."""
+        if todo := [i for i, p in enumerate(self.staged) if self.fed[i] < len(p) - 1][:budget]:
+            self._advance(todo, min(MAX_CHUNK, budget // len(todo)))
+        return [i for i, p in enumerate(self.staged) if self.fed[i] >= len(p) - 1]
+
+    def _advance(self, todo: list[int], positions: int) -> None:
+        """Feed the staged prompts ``todo`` (each with tokens left) their next ``positions`` tokens or fewer."""
         g = self.graph
-        new_state = [self._zeros(len(prompts)) for _ in range(self.n_state)]  # (L,N,H)
-        # prefill all but the last prompt token, one graph call per distinct length (no padding: an RNN
-        # has no mask, so rows of different lengths cannot share a call)
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(prompts):
-            if len(p) > 1:
-                by_length[len(p) - 1].append(i)
-        for length, members in by_length.items():
-            idx = np.asarray(members, np.int64)
-            tokens = g.asarray(np.asarray([prompts[i][:-1] for i in members], np.int64))  # (n,T)
-            state = [g.take(s, idx, 1) for s in new_state]
-            out = g(tokens, *state)
-            for k in range(self.n_state):
-                new_state[k][:, idx if g.torch_device is None else g.asarray(idx)] = out[1 + k]
-        rep = expand_copies(copies)
-        new_state = [g.take(s, rep, 1) for s in new_state]
-        self.state = [g.cat([old, new], 1) for old, new in zip(self.state, new_state)]
+        n = min([positions, *(len(self.staged[i]) - 1 - self.fed[i] for i in todo)])
+        tokens = np.asarray([self.staged[i][self.fed[i]: self.fed[i] + n] for i in todo], np.int64)  # (R,n)
+        idx = np.asarray(todo, np.int64)
+        out = g(g.asarray(tokens), *(g.take(s, idx, 1) for s in self.staged_state))
+        for s, new in zip(self.staged_state, out[1:]):
+            s[:, idx if g.torch_device is None else g.asarray(idx)] = new
+        for i in todo:
+            self.fed[i] += n
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        """``prompts`` staged, prefilled without a budget (one call per distinct length) and joined."""
+        mine = list(range(len(self.staged), len(self.staged) + len(prompts)))
+        self.stage(prompts)
+        while todo := [i for i in mine if self.fed[i] < len(self.staged[i]) - 1]:
+            self._advance(todo, max(len(p) for p in prompts))
+        return self.join_staged(mine, copies)
+
+    def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
+        g = self.graph
+        rep = np.asarray(ready, np.int64)[expand_copies(copies)]
+        self.state = [g.cat([old, g.take(s, rep, 1)], 1) for old, s in zip(self.state, self.staged_state)]
         self.rows += len(rep)
-        return np.asarray([prompts[i][-1] for i in rep], np.int64)
+        prompts = self.unstage(ready)
+        return np.asarray([prompts[i][-1] for i in expand_copies(copies)], np.int64)
+
+    def unstage(self, positions: list[int]) -> list[list[int]]:
+        gone = set(positions)
+        keep = [i for i in range(len(self.staged)) if i not in gone]
+        self.staged_state = [self.graph.take(s, np.asarray(keep, np.int64), 1) for s in self.staged_state]
+        self.fed = [self.fed[i] for i in keep]
+        return super().unstage(positions)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        g = self.graph
+        g = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else self.graph
         out = g(g.asarray(tokens.reshape(-1, 1)), *self.state)
         self.state = out[1:]
         logits = g.numpy(out[0])
@@ -188,7 +225,9 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
     if manifest.task == "char-lm":
         lm = CharLMGraphContract.of(manifest)
         graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, **kw)
-        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill)
+        narrow = graph.runtime.narrow()
+        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill,
+                               narrow=Graph.of(narrow) if narrow is not None else None)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
