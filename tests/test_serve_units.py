@@ -340,3 +340,23 @@ def test_device_resolution_asks_the_driver_and_agrees_with_torch():
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(BackendUnavailable, match="device must be auto, cpu or cuda"):
         resolve_device("tpu")
+
+
+def test_torchscript_cpu_fast_path_takes_linear_graphs_and_leaves_convolutions():
+    import torch
+
+    from deepserve.serve import runtime
+
+    def frozen(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+        return torch.jit.freeze(torch.jit.trace(module.eval(), example))
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    x, image = torch.randn(3, 8), torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        fast = runtime._cpu_fast_path(torch, frozen(mlp, x))
+        assert not isinstance(fast, torch.jit.ScriptModule)  # Static Runtime
+        assert torch.allclose(fast(x), mlp(x), atol=1e-6)
+        kept = frozen(conv, image)
+        assert runtime._cpu_fast_path(torch, kept) is kept
