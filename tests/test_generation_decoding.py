@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deepserve.manifest import GraphSpec, KVUpdate, Manifest, StepGraphContract, TensorSpec
-from deepserve.serve.errors import BadRequest, DeadlineExceeded, Overloaded
+from deepserve.serve.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event
 from deepserve.serve.generation.params import GenerationParams, Limits
@@ -561,6 +561,51 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
             await s.stop()
 
     run(main())
+
+
+class FailingJoinModel(TableModel):
+    """``join`` raises once when ``fail_next_join`` is set (an encoder error, an out-of-memory)."""
+
+    fail_next_join = False
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        if self.fail_next_join:
+            self.fail_next_join = False
+            raise RuntimeError("join failed")
+        return super().join(prompts, copies)
+
+
+def test_a_failed_join_fails_the_batch_and_the_next_request_starts_clean():
+    """A join that raises ends the running and joining requests with an error; the model's rows and stage are
+    reset with the scheduler's, so the next request gets exactly its lone-run tokens."""
+    model = FailingJoinModel(vocab_size=4, eos_id=None, seed=3)
+    model.gate = threading.Semaphore(0)
+
+    async def main():
+        s = await started(model, max_new_tokens=100)
+        try:
+            running = s.submit("ab", {"temperature": 0, "max_new_tokens": 50}, stream=True)
+            model.gate.release()
+            stream = s.events(running)  # held open: a closed stream would cancel the running row
+            assert (await stream.__anext__()).kind == "delta" and model.rows == 1
+            model.fail_next_join = True
+            joining = s.submit("ca", {"temperature": 0, "max_new_tokens": 5})
+            model.gate.release()  # the running row's step ends; the next iteration's join fails
+            with pytest.raises(InferenceFailed):
+                await s.wait(joining)
+            with pytest.raises(InferenceFailed):  # the running request fails with the batch
+                async for event in stream:
+                    assert event.kind == "delta"
+            assert await asyncio.to_thread(s.scheduler.wait_rows, 0, 10.0) and model.rows == 0
+            model.gate.release(100)
+            return await s.generate("bb", {"temperature": 0, "max_new_tokens": 5})
+        finally:
+            gate, model.gate = model.gate, None
+            gate.release(100)
+            await s.stop()
+
+    result = run(main())
+    assert result.outputs[0].token_ids == greedy_reference(model, (2, 2), 5)
 
 
 def test_admission_predicts_the_wait_from_rows_and_sheds_what_would_wait_too_long():

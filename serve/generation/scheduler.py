@@ -400,11 +400,10 @@ class Scheduler:
             outbox = [(j, Event(EventKind.ERROR, error=error)) for j in (*self.running, *self.prefilling)]
             for j, _ in outbox:
                 j.finished = True
-            try:
-                self.model.unstage(list(range(len(self.prefilling))))
-                self.prefilling = []
+            try:  # the model's own stage count: a failed call may have left it out of step with ``prefilling``
+                self.model.unstage(list(range(len(self.model.staged))))
                 self._compact([])
-            except Exception:  # the model state itself is broken: start from an empty batch
+            except Exception:  # the model state itself is broken: the events below must still go out
                 log.exception("resetting the generation state failed")
             self.running, self.prefilling, self.reserved, self.tokens = [], [], 0, np.zeros(0, np.int64)
             self.log, self.due, self.fresh = TokenLog(), {}, []

@@ -116,8 +116,10 @@ class StepModel(ABC):
         return list(range(len(self.staged)))
 
     def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
-        """``join`` the staged prompts at positions ``ready`` (``copies[i]`` rows for ``ready[i]``)."""
-        return self.join(self.unstage(ready), copies)
+        """``join`` the staged prompts at ``ready`` (``copies[i]`` rows each); a failed join leaves them staged."""
+        first = self.join([self.staged[i] for i in ready], copies)
+        self.unstage(ready)
+        return first
 
     def unstage(self, positions: list[int]) -> list[list[int]]:
         """Take the staged prompts at ``positions`` off the stage (returned in that order)."""
