@@ -20,7 +20,7 @@ from deepserve.serve.ray_app import model_options
 from deepserve.serve.ray_replica import ModelReplica, ServingOptions, model_app
 from deepserve.serve.repository import ModelRepository
 from deepserve.serve.servable import Servable
-from deepserve.serve.settings import SettingsError
+from deepserve.serve.settings import SettingsError, resolve_settings
 
 DEPLOY_ERRORS = (SettingsError, RayServeException, RuntimeError, ValueError, TimeoutError)
 """What a deploy raises for a bad ``ray`` section or an application Ray could not start (its message says why)."""
@@ -80,7 +80,8 @@ class RayModelRepository(ModelRepository):
         if config is not None and "ray" in config:
             raise BadRequest("parameters.config: replicas and resources come from the ray section of the model's "
                              "config file; edit it and load the model again")
-        try:
+        try:  # settings first: a bad config must not roll the serving replicas over to ones that load nothing
+            resolve_settings(model.directory, self.overrides, config)
             await asyncio.to_thread(self._deploy, name, config, keep_running=not self.ready)
         except DEPLOY_ERRORS as e:  # what served before (its application, its handle) keeps serving
             reason = self.public_reason(str(e))

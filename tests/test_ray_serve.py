@@ -277,6 +277,11 @@ def test_load_deploys_the_models_application_and_unload_deletes_it(cluster: dict
         served = c.post("/v2/models/spare-cnn/infer", json=x, headers=AUTH)
         assert served.status_code == 200 and served.headers["x-deepserve-replica"]
         assert len(replicas("spare-cnn")) == 1
+        invalid = c.post("/v2/repository/models/spare-cnn/load", headers=ADMIN,
+                         json={"parameters": {"config": json.dumps({"max_batch_size": 0})}})
+        assert invalid.status_code == 400 and "max_batch_size" in invalid.json()["error"], invalid.text
+        kept = c.post("/v2/models/spare-cnn/infer", json=x, headers=AUTH)  # the replica serving before still does
+        assert kept.status_code == 200 and kept.headers["x-deepserve-replica"] == served.headers["x-deepserve-replica"]
         unloaded = c.post("/v2/repository/models/spare-cnn/unload", headers=ADMIN)
         assert unloaded.status_code == 200 and unloaded.json()[0]["state"] == "UNAVAILABLE"
         assert "deepserve.spare-cnn" not in serve.status().applications and not replicas("spare-cnn")
