@@ -286,15 +286,14 @@ def _serving_inputs(args: argparse.Namespace) -> tuple[dict, str, Any, Any]:
     return overrides, device, access, trust
 
 
-def build_app(args: argparse.Namespace, inputs: tuple | None = None):  # -> (DeepServeApp, ModelRepository)
-    """The app the flags describe (its models load when it starts); ``CLIError`` naming a bad flag."""
+def open_repository(args: argparse.Namespace, inputs: tuple):  # -> ModelRepository
+    """The repository the flags describe, scanned (nothing loaded yet); ``CLIError`` naming a bad flag."""
     from deepserve.cli import CLIError
-    from deepserve.serve.app import create_app
     from deepserve.serve.backends import BackendUnavailable
     from deepserve.serve.repository import ModelRepository
     from deepserve.serve.settings import SettingsError
 
-    overrides, device, access, trust = inputs or _serving_inputs(args)
+    overrides, device, _, trust = inputs
     try:
         repository = ModelRepository(args.repository, overrides=overrides, device=device,
                                      max_pixels=args.max_image_pixels, trust=trust, model_control=args.model_control,
@@ -302,6 +301,16 @@ def build_app(args: argparse.Namespace, inputs: tuple | None = None):  # -> (Dee
         check_model_control(args, list(repository.models))
     except (FileNotFoundError, SettingsError, BackendUnavailable, ValueError) as e:
         raise CLIError(str(e)) from None
+    return repository
+
+
+def build_app(args: argparse.Namespace, inputs: tuple | None = None):  # -> (DeepServeApp, ModelRepository)
+    """The app the flags describe (its models load when it starts); ``CLIError`` naming a bad flag."""
+    from deepserve.serve.app import create_app
+
+    inputs = inputs or _serving_inputs(args)
+    access = inputs[2]
+    repository = open_repository(args, inputs)
     app = create_app(repository, max_body_bytes=int(args.max_body_mb * 1024 * 1024), access=access,
                      cors_allow_origins=args.cors_allow_origin, max_json_depth=args.max_json_depth)
     return app, repository
@@ -332,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         from deepserve.serve.workers import metrics_directory, run_workers
 
         with metrics_directory():  # before the app: its metrics live there too
-            _announce(args, implementations, build_app(args, inputs)[1])
+            _announce(args, implementations, open_repository(args, inputs))  # flags checked before any worker
             return run_workers(flags, args, implementations)
     app, repository = build_app(args, inputs)
     _announce(args, implementations, repository)

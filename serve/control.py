@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from deepserve.serve.errors import BadRequest, Conflict
 from deepserve.serve.http_util import DirectRoute, parse_json, read_body
 from deepserve.serve.schemas import RepositoryIndexRow, answers
-from deepserve.serve.workers import worker_count
+from deepserve.serve.metrics import worker_count
 
 router = APIRouter(tags=["model control (Triton model repository extension)"], route_class=DirectRoute)
 

@@ -153,9 +153,20 @@ class Metrics:
         return body, CONTENT_TYPE_LATEST
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKERS_ENV = "DEEPSERVE_WORKERS"
+"""How many workers serve the port; set in every worker (readiness waits for all of them)."""
+
+
 def multiprocess_dir() -> str | None:
     """prometheus-client's multiprocess folder, set when several worker processes serve (``serve/workers.py``)."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def worker_count() -> int:
+    """The number of server processes on this port (1 unless started by ``--workers``)."""
+    raw = os.environ.get(WORKERS_ENV, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
 class RequestMetricsMiddleware:

@@ -28,7 +28,7 @@ from deepserve.serve.schemas import (
     ModelIndex, ModelMetadata, ModelReady, Ready, ServerMetadata, answers, error_responses,
 )
 from deepserve.serve.servable import task_phrase
-from deepserve.serve.workers import worker_count
+from deepserve.serve.metrics import worker_count
 
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES: dict[str, Any] = {
@@ -248,11 +248,12 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     repository = request.app.state.repository
     workers = worker_count()
-    if repository.ready and (workers == 1 or repository.metrics.ready_workers() >= workers):
+    ready_workers = 1 if workers == 1 or not repository.ready else repository.metrics.ready_workers()
+    if repository.ready and ready_workers >= workers:
         return JSONResponse({"ready": True})
     if repository.ready:  # this worker is, not all of them (serve --workers)
-        return JSONResponse({"ready": False, "error": f"{repository.metrics.ready_workers()} of {workers} worker "
-                                                      f"processes have loaded their models"}, status_code=503)
+        return JSONResponse({"ready": False, "error": f"{ready_workers} of {workers} worker processes have loaded "
+                                                      f"their models"}, status_code=503)
     state = "stopping" if repository.stopping else "loading its models"
     return JSONResponse({"ready": False, "error": f"the server is {state}"}, status_code=503)
 

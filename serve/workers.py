@@ -12,8 +12,9 @@ supervisor was killed outright drains and stops the same way. What the processes
 - **readiness**: ``/v2/health/ready`` is true only once every worker has loaded its models (a gauge each worker
   sets in that folder);
 - **the listening socket**: the supervisor closes its copy before it stops the workers, so the last worker to
-  stop accepting closes the socket itself, right after answering its accept queue (``shutdown.DrainingServer``):
-  a later connection is refused, none is left queued to be reset when the supervisor exits;
+  stop accepting closes the socket itself: a later connection is refused rather than left queued to be reset when
+  the supervisor exits. The workers run uvicorn's plain ``Server``, so unlike a single server
+  (``shutdown.DrainingServer``) they do not accept and answer what is already queued when they close;
 - **model control**: each worker holds its own models, so the admin routes that change them answer 409 (one
   worker cannot load or unload for the others); ``--model-control poll`` keeps every worker on the repository.
 """
@@ -39,20 +40,13 @@ from typing import Any
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
+from deepserve.serve.metrics import MULTIPROC_ENV, WORKERS_ENV
+
 ARGS_ENV = "DEEPSERVE_SERVE_ARGS"
 """The serve command's flags (JSON) for the workers, which uvicorn starts as fresh interpreters (spawn)."""
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_PREFIX = "deepserve-metrics-"
 _LOCK = "supervisor.lock"
 """In a run's metrics folder: held (flock) by its supervisor while it runs; the kernel lets go when it dies."""
-WORKERS_ENV = "DEEPSERVE_WORKERS"
-"""How many workers serve the port; set in every worker (readiness waits for all of them)."""
-
-
-def worker_count() -> int:
-    """The number of server processes on this port (1 unless started by ``--workers``)."""
-    raw = os.environ.get(WORKERS_ENV, "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
 @contextmanager
