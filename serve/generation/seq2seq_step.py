@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 
 from deepserve.manifest import KVUpdate, StepGraphContract, cache_names
-from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
+from deepserve.serve.generation.step_models import NARROW_ROWS, Array, Graph, StepModel, expand_copies, is_identity
 
-NARROW_ROWS = 64  # below it a step's matrix-vector products lose more to a 2nd thread's hand-offs than it gains
 SLOTS = 16  # empty cache slots added at a time (KVUpdate.SLOT): one cache copy per 16 steps, not one per step
 
 class Seq2SeqStepModel(StepModel):
