@@ -52,13 +52,12 @@ class ServerProcess:
     def log_tail(self, chars: int = 3000) -> str:
         return Path(self._log.name).read_text(errors="replace")[-chars:]
 
-    def start(self, shared: socket.socket | None = None) -> ServerProcess:
-        """Start on a new listening socket, or on ``shared`` (another server's, still open: both accept on it)."""
-        listener = shared or socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if shared is None:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, 0))
-            listener.listen(2048)
+    def start(self) -> ServerProcess:
+        """Start on a new listening socket, handed to the child."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, 0))
+        listener.listen(2048)
         self.port = listener.getsockname()[1]
         command = [sys.executable, "-m", "benchmarks.server_main", "--fd", str(listener.fileno()), self.app]
         if self.repository is not None:
@@ -68,8 +67,7 @@ class ServerProcess:
         command += self.extra_args
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                         pass_fds=(listener.fileno(),), env=self.env, cwd=ROOT)
-        if shared is None:
-            listener.close()  # the child holds its own copy
+        listener.close()  # the child holds its own copy
         try:
             self._wait_ready()
         except BaseException:
