@@ -195,8 +195,8 @@ class _Run:
         self.logger = _Logger(self.out_dir, self.cfg.tensorboard)
 
     def resume(self) -> None:
-        _resume(self.out_path, self.model, self.optimizer, self.state, self.logger, self.log)
-        self.best_weights = copy.deepcopy(load_checkpoint(self.out_path)["state_dict"])
+        payload = _resume(self.out_path, self.model, self.optimizer, self.state, self.logger, self.log)
+        self.best_weights = copy.deepcopy(payload["state_dict"])
 
     def train(self) -> None:
         """Epochs until the epoch count, ``max_steps``, ``max_time_s`` or early stopping ends them; every epoch
@@ -322,7 +322,8 @@ class _Run:
 
 
 def _resume(out_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            state: _Counters, logger: _Logger, log: Log) -> None:
+            state: _Counters, logger: _Logger, log: Log) -> dict[str, Any]:
+    """Restore the model, optimiser, counters and history from ``out_path``; returns the checkpoint read."""
     payload = load_checkpoint(out_path)
     saved = payload.get("train_state")
     if not saved:
@@ -336,3 +337,4 @@ def _resume(out_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
         setattr(state, name, value)
     logger.history.extend(saved.get("history", []))
     log(f"resumed from {out_path} at step {state.step} (epoch {state.epoch})")
+    return payload
