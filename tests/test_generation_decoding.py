@@ -500,12 +500,14 @@ def test_requests_kept_in_the_token_log_match_their_lone_runs(eos_id):
 
 @pytest.mark.parametrize("eos_id", [None, 3])
 def test_streams_kept_in_the_token_log_send_the_events_of_the_general_path(eos_id):
-    """Character-level streams without stops, logprobs or processors stream their pieces from the token log, all
-    rows at once; a stop string that never matches sends them down the general path: the same deltas (text,
-    output index, finish reason) either way, through joins, EOS and length."""
+    """Character-level streams without stops, logprobs or processors but min_new_tokens stream their pieces from
+    the token log, all rows at once; a stop string that never matches sends them down the general path: the same
+    deltas (text, output index, finish reason) either way, through joins, EOS, min_new_tokens and length."""
     model = TableModel(vocab_size=4, eos_id=eos_id, seed=7, scale=0.7)
     probes = [("ab", {"temperature": 0, "max_new_tokens": 40}), ("ca", {"temperature": 0, "max_new_tokens": 1}),
-              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3})]
+              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3}),
+              ("ab", {"temperature": 0, "max_new_tokens": 40, "min_new_tokens": 25}),
+              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3, "min_new_tokens": 9})]
 
     async def streamed(s, text, params):
         job = s.submit(text, params, stream=True)

@@ -231,7 +231,7 @@ class Scheduler:
         """One step after the model ran (since ``t0``): select each row's token, update the requests and rows."""
         self.steps += 1
         plan = self._plan = self._plan or StepPlan.of(self.running, self.model.rows)
-        raw_lp = plan.process(logits)
+        raw_lp = plan.process(logits, self.log.col)
         chosen = plan.select(logits)
         now = time.perf_counter()
         for j in self.fresh:

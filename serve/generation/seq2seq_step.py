@@ -162,13 +162,10 @@ class Seq2SeqStepModel(StepModel):
         out[:, :, : self.fill], out[:, :, self.fill :] = x, 0.0
         return out
 
-    def _move_rows_in_place(self, index: np.ndarray) -> None:
-        """Row i of every cache becomes row ``index[i]``, copying only the rows that change (about a quarter of
-        a beam-4 batch per step, where a gather into a new array copies all of them). The changing rows'
-        sources are read out first, as they may themselves be overwritten. The caches are this model's own
-        arrays (graph outputs or its buffers), so nothing else sees them change."""
-        moved = np.flatnonzero(index != np.arange(len(index)))
-        src = index[moved]
+    def _move_rows_in_place(self, moved: np.ndarray, src: np.ndarray) -> None:
+        """Rows ``moved`` of every cache become rows ``src``: two copies of the rows that change (read out first, as
+        they may themselves be overwritten), cheaper than a gather of every row while under half of them move.
+        The caches are this model's own arrays (graph outputs or its buffers), so nothing else sees them change."""
         for x in self.past:
             x[moved] = np.take(x, src, axis=0, out=_room(self._moving, (len(moved), *x.shape[1:]), x), mode="clip")
 
@@ -180,8 +177,9 @@ class Seq2SeqStepModel(StepModel):
         # drop cache columns that no remaining row uses (the oldest rows may have left)
         used = ~pad.all(axis=0)
         first = int(np.argmax(used)) if used.any() else pad.shape[1]
-        if not regroup and not first and len(index) == self.rows and g.torch_device is None:
-            self._move_rows_in_place(index)  # beams follow their parents: most rows stay where they are
+        moved = np.flatnonzero(index != np.arange(len(index))) if len(index) == self.rows else index
+        if not regroup and not first and 2 * len(moved) < len(index) and g.torch_device is None:
+            self._move_rows_in_place(moved, index[moved])  # beams follow their parents: most rows stay in place
         else:
             self.past = [self._take_rows(i, x[:, :, first:] if first else x, index) for i, x in enumerate(self.past)]
         self.past_pad, self.fill = pad[:, first:], max(self.fill - first, 0)
