@@ -5,6 +5,7 @@ See ``step_models`` for the ``StepModel`` interface the scheduler drives."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -163,30 +164,24 @@ class Seq2SeqStepModel(StepModel):
         return out
 
     def _move_rows_in_place(self, index: np.ndarray) -> None:
-        """Row i of every cache becomes row ``index[i]``, copying only the rows that change (about a quarter of
-        a beam-4 batch per step, where a gather into a new array copies all of them), each once, and only its
-        written slots: a row is overwritten once no other row still has to read it (a cycle of rows that read
-        each other saves one of them first). The caches are this model's own arrays (graph outputs or its
-        buffers), so nothing else sees them change."""
+        """Row i of every cache becomes row ``index[i]``: each changed row (about a quarter of a beam-4 batch per
+        step) copied once, its written slots only, once no other row still reads it; a cycle of rows reading each
+        other saves one of them first. The caches are this model's own arrays (graph outputs or its buffers), so
+        nothing else sees them change."""
         src = {d: s for d, s in enumerate(index.tolist()) if d != s}
-        readers = dict.fromkeys(src, 0)
-        for s in src.values():
-            if s in readers:
-                readers[s] += 1
-        ready, fill, saved = [d for d, n in readers.items() if not n], self.fill, {}
+        readers = Counter(s for s in src.values() if s in src)
+        ready, fill, saved = [d for d in src if not readers[d]], self.fill, {}
         while src:
-            if not ready:  # only cycles left: save one row of one, which then no longer waits for its reader
+            if not ready:  # only cycles left: save one row, which then no longer waits for its reader
                 d = next(iter(src))
                 saved[d], ready = [x[d, :, :fill].copy() for x in self.past], [d]
-                readers[d] = 0
             d = ready.pop()
             s = src.pop(d)
             for i, x in enumerate(self.past):
                 x[d, :, :fill] = saved[s][i] if s in saved else x[s, :, :fill]
-            if s in readers and s in src:
-                readers[s] -= 1
-                if not readers[s]:
-                    ready.append(s)
+            readers[s] -= 1
+            if s in src and not readers[s]:
+                ready.append(s)
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
         if is_identity(index, self.rows):  # e.g. every beam continued its own row: no cache copy
