@@ -32,8 +32,7 @@ class StepPlan:
     visited: list[Job] = field(default_factory=list)  # requests looked at every step (all but ``Job.plain`` ones)
     streamed: list[tuple[Job, int]] = field(default_factory=list)  # streaming plain rows: (request, output index)
     stream_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    early: tuple[np.ndarray, np.ndarray, int] | None = None
-    """Plain rows with ``min_new_tokens``: (rows, the log column from which EOS is allowed, the EOS id)."""
+    early: tuple = ()  # plain rows with min_new_tokens: (rows, log column from which EOS may come, EOS id)
 
     @classmethod
     def of(cls, running: list[Job], rows: int) -> StepPlan:
@@ -53,7 +52,7 @@ class StepPlan:
             temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
             top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
             processed=[j for j in row_jobs if j.processors and not j.plain],
-            early=tuple(np.asarray(a, np.int64) for a in zip(*mins))[:2] + (mins[0][2],) if mins else None,
+            early=(*(np.asarray(a, np.int64) for a in list(zip(*mins))[:2]), mins[0][2]) if mins else (),
             with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
             visited=[j for j in running if not j.plain],
             streamed=[(j, s.index) for j in running if j.plain and j.stream for s in j.live],
@@ -64,9 +63,8 @@ class StepPlan:
         """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
         ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place; plain rows
         below min_new_tokens at log column ``col`` (``early``) get EOS blocked in one write."""
-        if self.early is not None:
-            rows, until, eos = self.early
-            logits[rows[until > col], eos] = -np.inf
+        if self.early:
+            logits[self.early[0][self.early[1] > col], self.early[2]] = -np.inf
         raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in self.with_logprobs}
         for j in self.processed:
             block = logits[j.start: j.start + j.rows]

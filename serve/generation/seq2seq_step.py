@@ -24,8 +24,7 @@ class Seq2SeqStepModel(StepModel):
     the same width: all greedy, or all beams at full width), ``decode_step`` gets them as they are and each
     source's rows read its K/V once as G queries; otherwise it gets a per-row copy (``cross``), made again
     only when the rows' sources change. Each step's K/V is written into slot ``fill`` of the caches, which grow
-    SLOTS empty slots at a time (older ``KVUpdate.CONCAT`` graphs return it as the last slot of ``present_k_i``).
-    Moving rows copies whole contiguous rows."""
+    SLOTS empty slots at a time (older ``KVUpdate.CONCAT`` graphs return it as the last slot of ``present_k_i``)."""
 
     def __init__(self, encode: Graph, decode: Graph, c: StepGraphContract, *, narrow: Graph | None = None) -> None:
         self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
@@ -164,10 +163,8 @@ class Seq2SeqStepModel(StepModel):
         return out
 
     def _move_rows_in_place(self, index: np.ndarray) -> None:
-        """Row i of every cache becomes row ``index[i]``: each changed row (about a quarter of a beam-4 batch per
-        step) copied once, its written slots only, once no other row still reads it; a cycle of rows reading each
-        other saves one of them first. The caches are this model's own arrays (graph outputs or its buffers), so
-        nothing else sees them change."""
+        """Row i of every cache becomes row ``index[i]``: each changed row copied once (its written slots) when no row
+        still has to read it, one row of a cycle saved first. Nothing else holds these arrays."""
         src = {d: s for d, s in enumerate(index.tolist()) if d != s}
         readers = Counter(s for s in src.values() if s in src)
         ready, fill, saved = [d for d in src if not readers[d]], self.fill, {}
