@@ -16,9 +16,9 @@ from deepserve.serve.generation.params import GenerationParams
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax of (R, V) float32."""
-    m = x.max(axis=1, keepdims=True)
-    z = x - m
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    z = x - x.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))  # in place: the same arithmetic, one (R, V) array fewer
+    return z
 
 
 def greedy_tokens(logits: np.ndarray) -> np.ndarray:
