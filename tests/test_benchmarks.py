@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import servers
 from benchmarks.common import paired, paired_ratio
 from benchmarks.loadgen import LoadError, LoadSpec, Request, Response, json_request, percentile, run_load
 from benchmarks.reliability import Outcome, sigterm_client
@@ -210,3 +211,11 @@ def test_ceiling_scenario_measures_every_side_and_leaves_the_step_model_empty(tm
     assert all(len(v) == 1 and v[0] > 0 for v in runs.values())
     model = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
     assert step_ceiling(model, 0.05, [[3, 4, 5]], 2) > 0 and model.rows == 0
+
+
+def test_a_bench_server_runs_from_the_checkout_it_is_given(tmp_path: Path) -> None:
+    """What commit_ab does for each commit: the server's working folder and import path are ``root``."""
+    (tmp_path / "benchmarks").symlink_to(servers.ROOT / "benchmarks")
+    with servers.ServerProcess("echo", root=tmp_path) as server:
+        assert Path(f"/proc/{server.pid}/cwd").resolve() == tmp_path.resolve()
+        assert server.get("/v2/health/ready")[0] == 200
