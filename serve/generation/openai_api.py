@@ -24,7 +24,7 @@ from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.routes import (
-    EventStream, Piece, generation_servable, read_json, run_to_results, sse, sse_stream)
+    EventStream, Piece, generation_servable, read_json, run_to_results, sse)
 from deepserve.serve.generation.schemas import (
     COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
     completion_request_schema, request_body, responses, sse_event)
@@ -124,8 +124,7 @@ def _output_logprobs(o: Output, tok: Any) -> dict[str, Any] | None:
 
 
 def _usage(results: list[Result]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -180,7 +179,7 @@ def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any],
             logprobs, offsets[index] = _logprobs_json(lp, tok, offsets.get(index, 0))
         return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
-    return sse_stream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
+    return EventStream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
 
 
 @router.get("/v1/models", summary="OpenAI-compatible model list (generation models)", response_model=None,
