@@ -40,8 +40,7 @@ class GenerationServable(Servable):
                                   int(manifest.limits.get("max_source_length") or settings.max_prompt_length))
             if self.is_seq2seq else settings.max_prompt_length,
             max_new_tokens=settings.max_new_tokens, max_beams_x_n=settings.max_beams_x_n,
-            max_running_rows=settings.max_running_rows,
-        )
+            max_running_rows=settings.max_running_rows)
 
     # ---- Servable ------------------------------------------------------------------------------------------
 
@@ -52,10 +51,8 @@ class GenerationServable(Servable):
             self.tokenizer = await asyncio.to_thread(load_tokenizer, self.manifest, self.directory)
         if self.model is None:
             self.model = await asyncio.to_thread(
-                open_step_model, self.manifest, self.directory, backend=self.settings.backend,
-                device=self.device, precision=getattr(self.settings, "precision", "fp32"),
-                threads=backends.cpu_threads(1),
-            )
+                open_step_model, self.manifest, self.directory, backend=self.settings.backend, device=self.device,
+                precision=getattr(self.settings, "precision", "fp32"), threads=backends.cpu_threads(1))
         self.scheduler = Scheduler(self.model, self.tokenizer, max_running_rows=self.settings.max_running_rows,
                                    max_waiting=self.settings.max_waiting, name=self.manifest.name,
                                    version=str(self.manifest.version))
@@ -81,14 +78,10 @@ class GenerationServable(Servable):
         return self.model.platform if self.model is not None else "deepserve"
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "name": self.manifest.name,
-            "versions": [str(self.manifest.version)],
-            "platform": self.platform,
-            "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
-            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
-            "parameters": {"task": self.manifest.task, "endpoints": ["generate", "generate_stream"]},
-        }
+        return {"name": self.manifest.name, "versions": [str(self.manifest.version)], "platform": self.platform,
+                "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"task": self.manifest.task, "endpoints": ["generate", "generate_stream"]}}
 
     # ---- requests ------------------------------------------------------------------------------------------
 

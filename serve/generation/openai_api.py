@@ -23,8 +23,7 @@ from deepserve.serve.errors import BadRequest, NotFound, ServeError
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
-from deepserve.serve.generation.routes import (
-    EventStream, Piece, generation_servable, read_json, run_to_results, sse)
+from deepserve.serve.generation.routes import EventStream, Piece, generation_servable, read_json, run_to_results, sse
 from deepserve.serve.generation.schemas import (
     COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
     completion_request_schema, request_body, responses, sse_event)

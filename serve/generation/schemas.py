@@ -119,8 +119,7 @@ def _completion_fields() -> dict[str, dict[str, Any]]:
         "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
         "stream": {"type": ["boolean", "null"], "default": False},
         "use_beam_search": {"type": ["boolean", "null"], "default": False},
-        **{openai: _openai_field(openai) for openai in OPENAI_TO_OURS},
-    }
+        **{openai: _openai_field(openai) for openai in OPENAI_TO_OURS}}
     for name, what in (("user", "Ignored."), ("suffix", "Ignored."), ("best_of", "Ignored."),
                        ("presence_penalty", "Only 0 (use repetition_penalty)."),
                        ("frequency_penalty", "Only 0 (use repetition_penalty)."), ("logit_bias", "Ignored."),
