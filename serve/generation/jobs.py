@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -343,25 +342,23 @@ class Event:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def deliver(outbox: list[tuple[Job, Event]]) -> list[threading.Event]:
-    """Hand events to each request's event loop (from the scheduler thread): one thread-safe call per loop. Returns,
-    per loop handed a stream's events, a flag set once that loop has run the hand-over (the scheduler paces to it)."""
+def deliver(outbox: list[tuple[Job, Event]]) -> None:
+    """Hand events to each request's event loop (from the scheduler thread): one thread-safe call per loop."""
+    if not outbox:
+        return
     by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[Job, Event]]] = {}
     for job, event in outbox:
         by_loop.setdefault(job.loop, []).append((job, event))
-    handed: list[threading.Event] = []
     for loop, items in by_loop.items():
-        ran = threading.Event() if loop is not None and any(job.stream for job, _ in items) else None
-        try:
-            _put_all(items, ran) if loop is None else loop.call_soon_threadsafe(_put_all, items, ran)
-        except RuntimeError:  # that loop is closed: nobody is listening any more
-            continue
-        handed += [ran] if ran else []
-    return handed
+        if loop is None:
+            _put_all(items)
+        else:
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
 
 
-def _put_all(items: list[tuple[Job, Event]], ran: threading.Event | None) -> None:
+def _put_all(items: list[tuple[Job, Event]]) -> None:
     for job, event in items:
         job.events.put_nowait(event)
-    if ran:
-        ran.set()

@@ -26,7 +26,6 @@ from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
 PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~0.8 ms
-PACE_LIMIT_S = 0.02  # the longest a step waits for a loop to run the last hand-over (a stopped loop must not stall)
 
 
 class Scheduler:
@@ -59,7 +58,6 @@ class Scheduler:
         self.steps = 0
         self.admission = Admission(max_running_rows)
         self._last_step: float | None = None  # when the previous iteration with running rows began
-        self.handed: list[threading.Event] = []  # set once each loop has run the last hand-over of stream events
 
     # ---- asyncio side --------------------------------------------------------------------------------------
 
@@ -137,10 +135,6 @@ class Scheduler:
                 self._fail_all(InferenceFailed(f"generation failed: {type(e).__name__}: {e}"))
 
     def _iteration(self) -> None:
-        # paced to the event loops: a step taken before they delivered the last one only holds the GIL they need
-        for ran in self.handed if self.running else ():
-            ran.wait(PACE_LIMIT_S)
-        self.handed = []
         now = time.perf_counter()
         if self.running and self._last_step is not None:  # a step's wall time: selection, joins, the GIL included
             self.admission.observe(now - self._last_step)
@@ -161,7 +155,7 @@ class Scheduler:
 
     def _hand_over(self, outbox: list) -> None:
         """Deliver ``outbox`` (the caller holds ``rows_changed``) and wake the waiters."""
-        self.handed += deliver(outbox)
+        deliver(outbox)
         outbox.clear()
         self.rows_changed.notify_all()
 

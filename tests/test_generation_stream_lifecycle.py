@@ -1,0 +1,61 @@
+"""Streams over a real socket at their ends: a shutdown while streams run lets each finish and the server exit;
+clients hanging up mid-stream leave the other streams running to their end."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+
+from tests.test_generation_serving import live_app, repo  # noqa: F401 (fixture)
+
+
+def _streams(url: str, n: int, hang_up: int, body: dict) -> tuple[list[threading.Thread], list, threading.Barrier]:
+    """``n`` clients streaming ``body``; the first ``hang_up`` close their connection after the first event. Each
+    waits at the barrier (with the caller) once its first event is in; the others' events go to the list."""
+    results: list = []
+    started = threading.Barrier(n + 1)
+
+    def stream(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body) as r:
+                lines = r.iter_lines()
+                first = next(lines)
+                started.wait(30)
+                if i >= hang_up:
+                    results.append([json.loads(x[6:]) for x in (first, *lines) if x.startswith("data: ")])
+
+    clients = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    for t in clients:
+        t.start()
+    return clients, results, started
+
+
+LONG = {"text_input": "a", "parameters": {"temperature": 0, "max_new_tokens": 300, "min_new_tokens": 300}}
+
+
+def test_shutdown_with_streams_running_ends_them_in_full(repo):
+    """Streams in flight when the server is told to exit: every one runs to its end, and the server exits."""
+    with live_app(repo, max_new_tokens=4000) as live:
+        scheduler = live.app.state.repository.get("tiny-charlm").scheduler
+        clients, results, started = _streams(live.url, 4, 0, LONG)
+        started.wait(30)
+        assert scheduler.running  # told to exit while they run
+        t0 = time.perf_counter()
+    assert time.perf_counter() - t0 < 20.0 and not scheduler.thread.is_alive()
+    for t in clients:
+        t.join(30)
+    assert len(results) == 4 and all(events[-1]["finish_reason"] == "length" for events in results)
+
+
+def test_clients_that_hang_up_mid_stream_leave_the_others_streaming(repo):
+    with live_app(repo, max_new_tokens=4000) as live:
+        scheduler = live.app.state.repository.get("tiny-charlm").scheduler
+        clients, results, started = _streams(live.url, 4, 2, LONG)
+        started.wait(30)
+        for t in clients:
+            t.join(30)
+        assert scheduler.wait_rows(0, 20.0)
+    assert len(results) == 2 and all(events[-1]["finish_reason"] == "length" for events in results)
