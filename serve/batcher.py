@@ -312,7 +312,7 @@ class Batcher:
         estimate = self._seconds_per_row
         self._seconds_per_row = (per_row if estimate is None or per_row > estimate
                                  else 0.8 * estimate + 0.2 * per_row)
-        if estimate is not None:  # the first batch (the warm-up) pays one-off costs: not a prediction
+        if estimate is not None:  # the first batch (warm-up's first) pays one-off costs: not a prediction
             admit = self._admit_seconds_per_row
             self._admit_seconds_per_row = (per_row if not admit or per_row < admit
                                            else min(0.95 * admit + 0.05 * per_row, ADMIT_MAX_RISE * admit))
