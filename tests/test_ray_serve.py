@@ -648,6 +648,28 @@ def test_sigterm_drains_and_stops(cluster: dict[str, Any]) -> None:
 # ---- configuration (no Ray needed) ---------------------------------------------------------------------------
 
 
+def test_a_scrape_collects_the_ingress_registry_once() -> None:
+    """The ingress's own families are known once (after its last registration), not collected again per scrape:
+    a scrape collects its registry once, to render it."""
+    from deepserve.serve.metrics import Metrics
+    from deepserve.serve.ray_metrics import ingress_families, scrape
+
+    metrics, collected = Metrics(include_default_registry=False), []
+
+    class Collector:
+        def collect(self) -> Iterator[Any]:
+            collected.append(1)
+            return iter(())
+
+    metrics.registry.register(Collector())
+    owned = ingress_families(metrics)
+    collected.clear()
+    for _ in range(3):
+        body_, _ = asyncio.run(scrape(metrics, {}, owned))
+        assert b"deepserve_requests" in body_
+    assert len(collected) == 3
+
+
 def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> None:
     from deepserve.serve.ray_app import model_options
     from deepserve.serve.settings import SettingsError, read_config_file
