@@ -89,7 +89,7 @@ class RayModelRepository(ModelRepository):
         try:
             await self._deploy(model)
         except DEPLOY_ERRORS as e:
-            return self.public_reason(str(e))  # one line: _run says why Ray failed it
+            return str(e)  # one line: _run says why Ray failed it
         return None
 
     async def after_unload(self, model: ModelEntry) -> None:

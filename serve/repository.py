@@ -308,7 +308,8 @@ class ModelRepository:
         return servable
 
     def _record_failure(self, model: ModelEntry, entries: Iterable[VersionEntry], reason: str) -> str:
-        """Mark a failed load in the index: a version that serves keeps serving, with the failure as its reason."""
+        """Mark a failed load in the index: a version that serves keeps serving, with the failure as its reason.
+        Returns the reason as answers show it (the log keeps its paths)."""
         for entry in entries:
             if entry.current is not None:
                 self._set(model.name, entry, ModelState.READY,
@@ -318,7 +319,7 @@ class ModelRepository:
             log.warning("model %s version %d not loaded: %s", model.name, entry.version, reason)
         if not model.versions:
             log.warning("model %s not loaded: %s", model.name, reason)
-        return reason
+        return self.public_reason(reason)
 
     def _retire_unwanted(self, model: ModelEntry, wanted: list[int], settings: ModelSettings) -> None:
         for entry in model.versions.values():
