@@ -326,7 +326,7 @@ def test_racing_loads_and_unloads_leave_the_index_as_ray_serves(cluster: dict[st
             return await asyncio.gather(*(call(op, 0.2 * i) for i, op in enumerate(ops)))
 
     with httpx.Client(base_url=cluster["base"], timeout=120) as c:
-        for ops in (("load",), ("load", "unload", "load", "unload")):  # the race starts from a serving model
+        for ops in (("load",), ("load", "load", "unload", "load", "unload")):  # the race starts from a serving model
             for answer in asyncio.run(race(ops)):
                 assert answer.status_code == 200, (ops, answer.text)
             state = spare_state(x, c)
