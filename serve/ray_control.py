@@ -69,6 +69,9 @@ class RayModelRepository(ModelRepository):
         self.options = options
         self.handles: dict[str, DeploymentHandle] = {}
         """Model -> its deployment's handle, while its application is deployed."""
+        self.deployed: dict[str, Any] = {}
+        """Model -> the application this ingress last deployed for it and saw start (what a failed redeploy
+        goes back to)."""
 
     def _remote(self, manifest: Manifest, directory: Path, settings: Any, device: str) -> Servable:
         return RemoteServable(manifest, directory, settings, self.handles.get(Path(directory).parent.name))
@@ -95,6 +98,7 @@ class RayModelRepository(ModelRepository):
     async def after_unload(self, model: ModelEntry) -> None:
         """Delete the application: Ray drains each replica (the requests in flight finish, up to
         ``graceful_shutdown_timeout_s``) before it stops."""
+        self.deployed.pop(model.name, None)
         if self.handles.pop(model.name, None) is not None:
             await asyncio.to_thread(serve.delete, model_app(model.name))
 
@@ -109,13 +113,21 @@ class RayModelRepository(ModelRepository):
             app = ModelReplica.options(name=model.name, graceful_shutdown_timeout_s=self.options.graceful_timeout_s,
                                        **options.deployment_options()).bind(
                 str(self.path.resolve()), model.name, self.options, dict(config) if config is not None else None)
-            await self._run(model.name, app, options.start_timeout_s, replacing=running)
+            try:
+                await self._run(model.name, app, options.start_timeout_s, replacing=running)
+            except DEPLOY_ERRORS:
+                # Ray's rollout may have stopped serving replicas for ones that never started: go back to the
+                # last deploy that started, so that what the index keeps serving is what Ray serves
+                previous = self.deployed.get(model.name) if running else None
+                if previous is not None:
+                    await self._run(model.name, previous, options.start_timeout_s, replacing=True)
+                raise
+            self.deployed[model.name] = app
         self.handles[model.name] = serve.get_deployment_handle(model.name, app_name=app_name)
 
     async def _run(self, name: str, app: Any, timeout_s: float, *, replacing: bool) -> None:
         """Deploy ``app`` and wait up to ``timeout_s`` for its replicas. On failure Ray's reason is raised and a
-        first deploy leaves no application behind; a replaced one keeps serving (Ray stops a rollout whose
-        replicas fail to start, but goes on placing ones that time out)."""
+        first deploy leaves no application behind."""
         app_name = model_app(name)
         deploying = asyncio.ensure_future(asyncio.to_thread(serve.run, app, name=app_name, route_prefix=None))
         deploying.add_done_callback(_consume)  # a wait given up on still ends, later

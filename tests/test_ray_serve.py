@@ -337,19 +337,20 @@ def test_racing_loads_and_unloads_leave_the_index_as_ray_serves(cluster: dict[st
 def test_a_model_whose_replicas_cannot_start_answers_a_clear_400(cluster: dict[str, Any], repository: Path) -> None:
     """A replica none of whose versions loads fails its start (Ray retries it, then fails the deploy): the load
     answers 400 naming the model and each version's reason, and Ray keeps no application. A replica Ray cannot
-    place fails the load after the ray section's start_timeout_s, not never."""
+    place fails the load after the ray section's start_timeout_s, not never; if it replaced serving ones, the
+    last deploy that started serves again."""
     import shutil
 
     from ray import serve
 
-    broken, unplaceable = repository / "broken-cnn", repository / "gpu-cnn"
+    broken, unplaceable, spare = repository / "broken-cnn", repository / "gpu-cnn", repository / "spare-cnn/config.json"
     for folder, ray_section in ((broken, {"num_cpus": 0.25}), (unplaceable, {"num_gpus": 1, "start_timeout_s": 1})):
         shutil.copytree(repository / "spare-cnn" / "1", folder / "1")
         (folder / "config.json").write_text(json.dumps({"ray": ray_section}))
     with open(broken / "1" / "model.onnx", "ab") as weights:
         weights.write(b"tampered")
     try:
-        with httpx.Client(base_url=cluster["base"], timeout=120, headers=ADMIN) as c:
+        with httpx.Client(base_url=cluster["base"], timeout=60, headers=ADMIN) as c:
             refused = c.post("/v2/repository/models/broken-cnn/load")
             assert refused.status_code == 400, refused.text
             error = refused.json()["error"]
@@ -368,8 +369,18 @@ def test_a_model_whose_replicas_cannot_start_answers_a_clear_400(cluster: dict[s
                 return app is None or app.status == "DELETING"
 
             wait_for(deleted, 10, "gpu-cnn's application deleted")
+            # a serving model whose redeploy cannot be placed: Ray's rollout stopped its replica for the pending
+            # one, so the ingress puts its last deploy that started back, and the model serves as the index says
+            assert c.post("/v2/repository/models/spare-cnn/load").status_code == 200
+            spare.write_text(json.dumps({"ray": {"num_cpus": 0.25, "num_gpus": 1, "start_timeout_s": 2}}))
+            stuck = c.post("/v2/repository/models/spare-cnn/load")
+            assert stuck.status_code == 400 and "did not start within 2 s" in stuck.json()["error"], stuck.text
+            x = body(images(1, seed=8))  # (Ray's application status follows its deployment's a moment later)
+            wait_for(lambda: spare_state(x, c) == ("READY", "RUNNING", 200), 10, "spare-cnn serving again")
+            assert c.post("/v2/repository/models/spare-cnn/unload").status_code == 200
     finally:
         shutil.rmtree(broken), shutil.rmtree(unplaceable)
+        spare.write_text(json.dumps({"ray": {"num_replicas": 1, "num_cpus": 0.25}}))
 
 
 def test_a_ray_load_scans_the_repository_once(cluster: dict[str, Any], repository: Path, tmp_path: Path) -> None:
