@@ -43,12 +43,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="commit-ab-"))
     prepare(work / "repository", work / "checkpoints", ["charlm"])
     reqs = requests_for("charlm", prompts("charlm"), "greedy-stream", 32)
-    here, procs = servers.ROOT, {}
+    procs = {}
     try:
         for i, commit in enumerate(args.commits):
-            servers.ROOT = unpack(here, commit, work / f"tree{i}")  # the server's working folder and import path
-            procs[commit] = servers.ServerProcess("deepserve", repository=work / "repository", device="cpu").start()
-        servers.ROOT = here
+            tree = unpack(servers.ROOT, commit, work / f"tree{i}")
+            procs[commit] = servers.ServerProcess("deepserve", repository=work / "repository", device="cpu",
+                                                  root=tree).start()
         for r in range(args.rounds + 1):
             order = args.commits[r % len(args.commits):] + args.commits[: r % len(args.commits)]
             for commit in order if r % 2 == 0 else order[::-1]:

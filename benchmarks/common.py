@@ -68,7 +68,7 @@ def backends(device: str) -> tuple[str, ...]:
     return ("onnx", "torchscript")
 
 
-def _proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (Linux /proc); 0 where unavailable."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -103,11 +103,11 @@ def measure(port: int, requests: list[Request], concurrency: int, p: Plan, *, se
     spec = LoadSpec("127.0.0.1", port, tuple(requests), concurrency, duration_s or p.cell_s, p.max_requests,
                     warmup_requests=concurrency * 2 if warmup is None else warmup, stream=stream,
                     drain_s=max(5.0, 4 * p.cell_s))
-    server0 = _proc_cpu_s(server_pid) if server_pid else 0.0
+    server0 = proc_cpu_s(server_pid) if server_pid else 0.0
     self0, wall0 = _self_cpu_s(), time.perf_counter()
     result = asyncio.run(run_load(spec, count_tokens))
     wall = max(time.perf_counter() - wall0, 1e-9)
-    server = (_proc_cpu_s(server_pid) - server0) if server_pid else 0.0
+    server = (proc_cpu_s(server_pid) - server0) if server_pid else 0.0
     return Cell(result, 100.0 * server / wall, 100.0 * (_self_cpu_s() - self0) / wall)
 
 

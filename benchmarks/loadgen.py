@@ -182,7 +182,7 @@ class LoadResult:
         }
 
 
-class _Connection:
+class Connection:
     """One keep-alive HTTP/1.1 connection; reconnects lazily after an error or ``Connection: close``."""
 
     def __init__(self, host: str, port: int) -> None:
@@ -278,7 +278,7 @@ def _frozen_heap(run: Callable[..., Awaitable[LoadResult]]) -> Callable[..., Awa
 async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> LoadResult:
     """Run one cell and return its measurements. Never raises for failed requests: they are counted."""
     encoded = [r.encode(spec.host, spec.port) for r in spec.requests]
-    connections = [_Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
+    connections = [Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
     result = LoadResult()
     try:
         if spec.warmup_requests:
@@ -314,13 +314,13 @@ async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCo
     finding none free counts as ``"client-full"``). ``spec.warmup_requests`` is not used."""
     _check(rate_per_s > 0, "rate_per_s", "must be > 0", rate_per_s)
     encoded = [r.encode(spec.host, spec.port) for r in spec.requests]
-    idle = [_Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
+    idle = [Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
     every = [*idle]
     result = LoadResult()
     started = time.perf_counter()
     last_done = started
 
-    async def one(raw: bytes, conn: _Connection) -> None:
+    async def one(raw: bytes, conn: Connection) -> None:
         nonlocal last_done
         t0 = time.perf_counter()
         try:
@@ -350,14 +350,14 @@ async def run_open_loop(spec: LoadSpec, rate_per_s: float, count_tokens: TokenCo
     return result
 
 
-async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[_Connection], budget: int,
+async def _phase(spec: LoadSpec, encoded: list[bytes], connections: list[Connection], budget: int,
                  duration_s: float | None, result: LoadResult, count_tokens: TokenCounter | None) -> None:
     started = time.perf_counter()
     stop_at = None if duration_s is None else started + duration_s
     issued = 0
     last_done = started
 
-    async def worker(index: int, conn: _Connection) -> None:
+    async def worker(index: int, conn: Connection) -> None:
         nonlocal issued, last_done
         position = index
         while issued < budget and (stop_at is None or time.perf_counter() < stop_at):

@@ -30,7 +30,7 @@ import httpx
 
 from benchmarks.common import profile_server
 from benchmarks.hostile import hostile_requests
-from benchmarks.loadgen import LoadSpec, Request, json_request, percentile, run_load, run_open_loop
+from benchmarks.loadgen import Connection, LoadSpec, Request, json_request, percentile, run_load, run_open_loop
 from benchmarks.models import example_image, prepare
 from benchmarks.results import Report, Table
 
@@ -233,39 +233,26 @@ class Outcome(enum.Enum):
     OTHER = "other"
 
 
-async def _sigterm_client(port: int, raw: bytes, stop_at: float, outcomes: list[tuple[float, Outcome]]) -> None:
+async def sigterm_client(port: int, raw: bytes, stop_at: float, outcomes: list[tuple[float, Outcome]]) -> None:
     """One closed-loop client: keep-alive, reconnecting after a close or an error; each answer's outcome is
     recorded with its time, and whether a reset hit a fresh connection (the listen backlog, or a connection
     the server accepted but closed unanswered) or one that had been answered before."""
-    reader = writer = None
-    answered = 0  # on the current connection
+    conn = Connection("127.0.0.1", port)
     while time.perf_counter() < stop_at:
+        reused = conn.writer is not None  # open only after an answer: errors and closes drop the connection
         try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                answered = 0
-            writer.write(raw)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            outcome = {200: Outcome.OK, 429: Outcome.SHED, 503: Outcome.REFUSED_503}.get(status, Outcome.OTHER)
-            outcomes.append((time.perf_counter(), outcome))
-            answered += 1
-            if b"connection: close" in head.lower():
-                writer.close()
-                writer = None
+            response = await conn.send(raw, stream=False)
         except ConnectionRefusedError:
             outcomes.append((time.perf_counter(), Outcome.REFUSED_CONNECT))
-            writer = None
             await asyncio.sleep(0.01)  # the server is gone: a client backs off before reconnecting
+            continue
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
-            outcomes.append((time.perf_counter(), Outcome.RESET_REUSED if answered else Outcome.RESET_NEW))
-            if writer is not None:
-                writer.close()
-            writer = None
-    if writer is not None:
-        writer.close()
+            outcomes.append((time.perf_counter(), Outcome.RESET_REUSED if reused else Outcome.RESET_NEW))
+            await conn.close()
+            continue
+        status = {200: Outcome.OK, 429: Outcome.SHED, 503: Outcome.REFUSED_503}.get(response.status, Outcome.OTHER)
+        outcomes.append((time.perf_counter(), status))
+    await conn.close()
 
 
 async def sigterm_under_load(repository: Path, seconds: float, clients: int = 32) -> Table:
@@ -275,7 +262,7 @@ async def sigterm_under_load(repository: Path, seconds: float, clients: int = 32
     raw = classify_requests()[0].encode("127.0.0.1", server.port)
     outcomes: list[tuple[float, Outcome]] = []
     stop_at = time.perf_counter() + seconds
-    load = asyncio.gather(*(_sigterm_client(server.port, raw, stop_at, outcomes) for _ in range(clients)))
+    load = asyncio.gather(*(sigterm_client(server.port, raw, stop_at, outcomes) for _ in range(clients)))
     await asyncio.sleep(seconds / 3)
     server.proc.send_signal(signal.SIGTERM)
     signalled = time.perf_counter()

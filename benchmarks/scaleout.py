@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.classification import payloads
-from benchmarks.common import Cell, Plan, _proc_cpu_s, measure, paired_ratio
+from benchmarks.common import Cell, Plan, measure, paired_ratio, proc_cpu_s
 from benchmarks.models import serving_repository
 from benchmarks.results import Report, Table
 from benchmarks.servers import ROOT, ServerError, ServerProcess
@@ -112,10 +112,10 @@ def ray_processes() -> dict[str, list[int]]:
 def _with_cpu(pids: dict[str, list[int]], run: Callable[[], Cell], concurrency: int) -> dict[str, Any]:
     """``run()``'s row, with ``cpu_ms``: each role's CPU milliseconds per request answered (warm-up requests
     included: ``measure`` sends ``2 * concurrency`` before it times)."""
-    before = {role: sum(_proc_cpu_s(p) for p in ps) for role, ps in pids.items()}
+    before = {role: sum(proc_cpu_s(p) for p in ps) for role, ps in pids.items()}
     row = run().row()
     requests = max(1, row["ok"] + 2 * concurrency)
-    row["cpu_ms"] = {role: 1000.0 * (sum(_proc_cpu_s(p) for p in ps) - before[role]) / requests
+    row["cpu_ms"] = {role: 1000.0 * (sum(proc_cpu_s(p) for p in ps) - before[role]) / requests
                      for role, ps in pids.items()}
     return row
 

@@ -29,16 +29,17 @@ class ServerProcess:
     """``with ServerProcess("deepserve", repository=...) as server: server.port``.
 
     Starts ``python -m benchmarks.server_main`` on an inherited 127.0.0.1 socket, waits for its READY line
-    and for ``/v2/health/ready``, and stops it with SIGINT (SIGKILL after ``stop_timeout_s``)."""
+    and for ``/v2/health/ready``, and stops it with SIGINT (SIGKILL after ``stop_timeout_s``). ``root`` is the
+    checkout it runs from (working folder and import path): this one unless told."""
 
     host = "127.0.0.1"
 
     def __init__(self, app: str, *, repository: Path | None = None, device: str | None = None,
                  env: dict[str, str] | None = None, startup_timeout_s: float = 240.0,
-                 stop_timeout_s: float = 20.0, extra_args: tuple[str, ...] = ()) -> None:
-        self.app, self.repository, self.device, self.extra_args = app, repository, device, extra_args
+                 stop_timeout_s: float = 20.0, extra_args: tuple[str, ...] = (), root: Path = ROOT) -> None:
+        self.app, self.repository, self.device, self.extra_args, self.root = app, repository, device, extra_args, root
         self.env = {**os.environ, **(env or {})}
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), self.env.get("PYTHONPATH", "")) if p)
         self.startup_timeout_s, self.stop_timeout_s = startup_timeout_s, stop_timeout_s
         self.process: subprocess.Popen | None = None
         self.port = 0
@@ -66,7 +67,7 @@ class ServerProcess:
             command += ["--device", self.device]
         command += self.extra_args
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                        pass_fds=(listener.fileno(),), env=self.env, cwd=ROOT)
+                                        pass_fds=(listener.fileno(),), env=self.env, cwd=self.root)
         listener.close()  # the child holds its own copy
         try:
             self._wait_ready()
@@ -114,7 +115,7 @@ class ServerProcess:
 
     def run_until_ready(self, command: list[str], env: dict[str, str], ready_path: str) -> None:
         """Start ``command`` (which binds ``self.port`` itself) and wait until GET ``ready_path`` answers 200."""
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=self.root)
         try:
             self._wait_http(ready_path, time.monotonic() + self.startup_timeout_s)
         except BaseException:

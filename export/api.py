@@ -100,7 +100,6 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
     if task == "seq2seq":
         _check_spm(data, where)
     ref = parity.build_reference(task, model, tg, data)
-    ids = special_ids(task, data)
 
     with writer.staging(repository, name, version, overwrite) as tmp:
         files: dict[str, dict[str, str]] = {g: {} for g in tg.graphs}
@@ -111,8 +110,8 @@ def _export_checkpoint(checkpoint: Path, repository: Path, name: str, version: i
                 files[graph.name][variant] = path.name
         np.savez(tmp / REFERENCE_FILE, **ref)
         specs = {g.name: GraphSpec(tuple(g.inputs), tuple(g.outputs), files[g.name]) for g in tg.graphs.values()}
-        checks = check_parity(task, tmp, specs, ref, ids, formats)
-        variants = _reduced_precision(tmp, specs, ref, payload, ids, formats, quantize, fp16, log)
+        checks = check_parity(task, tmp, specs, ref, tg.contract, formats)
+        variants = _reduced_precision(tmp, specs, ref, payload, tg.contract, formats, quantize, fp16, log)
         sections = _write_task_files(task, tmp, data, tg)
         manifest = Manifest(
             name=name,
@@ -151,9 +150,10 @@ def _verify_artifact(directory: Path, trusted_keys: tuple[signing.TrustedKey, ..
         signature = _check_signature(directory, trusted_keys)
     except ManifestError as e:
         raise ExportError(f"{directory}: {e}" if isinstance(e, signing.SignatureError) else str(e)) from None
+    contract = None
     if manifest.task == "seq2seq":
         try:
-            StepGraphContract.of(manifest)  # the layout and sizes serve will drive
+            contract = StepGraphContract.of(manifest)  # the layout, sizes and ids serve will drive
         except ManifestError as e:
             raise ExportError(f"{directory}: {e}") from None
     unlisted = sorted(set(hash_directory(directory)) - set(manifest.files))
@@ -165,10 +165,9 @@ def _verify_artifact(directory: Path, trusted_keys: tuple[signing.TrustedKey, ..
     with np.load(directory / ref_name, allow_pickle=False) as npz:
         ref = {k: npz[k] for k in npz.files}
     fp32 = [v for v in fmt.FORMATS if all(v in g.files for g in manifest.graphs.values())]
-    ids = {k: int(v) for k, v in manifest.tokenizer.get("special_ids", {}).items()}
-    checks = check_parity(manifest.task, directory, manifest.graphs, ref, ids, fp32)
+    checks = check_parity(manifest.task, directory, manifest.graphs, ref, contract, fp32)
     if all("onnx-int8" in g.files for g in manifest.graphs.values()):  # reduced precision: must run, no tolerance
-        parity.run_checks(manifest.task, ref, _runners(directory, manifest.graphs, "onnx-int8"), ids)
+        parity.run_checks(manifest.task, ref, _runners(directory, manifest.graphs, "onnx-int8"), contract)
     return {"directory": str(directory), "name": manifest.name, "version": manifest.version,
             "files_checked": len(manifest.files), "signature": signature, **_parity_section(checks)}
 
@@ -266,11 +265,11 @@ def _runners(directory: Path, graphs: dict[str, GraphSpec], variant: str) -> dic
 
 
 def check_parity(task: str, directory: Path, graphs: dict[str, GraphSpec], ref: parity.Reference,
-                 ids: dict[str, int], variants: Sequence[str]) -> list[dict[str, Any]]:
+                 contract: StepGraphContract | None, variants: Sequence[str]) -> list[dict[str, Any]]:
     """Run every parity check on every fp32 variant; raise ``ParityError`` naming the first failure."""
     results = []
     for variant in variants:
-        for result in parity.run_checks(task, ref, _runners(directory, graphs, variant), ids):
+        for result in parity.run_checks(task, ref, _runners(directory, graphs, variant), contract):
             result = {"format": variant, **result, "passed": parity.passed(result)}
             results.append(result)
             if not result["passed"]:
@@ -296,7 +295,7 @@ def _parity_section(checks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _reduced_precision(tmp: Path, specs: dict[str, GraphSpec], ref: parity.Reference, payload: dict[str, Any],
-                       ids: dict[str, int], formats: Sequence[str], quantize: bool, fp16: bool,
+                       contract: StepGraphContract | None, formats: Sequence[str], quantize: bool, fp16: bool,
                        log: Callable[[str], Any]) -> dict[str, Any]:
     """The int8 / fp16 variants asked for, written into ``tmp`` beside the fp32 files: their manifest records by
     name. Both derive from the ONNX graph; the log says why one asked for is not made."""
@@ -305,20 +304,20 @@ def _reduced_precision(tmp: Path, specs: dict[str, GraphSpec], ref: parity.Refer
     if quantize and "onnx" in formats:
         op_types, plan = int8_plan(payload["model"]["type"])
         variants["onnx-int8"] = _add_variant("onnx-int8", partial(fmt.quantize_int8, op_types=op_types), task,
-                                             tmp, specs, ref, payload, ids, plan)
+                                             tmp, specs, ref, payload, contract, plan)
     elif quantize:
         log("note: no int8 variant (it is derived from the ONNX graph, which was not requested)")
     if fp16 and task == "char-lm":
         log("note: no fp16 variant for recurrent char-LMs (ONNX Runtime's fp16 LSTM/GRU crash its CPU provider, "
             "and a single-token RNN step gains little from fp16)")
     elif fp16:
-        variants["onnx-fp16"] = _add_variant("onnx-fp16", fmt.convert_fp16, task, tmp, specs, ref, payload, ids)
+        variants["onnx-fp16"] = _add_variant("onnx-fp16", fmt.convert_fp16, task, tmp, specs, ref, payload, contract)
     return variants
 
 
 def _add_variant(variant: str, convert: Callable[[Path, Path], dict[str, int] | None], task: str, tmp: Path,
-                 specs: dict[str, GraphSpec], ref: parity.Reference, payload: dict[str, Any], ids: dict[str, int],
-                 record: dict[str, Any] | None = None) -> dict[str, Any]:
+                 specs: dict[str, GraphSpec], ref: parity.Reference, payload: dict[str, Any],
+                 contract: StepGraphContract | None, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``variant`` of every graph with ``convert`` (which may return the nodes it changed, by op type)
     and return its manifest record: ``record`` plus those counts plus its accuracy change."""
     summary = dict(record or {})
@@ -330,7 +329,7 @@ def _add_variant(variant: str, convert: Callable[[Path, Path], dict[str, int] | 
         spec.files[variant] = out.name
     fp32 = _runners(tmp, specs, "onnx")
     try:
-        return {**summary, **evaluate_variant(task, ref, fp32, _runners(tmp, specs, variant), payload, ids)}
+        return {**summary, **evaluate_variant(task, ref, fp32, _runners(tmp, specs, variant), payload, contract)}
     except RuntimeError as e:  # e.g. fp16 kernels missing from the CPU provider: the variant is for GPU
         return {**summary, "checked": False,
                 "note": f"not runnable on the CPU provider ({str(e).splitlines()[0][:200]})"}

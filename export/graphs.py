@@ -116,6 +116,8 @@ class TaskGraphs:
     graphs: dict[str, GraphDef]
     model_facts: dict[str, Any]
     """Manifest ``model`` section."""
+    contract: StepGraphContract | None = None
+    """Seq2seq: what the step graphs promise their driver (the manifest records it; parity drives by it)."""
 
 
 def build_graphs(task: str, model_type: str, model: nn.Module, data: dict[str, Any], where: str) -> TaskGraphs:
@@ -226,11 +228,12 @@ def _seq2seq(model_type: str, model: nn.Module, data: dict, where: str, gen: tor
                                                         past_k, past_v, past_mask)
     _same(where, "decode_step", got_shared,
           (logits1, *[t[i, :, :, -1:] for i in range(layers) for t in (present_k1, present_v1)]))
-    contract = StepGraphContract(int(layers), int(heads), int(head_dim), int(vocab_size))
+    contract = StepGraphContract(int(layers), int(heads), int(head_dim), int(vocab_size), int(data["pad_id"]),
+                                 int(data["bos_id"]), int(data["eos_id"]))
     graphs = _seq2seq_graphs(contract, int(d_model), encode, decode, (src, src_mask),
                              (tokens, positions, src_mask, past_mask, *per_layer))
     facts = {"type": model_type, "d_model": int(d_model), **contract.facts()}
-    return TaskGraphs(graphs, facts)
+    return TaskGraphs(graphs, facts, contract)
 
 
 def _seq2seq_graphs(contract: StepGraphContract, d_model: int, encode: nn.Module, decode: nn.Module,

@@ -6,7 +6,9 @@ the same checks without the checkpoint. Checks, per task:
 
 - ``random-inputs`` (every graph): three or more batch sizes / lengths, max abs difference of every output.
 - ``cached-decoding`` (generators): step-by-step decoding through the exported cache reproduces the eager
-  full-sequence (teacher-forcing) logits. For seq2seq one row joins mid-way, left-padded, at its own position.
+  full-sequence (teacher-forcing) logits. For seq2seq one row joins mid-way, left-padded, at its own position;
+  each char-LM graph (``prefill``, which serve decodes with, and ``step``) takes the prompt in two calls, then
+  one token per call, as serve feeds it.
 - ``greedy`` (generators): greedy decoding with the exported graphs gives exactly the eager tokens.
 """
 
@@ -20,10 +22,16 @@ import torch.nn as nn
 
 from deepserve.export.formats import Runner
 from deepserve.export.graphs import TaskGraphs
+from deepserve.manifest import KVUpdate, StepGraphContract
 
 TOLERANCE = 1e-4
 """Max abs difference allowed between fp32 exported graphs and the eager model."""
 GREEDY_STEPS = 12
+CHARLM_GRAPHS = ("step", "prefill")
+"""The char-LM graphs, each checked on its own: serve decodes with ``prefill`` (``step`` for older artifacts)."""
+PROMPT_CALLS = ((0, 3), (3, 5))
+"""How the char-LM checks feed the parity sequence's prompt: in two calls, as serve prefills a long prompt in
+chunks (the second call starts from the state the first returned); single steps follow."""
 
 Reference = dict[str, np.ndarray]
 
@@ -155,18 +163,21 @@ def _greedy_pick(logits: np.ndarray, pad_id: int | None = None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def run_checks(task: str, ref: Reference, runners: dict[str, Runner], data_ids: dict[str, int]) -> list[dict[str, Any]]:
-    """Replay every check of ``task`` on ``runners`` (graph name -> runner). Returns one result per check:
-    ``{"check", "graph", "cases", "max_abs_diff"}`` plus ``tokens_equal`` / ``token_agreement`` for greedy."""
+def run_checks(task: str, ref: Reference, runners: dict[str, Runner],
+               contract: StepGraphContract | None = None) -> list[dict[str, Any]]:
+    """Replay every check of ``task`` on ``runners`` (graph name -> runner); seq2seq needs the ``contract`` its
+    manifest records (special ids, ``kv_update``). Returns one result per check: ``{"check", "graph", "cases",
+    "max_abs_diff"}`` plus ``tokens_equal`` / ``token_agreement`` for greedy."""
     results = [_random_inputs(graph, ref, runner) for graph, runner in runners.items()]
     if task == "char-lm":
-        results.append(_charlm_cached(ref, runners["step"]))
-        results.append(_charlm_greedy(ref, runners["step"]))
-        if "prefill" in runners:
-            results.append(_charlm_prefill(ref, runners["prefill"], runners["step"]))
+        for graph in (g for g in CHARLM_GRAPHS if g in runners):
+            results.append(_charlm_cached(ref, graph, runners[graph]))
+            results.append(_charlm_greedy(ref, graph, runners[graph]))
     elif task == "seq2seq":
-        results.append(_seq2seq_cached(ref, runners["encode"], runners["decode_step"]))
-        results.append(_seq2seq_greedy(ref, runners["encode"], runners["decode_step"], data_ids))
+        if contract is None:
+            raise ValueError("seq2seq parity checks need the artifact's StepGraphContract")
+        results.append(_seq2seq_cached(ref, runners["encode"], runners["decode_step"], contract))
+        results.append(_seq2seq_greedy(ref, runners["encode"], runners["decode_step"], contract))
     return results
 
 
@@ -210,38 +221,41 @@ def _charlm_feed(run: Runner, tokens: np.ndarray, state: dict[str, np.ndarray]):
     return out["logits"], {n: out[f"{n}_out"] for n in state}
 
 
-def _charlm_cached(ref: Reference, run: Runner) -> dict[str, Any]:
+def charlm_calls(ref: Reference, graph: str, run: Runner) -> list[tuple[int, int, np.ndarray]]:
+    """The parity sequence (``cached/tokens``) fed to char-LM ``graph`` as serve feeds it: the prompt in
+    ``PROMPT_CALLS``, then one token per call, each call from the state the previous one returned. Per call
+    ``(first, end, logits [B, end - first, V])``: ``step`` returns every position fed, ``prefill`` the last."""
     tokens, state = ref["cached/tokens"], _charlm_state(ref, "cached")
-    logits, state = _charlm_feed(run, tokens[:, :5], state)  # prefill
-    steps = [logits]
-    for t in range(5, tokens.shape[1]):
-        logits, state = _charlm_feed(run, tokens[:, t : t + 1], state)
-        steps.append(logits)
-    got = np.concatenate(steps, axis=1)
-    return {"check": "cached-decoding", "graph": "step", "cases": [f"tokens{list(tokens.shape)} prefill 5"],
-            "max_abs_diff": _diff(got, ref["cached/logits"])}
+    calls = [*PROMPT_CALLS, *((t, t + 1) for t in range(PROMPT_CALLS[-1][1], tokens.shape[1]))]
+    out = []
+    for a, b in calls:
+        logits, state = _charlm_feed(run, tokens[:, a:b], state)
+        out.append((a, b, logits) if graph == "step" else (b - 1, b, logits[:, None]))
+    return out
 
 
-def _charlm_prefill(ref: Reference, prefill: Runner, step: Runner) -> dict[str, Any]:
-    """The prompt in one ``prefill`` call == one ``step`` call per token: last logits and the state."""
-    tokens, state = ref["cached/tokens"], _charlm_state(ref, "cached")
-    logits, got = _charlm_feed(prefill, tokens, state)
-    for t in range(tokens.shape[1]):
-        last, state = _charlm_feed(step, tokens[:, t : t + 1], state)
-    diffs = [_diff(logits, last[:, -1])] + [_diff(got[n], state[n]) for n in state]
-    return {"check": "prefill-vs-steps", "graph": "prefill", "cases": [f"tokens{list(tokens.shape)}"],
-            "max_abs_diff": max(diffs)}
+def _charlm_cached(ref: Reference, graph: str, run: Runner) -> dict[str, Any]:
+    expected, prompt = ref["cached/logits"], PROMPT_CALLS[-1][1]
+    worst, worst_case = 0.0, ""
+    for first, end, logits in charlm_calls(ref, graph, run):
+        d = _diff(logits, expected[:, first:end])
+        if not np.isfinite(d) or d > worst:
+            worst, worst_case = d, f"positions {first}..{end - 1} ({'prompt' if end <= prompt else 'single step'})"
+    calls = " + ".join(str(b - a) for a, b in PROMPT_CALLS)
+    return {"check": "cached-decoding", "graph": graph, "max_abs_diff": worst, "worst": worst_case,
+            "cases": [f"tokens{list(ref['cached/tokens'].shape)}: prompt in {calls} tokens, then single steps"]}
 
 
-def _charlm_greedy(ref: Reference, run: Runner) -> dict[str, Any]:
+def _charlm_greedy(ref: Reference, graph: str, run: Runner) -> dict[str, Any]:
     prompt = ref["greedy/prompt"]
     logits, state = _charlm_feed(run, prompt, _charlm_state(ref, "greedy"))
     tokens = []
     for _ in range(GREEDY_STEPS):
-        nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+        last = logits[:, -1] if graph == "step" else logits  # prefill: the last position's logits only
+        nxt = last.argmax(-1).astype(np.int64)[:, None]
         tokens.append(nxt)
         logits, state = _charlm_feed(run, nxt, state)
-    return _greedy_result("step", np.concatenate(tokens, axis=1), ref["greedy/tokens"])
+    return _greedy_result(graph, np.concatenate(tokens, axis=1), ref["greedy/tokens"])
 
 
 def _greedy_result(graph: str, got: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
@@ -273,19 +287,20 @@ def _rows(state: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
     return {name: value[rows] for name, value in state.items()}
 
 
-def _step(run: Runner, tokens: np.ndarray, positions: np.ndarray, cross: dict[str, np.ndarray], src_mask: np.ndarray,
-          past: dict[str, np.ndarray], past_mask: np.ndarray):
+def _step(run: Runner, c: StepGraphContract, tokens: np.ndarray, positions: np.ndarray, cross: dict[str, np.ndarray],
+          src_mask: np.ndarray, past: dict[str, np.ndarray], past_mask: np.ndarray):
     """One decode step -> (logits, the grown past caches, the grown past_pad_mask)."""
     out = run({"tokens": tokens, "positions": positions, "src_pad_mask": src_mask, "past_pad_mask": past_mask,
                **cross, **past})
-    # graphs of kv_update "slot" return the new position's K/V (new_*), older ones the grown cache (present_*)
-    past = {name: out[f"present_{name[5:]}"] if f"present_{name[5:]}" in out
-            else np.concatenate([value, out[f"new_{name[5:]}"]], axis=2) for name, value in past.items()}
+    if c.kv_update is KVUpdate.SLOT:  # this step's K/V (new_*), appended here
+        past = {name: np.concatenate([value, out[f"new_{name[5:]}"]], axis=2) for name, value in past.items()}
+    else:  # the grown caches (present_*)
+        past = {name: out[f"present_{name[5:]}"] for name in past}
     past_mask = np.concatenate([past_mask, np.zeros((tokens.shape[0], 1), dtype=bool)], axis=1)
     return out["logits"], past, past_mask
 
 
-def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner) -> dict[str, Any]:
+def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner, c: StepGraphContract) -> dict[str, Any]:
     src, src_mask = ref["cached/src"], ref["cached/src_pad_mask"]
     tgt_a, tgt_b = ref["cached/tgt_a"], ref["cached/tgt_b"]
     cross = _encode(encode, src, src_mask)
@@ -294,14 +309,14 @@ def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner) -> dict[str,
     past, pm = _empty_past(cross_a)
     got_a, got_b = [], []
     for t in range(join):  # row a alone
-        logits, past, pm = _step(decode, tgt_a[:, t : t + 1], np.array([t]), cross_a, src_mask[:1], past, pm)
+        logits, past, pm = _step(decode, c, tgt_a[:, t : t + 1], np.array([t]), cross_a, src_mask[:1], past, pm)
         got_a.append(logits[0])
     # row b joins with `join` empty slots on the left
     past = {name: np.concatenate([value, np.zeros_like(value)], axis=0) for name, value in past.items()}
     pm = np.concatenate([pm, np.ones_like(pm)], axis=0)
     for t in range(tgt_b.shape[1]):
         tokens = np.array([[tgt_a[0, join + t]], [tgt_b[0, t]]], dtype=np.int64)
-        logits, past, pm = _step(decode, tokens, np.array([join + t, t]), cross, src_mask, past, pm)
+        logits, past, pm = _step(decode, c, tokens, np.array([join + t, t]), cross, src_mask, past, pm)
         got_a.append(logits[0])
         got_b.append(logits[1])
     diff = max(_diff(np.stack(got_a), ref["cached/logits_a"]), _diff(np.stack(got_b), ref["cached/logits_b"]))
@@ -309,15 +324,15 @@ def _seq2seq_cached(ref: Reference, encode: Runner, decode: Runner) -> dict[str,
             "cases": [f"row a {tgt_a.shape[1]} steps, row b joins at step {join} for {tgt_b.shape[1]} steps"]}
 
 
-def _seq2seq_greedy(ref: Reference, encode: Runner, decode: Runner, ids: dict[str, int]) -> dict[str, Any]:
+def _seq2seq_greedy(ref: Reference, encode: Runner, decode: Runner, c: StepGraphContract) -> dict[str, Any]:
     src, src_mask = ref["greedy/src"], ref["greedy/src_pad_mask"]
     cross = _encode(encode, src, src_mask)
     b = src.shape[0]
     past, pm = _empty_past(cross)
-    tokens = np.full((b, 1), ids["bos"], dtype=np.int64)
+    tokens = np.full((b, 1), c.bos_id, dtype=np.int64)
     out = []
     for t in range(ref["greedy/tokens"].shape[1]):
-        logits, past, pm = _step(decode, tokens, np.full(b, t, dtype=np.int64), cross, src_mask, past, pm)
-        tokens = _greedy_pick(logits, ids["pad"]).numpy()[:, None]
+        logits, past, pm = _step(decode, c, tokens, np.full(b, t, dtype=np.int64), cross, src_mask, past, pm)
+        tokens = _greedy_pick(logits, c.pad_id).numpy()[:, None]
         out.append(tokens)
     return _greedy_result("encode+decode_step", np.concatenate(out, axis=1), ref["greedy/tokens"])

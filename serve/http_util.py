@@ -58,13 +58,26 @@ def body_limit(request: Request) -> int:
     return getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
 
 
+class BodyRequest(Request):
+    """The request a hot route's endpoint gets. ``read_body`` reads the body off the ASGI channel itself and keeps
+    it in ``raw_body``, where ``body()`` (and so ``json()``) finds it: a later reader gets the same bytes instead of
+    waiting on the drained channel."""
+
+    raw_body: bytes | None = None
+    """The raw body once ``read_body`` has read it (still compressed, as sent)."""
+
+    async def body(self) -> bytes:
+        return self.raw_body if self.raw_body is not None else await super().body()
+
+
 def _too_large(size: int | str, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit} bytes (--max-body-mb)")
 
 
 async def read_body(request: Request) -> bytes:
     """The request body, refused with 413 past the configured limit (checked before reading when the length
-    is declared, while streaming otherwise) and decompressed for ``Content-Encoding: gzip|deflate``."""
+    is declared, while streaming otherwise) and decompressed for ``Content-Encoding: gzip|deflate``. It drains
+    the channel: a ``BodyRequest`` keeps what was read for later readers."""
     limit = body_limit(request)
     headers = headers_of(request)
     declared = headers.get("content-length")
@@ -84,7 +97,8 @@ async def read_body(request: Request) -> bytes:
             raise _too_large(f"over {limit}", limit)
         chunks.append(chunk)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    request._body = body  # what Request.body() caches, so later readers of the request see the same body
+    if isinstance(request, BodyRequest):
+        request.raw_body = body
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -202,7 +216,7 @@ class DirectRoute(APIRoute):
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             # No per-request exit stacks (no dependencies) and no route-level exception wrapper: errors reach
             # the app's ExceptionMiddleware, whose handlers answer them the same way.
-            response = await handler(Request(scope, receive, send))
+            response = await handler(BodyRequest(scope, receive, send))
             await response(scope, receive, send)
 
         self.app = app
@@ -253,7 +267,7 @@ class HotPath:
         status = 500
         try:
             try:
-                response = await route.endpoint(Request(scope, receive, send), **scope["path_params"])
+                response = await route.endpoint(BodyRequest(scope, receive, send), **scope["path_params"])
             except ServeError as exc:
                 if exc.reject_reason is not None and self.reject is not None:
                     self.reject(exc.reject_reason)

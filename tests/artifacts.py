@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 FORMATS = ("torchscript", "onnx")
@@ -225,4 +226,43 @@ def tampered_copy(artifact: Path, repository: Path, name: str = "tampered", file
     shutil.copytree(artifact, target)
     with open(target / file, "ab") as f:
         f.write(b"\0")
+    return target
+
+
+def concat_era_copy(directory: Path, target: Path) -> Path:
+    """``directory``'s seq2seq artifact as exported before ``kv_update``, copied to ``target``: its ONNX decode_step
+    returns each layer's grown cache (``present_k_i`` = past ++ new), the manifest has no ``kv_update`` entry and
+    lists decode_step's ONNX file only (the others still return ``new_*``), the parity reference holds such a
+    graph's answers, and every file's sha256 is anew."""
+    import json
+    import shutil
+
+    import onnx
+
+    from deepserve.manifest import hash_directory
+
+    shutil.copytree(directory, target)
+    model = onnx.load(str(target / "decode_step.onnx"))
+    for out in model.graph.output:
+        if out.name.startswith("new_"):
+            present, past = out.name.replace("new_", "present_"), out.name.replace("new_", "past_")
+            model.graph.node.append(onnx.helper.make_node("Concat", [past, out.name], [present], axis=2))
+            out.name = present
+            out.type.tensor_type.shape.dim[2].dim_param = "present_len"
+    onnx.save(model, str(target / "decode_step.onnx"))
+    raw = json.loads((target / "manifest.json").read_text())
+    del raw["model"]["kv_update"]
+    decode = raw["graphs"]["decode_step"]
+    decode["files"] = {"onnx": decode["files"]["onnx"]}
+    for out in decode["outputs"]:
+        if out["name"].startswith("new_"):
+            out["name"], out["shape"][2] = out["name"].replace("new_", "present_"), "present_len"
+    with np.load(target / "parity.npz") as npz:  # the reference's decode_step answers as such a graph gave them
+        ref = {k: npz[k] for k in npz.files}
+    for key in [k for k in ref if k.startswith("decode_step/") and "/out/new_" in k]:
+        past = ref[key.replace("/out/new_", "/in/past_")]
+        ref[key.replace("/out/new_", "/out/present_")] = np.concatenate([past, ref.pop(key)], axis=2)
+    np.savez(target / "parity.npz", **ref)
+    raw["files"] = hash_directory(target)
+    (target / "manifest.json").write_text(json.dumps(raw))
     return target

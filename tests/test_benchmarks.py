@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks import servers
 from benchmarks.common import paired, paired_ratio
 from benchmarks.loadgen import LoadError, LoadSpec, Request, Response, json_request, percentile, run_load
+from benchmarks.reliability import Outcome, sigterm_client
 from benchmarks.results import Plot, Report, Table, fmt
 
 
@@ -25,6 +28,11 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, see
             path = head.split(b" ")[1]
             if path == b"/fail":
                 writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno")
+            elif path == b"/closing":  # a draining server's refusal: no body, no Content-Length, then close
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                writer.close()
+                return
             elif path == b"/stream":
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n")
                 for i in range(3):
@@ -74,6 +82,24 @@ def test_loadgen_reports_errors_by_status() -> None:
     assert result.ok == 5
     assert result.errors == {"503": 5}
     assert result.summary()["errors"] == {"503": 5}
+
+
+@pytest.mark.parametrize("path, outcome", [("/ok", Outcome.OK), ("/closing", Outcome.REFUSED_503)])
+def test_the_sigterm_client_reads_answers_with_and_without_content_length(path: str, outcome: Outcome) -> None:
+    async def run() -> list[tuple[float, Outcome]]:
+        server = await asyncio.start_server(lambda r, w: _serve(r, w, []), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        outcomes: list[tuple[float, Outcome]] = []
+        try:
+            await sigterm_client(port, Request("POST", path, b"{}").encode("127.0.0.1", port),
+                                 time.perf_counter() + 0.2, outcomes)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert outcomes and {o for _, o in outcomes} == {outcome}
 
 
 def test_loadgen_streams_record_first_token_and_time_per_token() -> None:
@@ -185,3 +211,11 @@ def test_ceiling_scenario_measures_every_side_and_leaves_the_step_model_empty(tm
     assert all(len(v) == 1 and v[0] > 0 for v in runs.values())
     model = open_step_model(load_manifest(directory), directory, backend="onnx", device="cpu", threads=1)
     assert step_ceiling(model, 0.05, [[3, 4, 5]], 2) > 0 and model.rows == 0
+
+
+def test_a_bench_server_runs_from_the_checkout_it_is_given(tmp_path: Path) -> None:
+    """What commit_ab does for each commit: the server's working folder and import path are ``root``."""
+    (tmp_path / "benchmarks").symlink_to(servers.ROOT / "benchmarks")
+    with servers.ServerProcess("echo", root=tmp_path) as server:
+        assert Path(f"/proc/{server.pid}/cwd").resolve() == tmp_path.resolve()
+        assert server.get("/v2/health/ready")[0] == 200

@@ -16,6 +16,7 @@ from deepserve.export import ExportError, ParityError, export_checkpoint, verify
 from deepserve.export import formats
 from deepserve.manifest import sha256_file
 from deepserve.train.checkpoint import save_checkpoint
+from deepserve.train.models.charlm import CharRNN
 from tests.artifacts import make_charlm_checkpoint, make_classifier_checkpoint
 
 
@@ -82,6 +83,20 @@ def test_failing_parity_names_the_char_lm_step_graph(tmp_path: Path, monkeypatch
     _noisy_export(monkeypatch, "export_torchscript", "step", noise=0.5)
     with pytest.raises(ParityError, match=r"graph 'step' \(torchscript, random-inputs\): max abs difference 0.5"):
         _export(ckpt, tmp_path / "repo", formats=("torchscript",))
+    assert _tree(tmp_path / "repo") == []
+
+
+def test_a_prefill_that_misreads_its_incoming_state_fails_export(tmp_path: Path, monkeypatch) -> None:
+    """Serve prefills long prompts in chunks and decodes single steps through the prefill graph, each call from
+    the state the previous one returned: a prefill that misreads that state agrees with the eager model (whose
+    prefill it is) on random inputs and from the initial (zero) state, and must still be refused."""
+    original = CharRNN.prefill
+    monkeypatch.setattr(CharRNN, "prefill",
+                        lambda self, tokens, state: original(self, tokens, tuple(0.5 * s for s in state)))
+    ckpt = make_charlm_checkpoint(tmp_path / "lm.pt")
+    with pytest.raises(ParityError, match=r"graph 'prefill' \(onnx, cached-decoding\): max abs difference .* at "
+                                          r"positions \d+\.\.\d+ \((prompt|single step)\); nothing written"):
+        _export(ckpt, tmp_path / "repo")
     assert _tree(tmp_path / "repo") == []
 
 

@@ -22,7 +22,7 @@ from deepserve.manifest import load_manifest
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.step_models import open_step_model
 from tests.artifacts import (
-    make_charlm_artifact, make_charlm_checkpoint, make_seq2seq_artifact, make_seq2seq_checkpoint,
+    concat_era_copy, make_charlm_artifact, make_charlm_checkpoint, make_seq2seq_artifact, make_seq2seq_checkpoint,
 )
 
 
@@ -285,36 +285,11 @@ def test_a_source_that_leaves_takes_its_cross_state_with_it(repo):
         step.reorder(np.zeros(0, np.int64))
 
 
-def _concat_era_artifact(directory: Path, target: Path) -> Path:
-    """``directory``'s artifact as exported before ``kv_update``: decode_step returns each layer's grown cache
-    (``present_k_i`` = past ++ new) and the manifest has no ``kv_update`` entry."""
-    import shutil
-
-    import onnx
-
-    shutil.copytree(directory, target)
-    model = onnx.load(str(target / "decode_step.onnx"))
-    for out in model.graph.output:
-        if out.name.startswith("new_"):
-            present, past = out.name.replace("new_", "present_"), out.name.replace("new_", "past_")
-            model.graph.node.append(onnx.helper.make_node("Concat", [past, out.name], [present], axis=2))
-            out.name = present
-            out.type.tensor_type.shape.dim[2].dim_param = "present_len"
-    onnx.save(model, str(target / "decode_step.onnx"))
-    raw = json.loads((target / "manifest.json").read_text())
-    del raw["model"]["kv_update"]
-    for out in raw["graphs"]["decode_step"]["outputs"]:
-        if out["name"].startswith("new_"):
-            out["name"], out["shape"][2] = out["name"].replace("new_", "present_"), "present_len"
-    (target / "manifest.json").write_text(json.dumps(raw))
-    return target
-
-
 def test_a_seq2seq_artifact_from_before_kv_update_still_serves_the_same_tokens(repo, tmp_path):
     """Artifacts whose decode_step returns the grown caches (no ``kv_update`` in the manifest) keep serving,
     step for step the same logits as the slot graphs, through joins, beam moves and a leaving request."""
     directory = repo / "tiny-seq2seq" / "1"
-    old_dir = _concat_era_artifact(directory, tmp_path / "old" / "1")
+    old_dir = concat_era_copy(directory, tmp_path / "old" / "1")
     new, old = (open_step_model(load_manifest(d, verify=False), d, backend="onnx", device="cpu", threads=1)
                 for d in (directory, old_dir))
     assert new.slot and not old.slot and old.decode.output_names[1] == "present_k_0"

@@ -299,6 +299,44 @@ def test_direct_routes_take_only_the_request_and_str_path_parameters():
         DirectRoute("/m/{model}", without_request)
 
 
+def test_a_hot_route_reads_the_body_again_after_read_body():
+    """read_body drains the ASGI channel; the endpoint's request keeps the bytes, so body() and json() after it
+    answer at once instead of waiting on a channel that has nothing more until the client leaves."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from deepserve.serve.http_util import DirectRoute, HotPath, read_body
+
+    body, seen = b'{"x": 1}', {}
+
+    async def endpoint(request: Request, model: str):
+        seen.update(read=await read_body(request), again=await request.body(), json=await request.json())
+        return JSONResponse({"model": model})
+
+    async def run() -> list[dict]:
+        messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # a live connection: nothing more until the client leaves
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/m/a", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-length", str(len(body)).encode())], "app": FastAPI()}
+        hot = HotPath([DirectRoute("/m/{model}", endpoint, methods=["POST"])], lambda *args: None)
+        assert await asyncio.wait_for(hot(scope, receive, send), 30)
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b'{"model":"a"}'
+    assert seen == {"read": body, "again": body, "json": {"x": 1}}
+
+
 def test_small_images_are_decoded_without_a_thread_hop(monkeypatch):
     import asyncio
     from types import SimpleNamespace
