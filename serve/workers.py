@@ -2,8 +2,9 @@
 
 uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``) binds the port once, spawns N workers that accept
 on it, restarts a worker that dies or hangs, and on SIGTERM/SIGINT sends SIGTERM to each and waits for them. Each
-worker builds the same app from the serve command's flags (``worker_app``, uvicorn's app factory) and drains as a
-single server does: requests in flight finish, new ones get 503 with ``Connection: close``; a worker whose
+worker is a single server (``shutdown.DrainingServer``) over the app it builds from the serve command's flags, and
+drains as one does: requests in flight finish, new ones get 503 with ``Connection: close``, and what waits in the
+shared socket's accept queue when it stops accepting is accepted and answered so, not reset; a worker whose
 supervisor was killed outright drains and stops the same way. What the processes share:
 
 - **metrics**: prometheus-client's multiprocess mode, in a folder made for this run (``metrics_directory``), so
@@ -12,9 +13,8 @@ supervisor was killed outright drains and stops the same way. What the processes
 - **readiness**: ``/v2/health/ready`` is true only once every worker has loaded its models (a gauge each worker
   sets in that folder);
 - **the listening socket**: the supervisor closes its copy before it stops the workers, so the last worker to
-  stop accepting closes the socket itself: a later connection is refused rather than left queued to be reset when
-  the supervisor exits. The workers run uvicorn's plain ``Server``, so unlike a single server
-  (``shutdown.DrainingServer``) they do not accept and answer what is already queued when they close;
+  stop accepting closes the socket itself, once it has answered its accept queue: a later connection is refused
+  rather than left queued to be reset when the supervisor exits;
 - **model control**: each worker holds its own models, so the admin routes that change them answer 409 (one
   worker cannot load or unload for the others); ``--model-control poll`` keeps every worker on the repository.
 """
@@ -29,18 +29,20 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from prometheus_client import multiprocess
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
 
 from deepserve.serve.metrics import MULTIPROC_ENV, WORKERS_ENV
+from deepserve.serve.shutdown import DrainingServer
 
 ARGS_ENV = "DEEPSERVE_SERVE_ARGS"
 """The serve command's flags (JSON) for the workers, which uvicorn starts as fresh interpreters (spawn)."""
@@ -76,8 +78,57 @@ def metrics_directory() -> Iterator[Path]:
                 os.environ[MULTIPROC_ENV] = operator_dir
 
 
-class Supervisor(Multiprocess):
+class _WorkerServer(DrainingServer):
+    """One worker's server: a single server's drain (``DrainingServer``) over the app and the uvicorn config it
+    builds from the serve command's flags as it starts, on its own event loop."""
+
+    def __init__(self, supervisor_config: uvicorn.Config) -> None:
+        super().__init__(supervisor_config, None)  # nothing built yet: uvicorn's health checks only read ``started``
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        from deepserve.serve.cli import GIL_SWITCH_S, build_app, server_implementations, uvicorn_config
+        from deepserve.serve.request_context import configure_logging
+
+        args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
+        configure_logging(args.log_level, args.log_format)
+        self.deepserve_app, _ = build_app(args)
+        self.config = uvicorn_config(self.deepserve_app, args, server_implementations(args.loop, args.http))
+        sys.setswitchinterval(GIL_SWITCH_S)
+        parent = multiprocessing.parent_process()
+        if parent is not None:  # a supervisor killed outright (SIGKILL) must not leave its workers serving
+            asyncio.get_running_loop().add_reader(parent.sentinel, _parent_gone, parent.sentinel)
+        await super().serve(sockets)
+
+
+def _parent_gone(sentinel: int) -> None:
+    """The supervisor has exited: drain and stop as on SIGTERM."""
+    asyncio.get_running_loop().remove_reader(sentinel)
+    signal.raise_signal(signal.SIGTERM)
+
+
+class _Worker(uvicorn_multiprocess.Process):
+    """uvicorn's worker process, serving with ``_WorkerServer`` instead of uvicorn's plain ``Server``."""
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        self.worker_server = _WorkerServer(self.config)  # before uvicorn's target answers health checks with it
+        super().target(sockets)
+
+    @property
+    def server(self) -> uvicorn.Server:
+        return self.worker_server
+
+
+class Supervisor(uvicorn_multiprocess.Multiprocess):
     """uvicorn's supervisor, and what it does not do for a shared socket and shared metrics."""
+
+    def run(self) -> None:
+        # uvicorn makes each worker (at start, on SIGHUP and SIGTTIN, in place of a dead one) by this module-level
+        # name, with no way to choose the class: ours while this supervisor runs
+        uvicorn_process, uvicorn_multiprocess.Process = uvicorn_multiprocess.Process, _Worker
+        try:
+            super().run()
+        finally:
+            uvicorn_multiprocess.Process = uvicorn_process
 
     def terminate_all(self) -> None:
         for sock in self.sockets:  # the workers hold the last copies: the last to stop accepting closes it
@@ -96,64 +147,14 @@ def run_workers(flags: dict[str, Any], args: argparse.Namespace, implementations
     """Serve with ``args.workers`` processes under uvicorn's supervisor until SIGTERM/SIGINT; exit status 0.
     ``flags``: the command's flags as given, from which each worker builds its app. Called inside
     ``metrics_directory``."""
-    import uvicorn
-
     from deepserve.serve.cli import uvicorn_config
 
     os.environ.update({ARGS_ENV: json.dumps(flags), WORKERS_ENV: str(args.workers)})
     base = uvicorn_config(None, args, implementations)
-    # the app and its protocol by import path: the config is pickled into each spawned worker
-    config = uvicorn.Config(f"{__name__}:worker_app", factory=True, workers=args.workers,
-                            http=f"{__name__}:HttpProtocol", **{k: getattr(base, k) for k in _SHARED_CONFIG})
+    # the supervisor's part only (the port, logging): each worker builds its own app and config (_WorkerServer)
+    config = uvicorn.Config(None, workers=args.workers, **{k: getattr(base, k) for k in _SUPERVISOR_CONFIG})
     Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
 
 
-_SHARED_CONFIG = ("host", "port", "log_level", "access_log", "log_config", "timeout_graceful_shutdown",
-                  "timeout_keep_alive", "loop")
-
-
-def _args() -> argparse.Namespace:
-    return argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
-
-
-def __getattr__(name: str) -> Any:
-    """``HttpProtocol``: the draining protocol of the serve flags, built in the worker that imports it."""
-    if name != "HttpProtocol":
-        raise AttributeError(name)
-    from deepserve.serve.cli import server_implementations
-    from deepserve.serve.shutdown import draining_protocol
-
-    args = _args()
-    return draining_protocol(server_implementations(args.loop, args.http)["http"], args.header_timeout_s)
-
-
-def worker_app() -> Any:
-    """The app of one worker (uvicorn's factory, called in the worker as it starts serving)."""
-    from deepserve.serve.cli import GIL_SWITCH_S, build_app
-    from deepserve.serve.request_context import configure_logging
-
-    args = _args()
-    configure_logging(args.log_level, args.log_format)
-    app, _ = build_app(args)
-    sys.setswitchinterval(GIL_SWITCH_S)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn's handler is installed by now: drain first, then it
-        previous = signal.getsignal(sig)
-        if callable(previous):
-            signal.signal(sig, partial(_drain_then, app, previous))
-    parent = multiprocessing.parent_process()
-    if parent is not None:  # a supervisor killed outright (SIGKILL) must not leave its workers serving
-        asyncio.get_running_loop().add_reader(parent.sentinel, _parent_gone, parent.sentinel)
-    return app
-
-
-def _parent_gone(sentinel: int) -> None:
-    """The supervisor has exited: drain and stop as on SIGTERM."""
-    asyncio.get_running_loop().remove_reader(sentinel)
-    signal.raise_signal(signal.SIGTERM)
-
-
-def _drain_then(app: Any, previous: Any, sig: int, frame: Any) -> None:
-    """What ``shutdown.DrainingServer`` does in a single server: new requests get 503 from now on."""
-    app.draining = True
-    previous(sig, frame)
+_SUPERVISOR_CONFIG = ("host", "port", "log_level", "access_log", "log_config")

@@ -30,3 +30,12 @@ def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
             pass  # not listening yet
         time.sleep(0.1)
     pytest.fail(f"server not ready in time:\n{log.read_text()[-3000:]}")
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends on ``sock`` until it closes the connection (a reset raises
+    ``ConnectionResetError``)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -18,7 +18,7 @@ import pytest
 
 from deepserve.clients import Client
 from tests.artifacts import make_classifier_artifact, tampered_copy
-from tests.servers import free_port, wait_ready
+from tests.servers import free_port, read_all, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_ALIVE_S = 2.0
@@ -47,18 +47,11 @@ def server(request, tmp_path_factory):
             proc.wait()
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @pytest.mark.parametrize("sent", [b"", b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"])
 def test_a_client_too_slow_with_its_headers_gets_408_and_is_closed(server, sent):
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
         sock.sendall(sent)  # then nothing more: headers never complete
-        answer = _read_all(sock)  # returns once the server closes (uvicorn alone never did)
+        answer = read_all(sock)  # returns once the server closes (uvicorn alone never did)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"--header-timeout-s" in answer and b'"error"' in answer
 
@@ -120,7 +113,7 @@ def test_connections_waiting_to_be_accepted_at_shutdown_are_answered_503_not_res
         return clients
 
     clients = asyncio.run_coroutine_threadsafe(shut_down_with_a_full_accept_queue(), loop).result(30)
-    answers = [_read_all(c) for c in clients]  # a reset raises ConnectionResetError here
+    answers = [read_all(c) for c in clients]  # a reset raises ConnectionResetError here
     thread.join(30)
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer[:200]
@@ -150,7 +143,7 @@ def test_a_connection_whose_answer_was_under_way_at_sigterm_answers_its_next_req
             stream += chunk
         assert b"[DONE]" in stream or b'"finish_reason": "length"' in stream
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # was a reset or an empty read
-        answer = _read_all(sock)
+        answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 503") and b"connection: close" in answer.lower(), answer[:300]
         assert live["proc"].wait(timeout=60) == 0
 
@@ -184,7 +177,7 @@ def test_sigterm_answers_new_requests_503_while_in_flight_work_drains_then_exits
     assert response.status == 503 and response.getheader("connection") == "close", payload
     assert "shutting down" in payload["error"] and response.getheader("retry-after")
     busy.sendall(body[10:])  # the request in flight completes and is answered
-    answer = _read_all(busy)  # returns once the server has closed this connection too
+    answer = read_all(busy)  # returns once the server has closed this connection too
     busy.close()
     assert answer.startswith(b"HTTP/1.1 200") and b'"outputs"' in answer, answer[:300]
     assert server["proc"].wait(timeout=60) == 0  # a clean drain exits 0 (it was killed by the signal)
