@@ -24,7 +24,8 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ PROTOCOLS = ("json", "binary", "image")
 MOSEC_PROTOCOLS = ("json", "image")
 READ_GAP_S = 1e-4
 """Token events less than this apart arrived in one read of the load generator."""
+LAG_PROBE_S = 1e-3
+"""Period of the timer that measures the load generator's own event-loop lag during a generation cell."""
 VARIANTS = {"deepserve asyncio": ("--loop", "asyncio")}
 """Servers beside deepserve as shipped (uvloop) on the digits CNN: the plain asyncio event loop."""
 WORKERS_SIDE, WORKERS = "deepserve --workers 2", 2
@@ -62,10 +65,29 @@ def repetitions(p: Plan) -> int:
 
 
 def run_cell(port: int, requests: list[Request], concurrency: int, count: int, *, stream: bool = False,
-             on_response: Callable[[Response], int] | None = None) -> LoadResult:
-    """``count`` requests at ``concurrency``, no warm-up (a fresh server's first call is its first burst)."""
+             on_response: Callable[[Response], int] | None = None, lags: list[float] | None = None) -> LoadResult:
+    """``count`` requests at ``concurrency``, no warm-up (a fresh server's first call is its first burst); with
+    ``lags``, the load generator's own loop lag goes there."""
     spec = LoadSpec("127.0.0.1", port, tuple(requests), concurrency, 600.0, count, drain_s=30.0, stream=stream)
-    return asyncio.run(run_load(spec, on_response))
+    load = run_load(spec, on_response)
+    return asyncio.run(load if lags is None else _lag_probed(load, lags))
+
+
+async def _lag_probed(run: Awaitable[LoadResult], lags: list[float]) -> LoadResult:
+    """``run``, while a ``LAG_PROBE_S`` timer records how late the generator's loop wakes it: the generator shares
+    the cores, and a read it makes late is a gap of its own, not of the server."""
+
+    async def probe() -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_S)
+            lags.append(time.perf_counter() - t - LAG_PROBE_S)
+
+    task = asyncio.ensure_future(probe())
+    try:
+        return await run
+    finally:
+        task.cancel()
 
 
 def stats_ms(seconds: list[float]) -> dict[str, float | None]:
@@ -193,14 +215,15 @@ def generation(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
                     gaps.extend(b - a for a, b in zip(times, times[1:]))
                     return len(times)
 
+                lags: list[float] = []
                 res = run_cell(servers[option].port, reqs, GEN_CONCURRENCY, 4 * GEN_CONCURRENCY, stream=True,
-                               on_response=count)
+                               on_response=count, lags=lags)
                 # a generator on the same 2 cores often reads several events at once (gap 0): "reads" keeps the
                 # gaps between separate reads, the pauses a stall would show up in
                 itl, reads = stats_ms(gaps), stats_ms([g for g in gaps if g >= READ_GAP_S])
                 rows.append({"option": option, "rep": rep, "tokens_per_s": res.tokens_per_s,
                              **{f"itl_{k}": v for k, v in itl.items()}, **{f"read_{k}": v for k, v in reads.items()},
-                             "errors": sum(res.errors.values())})
+                             **{f"lag_{k}": v for k, v in stats_ms(lags).items()}, "errors": sum(res.errors.values())})
                 print(f"[tail] generation {option} rep {rep}: {rows[-1]}", flush=True)
     finally:
         for server in servers.values():
@@ -235,13 +258,15 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     section.blocks.append(table)
     if results["generation"]:
         table = Table(["server", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
-                       "between reads p50 / p99 / max ms", "p99 / p50 (reads)", "errors"],
+                       "between reads p50 / p99 / max ms", "p99 / p50 (reads)", "generator loop lag p99 / max ms",
+                       "errors"],
                       title=f"{MODELS['charlm'].describe}: streamed greedy tokens at concurrency {GEN_CONCURRENCY}, "
                             f"{4 * GEN_CONCURRENCY} requests per rep")
         for r in results["generation"]:
             reads = " / ".join("—" if r[f"read_{k}"] is None else f"{r[f'read_{k}']:.2f}" for k in ("p50", "p99", "max"))
+            lag = "—" if r.get("lag_p99") is None else f"{r['lag_p99']:.2f} / {r['lag_max']:.2f}"
             table.add(r["option"], r["rep"], r["tokens_per_s"], r["itl_p50"], r["itl_p99"], r["itl_max"], reads,
-                      _ratio(r["read_p99"], r["read_p50"]), r["errors"])
+                      _ratio(r["read_p99"], r["read_p50"]), lag, r["errors"])
         section.blocks.append(table)
     report.data["tail"] = results
     _targets(report, results)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 import time
+from contextlib import aclosing
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,6 +88,14 @@ async def started(model: StepModel, vocab=VOCAB, task: str = "char-lm", **settin
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def events(s: GenerationServable, job):
+    """``s.event_batches(job)`` one event at a time (closing this closes that at once: the job is cancelled)."""
+    async with aclosing(s.event_batches(job)) as batches:
+        async for batch in batches:
+            for event in batch:
+                yield event
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -500,16 +509,18 @@ def test_requests_kept_in_the_token_log_match_their_lone_runs(eos_id):
 
 @pytest.mark.parametrize("eos_id", [None, 3])
 def test_streams_kept_in_the_token_log_send_the_events_of_the_general_path(eos_id):
-    """Character-level streams without stops, logprobs or processors stream their pieces from the token log, all
-    rows at once; a stop string that never matches sends them down the general path: the same deltas (text,
-    output index, finish reason) either way, through joins, EOS and length."""
+    """Character-level streams without stops, logprobs or processors but min_new_tokens stream their pieces from
+    the token log, all rows at once; a stop string that never matches sends them down the general path: the same
+    deltas (text, output index, finish reason) either way, through joins, EOS, min_new_tokens and length."""
     model = TableModel(vocab_size=4, eos_id=eos_id, seed=7, scale=0.7)
     probes = [("ab", {"temperature": 0, "max_new_tokens": 40}), ("ca", {"temperature": 0, "max_new_tokens": 1}),
-              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3})]
+              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3}),
+              ("ab", {"temperature": 0, "max_new_tokens": 40, "min_new_tokens": 25}),
+              ("b", {"seed": 5, "max_new_tokens": 30, "num_return_sequences": 3, "min_new_tokens": 9})]
 
     async def streamed(s, text, params):
         job = s.submit(text, params, stream=True)
-        return [(e.kind, e.index, e.text, e.extra.get("finish_reason")) for e in [e async for e in s.events(job)]
+        return [(e.kind, e.index, e.text, e.extra.get("finish_reason")) for e in [e async for e in events(s, job)]
                 if e.kind == "delta"], [(o.token_ids, o.finish_reason) for o in job.result().outputs]
 
     async def main(extra):
@@ -533,7 +544,7 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
         try:
             job = s.submit("ab", {"temperature": 0, "max_new_tokens": 50}, stream=True)
             model.gate.release()
-            stream = s.events(job)
+            stream = events(s, job)
             first = await stream.__anext__()
             assert first.kind == "delta" and s.scheduler.model.rows == 1
             blocker = s.submit("a", {"num_beams": 4, "max_new_tokens": 100})  # needs all 4 rows: waits
@@ -586,7 +597,7 @@ def test_a_failed_join_fails_the_batch_and_the_next_request_starts_clean():
         try:
             running = s.submit("ab", {"temperature": 0, "max_new_tokens": 50}, stream=True)
             model.gate.release()
-            stream = s.events(running)  # held open: a closed stream would cancel the running row
+            stream = events(s, running)  # held open: a closed stream would cancel the running row
             assert (await stream.__anext__()).kind == "delta" and model.rows == 1
             model.fail_next_join = True
             joining = s.submit("ca", {"temperature": 0, "max_new_tokens": 5})
@@ -676,11 +687,11 @@ def test_stop_strings_processors_and_streaming_text():
             stop = text[5:7]
             cut = await s.generate("a", {"temperature": 0, "max_new_tokens": 20, "stop": [stop, "zz"]})
             job = s.submit("a", {"temperature": 0, "max_new_tokens": 20, "stop": [stop]}, stream=True)
-            pieces = [e async for e in s.events(job)]
+            pieces = [e async for e in events(s, job)]
             nrep = await s.generate("a", {"temperature": 0, "max_new_tokens": 6, "no_repeat_ngram_size": 2})
             rep = await s.generate("a", {"temperature": 0, "max_new_tokens": 20, "repetition_penalty": 5.0})
             beam_job = s.submit("b", {"num_beams": 3, "max_new_tokens": 6}, stream=True)
-            beam_pieces = [e async for e in s.events(beam_job)]
+            beam_pieces = [e async for e in events(s, beam_job)]
             empty = await s.generate("", {"temperature": 0, "max_new_tokens": 3})
             odd = await s.generate("x\ud800é", {"temperature": 0, "max_new_tokens": 3})
             return text, stop, cut, pieces, nrep, rep, beam_job, beam_pieces, empty, odd
@@ -721,13 +732,13 @@ def test_stream_events_ready_together_come_as_one_batch_and_errors_follow_their_
             failing.events.put_nowait(Event("error", error=BadRequest("boom")))
             got = []
             with pytest.raises(BadRequest):
-                async for event in s.events(failing):
+                async for event in events(s, failing):
                     got.append(event.text)
             assert got == ["x"] and failing.cancelled
             late = s.submit("ab", {"temperature": 0, "max_new_tokens": 3}, stream=True, timeout_s=0.0)
             s.scheduler.cancel(late)  # the scheduler drops it silently: only the engine's timer can end it
             with pytest.raises(DeadlineExceeded):
-                async for _ in s.events(late):
+                async for _ in events(s, late):
                     pass
         finally:
             model.gate.release(100)

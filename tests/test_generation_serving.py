@@ -417,6 +417,25 @@ def test_triton_generate_and_stream(server):
         assert raw.status_code == 200 and raw.json()["usage"]["prompt_tokens"] == 6
 
 
+def test_a_wave_of_streams_sent_together_is_answered_in_full(server):
+    """Twelve streams at once, on their own connections, each get every token: the text of the request alone."""
+    body = {"text_input": "hello", "parameters": {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}}
+
+    async def main() -> tuple[str, list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            alone = (await c.post("/v2/models/tiny-charlm/generate", json=body)).json()["text_output"]
+
+            async def stream() -> str:
+                async with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body) as s:
+                    return "".join([json.loads(line[6:])["text_output"] async for line in s.aiter_lines()
+                                    if line.startswith("data: ")])
+
+            return alone, await asyncio.gather(*(stream() for _ in range(12)))
+
+    alone, texts = asyncio.run(main())
+    assert len(alone) == 12 and texts == [alone] * 12
+
+
 def test_requests_that_cannot_run_are_refused_and_leave_the_next_one_alone(server):
     """A source with no tokens, an ``id`` that is not a string and a non-finite parameter are 400s naming the
     problem, and a valid request after them gets exactly the answer it gets alone."""

@@ -32,6 +32,7 @@ class StepPlan:
     visited: list[Job] = field(default_factory=list)  # requests looked at every step (all but ``Job.plain`` ones)
     streamed: list[tuple[Job, int]] = field(default_factory=list)  # streaming plain rows: (request, output index)
     stream_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    early: tuple = ()  # plain rows with min_new_tokens: (rows, log column from which EOS may come, EOS id)
 
     @classmethod
     def of(cls, running: list[Job], rows: int) -> StepPlan:
@@ -43,21 +44,27 @@ class StepPlan:
             return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), [j.rows for j in sampled])
 
         row_jobs = [j for j in running if not j.is_beam]
+        mins = [(r, j.col0 + p.min_new_tokens, p.eos_id) for j in row_jobs if j.plain for p in j.processors
+                for r in range(j.start, j.start + j.rows)]
         return cls(greedy=slice(None) if len(greedy) == rows else np.asarray(greedy, np.int64),
             any_greedy=bool(greedy), starts=[j.start for j in running],
             sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
             temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
             top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
-            processed=[j for j in row_jobs if j.processors],
+            processed=[j for j in row_jobs if j.processors and not j.plain],
+            early=(*(np.asarray(a, np.int64) for a in list(zip(*mins))[:2]), mins[0][2]) if mins else (),
             with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
             visited=[j for j in running if not j.plain],
             streamed=[(j, s.index) for j in running if j.plain and j.stream for s in j.live],
             stream_rows=np.asarray([r for j in running if j.plain and j.stream for r in range(j.start, j.start + j.rows)],
                                    np.int64))
 
-    def process(self, logits: np.ndarray) -> dict[int, np.ndarray]:
+    def process(self, logits: np.ndarray, col: int) -> dict[int, np.ndarray]:
         """Row requests' logprobs (the model's distribution, before the processors, for every strategy: see
-        ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place."""
+        ``GenerationParams.logprobs``) and their logit processors, applied to their blocks in place; plain rows
+        below min_new_tokens at log column ``col`` (``early``) get EOS blocked in one write."""
+        if self.early:
+            logits[self.early[0][self.early[1] > col], self.early[2]] = -np.inf
         raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in self.with_logprobs}
         for j in self.processed:
             block = logits[j.start: j.start + j.rows]

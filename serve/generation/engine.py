@@ -128,9 +128,7 @@ class GenerationServable(Servable):
         if deadline is None:
             deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.request_timeout_s)
         self.scheduler.admit(params.rows, max_new, deadline)
-        prompt = self.encode_prompt(text)
-        strategy = self.make_strategy(params, max_new)
-        job = Job(params, prompt, max_new, strategy=strategy,
+        job = Job(params, self.encode_prompt(text), max_new, strategy=self.make_strategy(params, max_new),
                   processors=build_processors(params, self.model.eos_id), tokenizer=self.tokenizer,
                   stream=stream, deadline=deadline, loop=asyncio.get_running_loop(),
                   history_includes_prompt=not self.is_seq2seq)
@@ -170,20 +168,14 @@ class GenerationServable(Servable):
             if not job.finished:
                 self.cancel(job)
 
-    async def events(self, job: Job) -> AsyncIterator[Event]:
-        """``event_batches`` one event at a time."""
-        async with aclosing(self.event_batches(job)) as batches:  # closing this closes that at once
-            async for batch in batches:
-                for event in batch:
-                    yield event
-
     async def wait(self, job: Job) -> Result:
         """The job's result (errors raise). A job that does not stream gets one event, its result or its error:
-        one ``get`` under the deadline timer, without the two async generators of ``events``."""
+        one ``get`` under the deadline timer, without the async generator of ``event_batches``."""
         if job.stream:
-            async for event in self.events(job):
-                if event.result is not None:
-                    return event.result
+            async with aclosing(self.event_batches(job)) as batches:  # closing it cancels the job at once
+                async for batch in batches:
+                    if batch[-1].result is not None:
+                        return batch[-1].result
             raise ShuttingDown()  # pragma: no cover - events always end with done or an error
         timer = _deadline_timer(job)
         try:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from deepserve.serve.generation.params import GenerationParams, Processor
+from deepserve.serve.generation.params import GenerationParams, MinNewTokens, Processor
 from deepserve.serve.generation.strategies import BeamSearch, Sampling, _tops
 from deepserve.serve.generation.tokenizers import CharTokenizer, Tokenizer, stable_text
 
@@ -125,11 +125,11 @@ class Job:
         self.stops = params.stop
         self.track_text = stream or bool(self.stops)
         self.is_beam = isinstance(strategy, BeamSearch)
-        self.plain = not self.is_beam and not self.stops and params.logprobs is None and not processors and \
-            (not stream or isinstance(tokenizer, CharTokenizer))
-        """Row strategy with nothing to do per token but keep it (and stream its text, one character-level piece
-        per token): while this holds, the scheduler keeps the request's tokens in its ``TokenLog``, streams the
-        pieces for all such rows at once and touches the request only when it ends (length or EOS)."""
+        self.plain = not self.is_beam and not self.stops and params.logprobs is None and \
+            all(isinstance(p, MinNewTokens) for p in processors) and (not stream or isinstance(tokenizer, CharTokenizer))
+        """Row strategy with nothing to do per token but keep it (and stream its character-level piece): the scheduler
+        keeps its tokens in a ``TokenLog``, streams the pieces and blocks EOS below min_new_tokens for all such rows
+        at once (``StepPlan.process``), and touches the request only when it ends (length or EOS)."""
         self.col0 = 0  # Plain requests: the ``TokenLog`` column of the first generated token.
         self.reserve = params.rows  # while running (beam search starts narrower but may widen to num_beams)
         n = 1 if self.is_beam else params.num_return_sequences

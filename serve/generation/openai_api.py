@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Coroutine
+from typing import Any, Callable, Coroutine
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from deepserve.serve.errors import BadRequest, NotFound, ServeError
@@ -24,7 +24,7 @@ from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Job, Output, Result, TokenLogprobs
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, check
 from deepserve.serve.generation.routes import (
-    SSE_HEADERS, Piece, generation_servable, read_json, run_to_results, sse, sse_stream)
+    EventStream, Piece, generation_servable, read_json, run_to_results, sse)
 from deepserve.serve.generation.schemas import (
     COMPLETION_FIELDS, OPENAI_TO_OURS, OURS_TO_OPENAI, Completion, CompletionChunk, ModelList, OpenAIError,
     completion_request_schema, request_body, responses, sse_event)
@@ -124,8 +124,7 @@ def _output_logprobs(o: Output, tok: Any) -> dict[str, Any] | None:
 
 
 def _usage(results: list[Result]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -158,7 +157,7 @@ async def completions(request: Request):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
     n = params.num_return_sequences
     if stream:
-        return StreamingResponse(_stream(servable, jobs, head, n), media_type="text/event-stream", headers=SSE_HEADERS)
+        return _stream(servable, jobs, head, n)
 
     results = await run_to_results(request, servable, jobs)
     choices = [{"index": i * n + o.index, "text": o.text, "logprobs": _output_logprobs(o, servable.tokenizer),
@@ -168,7 +167,7 @@ async def completions(request: Request):
     return {**head, "choices": choices, "usage": _usage(results)}
 
 
-def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> AsyncIterator[bytes]:
+def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any], n: int) -> EventStream:
     tok = servable.tokenizer
     offsets: dict[int, int] = {}  # choice -> text offset of its next token (logprobs.text_offset)
 
@@ -180,7 +179,7 @@ def _stream(servable: GenerationServable, jobs: list[Job], head: dict[str, Any],
             logprobs, offsets[index] = _logprobs_json(lp, tok, offsets.get(index, 0))
         return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
-    return sse_stream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
+    return EventStream(servable, jobs, chunk, lambda e: sse(openai_error(e)), b"data: [DONE]\n\n")
 
 
 @router.get("/v1/models", summary="OpenAI-compatible model list (generation models)", response_model=None,

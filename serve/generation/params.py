@@ -2,8 +2,7 @@
 
 The parameters themselves, their bounds and their meaning are declared once, in ``deepserve.generation`` (the
 contract the SDK shares). Here they fail as HTTP 400s: an ``InvalidParameter`` carries the parameter's name and
-value as data (the OpenAI error's ``param`` comes from it), and ``Limits`` adds the server's caps.
-"""
+value as data (the OpenAI error's ``param`` comes from it), and ``Limits`` adds the server's caps."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@ that fit, prefill staged prompts within ``prefill_budget`` tokens (a joining pro
 chunk) and let those done join, run one step over every running row, choose tokens (``batch.StepPlan``), update the
 requests, drop finished rows and follow beam back-pointers with one state gather. Plain requests (``Job.plain``)
 cost nothing per row: their tokens go into one ``TokenLog`` column per step. Events reach the asyncio side through
-one ``call_soon_threadsafe`` per loop and hand-over. The thread sleeps on a ``threading.Event`` when idle.
-"""
+one ``call_soon_threadsafe`` per loop and hand-over. The thread sleeps on a ``threading.Event`` when idle."""
 from __future__ import annotations
 
 import bisect
@@ -231,7 +230,7 @@ class Scheduler:
         """One step after the model ran (since ``t0``): select each row's token, update the requests and rows."""
         self.steps += 1
         plan = self._plan = self._plan or StepPlan.of(self.running, self.model.rows)
-        raw_lp = plan.process(logits)
+        raw_lp = plan.process(logits, self.log.col)
         chosen = plan.select(logits)
         now = time.perf_counter()
         for j in self.fresh:
@@ -240,8 +239,10 @@ class Scheduler:
         self.fresh = []
         self.log.write(chosen, lambda: min((j.col0 for j in self.running if j.plain), default=self.log.col))
         visit = self._to_visit(plan, chosen)
-        if plan.streamed:
-            self._stream_plain(plan, chosen, () if visit is plan.visited else set(visit), outbox)
+        if plan.streamed:  # this step's piece for each streaming plain row (those visited send theirs themselves)
+            skip, pieces = () if visit is plan.visited else set(visit), self.pieces[chosen[plan.stream_rows]].tolist()
+            outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
+                          if t and j not in skip)
         widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them
         plan.select_beams(logits)
         moves = RowMoves(len(chosen))
@@ -262,18 +263,11 @@ class Scheduler:
         if not hits and not ending:
             return plan.visited
         eos_jobs = {self.running[bisect.bisect_right(plan.starts, r) - 1] for r in hits}
-        for j in eos_jobs:
-            if j.plain:
-                self._leave_log(j)
+        for j in (j for j in eos_jobs if j.plain):  # the general path from now: tokens up to this step's leave the log
+            j.take_log(self.log, self.log.col - 1)
+            j.plain = False
         ending = [j for j in ending if j.plain]
         return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
-
-    def _stream_plain(self, plan: StepPlan, chosen: np.ndarray, skip: set | tuple, outbox: list) -> None:
-        """Streaming plain rows: this step's piece of text as a delta each (requests in ``skip`` end or leave the log
-        this step and send theirs on the general path)."""
-        pieces = self.pieces[chosen[plan.stream_rows]].tolist()
-        outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
-                      if t and j not in skip)
 
     def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
                 raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
@@ -320,12 +314,6 @@ class Scheduler:
             self.log.reorder(index)
         if moves.regroup:
             self._renumber([j for j in self.running if not j.finished])
-
-    def _leave_log(self, j: Job) -> None:
-        """A plain request that needs the general path (a row picked EOS): move its tokens from the log into
-        its sequences, up to the step before this one (``_row_step`` takes this step's tokens)."""
-        j.take_log(self.log, self.log.col - 1)
-        j.plain = False
 
     def _end_plain(self, j: Job, outbox: list) -> None:
         """A plain request at max_new_tokens: its tokens from the log, every row finished by length."""

@@ -5,6 +5,7 @@ See ``step_models`` for the ``StepModel`` interface the scheduler drives."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,7 @@ class Seq2SeqStepModel(StepModel):
     the same width: all greedy, or all beams at full width), ``decode_step`` gets them as they are and each
     source's rows read its K/V once as G queries; otherwise it gets a per-row copy (``cross``), made again
     only when the rows' sources change. Each step's K/V is written into slot ``fill`` of the caches, which grow
-    SLOTS empty slots at a time (older ``KVUpdate.CONCAT`` graphs return it as the last slot of ``present_k_i``).
-    Moving rows copies whole contiguous rows."""
+    SLOTS empty slots at a time (older ``KVUpdate.CONCAT`` graphs return it as the last slot of ``present_k_i``)."""
 
     def __init__(self, encode: Graph, decode: Graph, c: StepGraphContract, *, narrow: Graph | None = None) -> None:
         self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
@@ -163,14 +163,22 @@ class Seq2SeqStepModel(StepModel):
         return out
 
     def _move_rows_in_place(self, index: np.ndarray) -> None:
-        """Row i of every cache becomes row ``index[i]``, copying only the rows that change (about a quarter of
-        a beam-4 batch per step, where a gather into a new array copies all of them). The changing rows'
-        sources are read out first, as they may themselves be overwritten. The caches are this model's own
-        arrays (graph outputs or its buffers), so nothing else sees them change."""
-        moved = np.flatnonzero(index != np.arange(len(index)))
-        src = index[moved]
-        for x in self.past:
-            x[moved] = np.take(x, src, axis=0, out=_room(self._moving, (len(moved), *x.shape[1:]), x), mode="clip")
+        """Row i of every cache becomes row ``index[i]``: each changed row copied once (its written slots) when no row
+        still has to read it, one row of a cycle saved first. Nothing else holds these arrays."""
+        src = {d: s for d, s in enumerate(index.tolist()) if d != s}
+        readers = Counter(s for s in src.values() if s in src)
+        ready, fill, saved = [d for d in src if not readers[d]], self.fill, {}
+        while src:
+            if not ready:  # only cycles left: save one row, which then no longer waits for its reader
+                d = next(iter(src))
+                saved[d], ready = [x[d, :, :fill].copy() for x in self.past], [d]
+            d = ready.pop()
+            s = src.pop(d)
+            for i, x in enumerate(self.past):
+                x[d, :, :fill] = saved[s][i] if s in saved else x[s, :, :fill]
+            readers[s] -= 1
+            if s in src and not readers[s]:
+                ready.append(s)
 
     def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
         if is_identity(index, self.rows):  # e.g. every beam continued its own row: no cache copy

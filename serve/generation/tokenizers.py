@@ -34,9 +34,7 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def token_text(self, token_id: int) -> str:
-        """The text of one token, for logprobs listings."""
-        ...
+    def token_text(self, token_id: int) -> str: ...  # the text of one token, for logprobs listings
 
 
 class CharTokenizer:
@@ -46,9 +44,7 @@ class CharTokenizer:
         self.vocab = list(vocab)
         self.vocab_size = len(self.vocab)
         self.unk_id = unk_id
-        self.eos_id = None
-        self.bos_id = None
-        self.pad_id = None
+        self.eos_id = self.bos_id = self.pad_id = None
         self.index = {ch: i for i, ch in enumerate(self.vocab) if i != unk_id}
         # decoded text of each id: unk decodes to nothing rather than to the literal "<unk>"
         self.pieces = ["" if i == unk_id else ch for i, ch in enumerate(self.vocab)]
@@ -77,8 +73,7 @@ class CharTokenizer:
         return [get(ch, unk) for ch in clean_text(text)]
 
     def decode(self, ids: list[int]) -> str:
-        pieces = self.pieces
-        return "".join(pieces[i] for i in ids)
+        return "".join(map(self.pieces.__getitem__, ids))
 
     def token_text(self, token_id: int) -> str:
         return self.pieces[token_id]
