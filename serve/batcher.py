@@ -50,6 +50,12 @@ takes, then its own batch runs, so an admitted request's latency stays within a 
 AUTO_WAIT_FLOOR_MS = 15.0
 """The adaptive budget's floor: for a tiny model a row costs microseconds, and a burst of a few dozen requests
 costs the event loop more than their queueing; it must not be shed."""
+ADMIT_MAX_RISE = 1.25
+"""Most that admission's cost per row may grow in one batch. A batch that waited out a stall of the whole process
+(a full collection or another thread holding the GIL, preemption) is timed at the stall: 80 ms right after a
+reload under load, thousands of a tiny model's rows, whose 5 % share in the moving average alone shed a
+12-client burst. A sustained rise is followed as fast as before while under 6x (halfway up a 10x rise in 13
+batches); a 1000x one takes 33 batches instead of 14."""
 
 Tensors = dict[str, np.ndarray]
 BatchFn = Callable[[Tensors], Union[Tensors, Awaitable[Tensors]]]
@@ -306,9 +312,10 @@ class Batcher:
         estimate = self._seconds_per_row
         self._seconds_per_row = (per_row if estimate is None or per_row > estimate
                                  else 0.8 * estimate + 0.2 * per_row)
-        if estimate is not None:  # the first batch (the warm-up) pays one-off costs: not a prediction
+        if estimate is not None:  # the first batch (warm-up's first) pays one-off costs: not a prediction
             admit = self._admit_seconds_per_row
-            self._admit_seconds_per_row = per_row if not admit or per_row < admit else 0.95 * admit + 0.05 * per_row
+            self._admit_seconds_per_row = (per_row if not admit or per_row < admit
+                                           else min(0.95 * admit + 0.05 * per_row, ADMIT_MAX_RISE * admit))
         if self.on_batch is not None:
             self.on_batch(total, elapsed)
         offset = 0

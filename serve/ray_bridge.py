@@ -54,7 +54,7 @@ def replay(body: bytes, gone: asyncio.Event | None = None) -> Callable[[], Await
 
 
 def _app_scope(scope: dict[str, Any]) -> dict[str, Any]:
-    # ASGI spec 2.3: Starlette's StreamingResponse then listens on receive for the disconnect, which ``gone`` sends
+    # ASGI spec 2.3: streamed answers then listen on receive for the disconnect, which ``gone`` sends
     return {**scope, "headers": list(scope["headers"]), "asgi": {"version": "3.0", "spec_version": "2.3"}}
 
 

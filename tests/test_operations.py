@@ -106,7 +106,7 @@ async def test_reloads_and_a_new_version_under_mixed_load_fail_no_request(server
     seen: list = []
     failures: list = []
     stop = asyncio.Event()
-    # idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them under a new request
+    # idle connections are dropped before the server's keep-alive timeout can close one under a new request
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=server["base"], headers=AS_USER, timeout=60, limits=limits) as client:
         started = time.monotonic()

@@ -323,6 +323,27 @@ async def test_the_default_queue_budget_adapts_to_the_model():
     await fast.stop()
 
 
+async def test_one_stalled_batch_does_not_shed_a_fast_models_burst_but_a_sustained_rise_does():
+    """A batch that waited behind a process-wide stall (a full collection holding the GIL right after a load) is
+    timed at the stall's length: for a tiny model, thousands of its rows. The burst after it is admitted; a
+    model that stays slow is still learned, and its burst shed."""
+    sleeps = [0.0, 0.0, 0.0, 0.08]  # the warm-up, two batches at the model's cost (microseconds), one stalled 80 ms
+
+    def fn(inputs):
+        time.sleep(sleeps.pop(0) if sleeps else 0.005)  # then a sustained 5 ms per batch
+        return _double(inputs)
+
+    b = Batcher(fn, max_batch_size=32, max_queue_delay_ms=0, max_queue_wait_ms=None, name="m")
+    b.start()
+    await _learn_cost(b, 4)
+    outcomes = await asyncio.gather(*(b.submit(_request(i)) for i in range(12)), return_exceptions=True)
+    assert not [o for o in outcomes if isinstance(o, Exception)], outcomes  # was: 8 of 12 refused (429)
+    await _learn_cost(b, 80)
+    outcomes = await asyncio.gather(*(b.submit(_request(i)) for i in range(12)), return_exceptions=True)
+    assert all(isinstance(o, Overloaded) for o in outcomes[6:]), outcomes  # 5 ms a row: 15 ms is 3 rows ahead
+    await b.stop()
+
+
 async def test_a_request_predicted_to_finish_past_its_deadline_is_refused_not_timed_out():
     b = Batcher(_slow(0.05), max_batch_size=1, max_queue_delay_ms=0, name="m")  # no queue budget
     b.start()

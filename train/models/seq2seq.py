@@ -79,15 +79,27 @@ def attend(
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                  past_blocked: torch.Tensor, scale: float) -> torch.Tensor:
+                  past_bias: torch.Tensor) -> torch.Tensor:
     """``attend`` of one new query over its cached keys and its own new key, without concatenating them: a
-    cache copy per step would cost O(P) in a decode step that otherwise reads it once. q, k, v (B,H,1,Dh),
-    past_k/v (B,H,P,Dh), past_blocked (B,1,1,P) True where a cached slot is empty (the own slot never is).
-    Returns (B,H,1,Dh)."""
-    past = (q @ past_k.transpose(-2, -1)) * scale  # (B,H,1,P)
-    past = past.masked_fill(past_blocked, torch.finfo(past.dtype).min)
-    att = F.softmax(torch.cat([past, (q * k).sum(-1, keepdim=True) * scale], dim=-1), dim=-1)  # (B,H,1,P+1)
+    cache copy per step would cost O(P) in a decode step that otherwise reads it once. q (B,H,1,Dh) already
+    scaled by 1/sqrt(Dh), k, v (B,H,1,Dh), past_k/v (B,H,P,Dh), past_bias (B,1,1,P) ``blocked_bias`` of the
+    empty cache slots (the own slot never is). Returns (B,H,1,Dh)."""
+    past = q @ past_k.transpose(-2, -1) + past_bias  # (B,H,1,P)
+    att = F.softmax(torch.cat([past, (q * k).sum(-1, keepdim=True)], dim=-1), dim=-1)  # (B,H,1,P+1)
     return att[..., :-1] @ past_v + att[..., -1:] * v  # (B,H,1,Dh)
+
+
+def blocked_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """blocked (B,K) bool True = masked -> an additive mask (B,1,1,K): the dtype's most negative finite value
+    where blocked, else 0. A finite score vanishes against it in float rounding, so adding it masks as
+    ``masked_fill`` does, in one add per layer from a mask built once per decode step."""
+    return (blocked.to(dtype) * torch.finfo(dtype).min)[:, None, None, :]
+
+
+def affine(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(x)`` for rows x (B,in) as one ``addmm``: the bias rides in the product (one kernel, not a matmul and
+    an add, in the TorchScript step) and it exports as the same Gemm as ``nn.Linear``."""
+    return torch.addmm(linear.bias, x, linear.weight.t())
 
 
 class SelfAttention(nn.Module):
@@ -154,6 +166,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.out(F.gelu(self.fc(x))))
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` at inference on rows x (B,D)."""
+        return affine(F.gelu(affine(x, self.fc)), self.out)
+
 
 class EncoderBlock(nn.Module):
     def __init__(self, args: Seq2SeqArgs) -> None:
@@ -197,10 +213,10 @@ class DecoderBlock(nn.Module):
         x: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
-        past_blocked: torch.Tensor,
+        past_bias: torch.Tensor,
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
-        src_blocked: torch.Tensor,
+        src_bias: torch.Tensor,
         sources: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new token per row, the cross K/V of N = ``sources`` sources shared by B = N * G rows: rows
@@ -208,19 +224,20 @@ class DecoderBlock(nn.Module):
         K/V once, not from G copies). The rows stay 2-D (no time axis): with T = 1 the heads transpose is a
         reshape of constant shape, and each linear layer exports as one Gemm with its bias, which keeps the
         step graph lean. Returns the new position's K/V only (the caller owns the cache and writes them into
-        it). x (B,D), past_k/v (B,H,P,Dh), past_blocked (B,1,1,P), cross_k/v (N,H,S,Dh), src_blocked (N,1,1,S)
-        -> x (B,D), new k/v (B,H,1,Dh)."""
+        it). x (B,D), past_k/v (B,H,P,Dh), past_bias (B,1,1,P), cross_k/v (N,H,S,Dh), src_bias (N,1,1,S), the
+        masks as ``blocked_bias`` -> x (B,D), new k/v (B,H,1,Dh)."""
         sa, ca = self.self_attn, self.cross_attn
         H, D = sa.n_heads, sa.proj.out_features
         Dh = D // H
-        qkv = sa.qkv(self.ln1(x))  # (B,3D)
+        qkv = affine(self.ln1(x), sa.qkv)  # (B,3D)
         q, k, v = (qkv[:, j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
-        y = attend_cached(q, k, v, past_k, past_v, past_blocked, sa.scale)  # (B,H,1,Dh)
-        x = x + sa.proj(y.reshape(-1, D))  # (B,D)
-        cq = ca.q(self.ln2(x)).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
-        y = attend(cq, cross_k, cross_v, src_blocked, ca.scale, ca.attn_drop)  # (N,H,G,Dh)
-        x = x + ca.proj(y.transpose(1, 2).reshape(-1, D))  # (B,D)
-        return x + self.ff(self.ln3(x)), k, v
+        y = attend_cached(q * sa.scale, k, v, past_k, past_v, past_bias)  # (B,H,1,Dh)
+        x = x + affine(y.reshape(-1, D), sa.proj)  # (B,D)
+        cq = affine(self.ln2(x), ca.q).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
+        att = (cq @ cross_k.transpose(-2, -1)) * ca.scale + src_bias  # (N,H,G,S)
+        y = F.softmax(att, dim=-1) @ cross_v  # (N,H,G,Dh)
+        x = x + affine(y.transpose(1, 2).reshape(-1, D), ca.proj)  # (B,D)
+        return x + self.ff.step(self.ln3(x)), k, v
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -332,13 +349,13 @@ class Seq2SeqTransformer(nn.Module):
         -> logits (B,V), then per layer i: new_k_i, new_v_i (B,H,1,Dh), the K/V of this step's position (the
         caller appends them to its cache: the step never copies one)."""
         x = self.embed_tokens(tokens[:, 0], positions)  # (B,D)
-        past_blocked = past_pad_mask[:, None, None, :]  # (B,1,1,P)
-        src_blocked = src_pad_mask[:, None, None, :]  # (N,1,1,S)
+        past_bias = blocked_bias(past_pad_mask, x.dtype)  # (B,1,1,P)
+        src_bias = blocked_bias(src_pad_mask, x.dtype)  # (N,1,1,S)
         sources = caches[0].shape[0]  # N, read once: every layer's grouping reuses it
         new: list[torch.Tensor] = []
         for i, block in enumerate(self.decoder):
             cross_k, cross_v, past_k, past_v = caches[4 * i : 4 * i + 4]
-            x, k, v = block.step(x, past_k, past_v, past_blocked, cross_k, cross_v, src_blocked, sources)
+            x, k, v = block.step(x, past_k, past_v, past_bias, cross_k, cross_v, src_bias, sources)
             new += [k, v]  # (B,H,1,Dh) each
         return (self.logits(x), *new)  # logits (B,V)
 
