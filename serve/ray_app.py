@@ -9,7 +9,7 @@ HTTP API as ``deepserve serve`` (``serve/ray_deployments.py``), and one Ray Serv
 
 Replicas and resources come from the ``ray`` section of ``<repository>/<model>/config.json``::
 
-    {"max_batch_size": 32, "ray": {"num_replicas": 2, "num_cpus": 1}}
+    {"max_batch_size": 32, "ray": {"num_replicas": 2, "num_cpus": 1, "start_timeout_s": 600}}
     {"ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}, "num_gpus": 1}}
 
 On a cluster, every node must see the repository (and an ``--api-key-file``) at the same path.
@@ -55,6 +55,8 @@ class RayOptions:
     """GPUs per replica; fractions share a GPU between replicas."""
     max_ongoing_requests: int = 256
     """Requests Ray sends a replica at once: enough to fill its batches (Ray's default of 5 would not)."""
+    start_timeout_s: float = 300.0
+    """How long a load waits for the replicas to start (placed, versions loaded and warmed up) before it fails."""
 
     @classmethod
     def from_section(cls, path: Path | str | None, raw: dict[str, Any]) -> RayOptions:
@@ -67,6 +69,7 @@ class RayOptions:
         _number(path, "max_ongoing_requests", raw.get("max_ongoing_requests", 256), minimum=1, integer=True)
         for name in ("num_cpus", "num_gpus"):
             _number(path, name, raw.get(name, 0), minimum=0)
+        _number(path, "start_timeout_s", raw.get("start_timeout_s", 1), minimum=1)
         scaling = raw.get("autoscaling")
         if scaling is not None:
             if (not isinstance(scaling, dict) or not set(_AUTOSCALING_KEYS) <= set(scaling)

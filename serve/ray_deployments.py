@@ -34,7 +34,7 @@ from deepserve.serve.generation.routes import sse
 from deepserve.serve.http_util import DEFAULT_MAX_JSON_DEPTH, error_response, parse_json, read_body
 from deepserve.serve.ray_bridge import portable_scope, receive_body_then
 from deepserve.serve.ray_control import RayModelRepository
-from deepserve.serve.ray_metrics import scrape
+from deepserve.serve.ray_metrics import ingress_families, scrape
 from deepserve.serve.ray_replica import ServingOptions
 from deepserve.serve.request_context import current_request_id
 
@@ -73,6 +73,8 @@ class RayForwarder:
         self.replica_lost = Counter("deepserve_ray_replica_lost", "Requests whose replica died under them, by what "
                                     "followed: retried on another replica, stream_ended, or answered 503",
                                     ["model", "outcome"], registry=self.repository.metrics.registry)
+        self.owned = ingress_families(self.repository.metrics)
+        """The families the ingress answers itself; its registry gains none after this counter."""
         # the per-request inference routes: the app's front door's (v2 infer, predictions, Triton generate) and
         # OpenAI completions, whose model is in the body
         self.routes = [*(app.hot_path.routes if app.hot_path else ()),
@@ -80,7 +82,8 @@ class RayForwarder:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/metrics":
-            body, content_type = await scrape(self.repository.metrics, dict(self.repository.handles))
+            body, content_type = await scrape(self.repository.metrics, dict(self.repository.handles),
+                                              self.owned)
             return await Response(body, media_type=content_type)(scope, receive, send)
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             return await self.dispatch(scope, receive, send)

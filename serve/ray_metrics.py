@@ -76,8 +76,9 @@ def render(families: list[Metric]) -> bytes:
     return generate_latest(registry)
 
 
-async def scrape(metrics: Metrics, handles: dict[str, Any]) -> tuple[bytes, str]:
-    """The merged exposition: the ingress's ``metrics`` and those of every replica behind ``handles``."""
+async def scrape(metrics: Metrics, handles: dict[str, Any], owned: frozenset[str]) -> tuple[bytes, str]:
+    """The merged exposition: the ingress's ``metrics`` and those of every replica behind ``handles``; ``owned``
+    is ``ingress_families(metrics)``, built once the ingress has registered its families."""
     answers = await asyncio.gather(*(h.broadcast("metrics").results_async(timeout_s=SCRAPE_TIMEOUT_S,
                                                                           return_exceptions=True)
                                      for h in handles.values()), return_exceptions=True)
@@ -89,4 +90,4 @@ async def scrape(metrics: Metrics, handles: dict[str, Any]) -> tuple[bytes, str]
             else:
                 replicas.append(item)
     own, _ = metrics.render()
-    return render(merge(own.decode(), replicas, ingress_families(metrics))), CONTENT_TYPE_LATEST
+    return render(merge(own.decode(), replicas, owned)), CONTENT_TYPE_LATEST

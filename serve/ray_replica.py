@@ -18,6 +18,11 @@ from deepserve.serve.ray_bridge import run_stream, run_unary
 from deepserve.serve.repository import ModelRepository
 from deepserve.signing import ArtifactTrust
 
+
+class ReplicaStartFailed(RuntimeError):
+    """A replica none of whose versions loaded; its one-line message names the model and each version's reason."""
+
+
 def model_app(model: str) -> str:
     """The Ray Serve application of ``model`` (``deepserve.<model>``; the ingress's is ``deepserve``): its one
     deployment is named after the model."""
@@ -55,6 +60,11 @@ class ModelReplica:
         self.app = create_app(self.repository, max_body_bytes=options.max_body_bytes)
         self.app.echo_request_id = False  # the ingress gave it the request's id, and answers with it
         await self.repository.start()
+        entry = self.repository.model(model)
+        if not any(v.ready for v in entry.versions.values()):  # Ray retries, then fails the deploy with this
+            reasons = "; ".join(f"version {v.version}: {v.reason}" for v in entry.versions.values())
+            await self.repository.stop()
+            raise ReplicaStartFailed(f"no version of model {model!r} loaded ({reasons or entry.reason})")
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def describe(self) -> dict[int, dict[str, Any]]:

@@ -192,17 +192,17 @@ class ModelRepository:
         async with model.lock:
             previous, model.config_override = model.config_override, (dict(config) if config is not None else None)
             settings = self._check_settings(model)
-            if settings is None:  # a bad config changes nothing: the versions serving keep serving
-                reason = model.reason or "invalid settings"
-                model.config_override = previous
-                self._check_settings(model)
-                raise LoadFailed(f"model {name!r}: " + self._record_failure(model, model.versions.values(), reason))
+            if settings is None:
+                raise self._refuse(model, previous, model.reason or "invalid settings")
             on_disk = [n for n, v in model.versions.items() if v.directory.is_dir()]
             wanted = settings.version_policy.select(on_disk)
             if not wanted:
                 raise LoadFailed(f"model {name!r}: " + self._record_failure(
                     model, [], model.reason or f"version_policy {settings.version_policy} selects none of the "
                                                f"versions on disk {on_disk}"))
+            refused = await self.before_load(model)
+            if refused is not None:
+                raise self._refuse(model, previous, refused)
             only = set(versions) if versions is not None else None
             targets = [model.versions[n] for n in wanted if only is None or n in only]
             failures = [f for f in await asyncio.gather(*(self._load_version(model, v, settings) for v in targets))
@@ -215,6 +215,21 @@ class ModelRepository:
             settle()
         if failures:
             raise LoadFailed(f"model {name!r}: " + "; ".join(failures))
+
+    async def before_load(self, model: ModelEntry) -> str | None:
+        """Under the model's lock, once a load's settings are valid and before its versions open: what the
+        engine must do first (Ray deploys the model's application). The reason it cannot, or None."""
+        return None
+
+    async def after_unload(self, model: ModelEntry) -> None:
+        """Under the model's lock, once its versions are drained: what the engine releases (Ray deletes the
+        model's application)."""
+
+    def _refuse(self, model: ModelEntry, previous: dict[str, Any] | None, reason: str) -> LoadFailed:
+        """A load that changes nothing: the previous config stays, the versions serving keep serving."""
+        model.config_override = previous
+        self._check_settings(model)
+        return LoadFailed(f"model {model.name!r}: " + self._record_failure(model, model.versions.values(), reason))
 
     async def load_quietly(self, name: str, versions: Iterable[int] | None = None) -> None:
         """``load_model`` for start-up and polling (keeping a load call's config override): failures are
@@ -243,6 +258,7 @@ class ModelRepository:
             if draining:
                 self.metrics.observe_unload(name)
                 log.info("model %s unloaded (versions %s)", name, [v.version for v in draining])
+            await self.after_unload(model)
         settle()  # what the unloaded versions left in reference cycles is collected, not kept frozen
 
     async def _load_version(self, model: ModelEntry, entry: VersionEntry, settings: ModelSettings) -> str | None:
@@ -292,7 +308,8 @@ class ModelRepository:
         return servable
 
     def _record_failure(self, model: ModelEntry, entries: Iterable[VersionEntry], reason: str) -> str:
-        """Mark a failed load in the index: a version that serves keeps serving, with the failure as its reason."""
+        """Mark a failed load in the index: a version that serves keeps serving, with the failure as its reason.
+        Returns the reason as answers show it (the log keeps its paths)."""
         for entry in entries:
             if entry.current is not None:
                 self._set(model.name, entry, ModelState.READY,
@@ -302,7 +319,7 @@ class ModelRepository:
             log.warning("model %s version %d not loaded: %s", model.name, entry.version, reason)
         if not model.versions:
             log.warning("model %s not loaded: %s", model.name, reason)
-        return reason
+        return self.public_reason(reason)
 
     def _retire_unwanted(self, model: ModelEntry, wanted: list[int], settings: ModelSettings) -> None:
         for entry in model.versions.values():

@@ -112,8 +112,9 @@ async def test_failed_loads_keep_the_old_version_serving_and_say_why(tmp_path, v
         broken = shutil.copytree(versions[2], repo.path / "cnn" / "2")
         with open(broken / "model.onnx", "r+b") as f:  # a corrupt (or half-copied) new version
             f.truncate(100)
-        with pytest.raises(LoadFailed, match="version 2: .*model.onnx"):
+        with pytest.raises(LoadFailed, match="version 2: .*model.onnx") as failed:
             await repo.load_model("cnn")
+        assert str(tmp_path) not in failed.value.message  # the load's answer names no server path (the log does)
         rows = {r["version"]: r for r in repo.triton_index()}
         assert rows["1"]["state"] == "READY" and rows["2"]["state"] == "UNAVAILABLE"
         np.testing.assert_allclose(await logits(repo), v1)  # still the default: the new one never served

@@ -4,7 +4,8 @@ model control), with 2 replicas of the classifier and of the char-LM and an auto
 
 It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process,
 with the same flags, give the same bodies), check keys and CORS as it does, deploy and delete a model's
-application on load and unload, show every replica's batch and generation series in ``/metrics``, spread
+application on load and unload (racing loads and unloads end as Ray serves; a model whose replicas cannot start
+answers 400 naming why), show every replica's batch and generation series in ``/metrics``, spread
 requests over the replicas, scale out under load and back, survive the loss of a replica under load (every
 request answered 200 or a clear 503, none hanging; Ray brings the replica back), and a client that hangs up must
 stop its generation inside the replica."""
@@ -299,6 +300,121 @@ def test_load_deploys_the_models_application_and_unload_deletes_it(cluster: dict
         assert "deepserve.spare-cnn" not in serve.status().applications
 
 
+def spare_state(x: dict[str, Any], c: httpx.Client) -> tuple[str, str | None, int]:
+    """spare-cnn's state in the ingress's index, its application's status in Ray, and what an inference gets."""
+    from ray import serve
+
+    index = {r["name"]: r for r in c.post("/v2/repository/index", headers=ADMIN).json()}
+    app = serve.status().applications.get("deepserve.spare-cnn")
+    return index["spare-cnn"]["state"], app.status if app else None, c.post(
+        "/v2/models/spare-cnn/infer", json=x, headers=AUTH).status_code
+
+
+def test_racing_loads_and_unloads_leave_the_index_as_ray_serves(cluster: dict[str, Any], repository: Path) -> None:
+    """Loads and unloads of one model sent at once run one after the other (the check, the deploy or delete and
+    the index's update under the model's lock): whichever ran last, the index says READY exactly when Ray runs
+    the model's application and it serves, and UNAVAILABLE exactly when Ray has none."""
+    (repository / "spare-cnn" / "config.json").write_text(json.dumps({"ray": {"num_replicas": 1, "num_cpus": 0.25}}))
+    x = body(images(1, seed=7))
+
+    async def race(ops: tuple[str, ...]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=60, headers=ADMIN) as c:
+            async def call(op: str, delay: float) -> httpx.Response:
+                await asyncio.sleep(delay)
+                return await c.post(f"/v2/repository/models/spare-cnn/{op}")
+
+            return await asyncio.gather(*(call(op, 0.2 * i) for i, op in enumerate(ops)))
+
+    with httpx.Client(base_url=cluster["base"], timeout=120) as c:
+        for ops in (("load",), ("load", "load", "unload", "load", "unload")):  # the race starts from a serving model
+            for answer in asyncio.run(race(ops)):
+                assert answer.status_code == 200, (ops, answer.text)
+            state = spare_state(x, c)
+            assert state in {("READY", "RUNNING", 200), ("UNAVAILABLE", None, 503)}, (ops, state)
+        assert state == ("UNAVAILABLE", None, 503) and not replicas("spare-cnn")
+
+
+def test_a_model_whose_replicas_cannot_start_answers_a_clear_400(cluster: dict[str, Any], repository: Path) -> None:
+    """A replica none of whose versions loads fails its start (Ray retries it, then fails the deploy): the load
+    answers 400 naming the model and each version's reason, and Ray keeps no application. A replica Ray cannot
+    place fails the load after the ray section's start_timeout_s, not never; if it replaced serving ones, the
+    last deploy that started serves again."""
+    import shutil
+
+    from ray import serve
+
+    broken, unplaceable, spare = repository / "broken-cnn", repository / "gpu-cnn", repository / "spare-cnn/config.json"
+    for folder, ray_section in ((broken, {"num_cpus": 0.25}), (unplaceable, {"num_gpus": 1, "start_timeout_s": 1})):
+        shutil.copytree(repository / "spare-cnn" / "1", folder / "1")
+        (folder / "config.json").write_text(json.dumps({"ray": ray_section}))
+    with open(broken / "1" / "model.onnx", "ab") as weights:
+        weights.write(b"tampered")
+    try:
+        with httpx.Client(base_url=cluster["base"], timeout=60, headers=ADMIN) as c:
+            refused = c.post("/v2/repository/models/broken-cnn/load")
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error.startswith("model 'broken-cnn': its replicas failed to start: no version of model "
+                                    "'broken-cnn' loaded (version 1: "), error
+            assert "model.onnx" in error and "sha256" in error and "Traceback" not in error and "/tmp" not in error
+            row = next(r for r in c.post("/v2/repository/index").json() if r["name"] == "broken-cnn")
+            assert row["state"] == "UNAVAILABLE" and "sha256" in row["reason"]
+            assert "deepserve.broken-cnn" not in serve.status().applications
+            started = time.monotonic()
+            pending = c.post("/v2/repository/models/gpu-cnn/load")
+            assert pending.status_code == 400 and time.monotonic() - started < 20, pending.text
+            assert "gpu-cnn': its replicas did not start within 1 s" in pending.json()["error"]
+            def deleted() -> bool:  # Ray stops the replica it could not place after the answer
+                app = serve.status().applications.get("deepserve.gpu-cnn")
+                return app is None or app.status == "DELETING"
+
+            wait_for(deleted, 10, "gpu-cnn's application deleted")
+            # a serving model whose redeploy cannot be placed: Ray's rollout stopped its replica for the pending
+            # one, so the ingress puts its last deploy that started back, and the model serves as the index says
+            assert c.post("/v2/repository/models/spare-cnn/load").status_code == 200
+            spare.write_text(json.dumps({"ray": {"num_cpus": 0.25, "num_gpus": 1, "start_timeout_s": 2}}))
+            stuck = c.post("/v2/repository/models/spare-cnn/load")
+            assert stuck.status_code == 400 and "did not start within 2 s" in stuck.json()["error"], stuck.text
+            x = body(images(1, seed=8))  # (Ray's application status follows its deployment's a moment later)
+            wait_for(lambda: spare_state(x, c) == ("READY", "RUNNING", 200), 10, "spare-cnn serving again")
+            assert c.post("/v2/repository/models/spare-cnn/unload").status_code == 200
+    finally:
+        shutil.rmtree(broken), shutil.rmtree(unplaceable)
+        spare.write_text(json.dumps({"ray": {"num_replicas": 1, "num_cpus": 0.25}}))
+
+
+def test_a_ray_load_scans_the_repository_once(cluster: dict[str, Any], repository: Path, tmp_path: Path) -> None:
+    """A repository of the ingress's kind, in this driver: one load deploys, loads and scans the disk once."""
+    import shutil
+
+    from deepserve.serve.ray_control import RayModelRepository
+    from deepserve.serve.ray_replica import ServingOptions
+
+    shutil.copytree(repository / "spare-cnn" / "1", tmp_path / "scan-cnn" / "1")
+    (tmp_path / "scan-cnn" / "config.json").write_text(json.dumps({"ray": {"num_cpus": 0.25}}))
+
+    class Counted(RayModelRepository):
+        scans = 0
+
+        def scan(self) -> None:
+            self.scans += 1
+            super().scan()
+
+    async def load_and_unload() -> int:
+        repo = Counted(tmp_path, ServingOptions(device="cpu"), model_control="explicit")
+        await repo.start()
+        before = repo.scans
+        try:
+            await repo.load_model("scan-cnn")
+            assert repo.is_ready("scan-cnn")
+            return repo.scans - before
+        finally:
+            await repo.unload_model("scan-cnn")
+            await repo.stop()
+
+    assert asyncio.run(load_and_unload()) == 1
+
+
 def families(text: str) -> dict[str, list[Any]]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -544,6 +660,28 @@ def test_sigterm_drains_and_stops(cluster: dict[str, Any]) -> None:
 # ---- configuration (no Ray needed) ---------------------------------------------------------------------------
 
 
+def test_a_scrape_collects_the_ingress_registry_once() -> None:
+    """The ingress's own families are known once (after its last registration), not collected again per scrape:
+    a scrape collects its registry once, to render it."""
+    from deepserve.serve.metrics import Metrics
+    from deepserve.serve.ray_metrics import ingress_families, scrape
+
+    metrics, collected = Metrics(include_default_registry=False), []
+
+    class Collector:
+        def collect(self) -> Iterator[Any]:
+            collected.append(1)
+            return iter(())
+
+    metrics.registry.register(Collector())
+    owned = ingress_families(metrics)
+    collected.clear()
+    for _ in range(3):
+        body_, _ = asyncio.run(scrape(metrics, {}, owned))
+        assert b"deepserve_requests" in body_
+    assert len(collected) == 3
+
+
 def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> None:
     from deepserve.serve.ray_app import model_options
     from deepserve.serve.settings import SettingsError, read_config_file
@@ -587,6 +725,7 @@ def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> 
      "ray.autoscaling.max_replicas must be an integer >= 3, got 2"),
     ({"autoscaling": {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 0}},
      "ray.autoscaling.target_ongoing_requests must be a number >= 1, got 0"),
+    ({"start_timeout_s": 0}, "ray.start_timeout_s must be a number >= 1, got 0"),
     ([2], "ray must be a mapping, got list"),
 ])
 def test_bad_ray_sections_are_refused_naming_the_file_and_field(tmp_path: Path, section: Any, message: str) -> None:
