@@ -157,4 +157,5 @@ def run_workers(flags: dict[str, Any], args: argparse.Namespace, implementations
     return 0
 
 
-_SUPERVISOR_CONFIG = ("host", "port", "log_level", "access_log", "log_config")
+# the loop too: uvicorn sets up the worker's loop from this config before _WorkerServer takes its own
+_SUPERVISOR_CONFIG = ("host", "port", "loop", "log_level", "access_log", "log_config")

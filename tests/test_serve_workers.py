@@ -147,6 +147,17 @@ def test_workers_stop_when_the_supervisor_is_killed_and_the_next_run_clears_its_
     assert list(base.iterdir()) == []
 
 
+def test_workers_run_the_loop_the_command_names(tmp_path):
+    """``--loop asyncio`` reaches every worker: none of them loads uvloop (which ``auto`` would pick)."""
+    make_classifier_artifact(tmp_path / "repo", "tiny-cnn", quantize=False)
+    with running_server(tmp_path / "repo", tmp_path, "--workers", str(WORKERS), "--loop", "asyncio") as s:
+        workers = _workers(s["proc"].pid)
+        assert len(workers) == WORKERS
+        for pid in workers:
+            assert "uvloop" not in Path(f"/proc/{pid}/maps").read_text(), f"worker {pid} runs uvloop"
+        assert httpx.post(f"{s['base']}/v2/models/tiny-cnn/infer", json=_body(0), timeout=10).status_code == 200
+
+
 def test_a_crashed_worker_counts_no_more(tmp_path):
     """A worker killed outright cannot take its ready gauge away: the supervisor does, so readiness and /metrics
     count live workers only (its replacement counts once it has loaded)."""
