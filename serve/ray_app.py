@@ -69,7 +69,7 @@ class RayOptions:
         _number(path, "max_ongoing_requests", raw.get("max_ongoing_requests", 256), minimum=1, integer=True)
         for name in ("num_cpus", "num_gpus"):
             _number(path, name, raw.get(name, 0), minimum=0)
-        _number(path, "start_timeout_s", raw.get("start_timeout_s", 1), minimum=1)
+        _number(path, "start_timeout_s", raw.get("start_timeout_s", cls.start_timeout_s), minimum=1)
         scaling = raw.get("autoscaling")
         if scaling is not None:
             if (not isinstance(scaling, dict) or not set(_AUTOSCALING_KEYS) <= set(scaling)

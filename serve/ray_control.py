@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus
 
 from deepserve.manifest import Manifest
 from deepserve.serve.errors import BadRequest
@@ -107,7 +108,9 @@ class RayModelRepository(ModelRepository):
         ingress is starting and it runs already; then take its handle."""
         options = model_options(model.directory)
         app_name = model_app(model.name)
-        running = app_name in (await asyncio.to_thread(serve.status)).applications
+        listed = (await asyncio.to_thread(serve.status)).applications.get(app_name)
+        # one Ray is deleting (a first deploy given up on) serves nothing: this load replaces nothing there
+        running = listed is not None and listed.status != ApplicationStatus.DELETING
         if not (running and not self.ready):
             config = model.config_override
             app = ModelReplica.options(name=model.name, graceful_shutdown_timeout_s=self.options.graceful_timeout_s,

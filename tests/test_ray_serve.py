@@ -364,6 +364,8 @@ def test_a_model_whose_replicas_cannot_start_answers_a_clear_400(cluster: dict[s
             pending = c.post("/v2/repository/models/gpu-cnn/load")
             assert pending.status_code == 400 and time.monotonic() - started < 20, pending.text
             assert "gpu-cnn': its replicas did not start within 1 s" in pending.json()["error"]
+            again = c.post("/v2/repository/models/gpu-cnn/load")  # while Ray still deletes the first: no leftover
+            assert again.status_code == 400 and "did not start within 1 s" in again.json()["error"], again.text
             def deleted() -> bool:  # Ray stops the replica it could not place after the answer
                 app = serve.status().applications.get("deepserve.gpu-cnn")
                 return app is None or app.status == "DELETING"
