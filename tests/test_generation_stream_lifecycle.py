@@ -13,14 +13,16 @@ from tests.test_generation_serving import live_app, repo  # noqa: F401 (fixture)
 
 
 def _streams(url: str, n: int, hang_up: int, body: dict) -> tuple[list[threading.Thread], list, threading.Barrier]:
-    """``n`` clients streaming ``body``; the first ``hang_up`` close their connection after the first event. Each
-    waits at the barrier (with the caller) once its first event is in; the others' events go to the list."""
+    """``n`` clients streaming ``body``; the first ``hang_up`` ask for 4000 tokens (``HANG_UP``) and close their
+    connection after the first event. Each waits at the barrier (with the caller) once its first event is in; the
+    others' events go to the list."""
     results: list = []
     started = threading.Barrier(n + 1)
 
     def stream(i: int) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
-            with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body) as r:
+            asked = body if i >= hang_up else HANG_UP
+            with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=asked) as r:
                 lines = r.iter_lines()
                 first = next(lines)
                 started.wait(30)
@@ -34,6 +36,7 @@ def _streams(url: str, n: int, hang_up: int, body: dict) -> tuple[list[threading
 
 
 LONG = {"text_input": "a", "parameters": {"temperature": 0, "max_new_tokens": 300, "min_new_tokens": 300}}
+HANG_UP = {"text_input": "a", "parameters": {"temperature": 0, "max_new_tokens": 4000, "min_new_tokens": 4000}}
 
 
 def test_shutdown_with_streams_running_ends_them_in_full(repo):
@@ -53,9 +56,11 @@ def test_shutdown_with_streams_running_ends_them_in_full(repo):
 def test_clients_that_hang_up_mid_stream_leave_the_others_streaming(repo):
     with live_app(repo, max_new_tokens=4000) as live:
         scheduler = live.app.state.repository.get("tiny-charlm").scheduler
+        steps_before = scheduler.steps
         clients, results, started = _streams(live.url, 4, 2, LONG)
         started.wait(30)
         for t in clients:
             t.join(30)
         assert scheduler.wait_rows(0, 20.0)
+        assert scheduler.steps - steps_before < 3900  # the hung-up streams stopped long before their 4000 tokens
     assert len(results) == 2 and all(events[-1]["finish_reason"] == "length" for events in results)

@@ -64,16 +64,17 @@ class ClientGone(ServeError):
     status = 499
 
 
-def abandon(servable: GenerationServable, job: Job) -> None:
-    """Its client hung up: free the job's rows at the next step and end its ``wait`` now (no-op once finished:
-    the result is already queued ahead of the error)."""
-    servable.cancel(job)
-    job.events.put_nowait(Event(EventKind.ERROR, error=ClientGone("the client closed the connection")))
+def abandon(servable: GenerationServable, jobs: list[Job]) -> None:
+    """Their client hung up: free the jobs' rows at the next step and end their ``wait`` now (no-op for one
+    finished: its result is already queued ahead of the error)."""
+    for job in jobs:
+        servable.cancel(job)
+        job.events.put_nowait(Event(EventKind.ERROR, error=ClientGone("the client closed the connection")))
 
 
 async def run_to_results(request: Request, servable: GenerationServable, jobs: list[Job]) -> list[Result]:
     """Each job's ``servable.wait``, one watcher cancelling every job if the client disconnects meanwhile."""
-    watch = asyncio.create_task(_call_on_disconnect(request.receive, lambda: [abandon(servable, j) for j in jobs]))
+    watch = asyncio.create_task(_call_on_disconnect(request.receive, lambda: abandon(servable, jobs)))
     try:
         return [await servable.wait(j) for j in jobs]
     finally:
@@ -112,7 +113,7 @@ class EventStream(StreamingResponse):
                  error: Callable[[ServeError], bytes], end: bytes = b"") -> None:
         super().__init__(self.events(servable, jobs, encode, error, end), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_gone = lambda: [abandon(servable, j) for j in jobs]
+        self.on_gone = lambda: abandon(servable, jobs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = asyncio.create_task(_call_on_disconnect(receive, self.on_gone))
@@ -120,6 +121,7 @@ class EventStream(StreamingResponse):
             await self.stream_response(send)
         finally:
             watch.cancel()
+            await self.body_iterator.aclose()  # a task cancelled mid-send ends its jobs now, not when collected
 
     @staticmethod
     async def events(servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],

@@ -240,7 +240,8 @@ class Scheduler:
         self.log.write(chosen, lambda: min((j.col0 for j in self.running if j.plain), default=self.log.col))
         visit = self._to_visit(plan, chosen)
         if plan.streamed:  # this step's piece for each streaming plain row (those visited send theirs themselves)
-            skip, pieces = () if visit is plan.visited else set(visit), self.pieces[chosen[plan.stream_rows]].tolist()
+            skip = () if visit is plan.visited else set(visit)
+            pieces = self.pieces[chosen[plan.stream_rows]].tolist()
             outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
                           if t and j not in skip)
         widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them

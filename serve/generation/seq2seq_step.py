@@ -43,7 +43,6 @@ class Seq2SeqStepModel(StepModel):
         self._grouped: bool | None = None  # whether rows are G contiguous rows per source, in source order
         self.past: list[Array] = [empty] * (2 * layers)  # past_names order, each (B,H,P,Dh)
         self._buffers: list[list[np.ndarray | None]] = [[None, None] for _ in range(2 * layers)]  # see _take_rows
-        self._moving: list[np.ndarray | None] = [None]  # see _move_rows_in_place
         self.past_pad = np.zeros((0, 0), bool)  # (B,P) True = empty slot; numpy, converted per step
         self.fill = 0  # cache slots written: the next K/V goes to slot ``fill`` (P - fill slots are spare)
         self.positions = np.zeros(0, np.int64)  # (B,)
