@@ -157,48 +157,21 @@ class TorchScriptRuntime(GraphRuntime):
 
 
 def _cpu_fast_path(torch: Any, module: Any) -> Any:
-    """``module`` on torch's Static Runtime, its frozen linear weights pre-transposed and contiguous, exact GELU
-    of rows in native kernels (seq2seq decode step, one thread, engine: 0.53-0.59 -> 0.63-0.70 of ONNX Runtime's
-    tokens/s with the first two). The JIT interpreter dispatches each op afresh and allocates every output;
-    Static Runtime plans memory once and reuses it between calls. These are private torch APIs: without them
-    (or for a graph they refuse) the module runs as loaded. Convolution graphs are compute-bound and keep the
-    interpreter (ResNet-18 at batch 32 ran ~10% slower on Static Runtime)."""
+    """``module`` on torch's Static Runtime, its frozen linear weights pre-transposed and contiguous (seq2seq
+    decode step, one thread, engine: 0.53-0.59 -> 0.63-0.70 of ONNX Runtime's tokens/s). The JIT interpreter
+    dispatches each op afresh and allocates every output; Static Runtime plans memory once and reuses it between
+    calls. These are private torch APIs: for a graph they refuse, the module runs as the passes left it (same
+    values). Convolution graphs are compute-bound and keep the interpreter (ResNet-18 at batch 32 ran ~10%
+    slower on Static Runtime). Exact GELU stays on oneDNN: its erf formula is faster at 1-8 rows but ~16%
+    slower from 32 rows up, and one module serves every row count."""
     if any(node.kind() == "aten::_convolution" for node in module.graph.nodes()):
         return module
     try:
         torch._C._jit_pass_transpose_frozen_linear(module.graph)
         _contiguous_constants(module.graph)
-        gelus = module.graph.findAllNodes("aten::gelu")
-        if gelus and all(n.inputsAt(1).toIValue() == "none" for n in gelus):  # the formula is exact GELU's
-            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_ROW_GELU, _ROW_GELU_NATIVE, module.graph)
         return torch._C._jit_to_static_module(module._c)
     except (AttributeError, RuntimeError):
         return module
-
-
-# GELU of an addmm's rows (the seq2seq step's feed-forward) as its erf formula in native kernels: on fp32 CPU
-# aten::gelu goes through oneDNN at ~30 us a call for a few rows against ~10 us for these five ops (step graph,
-# 1 / 8 rows: -5% / -1.5% time; 32 rows +1.7%). Process-wide oneDNN off is not an option (ResNet-18 4.5x slower).
-# The encoder's 3-D feed-forward is no addmm and keeps oneDNN, faster on its thousands of rows. Same values up
-# to float rounding (the formula native aten::gelu computes).
-_ROW_GELU = """
-graph(%b, %x, %w, %beta, %alpha, %approximate):
-  %h = aten::addmm(%b, %x, %w, %beta, %alpha)
-  %y = aten::gelu(%h, %approximate)
-  return (%y)"""
-_ROW_GELU_NATIVE = """
-graph(%b, %x, %w, %beta, %alpha, %approximate):
-  %h = aten::addmm(%b, %x, %w, %beta, %alpha)
-  %s : float = prim::Constant[value=0.70710678118654757]()
-  %one : float = prim::Constant[value=1.0]()
-  %half : float = prim::Constant[value=0.5]()
-  %a : int = prim::Constant[value=1]()
-  %u = aten::mul(%h, %s)
-  %e = aten::erf(%u)
-  %p = aten::add(%e, %one, %a)
-  %m = aten::mul(%h, %p)
-  %y = aten::mul(%m, %half)
-  return (%y)"""
 
 
 def _contiguous_constants(graph: Any) -> None:
@@ -208,8 +181,9 @@ def _contiguous_constants(graph: Any) -> None:
     never written)."""
     for node in graph.findAllNodes("prim::Constant"):
         if node.output().type().kind() == "TensorType" and not (value := node.output().toIValue()).is_contiguous():
-            node.t_("value", value.contiguous())
-            node.output().inferTypeFrom(value.contiguous())
+            value = value.contiguous()
+            node.t_("value", value)
+            node.output().inferTypeFrom(value)
 
 
 def open_runtime(

@@ -429,32 +429,3 @@ def test_torchscript_cpu_fast_path_stores_transposed_frozen_weights_contiguous()
         assert [w.is_contiguous() for w in weights(module.graph)] == [True]
         assert torch.equal(module(x), rows(x))
         assert torch.equal(runtime._cpu_fast_path(torch, module)(x), rows(x))
-
-
-def test_torchscript_cpu_fast_path_computes_row_gelu_natively():
-    """Exact GELU of an addmm's rows (the seq2seq step) becomes its erf formula, off oneDNN; tanh GELU and a
-    3-D feed-forward (the encoder's) keep aten::gelu. Same values to float rounding."""
-    import torch
-    import torch.nn.functional as F
-
-    from deepserve.serve import runtime
-    from deepserve.train.models.seq2seq import affine
-
-    class Rows(torch.nn.Module):
-        def __init__(self, approximate: str) -> None:
-            super().__init__()
-            self.fc, self.approximate = torch.nn.Linear(8, 16), approximate
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.gelu(affine(x, self.fc), approximate=self.approximate) if x.dim() == 2 else F.gelu(self.fc(x))
-
-    torch.manual_seed(0)
-    cases = [("none", torch.randn(3, 8), ["aten::erf"]), ("tanh", torch.randn(3, 8), ["aten::gelu"]),
-             ("none", torch.randn(2, 3, 8), ["aten::gelu"])]
-    with torch.no_grad():
-        for approximate, x, kinds in cases:
-            model = Rows(approximate).eval()
-            module = torch.jit.freeze(torch.jit.trace(model, x))
-            fast = runtime._cpu_fast_path(torch, module)
-            assert [n.kind() for n in module.graph.nodes() if n.kind() in ("aten::gelu", "aten::erf")] == kinds
-            assert torch.allclose(fast(x), model(x), atol=1e-6)
