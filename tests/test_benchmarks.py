@@ -214,7 +214,7 @@ def test_ceiling_scenario_measures_every_side_and_leaves_the_step_model_empty(tm
 
 
 def test_a_bench_server_runs_from_the_checkout_it_is_given(tmp_path: Path) -> None:
-    """What commit_ab does for each commit: the server's working folder and import path are ``root``."""
+    """What commit_ab does for each commit: the server runs in ``root`` (and `python -m` imports from there)."""
     (tmp_path / "benchmarks").symlink_to(servers.ROOT / "benchmarks")
     with servers.ServerProcess("echo", root=tmp_path) as server:
         assert Path(f"/proc/{server.pid}/cwd").resolve() == tmp_path.resolve()
