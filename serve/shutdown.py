@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import importlib.util
 import os
 import signal
 import socket
+import struct
+import sys
 from typing import Any
 
 import uvicorn
@@ -132,9 +135,31 @@ def draining_protocol(http: str, header_timeout_s: float = DEFAULT_HEADER_TIMEOU
     return type(f"Draining{name}", (_DrainingMixin, base), {"header_timeout_s": header_timeout_s})
 
 
+# Classic BPF on a listening TCP socket (it sees the TCP header): drop a segment whose flags are SYN without ACK.
+_DROP_NEW_SYNS = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02), (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+_SO_ATTACH_FILTER = 26
+
+
+def stop_new_connections(sock: socket.socket) -> None:
+    """Linux: the listener completes no new handshake from now on (a client's SYN goes unanswered, then meets
+    the closed port), while what its accept queue holds stays: so a drain that empties the queue and closes it
+    resets nothing, however fast clients connect. Elsewhere, or where refused, only the closing window remains."""
+    if sys.platform != "linux" or sock.type != socket.SOCK_STREAM:
+        return
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _DROP_NEW_SYNS))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HL", len(_DROP_NEW_SYNS),
+                                                                          ctypes.addressof(code)))
+    except OSError:
+        return
+
+
 class DrainingServer(uvicorn.Server):
     """Tells the app it is draining the moment the signal arrives (``app.draining``), before uvicorn's main loop
-    notices it on its next tick."""
+    notices it on its next tick. ``owns_listeners``: the socket is this server's alone, so its drain may stop
+    it taking new connections (a worker's is shared with the ones that replace it)."""
+
+    owns_listeners = True
 
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
@@ -163,6 +188,8 @@ class DrainingServer(uvicorn.Server):
             listeners = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
             server.close()  # the loop stops accepting; the duplicates keep the queues open
             for listener in listeners:
+                if self.owns_listeners:
+                    stop_new_connections(listener)
                 listener.setblocking(False)
                 for _ in range(MAX_QUEUED_ANSWERED):  # bounded: clients that reconnect at once do not hold it
                     try:

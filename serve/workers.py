@@ -42,7 +42,7 @@ from prometheus_client import multiprocess
 from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
 
 from deepserve.serve.metrics import MULTIPROC_ENV, WORKERS_ENV
-from deepserve.serve.shutdown import DrainingServer
+from deepserve.serve.shutdown import DrainingServer, stop_new_connections
 
 ARGS_ENV = "DEEPSERVE_SERVE_ARGS"
 """The serve command's flags (JSON) for the workers, which uvicorn starts as fresh interpreters (spawn)."""
@@ -81,6 +81,8 @@ def metrics_directory() -> Iterator[Path]:
 class _WorkerServer(DrainingServer):
     """One worker's server: a single server's drain (``DrainingServer``) over the app and the uvicorn config it
     builds from the serve command's flags as it starts, on its own event loop."""
+
+    owns_listeners = False  # a worker stopped on its own (SIGHUP, SIGTTOU) leaves the socket to the others
 
     def __init__(self, supervisor_config: uvicorn.Config) -> None:
         super().__init__(supervisor_config, None)  # nothing built yet: uvicorn's health checks only read ``started``
@@ -132,6 +134,7 @@ class Supervisor(uvicorn_multiprocess.Multiprocess):
 
     def terminate_all(self) -> None:
         for sock in self.sockets:  # the workers hold the last copies: the last to stop accepting closes it
+            stop_new_connections(sock)  # the whole server stops: what the queue holds is answered, nothing added
             sock.close()
         super().terminate_all()
 

@@ -429,3 +429,25 @@ def test_torchscript_cpu_fast_path_stores_transposed_frozen_weights_contiguous()
         assert [w.is_contiguous() for w in weights(module.graph)] == [True]
         assert torch.equal(module(x), rows(x))
         assert torch.equal(runtime._cpu_fast_path(torch, module)(x), rows(x))
+
+
+def test_a_stopped_listener_completes_no_new_handshake_but_keeps_its_queue():
+    """What a drain relies on to reset nothing: after ``stop_new_connections`` a new client's connect goes
+    unanswered, while the connection already queued is still there to accept."""
+    import socket
+
+    from deepserve.serve.shutdown import stop_new_connections
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as queued:
+            queued.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            stop_new_connections(listener)
+            with socket.socket() as late:
+                late.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    late.connect(("127.0.0.1", port))
+            listener.settimeout(5)
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.recv(64) == b"GET / HTTP/1.1\r\n\r\n"
