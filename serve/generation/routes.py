@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
@@ -50,11 +50,21 @@ def generation_servable(request: Request, model: str, version: str | None) -> Ge
     return servable
 
 
-async def _call_on_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
-    """Wait for the client to disconnect (other messages: the rest of a body nobody reads), then call ``on_gone``."""
+async def _abandon_on_disconnect(receive: Receive, servable: GenerationServable, jobs: list[Job]) -> None:
+    """Wait for the client to disconnect (other messages: the rest of a body nobody reads), then abandon ``jobs``."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    on_gone()
+    abandon(servable, jobs)
+
+
+@asynccontextmanager
+async def abandoned_if_gone(receive: Receive, servable: GenerationServable, jobs: list[Job]) -> AsyncIterator[None]:
+    """While inside: one plain task abandons every job if the client disconnects."""
+    watch = asyncio.create_task(_abandon_on_disconnect(receive, servable, jobs))
+    try:
+        yield
+    finally:
+        watch.cancel()
 
 
 class ClientGone(ServeError):
@@ -74,11 +84,8 @@ def abandon(servable: GenerationServable, jobs: list[Job]) -> None:
 
 async def run_to_results(request: Request, servable: GenerationServable, jobs: list[Job]) -> list[Result]:
     """Each job's ``servable.wait``, one watcher cancelling every job if the client disconnects meanwhile."""
-    watch = asyncio.create_task(_call_on_disconnect(request.receive, lambda: abandon(servable, jobs)))
-    try:
+    async with abandoned_if_gone(request.receive, servable, jobs):
         return [await servable.wait(j) for j in jobs]
-    finally:
-        watch.cancel()
 
 
 def sse(data: Any) -> bytes:
@@ -113,14 +120,13 @@ class EventStream(StreamingResponse):
                  error: Callable[[ServeError], bytes], end: bytes = b"") -> None:
         super().__init__(self.events(servable, jobs, encode, error, end), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_gone = lambda: abandon(servable, jobs)
+        self.servable, self.jobs = servable, jobs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch = asyncio.create_task(_call_on_disconnect(receive, self.on_gone))
         try:
-            await self.stream_response(send)
+            async with abandoned_if_gone(receive, self.servable, self.jobs):
+                await self.stream_response(send)
         finally:
-            watch.cancel()
             await self.body_iterator.aclose()  # a task cancelled mid-send ends its jobs now, not when collected
 
     @staticmethod
