@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import importlib
 import importlib.util
@@ -147,11 +148,9 @@ def stop_new_connections(sock: socket.socket) -> None:
     if sys.platform != "linux" or sock.type != socket.SOCK_STREAM:
         return
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _DROP_NEW_SYNS))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("HL", len(_DROP_NEW_SYNS),
-                                                                          ctypes.addressof(code)))
-    except OSError:
-        return
+    program = struct.pack("HL", len(_DROP_NEW_SYNS), ctypes.addressof(code))  # the kernel copies it
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
 
 
 class DrainingServer(uvicorn.Server):

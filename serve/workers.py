@@ -12,7 +12,8 @@ supervisor was killed outright drains and stops the same way. What the processes
   supervisor takes a dead worker's gauges away (``mark_process_dead``), so a crashed worker counts no more;
 - **readiness**: ``/v2/health/ready`` is true only once every worker has loaded its models (a gauge each worker
   sets in that folder);
-- **the listening socket**: the supervisor closes its copy before it stops the workers, so the last worker to
+- **the listening socket**: at shutdown the supervisor stops it completing new handshakes
+  (``shutdown.stop_new_connections``) and closes its copy before it stops the workers, so the last worker to
   stop accepting closes the socket itself, once it has answered its accept queue: a later connection is refused
   rather than left queued to be reset when the supervisor exits;
 - **model control**: each worker holds its own models, so the admin routes that change them answer 409 (one
