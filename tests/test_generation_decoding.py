@@ -772,6 +772,49 @@ def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_reque
     assert outputs(3) == batched
 
 
+class MoveCountingModel(TableModel):
+    """Counts the rows a reorder within the batch (``regroup=False``) fills from another row: cache row copies."""
+
+    copies = 0
+
+    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        if not regroup:
+            self.copies += int(np.count_nonzero(index != np.arange(len(index))))
+        super().reorder(index, regroup)
+
+
+def test_beams_move_rows_only_for_the_extra_children_of_a_parent():
+    """A beam continues in its parent's row: only a parent's second, third... child takes another row (a copy),
+    with the same n-best as a search run directly on the model, and beside other requests."""
+    vocab = ["<unk>", *"abcdefghijklmno"]
+    model, prompt = MoveCountingModel(vocab_size=16, eos_id=None, seed=4, scale=1.0), (1, 2)
+    direct = BeamSearch(num_beams=4, max_new_tokens=12)
+    seqs, want = [()], 0
+    while not direct.done:
+        logits = np.stack([model.logits_for(prompt + s) for s in seqs])
+        toks, parents = direct.select(log_softmax(logits))
+        if len(seqs) == len(parents) and not direct.done:  # full width before and after: a move in place
+            want += len(parents) - len(set(parents.tolist()))
+        seqs = [seqs[p] + (int(t),) for p, t in zip(parents, toks)]
+
+    async def main():
+        s = await started(model, vocab=vocab, max_new_tokens=12)
+        try:
+            lone = await s.generate("ab", {"num_beams": 4, "num_return_sequences": 4, "max_new_tokens": 12})
+            copies, model.copies = model.copies, 0
+            crowd = await asyncio.gather(s.generate("ab", {"num_beams": 4, "num_return_sequences": 4,
+                                                           "max_new_tokens": 12}),
+                                         *(s.generate("ba", {"temperature": 0, "max_new_tokens": n}) for n in (3, 9)))
+            return lone, copies, crowd[0]
+        finally:
+            await s.stop()
+
+    lone, copies, crowded = run(main())
+    assert [o.token_ids for o in lone.outputs] == [h.tokens for h in direct.best(4)]
+    assert [o.token_ids for o in crowded.outputs] == [o.token_ids for o in lone.outputs]
+    assert 0 < copies == want
+
+
 # ---------------------------------------------------------------------------------------------- transformers parity
 
 

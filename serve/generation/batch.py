@@ -27,6 +27,8 @@ class StepPlan:
     samplers: list[Job] = field(default_factory=list)
     """The sampling requests, in row order (each draws its rows' uniforms from its own generator)."""
     beams: list[Job] = field(default_factory=list)
+    beam_groups: dict[int, list[Job]] = field(default_factory=dict)
+    """Beam requests that ``select_beams`` selects together, by width (a width change rebuilds the plan)."""
     processed: list[Job] = field(default_factory=list)  # Row requests with logit processors.
     with_logprobs: list[Job] = field(default_factory=list)  # Row requests that return logprobs.
     visited: list[Job] = field(default_factory=list)  # requests looked at every step (all but ``Job.plain`` ones)
@@ -51,6 +53,7 @@ class StepPlan:
             sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
             temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
             top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
+            beam_groups=_beam_groups(running),
             processed=[j for j in row_jobs if j.processors and not j.plain],
             early=(*(np.asarray(a, np.int64) for a in list(zip(*mins))[:2]), mins[0][2]) if mins else (),
             with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
@@ -79,6 +82,7 @@ class StepPlan:
         if isinstance(self.greedy, slice):  # every row greedy: one argmax, no scatter
             return greedy_tokens(logits)
         chosen = np.empty(len(logits), np.int64)
+        chosen.fill(-1)  # beam rows keep -1: no token (EOS included) of their own
         if self.any_greedy:
             chosen[self.greedy] = greedy_tokens(logits[self.greedy])
         if len(self.sample):
@@ -89,19 +93,44 @@ class StepPlan:
     def select_beams(self, logits: np.ndarray) -> None:
         """Beams at full width without stops, logprobs or history-reading processors: one ``select_many`` per
         width (others: ``_beam_step``); history-free processors (``min_new_tokens``) edit their scores first."""
-        groups: dict[int, list[Job]] = {}
-        for j in self.beams:
-            k = j.params.num_beams
-            if j.strategy.rows == k and not j.needs_history and not j.stops and j.params.logprobs is None:
-                groups.setdefault(k, []).append(j)
-        for k, jobs in groups.items():
-            rows = np.concatenate([np.arange(j.start, j.start + k) for j in jobs])
+        for k, jobs in self.beam_groups.items():
+            rows = jobs[0].beam_rows() if len(jobs) == 1 else np.concatenate([j.beam_rows() for j in jobs])
             scores = log_softmax(logits[rows]).reshape(len(jobs), k, -1)
             for i, j in enumerate(jobs):
                 for p in j.processors:  # j.generated counts the tokens before this step, as in _beam_step
                     p(scores[i], [], j.generated)
             for j, (toks, parents) in zip(jobs, BeamSearch.select_many([j.strategy for j in jobs], scores)):
                 j.beam_out = (parents, toks)
+
+
+def _beam_groups(running: list[Job]) -> dict[int, list[Job]]:
+    """Beams at full width without stops, logprobs or history-reading processors, by width."""
+    groups: dict[int, list[Job]] = {}
+    for j in running:
+        k = j.params.num_beams
+        if j.is_beam and j.strategy.rows == k and not j.needs_history and not j.stops and j.params.logprobs is None:
+            groups.setdefault(k, []).append(j)
+    return groups
+
+
+def place_beams(slots: np.ndarray, parents: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows for a request's next beams, which continue beams ``parents`` (in beam order) of the beams now in rows
+    ``slots`` (within the request's block). Returns the next beams' rows and, per row, the row it continues (None
+    when every beam stays in its parent's row). Only a parent's extra children move (a cache row copy each): the
+    beams' order, which breaks score ties, never depends on where they live."""
+    src = slots[parents].tolist()
+    if len(src) != len(slots):  # a new width: rows in beam order
+        return np.arange(len(src)), np.asarray(src, np.int64)
+    if len(set(src)) == len(src):
+        return np.asarray(src, np.int64), None
+    spare = iter(sorted(set(range(len(src))) - set(src)))  # rows whose beam has no child
+    rows, taken = [], set()
+    for s in src:
+        rows.append(s if s not in taken else next(spare))
+        taken.add(s)
+    source = np.empty(len(src), np.int64)
+    source[rows] = src
+    return np.asarray(rows, np.int64), source
 
 
 class RowMoves:

@@ -139,6 +139,7 @@ class Job:
         """Row strategies: the sequence behind each of the request's rows, in row order."""
         self.row_seqs: list[SeqState] = []  # Row strategies: ``live`` as it was at the start of the current step.
         self.beam_out: tuple = ()  # Beam search: (parents, tokens) of the current step.
+        self.slots = np.zeros(1, np.int64)  # Beam search: each beam's row within the request's block, in beam order.
         self.generated, self.streamed_beam_text = 0, ""
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
@@ -147,6 +148,10 @@ class Job:
     @property
     def rows(self) -> int:
         return self.strategy.rows if self.is_beam else len(self.live)
+
+    def beam_rows(self) -> np.ndarray:
+        """Beam search: the batch row of each beam, in beam order."""
+        return self.start + self.slots
 
     # ---- one step ------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import numpy as np
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
 from deepserve.serve.generation.admission import Admission, Slot
-from deepserve.serve.generation.batch import RowMoves, StepPlan
+from deepserve.serve.generation.batch import RowMoves, StepPlan, place_beams
 from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax
@@ -89,7 +89,7 @@ class Scheduler:
             if self.closing:
                 raise ShuttingDown()
             self.waiting.append(job)
-            self.admission.waiting_rows += job.reserve
+            self.admission.join_queue(job.reserve)
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
                 self.wake.set()
@@ -179,31 +179,34 @@ class Scheduler:
         self.next_deadline = min((j.deadline for j in (*self.running, *self.prefilling)), default=float("inf"))
 
     def _admit(self, outbox: list) -> None:
-        joining: list[Job] = []
-        now = time.monotonic()
-        with self.lock:
-            while self.waiting:
-                job = self.waiting[0]
-                if job.cancelled or job.deadline < now:
-                    self.waiting.popleft()
-                    self.admission.waiting_rows -= job.reserve
-                    if not job.cancelled:
-                        outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
-                            "the request's deadline passed while it waited for a decoding slot"))))
-                    continue
-                if self.reserved + job.reserve > self.max_running_rows:
-                    break
-                self.waiting.popleft()
-                self.admission.waiting_rows -= job.reserve
-                self.reserved += job.reserve
-                joining.append(job)
-            self.metrics.waiting.set(len(self.waiting))
-        if joining:
+        """Stage the waiting requests that fit (read without the lock first: one queued meanwhile waits a step),
+        then spend the prefill budget."""
+        if self.waiting and (joining := self._take_waiting(outbox)):
             self.model.stage([j.prompt_ids for j in joining])
             self.prefilling += joining
             self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
         if self.prefilling:
             self._join_prefilled()
+
+    def _take_waiting(self, outbox: list) -> list[Job]:
+        """Off the queue: expired and cancelled requests, then those whose rows fit, in order."""
+        joining: list[Job] = []
+        now = time.monotonic()
+        with self.lock:
+            while self.waiting:
+                job = self.waiting[0]
+                gone = job.cancelled or job.deadline < now
+                if not gone and self.reserved + job.reserve > self.max_running_rows:
+                    break
+                self.admission.leave_queue(self.waiting.popleft().reserve)
+                if gone and not job.cancelled:
+                    outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
+                        "the request's deadline passed while it waited for a decoding slot"))))
+                elif not gone:
+                    self.reserved += job.reserve
+                    joining.append(job)
+            self.metrics.waiting.set(len(self.waiting))
+        return joining
 
     def _join_prefilled(self) -> None:
         """Spend this iteration's prefill budget; the requests whose prompts are done join the batch."""
@@ -258,16 +261,17 @@ class Scheduler:
     def _to_visit(self, plan: StepPlan, chosen: np.ndarray) -> list[Job]:
         """The requests this step must look at: every one not plain, and plain ones whose row picked EOS (from
         then on they take the general path) or that reach max_new_tokens now."""
-        eos = self.model.eos_id
-        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
-        ending = [j for j in self.due.pop(self.log.col - 1, ()) if not j.finished]
-        if not hits and not ending:
+        eos, due = self.model.eos_id, self.due.pop(self.log.col - 1, ())
+        if len(plan.visited) == len(self.running):  # no plain request
             return plan.visited
-        eos_jobs = {self.running[bisect.bisect_right(plan.starts, r) - 1] for r in hits}
-        for j in (j for j in eos_jobs if j.plain):  # the general path from now: tokens up to this step's leave the log
+        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
+        eos_jobs = {j for r in hits if (j := self.running[bisect.bisect_right(plan.starts, r) - 1]).plain}
+        ending = [j for j in due if not j.finished and j.plain and j not in eos_jobs]
+        if not eos_jobs and not ending:
+            return plan.visited
+        for j in eos_jobs:  # the general path from now: tokens up to this step's leave the log
             j.take_log(self.log, self.log.col - 1)
             j.plain = False
-        ending = [j for j in ending if j.plain]
         return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
 
     def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
@@ -280,12 +284,19 @@ class Scheduler:
         if j.is_beam:
             j.generated += 1
             moves.new_tokens -= rows_before - 1
-            self._beam_step(j, logits[start:end], outbox)
+            self._beam_step(j, logits, outbox)
             parents, toks = j.beam_out
             j.beam_out = ()
-            changed = True
+            changed = j.finished
             if not j.finished:
-                kept = (parents + start, toks)
+                j.slots, source = place_beams(j.slots, parents)
+                next_tokens = np.empty(len(toks), np.int64)
+                next_tokens[j.slots] = toks
+                changed = source is not None
+                if changed:
+                    kept = (source + start, next_tokens)
+                else:  # every beam in its parent's row: nothing moves
+                    chosen[start:end] = next_tokens
         else:
             if j.plain:
                 self._end_plain(j, outbox)
@@ -340,7 +351,7 @@ class Scheduler:
         beam = j.strategy
         assert isinstance(beam, BeamSearch)
         if not j.beam_out:  # not already selected by the vectorised path
-            scores = model_lp = log_softmax(logits)
+            scores = model_lp = log_softmax(logits[j.beam_rows()])
             if j.processors:  # they rank the candidates; logprobs report the model's own distribution
                 scores = model_lp.copy() if j.params.logprobs is not None else model_lp
                 hist = j.histories() if j.needs_history else []

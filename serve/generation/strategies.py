@@ -85,7 +85,7 @@ def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
     either way a tie at the m-th place keeps the lower index, where a partition alone keeps any of them."""
     if m > 16:  # wide beams
         return np.argsort(-cand, kind="stable")[:m]
-    work = np.where(np.isnan(cand), -np.inf, cand)  # a copy: the picks overwrite it
+    work = np.fmax(cand, -np.inf)  # a copy with NaN as -inf: the picks overwrite it
     top = np.empty(m, np.int64)
     for i in range(m):
         f = work.argmax()
