@@ -15,8 +15,9 @@ import pytest
 from deepserve.manifest import GraphSpec, KVUpdate, Manifest, StepGraphContract, TensorSpec
 from deepserve.serve.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.jobs import Event
+from deepserve.serve.generation.jobs import Event, Job
 from deepserve.serve.generation.params import GenerationParams, Limits
+from deepserve.serve.generation.scheduler import PREFILL_HOLD, Scheduler
 from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel
 from deepserve.serve.generation.step_models import Graph, StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
@@ -572,6 +573,50 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
             await s.stop()
 
     run(main())
+
+
+class JoinLoggingModel(TableModel):
+    """Logs how many prompts each join takes (one prefill call each)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.joins: list[int] = []
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        self.joins.append(len(prompts))
+        return super().join(prompts, copies)
+
+
+def test_requests_arriving_step_after_step_share_one_prefill_while_rows_run():
+    """While requests keep arriving and rows run, staged prompts wait for the burst to end (at most
+    ``PREFILL_HOLD`` steps) and join in one call, with the results they get alone. The scheduler is driven one
+    iteration at a time, each after one more arrival."""
+    model = JoinLoggingModel(vocab_size=4, eos_id=None, seed=3)
+    sched = Scheduler(model, CharTokenizer(VOCAB), max_running_rows=16, max_waiting=16)
+
+    def job(prompt: list[int], n: int) -> Job:
+        return Job(GenerationParams(temperature=0, max_new_tokens=n), prompt, n, strategy=None, processors=[],
+                   tokenizer=sched.tokenizer, stream=False, deadline=time.monotonic() + 60, loop=None,
+                   history_includes_prompt=True)
+
+    first = job([1], 40)
+    sched.submit(first)
+    sched._iteration()  # nothing runs yet: it joins at once
+    burst = [job([2, i % 3 + 1], 5) for i in range(3)]
+    for j in burst:
+        sched.submit(j)
+        sched._iteration()
+    sched._iteration()  # no arrival: the burst's prompts join together
+    long_burst = [job([3, i % 3 + 1], 5) for i in range(PREFILL_HOLD + 2)]
+    for j in long_burst:
+        sched.submit(j)
+        sched._iteration()
+    while sched.running or sched.prefilling:
+        sched._iteration()
+    assert model.joins[:2] == [1, 3]
+    assert model.joins[2] == PREFILL_HOLD + 1 and sum(model.joins) == 1 + 3 + PREFILL_HOLD + 2
+    for j in (first, *burst, *long_burst):
+        assert j.result().outputs[0].token_ids == greedy_reference(model, tuple(j.prompt_ids), j.max_new_tokens)
 
 
 class FailingJoinModel(TableModel):

@@ -26,6 +26,7 @@ from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
 PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~0.8 ms
+PREFILL_HOLD = 4  # steps staged prompts may wait for the rest of a burst of requests
 
 
 class Scheduler:
@@ -41,6 +42,7 @@ class Scheduler:
         self.running: list[Job] = []
         self.prefilling: list[Job] = []  # admitted, rows reserved, prompts staged in the model until they join
         self.prefill_budget = prefill_budget
+        self.held_since: int | None = None  # the step since which arriving requests hold staged prompts back
         self.reserved = 0
         self.tokens = np.zeros(0, np.int64)  # next input token of each row
         self.lock = threading.Lock()
@@ -180,11 +182,19 @@ class Scheduler:
 
     def _admit(self, outbox: list) -> None:
         """Stage the waiting requests that fit (read without the lock first: one queued meanwhile waits a step),
-        then spend the prefill budget."""
-        if self.waiting and (joining := self._take_waiting(outbox)):
+        then spend the prefill budget, unless requests are still arriving: while they do, and rows run and are
+        left free, staged prompts wait up to ``PREFILL_HOLD`` steps, so that a burst shares one prefill call
+        (one row's prompt costs a fifth of 32 rows')."""
+        arrived = bool(self.waiting) and bool(joining := self._take_waiting(outbox))
+        if arrived:
             self.model.stage([j.prompt_ids for j in joining])
             self.prefilling += joining
             self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
+        if arrived and self.running and self.reserved < self.max_running_rows:
+            self.held_since = self.steps if self.held_since is None else self.held_since
+            if self.steps - self.held_since < PREFILL_HOLD:
+                return
+        self.held_since = None
         if self.prefilling:
             self._join_prefilled()
 
