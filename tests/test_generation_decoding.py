@@ -242,9 +242,9 @@ def greedy_reference(model: TableModel, prompt: tuple[int, ...], max_len: int) -
 
 @pytest.mark.parametrize("seed,k", [(0, 4), (1, 4), (2, 2), (3, 12)])
 def test_batched_beam_selection_equals_one_request_at_a_time(seed, k):
-    """``select_many`` (the scheduler's path for full-width beams) and ``select``'s shortcut for steps where no
-    top candidate ends pick exactly what ``select``'s full scan picks (forced here by a stop check that never
-    matches), ties (coarse logits tie often, also at the k-th place), -inf scores and EOS candidates included."""
+    """``select_many`` (the scheduler's path for full-width beams) picks exactly what ``select`` picks one request at
+    a time, with or without a stop check (one that never matches here), ties (coarse logits tie often, also at
+    the k-th place), -inf scores and EOS candidates included."""
     rng = np.random.default_rng(seed)
     J, V, eos = 12, 7, 3
 
@@ -646,7 +646,7 @@ def test_a_failed_join_fails_the_batch_and_the_next_request_starts_clean():
             assert (await stream.__anext__()).kind == "delta" and model.rows == 1
             model.fail_next_join = True
             joining = s.submit("ca", {"temperature": 0, "max_new_tokens": 5})
-            model.gate.release()  # the running row's step ends; the next iteration's join fails
+            model.gate.release(2)  # the running row steps on; the join (held a step: it just arrived) fails
             with pytest.raises(InferenceFailed):
                 await s.wait(joining)
             with pytest.raises(InferenceFailed):  # the running request fails with the batch

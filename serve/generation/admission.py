@@ -44,13 +44,9 @@ class Admission:
         self.typical_steps = 0.0  # Moving average of the admitted requests' ``max_new_tokens``.
         self.waiting_rows = 0  # Rows reserved by the requests in the waiting queue.
 
-    def join_queue(self, rows: int) -> None:
-        """A request of ``rows`` rows joined the waiting queue."""
+    def queued(self, rows: int) -> None:
+        """``rows`` rows joined the waiting queue (negative: left it, to run or gone)."""
         self.waiting_rows += rows
-
-    def leave_queue(self, rows: int) -> None:
-        """A request of ``rows`` rows left the waiting queue (to run, or gone)."""
-        self.waiting_rows -= rows
 
     def observe(self, seconds: float) -> None:
         """A step took ``seconds``."""

@@ -155,13 +155,20 @@ class Job:
 
     # ---- one step ------------------------------------------------------------------------------------------
 
-    def advance(self, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, char_level: bool) -> list[Event]:
+    def apply_processors(self, scores: np.ndarray) -> np.ndarray:
+        """The request's logit processors on its rows' ``scores`` (in place, returned), before this step's token."""
+        hist = self.histories() if self.needs_history else []
+        for p in self.processors:
+            p(scores, hist, self.generated)
+        return scores
+
+    def advance(self, chosen: np.ndarray, raw_lp: np.ndarray | None, eos: int | None, char_level: bool) -> list[Event]:
         """A greedy / sampled request's step: row r of its block (from ``start``) took ``chosen[start + r]``.
         Sets ``row_seqs`` (the rows as they were) and ``live`` (those still going); returns the stream's events."""
         events: list[Event] = []
         self.row_seqs = list(self.live)
         for r, seq in enumerate(self.row_seqs):
-            tok = chosen[self.start + r]
+            tok = int(chosen[self.start + r])
             if raw_lp is not None:
                 if tok != eos:
                     seq.logprobs.append(float(raw_lp[r, tok]))

@@ -21,7 +21,6 @@ from deepserve.serve.generation.admission import Admission, Slot
 from deepserve.serve.generation.batch import RowMoves, StepPlan, place_beams
 from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
-from deepserve.serve.generation.strategies import BeamSearch, log_softmax
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
@@ -42,7 +41,7 @@ class Scheduler:
         self.running: list[Job] = []
         self.prefilling: list[Job] = []  # admitted, rows reserved, prompts staged in the model until they join
         self.prefill_budget = prefill_budget
-        self.held_since: int | None = None  # the step since which arriving requests hold staged prompts back
+        self.held_since: int | None = None  # the step since which arrivals hold staged prompts back
         self.reserved = 0
         self.tokens = np.zeros(0, np.int64)  # next input token of each row
         self.lock = threading.Lock()
@@ -91,7 +90,7 @@ class Scheduler:
             if self.closing:
                 raise ShuttingDown()
             self.waiting.append(job)
-            self.admission.join_queue(job.reserve)
+            self.admission.queued(job.reserve)
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
                 self.wake.set()
@@ -181,19 +180,16 @@ class Scheduler:
         self.next_deadline = min((j.deadline for j in (*self.running, *self.prefilling)), default=float("inf"))
 
     def _admit(self, outbox: list) -> None:
-        """Stage the waiting requests that fit (read without the lock first: one queued meanwhile waits a step),
-        then spend the prefill budget, unless requests are still arriving: while they do, and rows run and are
-        left free, staged prompts wait up to ``PREFILL_HOLD`` steps, so that a burst shares one prefill call
-        (one row's prompt costs a fifth of 32 rows')."""
-        arrived = bool(self.waiting) and bool(joining := self._take_waiting(outbox))
-        if arrived:
+        """Stage the waiting requests that fit, then prefill; while requests keep arriving to running, unfilled rows,
+        staged prompts wait up to ``PREFILL_HOLD`` steps: a burst shares one call (a lone prompt costs far more)."""
+        if joining := self._take_waiting(outbox) if self.waiting else []:  # a request queued meanwhile: next time
             self.model.stage([j.prompt_ids for j in joining])
             self.prefilling += joining
             self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
-        if arrived and self.running and self.reserved < self.max_running_rows:
-            self.held_since = self.steps if self.held_since is None else self.held_since
-            if self.steps - self.held_since < PREFILL_HOLD:
-                return
+            if self.running and self.reserved < self.max_running_rows:
+                self.held_since = self.steps if self.held_since is None else self.held_since
+                if self.steps - self.held_since < PREFILL_HOLD:
+                    return
         self.held_since = None
         if self.prefilling:
             self._join_prefilled()
@@ -203,18 +199,16 @@ class Scheduler:
         joining: list[Job] = []
         now = time.monotonic()
         with self.lock:
-            while self.waiting:
-                job = self.waiting[0]
-                gone = job.cancelled or job.deadline < now
-                if not gone and self.reserved + job.reserve > self.max_running_rows:
-                    break
-                self.admission.leave_queue(self.waiting.popleft().reserve)
-                if gone and not job.cancelled:
-                    outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
-                        "the request's deadline passed while it waited for a decoding slot"))))
-                elif not gone:
+            while self.waiting and ((gone := self.waiting[0].cancelled or self.waiting[0].deadline < now)
+                                    or self.reserved + self.waiting[0].reserve <= self.max_running_rows):
+                job = self.waiting.popleft()
+                self.admission.queued(-job.reserve)
+                if not gone:
                     self.reserved += job.reserve
                     joining.append(job)
+                elif not job.cancelled:
+                    outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
+                        "the request's deadline passed while it waited for a decoding slot"))))
             self.metrics.waiting.set(len(self.waiting))
         return joining
 
@@ -257,11 +251,10 @@ class Scheduler:
             pieces = self.pieces[chosen[plan.stream_rows]].tolist()
             outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
                           if t and j not in skip)
-        widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them
         plan.select_beams(logits)
         moves = RowMoves(len(chosen))
         for j in visit:
-            self._update(j, widths, chosen, logits, raw_lp.get(j.id), outbox, moves)
+            self._update(j, chosen, raw_lp.get(j.id), outbox, moves)
         self.metrics.tokens.inc(moves.new_tokens)
         self._apply(moves, chosen)
         if moves.regroup or visit is not plan.visited:
@@ -284,35 +277,34 @@ class Scheduler:
             j.plain = False
         return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
 
-    def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
-                raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
+    def _update(self, j: Job, chosen: np.ndarray, raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
         """Advance request ``j`` by this step's tokens (events into ``outbox``) and record where its rows go."""
         start = j.start
-        rows_before = widths[j.id] if j.is_beam else len(j.live)
+        rows_before = len(j.slots) if j.is_beam else len(j.live)
         end = start + rows_before
         kept: tuple[np.ndarray, np.ndarray] | None = None  # the request's next rows and tokens, if it moved
         if j.is_beam:
             j.generated += 1
             moves.new_tokens -= rows_before - 1
-            self._beam_step(j, logits, outbox)
-            parents, toks = j.beam_out
-            j.beam_out = ()
-            changed = j.finished
+            self._beam_step(j, outbox)
             if not j.finished:
-                j.slots, source = place_beams(j.slots, parents)
-                next_tokens = np.empty(len(toks), np.int64)
-                next_tokens[j.slots] = toks
-                changed = source is not None
-                if changed:
-                    kept = (source + start, next_tokens)
-                else:  # every beam in its parent's row: nothing moves
-                    chosen[start:end] = next_tokens
+                j.slots, source = place_beams(j.slots, j.beam_out[0])
+                toks = j.beam_out[1][np.argsort(j.slots)]  # in row order
+                if source is None:  # every beam in its parent's row: nothing moves
+                    chosen[start:end] = toks
+                else:
+                    kept = (source + start, toks)
+            changed = j.finished or kept is not None
         else:
             if j.plain:
                 self._end_plain(j, outbox)
             else:
                 j.generated += 1
-                self._row_step(j, moves.chosen_list(chosen), raw_lp, self.model.eos_id, outbox)
+                outbox.extend((j, event) for event in j.advance(chosen, raw_lp, self.model.eos_id, self.char_level))
+                for reason in (q.finish_reason for q in j.row_seqs if q.finish_reason):
+                    self.metrics.finished(reason)
+                if not j.live:
+                    self._finish(j, outbox)
             changed = j.finished or len(j.live) != rows_before
             if changed and not j.finished:
                 keep_rows = np.asarray([start + r for r, q in enumerate(j.row_seqs) if q.finish_reason is None],
@@ -349,32 +341,11 @@ class Scheduler:
         j.row_seqs, j.live = j.live, []
         self._finish(j, outbox)
 
-    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, outbox: list) -> None:
-        outbox.extend((j, event) for event in j.advance(chosen, raw_lp, eos, self.char_level))
-        for seq in j.row_seqs:
-            if seq.finish_reason:
-                self.metrics.finished(seq.finish_reason)
-        if not j.live:
-            self._finish(j, outbox)
-
-    def _beam_step(self, j: Job, logits: np.ndarray, outbox: list) -> None:
-        beam = j.strategy
-        assert isinstance(beam, BeamSearch)
-        if not j.beam_out:  # not already selected by the vectorised path
-            scores = model_lp = log_softmax(logits[j.beam_rows()])
-            if j.processors:  # they rank the candidates; logprobs report the model's own distribution
-                scores = model_lp.copy() if j.params.logprobs is not None else model_lp
-                hist = j.histories() if j.needs_history else []
-                for p in j.processors:
-                    p(scores, hist, j.generated - 1)
-            toks, parents = beam.select(scores, model_lp)
-            j.beam_out = (parents, toks)
-        if j.stream:
-            text = j.beam_delta()
-            if text:
-                outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
-        if beam.done:
-            for h in beam.best(j.params.num_return_sequences):
+    def _beam_step(self, j: Job, outbox: list) -> None:
+        if j.stream and (text := j.beam_delta()):
+            outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
+        if j.strategy.done:
+            for h in j.strategy.best(j.params.num_return_sequences):
                 self.metrics.finished(h.finish_reason)
             self._finish(j, outbox)
 
