@@ -246,22 +246,27 @@ class ModelRepository(RepositoryIndex):
         requests in flight finish, then the servables are stopped and their memory freed."""
         model = self.model(name)
         async with model.lock:
-            draining = [v for v in model.versions.values() if v.current is not None]
-            retired = []
-            for v in draining:
-                retired.append(v.current)
-                v.current = None
-                self._set(name, v, ModelState.UNLOADING, "unload requested: finishing the requests in flight")
-            results = await asyncio.gather(*(x.drain_and_stop() for x in retired), return_exceptions=True)
-            for v, result in zip(draining, results):
-                if isinstance(result, BaseException):
-                    log.warning("stopping %s/%d: %s", name, v.version, result)
-                self._set(name, v, ModelState.UNAVAILABLE, "unloaded")
-            if draining:
-                self.metrics.observe_unload(name)
-                log.info("model %s unloaded (versions %s)", name, [v.version for v in draining])
-            await self.after_unload(model)
+            await self.unload_locked(model, "unloaded")
         settle()  # what the unloaded versions left in reference cycles is collected, not kept frozen
+
+    async def unload_locked(self, model: ModelEntry, reason: str) -> None:
+        """``unload_model``'s work, for a caller that holds the model's lock (an engine's ``before_load`` whose
+        serving replicas are gone); ``reason`` is what the index says of the unloaded versions."""
+        draining = [v for v in model.versions.values() if v.current is not None]
+        retired = []
+        for v in draining:
+            retired.append(v.current)
+            v.current = None
+            self._set(model.name, v, ModelState.UNLOADING, "unload requested: finishing the requests in flight")
+        results = await asyncio.gather(*(x.drain_and_stop() for x in retired), return_exceptions=True)
+        for v, result in zip(draining, results):
+            if isinstance(result, BaseException):
+                log.warning("stopping %s/%d: %s", model.name, v.version, result)
+            self._set(model.name, v, ModelState.UNAVAILABLE, reason)
+        if draining:
+            self.metrics.observe_unload(model.name)
+            log.info("model %s unloaded (versions %s): %s", model.name, [v.version for v in draining], reason)
+        await self.after_unload(model)
 
     async def _load_version(self, model: ModelEntry, entry: VersionEntry, settings: ModelSettings) -> str | None:
         """(Re)load one version beside what serves it now; the failure's text, or None."""
