@@ -6,8 +6,7 @@ manifest is signed by one) and verified (``load_manifest(verify=True)``: every f
 opened, so a tampered, unsigned, corrupt or half-copied artifact is never served: it marks only that version not
 ready, with the reason in the index and the log, and whatever served before keeps serving. A reload opens and
 warms the new servable beside the old one, switches requests to it at once, then drains the old one
-(``model_state``). Requests that name no version get the model's ``default_version`` or, without one, its newest
-ready version.
+(``model_state``). What requests read (which version they mean, the listings) is ``repository_index.py``'s.
 
 ``--model-control``: ``none`` loads every model at start; ``explicit`` only the ``load_models`` given; ``poll``
 loads every model and rescans the repository every ``poll_interval_s`` (``poller.py``).

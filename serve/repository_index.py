@@ -1,6 +1,9 @@
 """What requests and the index routes read from the model repository: which version a request means, its ready
 servable (held for the request), and the listings (``GET /v2/models``, Triton's repository index). These only
-read the models' entries; loads, unloads and scans change them (``repository.py``)."""
+read the models' entries; loads, unloads and scans change them (``repository.py``).
+
+Requests that name no version get the model's ``default_version`` or, without one, its newest ready version.
+"""
 
 from __future__ import annotations
 

@@ -5,10 +5,11 @@ model control), with 2 replicas of the classifier and of the char-LM and an auto
 It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process,
 with the same flags, give the same bodies), check keys and CORS as it does, deploy and delete a model's
 application on load and unload (racing loads and unloads end as Ray serves; a model whose replicas cannot start
-answers 400 naming why), show every replica's batch and generation series in ``/metrics``, spread
-requests over the replicas, scale out under load and back, survive the loss of a replica under load (every
-request answered 200 or a clear 503, none hanging; Ray brings the replica back), and a client that hangs up must
-stop its generation inside the replica."""
+answers 400 naming why; a redeploy whose rollback fails too unloads it; a restarted ingress adopts the
+applications Ray runs), show every replica's batch and generation series in ``/metrics``, spread requests over the
+replicas, scale out under load and back, survive the loss of a replica under load (every request answered 200 or a
+clear 503, none hanging; Ray brings the replica back), and a client that hangs up must stop its generation inside
+the replica."""
 
 from __future__ import annotations
 
