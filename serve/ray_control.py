@@ -117,7 +117,8 @@ class RayModelRepository(ModelRepository):
 
     async def before_load(self, model: ModelEntry) -> str | None:
         """Deploy the model's application with its settings, checked already: a bad config must not roll the
-        serving replicas over to ones that load nothing. On failure what served before keeps serving."""
+        serving replicas over to ones that load nothing. On failure what served before keeps serving, unless
+        putting it back failed too: then the model is unloaded here, under the lock its load holds."""
         try:
             await self._deploy(model)
         except RollbackFailed as e:  # nothing of the model serves: the index says so, and Ray drops the application
