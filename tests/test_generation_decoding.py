@@ -601,18 +601,18 @@ def test_requests_arriving_step_after_step_share_one_prefill_while_rows_run():
 
     first = job([1], 40)
     sched.submit(first)
-    sched._iteration()  # nothing runs yet: it joins at once
+    sched.iteration()  # nothing runs yet: it joins at once
     burst = [job([2, i % 3 + 1], 5) for i in range(3)]
     for j in burst:
         sched.submit(j)
-        sched._iteration()
-    sched._iteration()  # no arrival: the burst's prompts join together
+        sched.iteration()
+    sched.iteration()  # no arrival: the burst's prompts join together
     long_burst = [job([3, i % 3 + 1], 5) for i in range(PREFILL_HOLD + 2)]
     for j in long_burst:
         sched.submit(j)
-        sched._iteration()
+        sched.iteration()
     while sched.running or sched.prefilling:
-        sched._iteration()
+        sched.iteration()
     assert model.joins[:2] == [1, 3]
     assert model.joins[2] == PREFILL_HOLD + 1 and sum(model.joins) == 1 + 3 + PREFILL_HOLD + 2
     for j in (first, *burst, *long_burst):

@@ -130,12 +130,13 @@ class Scheduler:
                 self.wake.wait()
                 continue
             try:
-                self._iteration()
+                self.iteration()
             except Exception as e:  # a failing graph fails the requests in the batch, not the server
                 log.exception("generation step failed")
                 self._fail_all(InferenceFailed(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _iteration(self) -> None:
+    def iteration(self) -> None:
+        """One pass of the loop (the thread's; a test may drive a scheduler it did not start): admit, step, update."""
         now = time.perf_counter()
         if self.running and self._last_step is not None:  # a step's wall time: selection, joins, the GIL included
             self.admission.observe(now - self._last_step)
@@ -279,8 +280,7 @@ class Scheduler:
 
     def _update(self, j: Job, chosen: np.ndarray, raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
         """Advance request ``j`` by this step's tokens (events into ``outbox``) and record where its rows go."""
-        start = j.start
-        rows_before = len(j.slots) if j.is_beam else len(j.live)
+        start, rows_before = j.start, len(j.slots) if j.is_beam else len(j.live)
         end = start + rows_before
         kept: tuple[np.ndarray, np.ndarray] | None = None  # the request's next rows and tokens, if it moved
         if j.is_beam:
@@ -377,7 +377,7 @@ class Scheduler:
         self.metrics.running.set(self.model.rows)
 
     def _fail_all(self, error: Exception) -> None:
-        with self.rows_changed:  # as in ``_iteration``: finished and handed over under one hold
+        with self.rows_changed:  # as in ``iteration``: finished and handed over under one hold
             outbox = [(j, Event(EventKind.ERROR, error=error)) for j in (*self.running, *self.prefilling)]
             for j, _ in outbox:
                 j.finished = True
