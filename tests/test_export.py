@@ -352,8 +352,11 @@ def test_seq2seq_graphs_never_copy_a_whole_cache(work: Path) -> None:
     graph = onnx.load(str(directory / "decode_step.onnx")).graph
     producer = {out: node for node in graph.node for out in node.output}
     for i in range(3):
-        for kv in "kv":
-            assert producer[f"new_{kv}_{i}"].op_type == "Reshape"  # a view of this step's K/V projection
+        for kv in "kv":  # picked out of this step's Q/K/V projection
+            chain = [producer[f"new_{kv}_{i}"]]
+            while len(chain) < 3:
+                chain.append(producer[chain[-1].input[0]])
+            assert [n.op_type for n in chain] == ["Gather", "Reshape", "Gemm"]
     past_inputs = {f"past_{kv}_{i}" for i in range(3) for kv in "kv"}
     assert {n.op_type for n in graph.node if past_inputs & set(n.input)} <= {"MatMul", "Transpose"}
     cache_inputs = {i.name for i in graph.input if i.name.startswith(("past_k", "past_v", "cross_"))}
@@ -364,6 +367,28 @@ def test_seq2seq_graphs_never_copy_a_whole_cache(work: Path) -> None:
     encode = onnx.load(str(directory / "encode.onnx")).graph
     enc_producer = {out: node for node in encode.node for out in node.output}
     assert {enc_producer[f"cross_k_{i}"].op_type for i in range(3)} == {"Transpose"}
+
+
+def test_seq2seq_step_folds_the_attention_scale_into_its_weights(work: Path) -> None:
+    """The 1/sqrt(Dh) of both attentions is in the Q projections' weights: neither the ONNX step nor the frozen
+    TorchScript step multiplies by it at run time (one op a layer and attention each, on every step)."""
+    directory = _export(make_seq2seq_checkpoint(work / "s2s-scale.pt", layers=2), work / "repo", "s2s-scale")
+    scale = 1.0 / np.sqrt(load_manifest(directory).model["head_dim"])
+
+    def is_scale(t: np.ndarray) -> bool:
+        return t.size == 1 and bool(np.isclose(float(t.reshape(())), scale, rtol=1e-6))
+
+    graph = onnx.load(str(directory / "decode_step.onnx")).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    consts.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    assert not [n.name for n in graph.node if n.op_type == "Mul" and any(is_scale(consts[i]) for i in n.input
+                                                                          if i in consts)]
+    frozen = torch.jit.load(str(directory / "decode_step.pt")).graph
+    muls = [n for n in frozen.findAllNodes("aten::mul")]
+    assert muls and not [n for n in muls if any(
+        i.node().kind() == "prim::Constant" and i.type().kind() == "TensorType" and is_scale(i.toIValue().numpy())
+        for i in n.inputs())]
 
 
 def test_fp16_variant(work: Path) -> None:
