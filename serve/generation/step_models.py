@@ -2,8 +2,8 @@
 scheduler stages prompts (``stage``, ``prefill`` within a token budget, ``join_staged``: char-LM prefills all prompt
 tokens but the last, seq2seq runs one batched encoder call), runs ``step(tokens) -> logits [B, V]`` and
 ``reorder(index, regroup)`` (finished rows leave, beams follow back-pointers; ``regroup=False``: rows moved only
-within a request, so the seq2seq cross-attention state stays). ``Graph`` hides whether a graph runs on ONNX Runtime
-(numpy state) or TorchScript (torch state on its device). The seq2seq runner lives in ``seq2seq_step``."""
+within a request, so the seq2seq cross-attention state stays). ``Graph`` hides whether the state is numpy (on CPU,
+either runtime) or torch (TorchScript on CUDA). The seq2seq runner lives in ``seq2seq_step``."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class Graph:
 
     @classmethod
     def of(cls, rt: GraphRuntime) -> Graph:
-        return cls(rt.call, rt.output_names, torch_device=rt.device if isinstance(rt, TorchScriptRuntime) else None,
+        on_torch = isinstance(rt, TorchScriptRuntime) and rt.device != "cpu"  # on CPU both runtimes take numpy
+        return cls(rt.call, rt.output_names, torch_device=rt.device if on_torch else None,
                    platform=rt.platform, runtime=rt, input_names=rt.input_names)
 
     def __call__(self, *inputs: Array) -> list[Array]:
