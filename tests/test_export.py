@@ -419,3 +419,28 @@ def test_verify_accepts_an_untouched_artifact(work: Path) -> None:
     report = verify_artifact(directory)
     assert report["passed"] and report["files_checked"] == len(load_manifest(directory).files)
     assert {c["format"] for c in report["checks"]} == {"torchscript", "onnx"}
+
+
+def test_torchscript_step_model_on_cpu_keeps_numpy_state_and_decodes_like_onnx(work: Path) -> None:
+    """On CPU the TorchScript step graphs take and return numpy, as ONNX Runtime's do, so the step runner keeps its
+    caches in numpy (written in place) for either backend; both decode the same greedy and beam tokens."""
+    from deepserve.serve.generation.step_models import open_step_model
+
+    directory = _export(make_seq2seq_checkpoint(work / "s2s-numpy.pt", layers=2), work / "repo", "s2s-numpy",
+                        quantize=False)
+    manifest = load_manifest(directory)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    picked = {}
+    for backend in ("onnx", "torchscript"):
+        model = open_step_model(manifest, directory, backend=backend, device="cpu", threads=1)
+        assert model.platform == ("pytorch_libtorch" if backend == "torchscript" else "onnxruntime_onnx")
+        tokens = model.join(prompts, [2, 1])  # two beams of the first prompt, one row of the second
+        steps = []
+        for _ in range(5):
+            logits = model.step(tokens)
+            assert isinstance(logits, np.ndarray) and all(isinstance(x, np.ndarray) for x in model.past)
+            tokens = logits.argmax(-1)
+            steps.append(tokens.tolist())
+            model.reorder(np.array([1, 0, 2]), regroup=False)  # the beams swap: cache rows move in place
+        picked[backend] = steps
+    assert picked["torchscript"] == picked["onnx"]
