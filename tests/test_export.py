@@ -444,3 +444,30 @@ def test_torchscript_step_model_on_cpu_keeps_numpy_state_and_decodes_like_onnx(w
             model.reorder(np.array([1, 0, 2]), regroup=False)  # the beams swap: cache rows move in place
         picked[backend] = steps
     assert picked["torchscript"] == picked["onnx"]
+
+
+def test_torchscript_cpu_fast_path_runs_row_gelu_on_torch_kernel_with_the_same_answer(work: Path) -> None:
+    """The GELU of an addmm (the seq2seq step's rows) gets a transposed view (aten sends only contiguous input to
+    oneDNN, costly per call at decode-step sizes); others (an encoder's (B,S,F)) keep theirs. Answers equal to
+    float rounding."""
+    from deepserve.serve import runtime
+    from deepserve.train.models.seq2seq import affine
+
+    class Both(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 32)
+
+        def forward(self, rows: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.nn.functional.gelu(affine(rows, self.fc)), torch.nn.functional.gelu(self.fc(seq))
+
+    torch.manual_seed(0)
+    model, rows, seq = Both().eval(), torch.randn(4, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(model, (rows, seq)))
+        fast = runtime._cpu_fast_path(torch, frozen)
+        got, expected = fast(rows, seq), model(rows, seq)
+    fed = sorted(n.inputsAt(0).node().kind() for n in frozen.graph.findAllNodes("aten::gelu"))
+    assert fed[-1] == "aten::t" and fed[0] != "aten::t"
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
