@@ -3,9 +3,10 @@
 Why not httpx: on 2 cores the generator shares the CPU with the server under test, so every microsecond it
 spends per request is taken from the server. Requests are encoded once, up front, and sent over raw asyncio
 streams with keep-alive, one connection per concurrent worker (a closed loop: each worker sends its next
-request when the previous answer is in). Parsing reads only the status line, ``Content-Length`` /
-``Transfer-Encoding: chunked`` and the body; streamed bodies (server-sent events) record the arrival time of
-each event so that time to first token and time per output token can be measured.
+request when the previous answer is in); it opens every connection before its clock starts and keeps how long
+that took apart. Parsing reads only the status line, ``Content-Length`` / ``Transfer-Encoding: chunked`` and
+the body; streamed bodies (server-sent events) record the arrival time of each event so that time to first
+token and time per output token can be measured.
 
 A run is bounded twice: by ``duration_s`` (no request starts after it) and by ``max_requests``; requests
 still in flight ``drain_s`` after the end are cancelled and counted as ``cancelled``. Only 127.0.0.1 /
@@ -154,6 +155,8 @@ class LoadResult:
     """Streams: (last event - first event) / (tokens - 1) of each request with at least 2 tokens."""
     refused_with_retry_after: int = 0
     """Failed answers (429, 503...) that carried a ``Retry-After`` header."""
+    connect_s: list[float] = field(default_factory=list)
+    """Closed loop: how long each connection took to open, all at once before the clock started."""
 
     @property
     def requests_per_s(self) -> float:
@@ -199,9 +202,22 @@ class Connection:
                 pass  # the peer already went away: the socket is closed either way
         self.reader = self.writer = None
 
+    async def connect(self) -> float | None:
+        """Open the connection now: its seconds, or None when it failed (``send`` then tries again, and a failure
+        there is counted)."""
+        t0 = time.perf_counter()
+        try:
+            await self._open()
+        except (ConnectionError, OSError):
+            return None
+        return time.perf_counter() - t0
+
+    async def _open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+
     async def send(self, raw: bytes, stream: bool) -> Response:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+            await self._open()
         assert self.reader is not None
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -281,6 +297,10 @@ async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> 
     connections = [Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
     result = LoadResult()
     try:
+        # every connection opened before the clock: a request's latency is its own, not its client's TCP
+        # handshake and the server's accept of all of them at once (timed apart, in connect_s)
+        opened = await asyncio.gather(*(c.connect() for c in connections))
+        result.connect_s = [s for s in opened if s is not None]
         if spec.warmup_requests:
             await _phase(spec, encoded, connections, spec.warmup_requests, None, LoadResult(), count_tokens)
         await _phase(spec, encoded, connections, spec.max_requests, spec.duration_s, result, count_tokens)
