@@ -11,7 +11,8 @@ repetition's servers saw the same shared machine. The generator opens its 64 con
 repetition's clock starts (the slowest handshake is shown apart), then sends 64 requests at once. Every
 repetition is shown with its p50, p99 and max, so that a stall cannot hide in a median, and with how long the
 server's main threads (its event loops) and the load generator's were runnable but waited for a core (Linux
-``schedstat``): on a shared machine that is where a stall comes from when nothing in the server was slow.
+``schedstat``): on a shared machine that is where a stall comes from when nothing in the server was slow. The
+server's CPU per request counts every thread of its processes (for mosec, its front end and its worker).
 
 The collector options are compared the same way on the digits CNN over JSON, one server per option, in
 rotating order: deepserve as shipped (start-up heap frozen), as before (not frozen), larger thresholds, and the
@@ -115,20 +116,37 @@ def gen2_collections(server: ServerProcess) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
-def run_queue_wait_ms(pid: int) -> float:
-    """Milliseconds the main threads of ``pid`` and of its child processes have spent runnable but waiting for a
-    core (Linux ``schedstat``): the server's loop preempted by the generator or the machine's other work. nan
-    where ``/proc`` does not tell."""
+def _schedstat_ms(pid: int, field: int, threads: bool) -> float:
+    """Linux ``schedstat`` ``field`` (0: time on a core, 1: time runnable but waiting for one) in milliseconds,
+    summed over ``pid`` and its child processes: their main threads, or with ``threads`` all of their threads.
+    nan where ``/proc`` does not tell."""
     total, pids = 0, [pid]
     while pids:
         p = pids.pop()
         try:
-            total += int(Path(f"/proc/{p}/schedstat").read_text().split()[1])
+            tasks = [t.name for t in Path(f"/proc/{p}/task").iterdir()] if threads else [str(p)]
+            for t in tasks:
+                try:
+                    total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[field])
+                except (OSError, ValueError, IndexError):
+                    continue  # a thread that ended meanwhile
             pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             if p == pid:
                 return float("nan")
     return total / 1e6
+
+
+def run_queue_wait_ms(pid: int) -> float:
+    """Milliseconds the main threads of ``pid`` and of its child processes have spent runnable but waiting for a
+    core: the server's loop preempted by the generator or the machine's other work."""
+    return _schedstat_ms(pid, 1, threads=False)
+
+
+def cpu_ms(pid: int) -> float:
+    """Milliseconds of CPU that every thread of ``pid`` and of its child processes has used (threads that ended
+    meanwhile are not counted)."""
+    return _schedstat_ms(pid, 0, threads=True)
 
 
 def _mosec_requests(requests: list[Request]) -> list[Request]:
@@ -196,10 +214,12 @@ def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]])
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
                     waited, gen_waited = run_queue_wait_ms(server.pid), run_queue_wait_ms(os.getpid())
+                    cpu = cpu_ms(server.pid)
                     res = run_cell(server.port, r, CONCURRENCY, n)
                     rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep,
                                         waited=run_queue_wait_ms(server.pid) - waited,
-                                        gen_waited=run_queue_wait_ms(os.getpid()) - gen_waited))
+                                        gen_waited=run_queue_wait_ms(os.getpid()) - gen_waited,
+                                        cpu_us=(cpu_ms(server.pid) - cpu) * 1000.0 / max(1, res.ok)))
                     print(f"[tail] {name} {protocol} {server_name} rep {rep}: {rows[-1]}", flush=True)
         finally:
             for server, _ in sides.values():
@@ -269,12 +289,13 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     if "charlm" in names:
         generation(source, p, results["generation"])
     table = Table(["model", "protocol", "server", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50",
-                   "waited for a core, ms: server / generator", "64 connects, max ms", "errors"],
+                   "waited for a core, ms: server / generator", "server CPU µs / request", "64 connects, max ms",
+                   "errors"],
                   title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
     for r in results["classification"]:
         table.add(r["model"], r["protocol"], r["server"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"],
-                  _ratio(r["p99"], r["p50"]), f"{r['waited']:.1f} / {r['gen_waited']:.1f}", r["connect_max"],
-                  r["errors"])
+                  _ratio(r["p99"], r["p50"]), f"{r['waited']:.1f} / {r['gen_waited']:.1f}", r["cpu_us"],
+                  r["connect_max"], r["errors"])
     section.blocks.append(table)
     table = Table(["collector", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50", "full collections"],
                   title=f"Collector options: digits CNN, v2 JSON, concurrency {CONCURRENCY}, {REQUESTS['digits-cnn']} "
