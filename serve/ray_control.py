@@ -7,11 +7,15 @@ control routes and ``--model-control`` modes, over ``RemoteServable``s that stan
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
@@ -21,12 +25,26 @@ from deepserve.serve.errors import BadRequest
 from deepserve.serve.model_state import ModelEntry
 from deepserve.serve.ray_app import model_options
 from deepserve.serve.ray_replica import ModelReplica, ReplicaStartFailed, ServingOptions, model_app
-from deepserve.serve.repository import ModelRepository
+from deepserve.serve.repository import ModelControl, ModelRepository
 from deepserve.serve.servable import Servable
 from deepserve.serve.settings import SettingsError
 
+log = logging.getLogger("deepserve.serve")
+
 DEPLOY_ERRORS = (SettingsError, RayServeException, RuntimeError, ValueError, TimeoutError)
 """What a deploy raises for a bad ``ray`` section or an application Ray could not start (its message says why)."""
+
+
+class RollbackFailed(RuntimeError):
+    """A redeploy failed, and putting the last deploy that started back failed too: Ray serves none of the model."""
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A model's application as this ingress deploys it, and how long its replicas may take to start."""
+
+    app: Any  # ray.serve.Application
+    start_timeout_s: float
 
 
 class RemoteServable(Servable):
@@ -70,12 +88,22 @@ class RayModelRepository(ModelRepository):
         self.options = options
         self.handles: dict[str, DeploymentHandle] = {}
         """Model -> its deployment's handle, while its application is deployed."""
-        self.deployed: dict[str, Any] = {}
-        """Model -> the application this ingress last deployed for it and saw start (what a failed redeploy
-        goes back to)."""
+        self.deployed: dict[str, Deployed] = {}
+        """Model -> the application this ingress last deployed for it and saw start, or found running at start
+        (what a failed redeploy goes back to)."""
 
     def _remote(self, manifest: Manifest, directory: Path, settings: Any, device: str) -> Servable:
         return RemoteServable(manifest, directory, settings, self.handles.get(Path(directory).parent.name))
+
+    async def start(self) -> None:
+        """Load the models the control mode names and, after an ingress restart, every model whose application
+        Ray still runs: it is adopted as it runs (``_deploy``), so the index says what Ray serves and an unload
+        deletes it."""
+        if self.model_control is ModelControl.EXPLICIT and "*" not in self.load_models:
+            applications = (await asyncio.to_thread(serve.status)).applications
+            running = [name for name in self.models if _running(applications.get(model_app(name)))]
+            self.load_models = (*self.load_models, *(n for n in running if n not in self.load_models))
+        await super().start()
 
     async def load_model(self, name: str, *, config: Mapping[str, Any] | None = None,
                          versions: Iterable[int] | None = None) -> None:
@@ -89,9 +117,14 @@ class RayModelRepository(ModelRepository):
 
     async def before_load(self, model: ModelEntry) -> str | None:
         """Deploy the model's application with its settings, checked already: a bad config must not roll the
-        serving replicas over to ones that load nothing. On failure what served before keeps serving."""
+        serving replicas over to ones that load nothing. On failure what served before keeps serving, unless
+        putting it back failed too: then the model is unloaded here, under the lock its load holds."""
         try:
             await self._deploy(model)
+        except RollbackFailed as e:  # nothing of the model serves: the index says so, and Ray drops the application
+            self._delete_soon(model.name)
+            await self.unload_locked(model, str(e))
+            return str(e)
         except DEPLOY_ERRORS as e:
             return str(e)  # one line: _run says why Ray failed it
         return None
@@ -105,44 +138,54 @@ class RayModelRepository(ModelRepository):
 
     async def _deploy(self, model: ModelEntry) -> None:
         """Deploy the model's application with its config file's ray section and its load's config, unless the
-        ingress is starting and it runs already; then take its handle."""
+        ingress is starting and Ray runs it already (the ingress restarted: it is kept, and recorded as this
+        ingress deploys it, which a failed redeploy goes back to); then take its handle."""
         options = model_options(model.directory)
         app_name = model_app(model.name)
-        listed = (await asyncio.to_thread(serve.status)).applications.get(app_name)
-        # one Ray is deleting (a first deploy given up on) serves nothing: this load replaces nothing there
-        running = listed is not None and listed.status != ApplicationStatus.DELETING
+        running = _running((await asyncio.to_thread(serve.status)).applications.get(app_name))
+        config = model.config_override
+        this = Deployed(ModelReplica.options(
+            name=model.name, graceful_shutdown_timeout_s=self.options.graceful_timeout_s,
+            **options.deployment_options()).bind(str(self.path.resolve()), model.name, self.options,
+                                                 dict(config) if config is not None else None),
+            options.start_timeout_s)
         if not (running and not self.ready):
-            config = model.config_override
-            app = ModelReplica.options(name=model.name, graceful_shutdown_timeout_s=self.options.graceful_timeout_s,
-                                       **options.deployment_options()).bind(
-                str(self.path.resolve()), model.name, self.options, dict(config) if config is not None else None)
             try:
-                await self._run(model.name, app, options.start_timeout_s, replacing=running)
-            except DEPLOY_ERRORS:
-                # Ray's rollout may have stopped serving replicas for ones that never started: go back to the
-                # last deploy that started, so that what the index keeps serving is what Ray serves
+                await self._run(model.name, this, replacing=running)
+            except DEPLOY_ERRORS as e:
                 previous = self.deployed.get(model.name) if running else None
                 if previous is not None:
-                    await self._run(model.name, previous, options.start_timeout_s, replacing=True)
+                    await self._roll_back(model.name, previous, e)
                 raise
-            self.deployed[model.name] = app
+        self.deployed[model.name] = this
         self.handles[model.name] = serve.get_deployment_handle(model.name, app_name=app_name)
 
-    async def _run(self, name: str, app: Any, timeout_s: float, *, replacing: bool) -> None:
-        """Deploy ``app`` and wait up to ``timeout_s`` for its replicas. On failure Ray's reason is raised and a
+    async def _roll_back(self, name: str, previous: Deployed, failure: BaseException) -> None:
+        """Ray's rollout may have stopped serving replicas for ones that never started: go back to the last deploy
+        that started, so that what the index keeps serving is what Ray serves. If that fails too,
+        ``RollbackFailed`` names the redeploy's ``failure`` first (the reason the caller asked about)."""
+        try:
+            await self._run(name, previous, replacing=True)
+        except DEPLOY_ERRORS as e:
+            raise RollbackFailed(f"{failure}; putting the last deploy that started back failed too ({e}), so the "
+                                 f"model is unloaded") from None
+
+    async def _run(self, name: str, deploy: Deployed, *, replacing: bool) -> None:
+        """Deploy and wait up to its ``start_timeout_s`` for its replicas. On failure Ray's reason is raised and a
         first deploy leaves no application behind."""
-        app_name = model_app(name)
-        deploying = asyncio.ensure_future(asyncio.to_thread(serve.run, app, name=app_name, route_prefix=None))
+        app_name, timeout_s = model_app(name), deploy.start_timeout_s
+        deploying = asyncio.ensure_future(asyncio.to_thread(serve.run, deploy.app, name=app_name, route_prefix=None))
         deploying.add_done_callback(_consume)  # a wait given up on still ends, later
         try:
             await asyncio.wait_for(asyncio.shield(deploying), timeout_s)
         except BaseException as e:
             said = "" if isinstance(e, asyncio.CancelledError) else await _status_message(app_name)
             if not replacing:  # the index will show it unloaded: so must Ray (serve.run's wait ends with it)
-                self.handles.pop(name, None)
-                pending = isinstance(e, (TimeoutError, asyncio.CancelledError))  # Ray would give such a replica,
-                await asyncio.to_thread(serve.delete, app_name, _blocking=not pending)  # which never served, its
-                # graceful_shutdown_timeout_s to drain: the load answers now, Ray stops it soon after
+                if isinstance(e, (TimeoutError, asyncio.CancelledError)):  # Ray would give such a replica, which
+                    self._delete_soon(name)  # never served, its graceful_shutdown_timeout_s to drain: answer now
+                else:
+                    self.handles.pop(name, None)
+                    await asyncio.to_thread(serve.delete, app_name)
             if isinstance(e, TimeoutError):
                 raise TimeoutError(f"its replicas did not start within {timeout_s:g} s (not placed, or still "
                                    f"loading): {deploy_failure(said) if said else 'Ray gives no reason yet'}") from None
@@ -150,6 +193,27 @@ class RayModelRepository(ModelRepository):
                 why = deploy_failure("\n".join((str(e), said)))
                 raise RuntimeError(f"its replicas failed to start: {why}") from None
             raise
+
+    def _delete_soon(self, name: str) -> None:
+        """Have Ray delete the model's application, without waiting for its replicas to stop: they serve nothing.
+        (Serve's public ``delete`` waits for that, so it runs on a thread of its own, not one the loop's
+        ``to_thread`` calls need meanwhile.)"""
+        self.handles.pop(name, None)
+        threading.Thread(target=_delete, args=(model_app(name),), name=f"delete {model_app(name)}",
+                         daemon=True).start()
+
+
+def _running(app: Any) -> bool:
+    """Whether Ray runs an application (its ``serve.status()`` entry, or None): one Ray is deleting (a deploy given
+    up on) serves nothing, and a load replaces nothing there."""
+    return app is not None and app.status != ApplicationStatus.DELETING
+
+
+def _delete(app_name: str) -> None:
+    try:
+        serve.delete(app_name)
+    except (RayServeException, RayError, TimeoutError) as e:  # on its own thread: nobody else would hear of it
+        log.warning("deleting Ray Serve application %s: %s", app_name, e)
 
 
 def _consume(future: asyncio.Future) -> None:

@@ -6,8 +6,7 @@ manifest is signed by one) and verified (``load_manifest(verify=True)``: every f
 opened, so a tampered, unsigned, corrupt or half-copied artifact is never served: it marks only that version not
 ready, with the reason in the index and the log, and whatever served before keeps serving. A reload opens and
 warms the new servable beside the old one, switches requests to it at once, then drains the old one
-(``model_state``). Requests that name no version get the model's ``default_version`` or, without one, its newest
-ready version.
+(``model_state``). What requests read (which version they mean, the listings) is ``repository_index.py``'s.
 
 ``--model-control``: ``none`` loads every model at start; ``explicit`` only the ``load_models`` given; ``poll``
 loads every model and rescans the repository every ``poll_interval_s`` (``poller.py``).
@@ -25,12 +24,13 @@ from typing import Any, Callable, Iterable, Mapping
 from deepserve.manifest import Manifest, ManifestError, load_manifest
 from deepserve.signing import ArtifactTrust
 from deepserve.serve.backends import DeviceName, resolve_device
-from deepserve.serve.errors import LoadFailed, NotFound, NotReady, ServeError, redact_paths
+from deepserve.serve.errors import LoadFailed, NotFound, redact_paths
 from deepserve.serve.heap import settle
 from deepserve.serve.metrics import Metrics
-from deepserve.serve.model_state import Loaded, ModelEntry, ModelState, VersionEntry, lease
+from deepserve.serve.model_state import Loaded, ModelEntry, ModelState, VersionEntry
 from deepserve.serve.poller import Poller
 from deepserve.serve.preprocess import DEFAULT_MAX_PIXELS
+from deepserve.serve.repository_index import RepositoryIndex
 from deepserve.serve.servable import Servable
 from deepserve.serve.settings import ModelSettings, SettingsError, env_overrides, resolve_settings
 
@@ -47,8 +47,9 @@ class ModelControl(str, enum.Enum):
     POLL = "poll"
 
 
-class ModelRepository:
-    """Scans ``path`` at construction (cheap: directory listings); ``start()`` loads and warms up."""
+class ModelRepository(RepositoryIndex):
+    """Scans ``path`` at construction (cheap: directory listings); ``start()`` loads and warms up. What requests
+    read (lookups, listings) is ``RepositoryIndex``'s."""
 
     def __init__(
         self,
@@ -244,22 +245,27 @@ class ModelRepository:
         requests in flight finish, then the servables are stopped and their memory freed."""
         model = self.model(name)
         async with model.lock:
-            draining = [v for v in model.versions.values() if v.current is not None]
-            retired = []
-            for v in draining:
-                retired.append(v.current)
-                v.current = None
-                self._set(name, v, ModelState.UNLOADING, "unload requested: finishing the requests in flight")
-            results = await asyncio.gather(*(x.drain_and_stop() for x in retired), return_exceptions=True)
-            for v, result in zip(draining, results):
-                if isinstance(result, BaseException):
-                    log.warning("stopping %s/%d: %s", name, v.version, result)
-                self._set(name, v, ModelState.UNAVAILABLE, "unloaded")
-            if draining:
-                self.metrics.observe_unload(name)
-                log.info("model %s unloaded (versions %s)", name, [v.version for v in draining])
-            await self.after_unload(model)
+            await self.unload_locked(model, "unloaded")
         settle()  # what the unloaded versions left in reference cycles is collected, not kept frozen
+
+    async def unload_locked(self, model: ModelEntry, reason: str) -> None:
+        """``unload_model``'s work, for a caller that holds the model's lock (an engine's ``before_load`` whose
+        serving replicas are gone); ``reason`` is what the index says of the unloaded versions."""
+        draining = [v for v in model.versions.values() if v.current is not None]
+        retired = []
+        for v in draining:
+            retired.append(v.current)
+            v.current = None
+            self._set(model.name, v, ModelState.UNLOADING, "unload requested: finishing the requests in flight")
+        results = await asyncio.gather(*(x.drain_and_stop() for x in retired), return_exceptions=True)
+        for v, result in zip(draining, results):
+            if isinstance(result, BaseException):
+                log.warning("stopping %s/%d: %s", model.name, v.version, result)
+            self._set(model.name, v, ModelState.UNAVAILABLE, reason)
+        if draining:
+            self.metrics.observe_unload(model.name)
+            log.info("model %s unloaded (versions %s): %s", model.name, [v.version for v in draining], reason)
+        await self.after_unload(model)
 
     async def _load_version(self, model: ModelEntry, entry: VersionEntry, settings: ModelSettings) -> str | None:
         """(Re)load one version beside what serves it now; the failure's text, or None."""
@@ -344,86 +350,3 @@ class ModelRepository:
     async def drained(self) -> None:
         """Wait until every replaced servable has been stopped (tests, shutdown)."""
         await asyncio.gather(*self._retiring, return_exceptions=True)
-
-    # -- lookup ----------------------------------------------------------------------------------------------
-
-    def model(self, name: str) -> ModelEntry:
-        entry = self.models.get(name)
-        if entry is None:
-            raise NotFound(f"unknown model {name!r}; this repository has {sorted(self.models)}")
-        return entry
-
-    def resolve(self, name: str, version: int | str | None = None) -> VersionEntry:
-        """The entry a request for ``name`` (and ``version``) means, ready or not."""
-        model = self.model(name)
-        if version is None or version == "":
-            if model.settings and model.settings.default_version is not None:
-                version = model.settings.default_version
-            else:
-                ready = [v for v in model.versions.values() if v.ready]
-                if ready:
-                    return ready[-1]
-                states = "; ".join(f"version {v.version} {v.state.value}: {v.reason}" for v in model.versions.values())
-                raise NotReady(f"model {name!r} has no ready version ({states or model.reason})")
-        try:
-            number = int(version)
-        except (TypeError, ValueError):
-            raise NotFound(f"model {name!r} has no version {version!r}; versions are positive integers") from None
-        entry = model.versions.get(number)
-        if entry is None:
-            raise NotFound(f"model {name!r} has no version {number}; it has {sorted(model.versions)}")
-        return entry
-
-    def get(self, name: str, version: int | str | None = None) -> Servable:
-        """The ready servable for ``name``/``version``, held by the current request until it is answered;
-        raises ``NotFound`` or ``NotReady`` (naming the version's state)."""
-        entry = self.resolve(name, version)
-        loaded = entry.current
-        if entry.state is not ModelState.READY or loaded is None:
-            raise NotReady(f"model {name!r} version {entry.version} is {entry.state.value}: {entry.reason}",
-                           headers={"Retry-After": "5"} if entry.state is ModelState.LOADING else None)
-        lease(loaded)
-        return loaded.servable
-
-    def is_ready(self, name: str, version: int | str | None = None) -> bool:
-        try:
-            entry = self.resolve(name, version)
-        except ServeError:
-            return False
-        return entry.ready
-
-    # -- listings --------------------------------------------------------------------------------------------
-
-    def index(self) -> dict[str, Any]:
-        """``GET /v2/models``: every model found, ready or not, with the reasons."""
-        models = []
-        for m in self.models.values():
-            problems = [f"version {v.version}: {v.reason}" for v in m.versions.values() if not v.ready and v.reason]
-            models.append({
-                "name": m.name,
-                "versions": [str(v) for v in m.versions],
-                "ready": self.is_ready(m.name) if m.versions else False,
-                "reason": m.reason or ("; ".join(problems) if problems else None),
-                "task": m.task,
-                "version_status": [{"version": str(v.version), "ready": v.ready, "reason": v.reason,
-                                    "state": v.state.value} for v in m.versions.values()],
-            })
-        return {"models": models}
-
-    def triton_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        """``POST /v2/repository/index`` in Triton's shape: one row per model version found, loaded or not."""
-        self.scan()
-        rows = []
-        for m in self.models.values():
-            if not m.versions and not ready_only:
-                rows.append({"name": m.name, "version": "", "state": ModelState.UNAVAILABLE.value,
-                             "reason": m.reason or ""})
-            for v in m.versions.values():
-                if v.ready or not ready_only:
-                    rows.append({"name": m.name, "version": str(v.version), "state": v.state.value,
-                                 "reason": v.reason or m.reason or ""})
-        return rows
-
-    def summary(self) -> str:
-        parts = [f"{m.name}/{v.version} {v.state.value}" for m in self.models.values() for v in m.versions.values()]
-        return ", ".join(parts) or "no models"

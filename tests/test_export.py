@@ -235,12 +235,15 @@ def test_charlm_prefill_equals_single_steps(work: Path, cell: str) -> None:
 # ---------------------------------------------------------------------------------------------- seq2seq
 
 
-def test_seq2seq_artifact(work: Path) -> None:
-    from deepserve.train.models.seq2seq import greedy_decode
-
+@pytest.fixture(scope="module")
+def seq2seq_export(work: Path) -> tuple[Path, dict, Path]:
+    """One exported seq2seq artifact for the tests below: (checkpoint, its payload, artifact directory)."""
     ckpt = make_seq2seq_checkpoint(work / "s2s.pt")
-    payload = load_checkpoint(ckpt)
-    directory = _export(ckpt, work / "repo", "s2s")
+    return ckpt, load_checkpoint(ckpt), _export(ckpt, work / "repo", "s2s")
+
+
+def test_seq2seq_artifact_names_its_graphs_and_per_layer_cache_tensors(seq2seq_export: tuple[Path, dict, Path]) -> None:
+    ckpt, _, directory = seq2seq_export
     raw = _check_common(directory, ckpt, ("encode", "decode_step"))
     assert [t["name"] for t in raw["graphs"]["encode"]["outputs"]] == [
         "memory", "cross_k_0", "cross_v_0", "cross_k_1", "cross_v_1"]
@@ -254,6 +257,11 @@ def test_seq2seq_artifact(work: Path) -> None:
     assert shapes["src_pad_mask"] == ["sources", "src_len"]
     assert shapes["new_v_1"] == ["batch", 2, 1, 8]  # this step's K/V only: the driver owns the cache
     assert dec["inputs"][3]["dtype"] == "bool"
+
+
+def test_seq2seq_artifact_records_model_tokenizer_limits_and_parity(seq2seq_export: tuple[Path, dict, Path]) -> None:
+    _, payload, directory = seq2seq_export
+    raw = json.loads((directory / "manifest.json").read_text())
     vocab = payload["model"]["args"]["vocab_size"]
     assert raw["model"] == {"type": "transformer", "n_decoder_layers": 2, "n_heads": 2, "head_dim": 8, "d_model": 16,
                             "vocab_size": vocab, "kv_layout": "per-layer-shared-cross", "kv_update": "slot"}
@@ -267,10 +275,14 @@ def test_seq2seq_artifact(work: Path) -> None:
         assert checks[(fmt, "greedy")]["tokens_equal"] is True
     assert "greedy_token_agreement" in raw["variants"]["onnx-int8"]
 
-    # greedy decoding through ONNX Runtime (empty cache first) == the model's own cached greedy decoding
-    model = restore_model(payload)
+
+def test_seq2seq_onnx_greedy_decoding_is_the_models_own(seq2seq_export: tuple[Path, dict, Path]) -> None:
+    """Greedy decoding through ONNX Runtime (empty cache first) == the model's own cached greedy decoding."""
+    from deepserve.train.models.seq2seq import greedy_decode
+
+    _, payload, directory = seq2seq_export
     src = torch.tensor([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0]])
-    expected = greedy_decode(model, src, max_len=8, bos=2, eos=3)
+    expected = greedy_decode(restore_model(payload), src, max_len=8, bos=2, eos=3)
     enc, decode = _session(directory / "encode.onnx"), _session(directory / "decode_step.onnx")
     mask = (src == 0).numpy()
     cross = dict(zip([o.name for o in enc.get_outputs()], enc.run(None, {"src": src.numpy(), "src_pad_mask": mask})))
@@ -291,11 +303,18 @@ def test_seq2seq_artifact(work: Path) -> None:
     got = [(row[: row.index(3)] if 3 in row else row)[:8] for row in rows]
     assert got == expected
 
-    # --verify replays every check on the per-layer graphs; an artifact from before them is refused by name
-    report = verify_artifact(directory)
+
+def test_seq2seq_verify_replays_every_check_on_the_per_layer_graphs(seq2seq_export: tuple[Path, dict, Path]) -> None:
+    report = verify_artifact(seq2seq_export[2])
     assert report["passed"] and {(c["format"], c["check"]) for c in report["checks"]} >= {
         (f, c) for f in ("torchscript", "onnx") for c in ("random-inputs", "cached-decoding", "greedy")}
-    # an artifact from before kv_update (decode_step returns the grown caches) is driven as its manifest says
+
+
+def test_seq2seq_verify_drives_older_layouts_as_their_manifest_says(work: Path,
+                                                                    seq2seq_export: tuple[Path, dict, Path]) -> None:
+    """An artifact from before kv_update (decode_step returns the grown caches) is verified as its manifest says;
+    one from before kv_layout is refused by name."""
+    directory = seq2seq_export[2]
     old = verify_artifact(concat_era_copy(directory, work / "concat" / "s2s" / "1"))
     assert old["passed"] and {(c["format"], c["check"]) for c in old["checks"] if c["graph"] != "encode"} == {
         ("onnx", c) for c in ("random-inputs", "cached-decoding", "greedy")}

@@ -4,10 +4,12 @@ clients hanging up mid-stream leave the other streams running to their end."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
 import httpx
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.test_generation_serving import live_app, repo  # noqa: F401 (fixture)
 
@@ -64,3 +66,42 @@ def test_clients_that_hang_up_mid_stream_leave_the_others_streaming(repo):
         assert scheduler.wait_rows(0, 20.0)
         assert scheduler.steps - steps_before < 3900  # the hung-up streams stopped long before their 4000 tokens
     assert len(results) == 2 and all(events[-1]["finish_reason"] == "length" for events in results)
+
+
+def raising_after_disconnect(app: ASGIApp) -> ASGIApp:
+    """``app`` as an ASGI 2.4 server calls it: once it has reported the client's disconnect, a send raises
+    ``OSError`` (the spec allows that in place of doing nothing, which uvicorn does)."""
+
+    async def call(scope: Scope, receive: Receive, send: Send) -> None:
+        gone = False
+
+        async def watched_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
+        async def raising_send(message: Message) -> None:
+            if gone:
+                raise OSError("the client closed the connection")
+            await send(message)
+
+        await app({**scope, "asgi": {"version": "3.0", "spec_version": "2.4"}}, watched_receive, raising_send)
+
+    return call
+
+
+def test_a_send_that_raises_after_a_hang_up_abandons_the_stream_quietly(repo, caplog):
+    """The stream's send raising ``OSError`` after its client left is that client gone, as a disconnect is: its
+    rows are freed, and nothing is logged as a server failure."""
+    with caplog.at_level(logging.WARNING, logger="deepserve"):
+        with live_app(repo, max_new_tokens=4000) as live:
+            scheduler = live.app.state.repository.get("tiny-charlm").scheduler
+            live.app.gate = raising_after_disconnect(live.app.gate)  # between the front door and the routes
+            with httpx.Client(base_url=live.url, timeout=60) as c:
+                with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=HANG_UP) as r:
+                    next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert scheduler.wait_rows(0, 20.0)
+    # the server has stopped: the stream's request has ended and logged whatever it logs
+    failures = [r for r in caplog.records if r.name.startswith("deepserve") and r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures]

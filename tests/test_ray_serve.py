@@ -5,10 +5,11 @@ model control), with 2 replicas of the classifier and of the char-LM and an auto
 It must answer exactly as the plain server does (the same requests against ``deepserve serve``'s app in process,
 with the same flags, give the same bodies), check keys and CORS as it does, deploy and delete a model's
 application on load and unload (racing loads and unloads end as Ray serves; a model whose replicas cannot start
-answers 400 naming why), show every replica's batch and generation series in ``/metrics``, spread
-requests over the replicas, scale out under load and back, survive the loss of a replica under load (every
-request answered 200 or a clear 503, none hanging; Ray brings the replica back), and a client that hangs up must
-stop its generation inside the replica."""
+answers 400 naming why; a redeploy whose rollback fails too unloads it; a restarted ingress adopts the
+applications Ray runs), show every replica's batch and generation series in ``/metrics``, spread requests over the
+replicas, scale out under load and back, survive the loss of a replica under load (every request answered 200 or a
+clear 503, none hanging; Ray brings the replica back), and a client that hangs up must stop its generation inside
+the replica."""
 
 from __future__ import annotations
 
@@ -417,6 +418,92 @@ def test_a_ray_load_scans_the_repository_once(cluster: dict[str, Any], repositor
     assert asyncio.run(load_and_unload()) == 1
 
 
+def copy_model(repository: Path, into: Path, name: str) -> Path:
+    """A copy of ``spare-cnn``'s artifact as model ``name`` of the repository ``into``; its config.json's path."""
+    import shutil
+
+    shutil.copytree(repository / "spare-cnn" / "1", into / name / "1")
+    config = into / name / "config.json"
+    config.write_text(json.dumps({"ray": {"num_cpus": 0.25}}))
+    return config
+
+
+UNPLACEABLE = {"ray": {"num_cpus": 0.25, "num_gpus": 1, "start_timeout_s": 2}}
+"""A redeploy Ray cannot place (this cluster has no GPU): Ray's rollout stops the serving replica for it."""
+
+
+def test_a_restarted_ingress_adopts_the_applications_ray_runs(cluster: dict[str, Any], repository: Path,
+                                                              tmp_path: Path) -> None:
+    """An ingress that restarts (a new repository of its kind over the same Ray) finds the model's application
+    running: it serves it as Ray does, although ``--model-control explicit`` names no model, and a redeploy
+    that fails goes back to it as to one this ingress deployed itself; an unload deletes it."""
+    from ray import serve
+
+    from deepserve.serve.errors import LoadFailed
+    from deepserve.serve.ray_control import RayModelRepository
+    from deepserve.serve.ray_replica import ServingOptions
+
+    config = copy_model(repository, tmp_path, "kept-cnn")
+
+    async def restart_then_fail_a_redeploy() -> None:
+        first = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit",
+                                   load_models=["kept-cnn"])
+        await first.start()
+        await first.stop()  # the ingress goes; Ray keeps the application
+        second = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit")
+        await second.start()
+        try:
+            assert second.is_ready("kept-cnn"), second.summary()
+            config.write_text(json.dumps(UNPLACEABLE))
+            with pytest.raises(LoadFailed, match="did not start within 2 s"):
+                await second.load_model("kept-cnn")
+            assert second.is_ready("kept-cnn")
+            handle = serve.get_deployment_handle("kept-cnn", app_name="deepserve.kept-cnn")
+            assert (await asyncio.wait_for(handle.describe.remote(), 60))[1]["ready"]  # a replica serves it again
+        finally:
+            await second.unload_model("kept-cnn")
+            await second.stop()
+
+    asyncio.run(restart_then_fail_a_redeploy())
+    assert "deepserve.kept-cnn" not in serve.status().applications
+
+
+def test_a_redeploy_whose_rollback_fails_too_unloads_the_model_naming_the_first_failure(
+        cluster: dict[str, Any], repository: Path, tmp_path: Path) -> None:
+    """The redeploy cannot be placed, and the artifact the last deploy loaded is corrupt by now, so putting that
+    deploy back fails too: the answer names the redeploy's failure first, the index says UNAVAILABLE with it, and
+    Ray deletes the application (nothing of it serves)."""
+    from ray import serve
+
+    from deepserve.serve.errors import LoadFailed
+    from deepserve.serve.ray_control import RayModelRepository
+    from deepserve.serve.ray_replica import ServingOptions
+
+    config = copy_model(repository, tmp_path, "lost-cnn")
+
+    async def fail_a_redeploy_and_its_rollback() -> tuple[str, list[dict[str, Any]]]:
+        repo = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit",
+                                  load_models=["lost-cnn"])
+        await repo.start()
+        try:
+            assert repo.is_ready("lost-cnn"), repo.summary()
+            config.write_text(json.dumps(UNPLACEABLE))
+            with open(tmp_path / "lost-cnn" / "1" / "model.onnx", "ab") as weights:
+                weights.write(b"tampered")
+            with pytest.raises(LoadFailed) as failed:
+                await repo.load_model("lost-cnn")
+            return failed.value.message, repo.triton_index()
+        finally:
+            await repo.stop()
+
+    message, rows = asyncio.run(fail_a_redeploy_and_its_rollback())
+    assert message.startswith("model 'lost-cnn': its replicas did not start within 2 s"), message
+    assert "putting the last deploy that started back failed too" in message and "sha256" in message, message
+    assert [(r["state"], r["reason"].split(";")[0]) for r in rows if r["name"] == "lost-cnn"] == [
+        ("UNAVAILABLE", message.removeprefix("model 'lost-cnn': ").split(";")[0])]
+    wait_for(lambda: "deepserve.lost-cnn" not in serve.status().applications, 60, "lost-cnn's application deleted")
+
+
 def families(text: str) -> dict[str, list[Any]]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -682,6 +769,35 @@ def test_a_scrape_collects_the_ingress_registry_once() -> None:
         body_, _ = asyncio.run(scrape(metrics, {}, owned))
         assert b"deepserve_requests" in body_
     assert len(collected) == 3
+
+
+def test_the_ray_modules_use_only_rays_public_api() -> None:
+    """Ray's private parameters, names and modules (a leading underscore) change between its releases without
+    notice: serve's Ray modules pass, read and import none, not even through ``asyncio.to_thread``."""
+    import ast
+
+    def root(node: ast.AST) -> str | None:
+        while isinstance(node, (ast.Attribute, ast.Call)):
+            node = node.value if isinstance(node, ast.Attribute) else node.func
+        return node.id if isinstance(node, ast.Name) else None
+
+    private = []
+    for path in sorted((ROOT / "serve").glob("ray_*.py")):
+        tree = ast.parse(path.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        modules = [a.name for n in imports if isinstance(n, ast.Import) for a in n.names] + [
+            n.module for n in imports if isinstance(n, ast.ImportFrom) and n.module]
+        ray_names = {"ray"} | {a.asname or a.name for n in imports if isinstance(n, ast.ImportFrom)
+                               and (n.module or "").split(".")[0] == "ray" for a in n.names}
+        private += [f"{path.name}: import {m}" for m in modules
+                    if m.split(".")[0] == "ray" and any(part.startswith("_") for part in m.split("."))]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and root(node) in ray_names and node.attr.startswith("_"):
+                private.append(f"{path.name}:{node.lineno}: .{node.attr}")
+            if isinstance(node, ast.Call) and any(root(f) in ray_names for f in (node.func, *node.args[:1])):
+                private += [f"{path.name}:{node.lineno}: {k.arg}=" for k in node.keywords
+                            if k.arg and k.arg.startswith("_")]
+    assert not private, private
 
 
 def test_ray_section_sets_replicas_autoscaling_and_resources(tmp_path: Path) -> None:

@@ -50,21 +50,19 @@ def generation_servable(request: Request, model: str, version: str | None) -> Ge
     return servable
 
 
-async def _abandon_on_disconnect(receive: Receive, servable: GenerationServable, jobs: list[Job]) -> None:
-    """Wait for the client to disconnect (other messages: the rest of a body nobody reads), then abandon ``jobs``."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    abandon(servable, jobs)
-
-
 @asynccontextmanager
 async def abandoned_if_gone(receive: Receive, servable: GenerationServable, jobs: list[Job]) -> AsyncIterator[None]:
     """While inside: one plain task abandons every job if the client disconnects."""
-    watch = asyncio.create_task(_abandon_on_disconnect(receive, servable, jobs))
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the rest of a body nobody reads
+        abandon(servable, jobs)
+
+    watching = asyncio.create_task(watch())
     try:
         yield
     finally:
-        watch.cancel()
+        watching.cancel()
 
 
 class ClientGone(ServeError):
@@ -114,7 +112,7 @@ def pieces(job: Job, event: Event) -> Iterator[Piece]:
 class EventStream(StreamingResponse):
     """The server-sent events of ``jobs`` (one after the other), each piece rendered by ``encode(job number, piece)``;
     Triton and OpenAI differ only in that, ``error`` and ``end``. Leaving early cancels every job, as does a client
-    gone: one plain task waits for that (Starlette's opens an anyio task group per stream, more loop time)."""
+    gone, seen by one plain task (Starlette's opens an anyio task group per stream) or by a send's ``OSError``."""
 
     def __init__(self, servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
                  error: Callable[[ServeError], bytes], end: bytes = b"") -> None:
@@ -126,6 +124,8 @@ class EventStream(StreamingResponse):
         try:
             async with abandoned_if_gone(receive, self.servable, self.jobs):
                 await self.stream_response(send)
+        except OSError:  # ASGI 2.4: a send after the client left may raise this; it is that client gone
+            abandon(self.servable, self.jobs)
         finally:
             await self.body_iterator.aclose()  # a task cancelled mid-send ends its jobs now, not when collected
 
