@@ -13,7 +13,6 @@ can serve on the same cores.
 from __future__ import annotations
 
 import json
-
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
