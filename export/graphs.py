@@ -73,25 +73,17 @@ class ClassifierGraph(nn.Module):
         return self.model(images)  # (B, K)
 
 
-class LSTMStep(nn.Module):
-    """(tokens[B,T], h[L,B,H], c[L,B,H]) -> (logits, h_out, c_out) through the model's ``forward`` (logits
-    [B,T,V]) or ``prefill`` (logits [B,V])."""
+class RNNStep(nn.Module):
+    """(tokens[B,T], *state) -> (logits, *state_out), the state h[L,B,H] (GRU) or h, c (LSTM), through the model's
+    ``forward`` (logits [B,T,V]) or ``prefill`` (logits [B,V])."""
 
     def __init__(self, model: nn.Module, method: str = "forward") -> None:
         super().__init__()
         self.model, self.method = model, method
 
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        logits, state = getattr(self.model, self.method)(tokens, (h, c))
-        return logits, state[0], state[1]
-
-
-class GRUStep(LSTMStep):
-    """(tokens[B,T], h[L,B,H]) -> (logits, h_out), as ``LSTMStep``."""
-
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor):  # type: ignore[override]
-        logits, state = getattr(self.model, self.method)(tokens, (h,))
-        return logits, state[0]
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+        logits, state_out = getattr(self.model, self.method)(tokens, state)
+        return (logits, *state_out)
 
 
 class Method(nn.Module):
@@ -174,14 +166,13 @@ def _charlm(model_type: str, model: nn.Module, data: dict, where: str, gen: torc
         raise ExportError(f"{where}: model has {logits.shape[-1]} outputs but the vocabulary has {vocab_size} entries")
     state_axes = (layers, "batch", hidden)
     names = ["h", "c"][: len(state)]
-    wrap = LSTMStep if cell == "lstm" else GRUStep
     inputs = [_spec("tokens", "int64", "batch", "time")] + [_spec(n, "float32", *state_axes) for n in names]
     state_out = [_spec(f"{n}_out", "float32", *state_axes) for n in names]
-    step = GraphDef(name="step", module=wrap(model), inputs=inputs,
+    step = GraphDef(name="step", module=RNNStep(model), inputs=inputs,
                     outputs=[_spec("logits", "float32", "batch", "time", vocab_size)] + state_out,
                     example=(tokens, *state))
     # the prompt in one call, logits of its last position only (the model's own ``prefill``)
-    prefill = GraphDef(name="prefill", module=wrap(model, "prefill"), inputs=inputs,
+    prefill = GraphDef(name="prefill", module=RNNStep(model, "prefill"), inputs=inputs,
                        outputs=[_spec("logits", "float32", "batch", vocab_size)] + state_out,
                        example=(tokens, *state))
     facts = {"type": model_type, "cell": cell, "num_layers": int(layers), "hidden_size": int(hidden),

@@ -1,7 +1,8 @@
 """The one graph runtime: an ONNX or TorchScript graph opened on a device, behind ``run(inputs) -> outputs``,
 numpy in and out, keyed by the graph's tensor names (the classifier, export's parity checks), and ``call``, the
-graph's native arrays in and out (the step models, whose state stays on the device). Torch is imported only
-for TorchScript, so ONNX-only serving stays torch-free. Called from a worker thread, never on the event loop.
+graph's native arrays in and out (the step models, whose state stays where the graph runs: numpy on CPU, torch
+tensors on CUDA). Torch is imported only for TorchScript, so ONNX-only serving stays torch-free. Called from a
+worker thread, never on the event loop.
 
 ONNX Runtime and TorchScript sessions are opened by ``serve/backends.py`` (device and thread choices live
 there). On CUDA, TorchScript inputs are staged through pinned host buffers that are reused across batches,
@@ -53,8 +54,8 @@ class GraphRuntime(abc.ABC):
 
     @abc.abstractmethod
     def call(self, *arrays: Any) -> list[Any]:
-        """Run on native arrays in the graph's input order (numpy for ONNX Runtime, torch tensors on the device
-        for TorchScript); returns the outputs in order, native too."""
+        """Run on native arrays in the graph's input order (numpy on CPU, torch tensors on the device for
+        TorchScript on CUDA); returns the outputs in order, native too."""
 
     @abc.abstractmethod
     def run(self, inputs: Tensors) -> Tensors:
@@ -116,12 +117,14 @@ class TorchScriptRuntime(GraphRuntime):
         # req/s, CPU per request up to 2x).
         return self.device != "cpu"
 
+    def _from_numpy(self, array: np.ndarray):
+        if not array.flags.writeable:  # a view of a request body: torch wants writable memory
+            array = array.copy()
+        return self.torch.from_numpy(np.ascontiguousarray(array))  # a view, no copy
+
     def _to_device(self, name: str, array: np.ndarray):
+        """CUDA: ``array`` staged through the pinned buffer kept for input ``name``, then copied asynchronously."""
         torch = self.torch
-        if self.device == "cpu":
-            if not array.flags.writeable:  # a view of a request body: torch wants writable memory
-                array = array.copy()
-            return torch.from_numpy(np.ascontiguousarray(array))  # a view, no copy
         buffer = self._pinned.get(name)
         if buffer is None or buffer.numel() < array.size or buffer.numpy().dtype != array.dtype:
             buffer = torch.from_numpy(np.empty(max(array.size, 1), dtype=array.dtype)).pin_memory()
@@ -137,7 +140,16 @@ class TorchScriptRuntime(GraphRuntime):
         one.threads = 1
         return one
 
-    def call(self, *tensors: Any) -> list[Any]:
+    def call(self, *arrays: Any) -> list[Any]:
+        """On CPU numpy in and out, as ONNX Runtime's (views both ways, no copy), so that a step runner keeps its
+        state in numpy on either CPU backend: a cache write is then one numpy assignment, not a torch op and its
+        dispatch (seq2seq greedy batch 1: ~9% of the step runner's time went to those). On CUDA torch tensors on
+        the device."""
+        if self.device != "cpu":
+            return self._forward(*arrays)
+        return [t.numpy() for t in self._forward(*[self._from_numpy(a) for a in arrays])]
+
+    def _forward(self, *tensors: Any) -> list[Any]:
         if self.threads and self.device == "cpu" and self.torch.get_num_threads() != self.threads:
             self.torch.set_num_threads(self.threads)
         with self.torch.inference_mode():
@@ -150,8 +162,10 @@ class TorchScriptRuntime(GraphRuntime):
         return flat
 
     def run(self, inputs: Tensors) -> Tensors:
+        if self.device == "cpu":
+            return dict(zip(self.output_names, self.call(*[inputs[n] for n in self.input_names])))
         with self.torch.inference_mode():
-            flat = self.call(*[self._to_device(n, inputs[n]) for n in self.input_names])
+            flat = self._forward(*[self._to_device(n, inputs[n]) for n in self.input_names])
             # .cpu() waits for the device once per output; the copies are queued back to back.
             return {n: t.detach().cpu().numpy() for n, t in zip(self.output_names, flat)}
 
@@ -162,16 +176,34 @@ def _cpu_fast_path(torch: Any, module: Any) -> Any:
     dispatches each op afresh and allocates every output; Static Runtime plans memory once and reuses it between
     calls. These are private torch APIs: for a graph they refuse, the module runs as the passes left it (same
     values). Convolution graphs are compute-bound and keep the interpreter (ResNet-18 at batch 32 ran ~10%
-    slower on Static Runtime). Exact GELU stays on oneDNN: its erf formula is faster at 1-8 rows but ~16%
-    slower from 32 rows up, and one module serves every row count."""
+    slower on Static Runtime). GELU of rows runs on torch's own kernel (``_native_gelu``)."""
     if any(node.kind() == "aten::_convolution" for node in module.graph.nodes()):
         return module
     try:
         torch._C._jit_pass_transpose_frozen_linear(module.graph)
         _contiguous_constants(module.graph)
+        _native_gelu(module.graph)
         return torch._C._jit_to_static_module(module._c)
     except (AttributeError, RuntimeError):
         return module
+
+
+def _native_gelu(graph: Any) -> None:
+    """Hand each GELU of an ``addmm`` (rows, 2-D: the seq2seq step's) a transposed view and transpose its answer
+    back: aten sends only contiguous input to oneDNN, whose per-call cost dominates at decode-step sizes, and runs
+    its own vectorized exact GELU on the rest (same formula, equal to float rounding). Seq2seq step graph alone,
+    one thread: 0.94-0.97x the time at 4-32 rows, the same at 1 and 128. Other GELUs (the encoder's, on (B,S,F))
+    keep oneDNN, faster at hundreds of rows."""
+    for node in list(graph.findAllNodes("aten::gelu")):
+        x = node.inputsAt(0)
+        if x.node().kind() != "aten::addmm":
+            continue
+        with graph.insert_point_guard(node):
+            node.replaceInput(0, graph.insertNode(graph.create("aten::t", [x])).output())
+        back = graph.create("aten::t", [node.output()])
+        back.insertAfter(node)
+        node.output().replaceAllUsesWith(back.output())
+        back.replaceInput(0, node.output())  # the line above re-pointed back's own input too
 
 
 def _contiguous_constants(graph: Any) -> None:

@@ -371,8 +371,11 @@ def test_seq2seq_graphs_never_copy_a_whole_cache(work: Path) -> None:
     graph = onnx.load(str(directory / "decode_step.onnx")).graph
     producer = {out: node for node in graph.node for out in node.output}
     for i in range(3):
-        for kv in "kv":
-            assert producer[f"new_{kv}_{i}"].op_type == "Reshape"  # a view of this step's K/V projection
+        for kv in "kv":  # picked out of this step's Q/K/V projection
+            chain = [producer[f"new_{kv}_{i}"]]
+            while len(chain) < 3:
+                chain.append(producer[chain[-1].input[0]])
+            assert [n.op_type for n in chain] == ["Gather", "Reshape", "Gemm"]
     past_inputs = {f"past_{kv}_{i}" for i in range(3) for kv in "kv"}
     assert {n.op_type for n in graph.node if past_inputs & set(n.input)} <= {"MatMul", "Transpose"}
     cache_inputs = {i.name for i in graph.input if i.name.startswith(("past_k", "past_v", "cross_"))}
@@ -383,6 +386,28 @@ def test_seq2seq_graphs_never_copy_a_whole_cache(work: Path) -> None:
     encode = onnx.load(str(directory / "encode.onnx")).graph
     enc_producer = {out: node for node in encode.node for out in node.output}
     assert {enc_producer[f"cross_k_{i}"].op_type for i in range(3)} == {"Transpose"}
+
+
+def test_seq2seq_step_folds_the_attention_scale_into_its_weights(work: Path) -> None:
+    """The 1/sqrt(Dh) of both attentions is in the Q projections' weights: neither the ONNX step nor the frozen
+    TorchScript step multiplies by it at run time (one op a layer and attention each, on every step)."""
+    directory = _export(make_seq2seq_checkpoint(work / "s2s-scale.pt", layers=2), work / "repo", "s2s-scale")
+    scale = 1.0 / np.sqrt(load_manifest(directory).model["head_dim"])
+
+    def is_scale(t: np.ndarray) -> bool:
+        return t.size == 1 and bool(np.isclose(float(t.reshape(())), scale, rtol=1e-6))
+
+    graph = onnx.load(str(directory / "decode_step.onnx")).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    consts.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    assert not [n.name for n in graph.node if n.op_type == "Mul" and any(is_scale(consts[i]) for i in n.input
+                                                                          if i in consts)]
+    frozen = torch.jit.load(str(directory / "decode_step.pt")).graph
+    muls = [n for n in frozen.findAllNodes("aten::mul")]
+    assert muls and not [n for n in muls if any(
+        i.node().kind() == "prim::Constant" and i.type().kind() == "TensorType" and is_scale(i.toIValue().numpy())
+        for i in n.inputs())]
 
 
 def test_fp16_variant(work: Path) -> None:
@@ -413,3 +438,55 @@ def test_verify_accepts_an_untouched_artifact(work: Path) -> None:
     report = verify_artifact(directory)
     assert report["passed"] and report["files_checked"] == len(load_manifest(directory).files)
     assert {c["format"] for c in report["checks"]} == {"torchscript", "onnx"}
+
+
+def test_torchscript_step_model_on_cpu_keeps_numpy_state_and_decodes_like_onnx(work: Path) -> None:
+    """On CPU the TorchScript step graphs take and return numpy, as ONNX Runtime's do, so the step runner keeps its
+    caches in numpy (written in place) for either backend; both decode the same greedy and beam tokens."""
+    from deepserve.serve.generation.step_models import open_step_model
+
+    directory = _export(make_seq2seq_checkpoint(work / "s2s-numpy.pt", layers=2), work / "repo", "s2s-numpy",
+                        quantize=False)
+    manifest = load_manifest(directory)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    picked = {}
+    for backend in ("onnx", "torchscript"):
+        model = open_step_model(manifest, directory, backend=backend, device="cpu", threads=1)
+        assert model.platform == ("pytorch_libtorch" if backend == "torchscript" else "onnxruntime_onnx")
+        tokens = model.join(prompts, [2, 1])  # two beams of the first prompt, one row of the second
+        steps = []
+        for _ in range(5):
+            logits = model.step(tokens)
+            assert isinstance(logits, np.ndarray) and all(isinstance(x, np.ndarray) for x in model.past)
+            tokens = logits.argmax(-1)
+            steps.append(tokens.tolist())
+            model.reorder(np.array([1, 0, 2]), regroup=False)  # the beams swap: cache rows move in place
+        picked[backend] = steps
+    assert picked["torchscript"] == picked["onnx"]
+
+
+def test_torchscript_cpu_fast_path_runs_row_gelu_on_torch_kernel_with_the_same_answer(work: Path) -> None:
+    """The GELU of an addmm (the seq2seq step's rows) gets a transposed view (aten sends only contiguous input to
+    oneDNN, costly per call at decode-step sizes); others (an encoder's (B,S,F)) keep theirs. Answers equal to
+    float rounding."""
+    from deepserve.serve import runtime
+    from deepserve.train.models.seq2seq import affine
+
+    class Both(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 32)
+
+        def forward(self, rows: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.nn.functional.gelu(affine(rows, self.fc)), torch.nn.functional.gelu(self.fc(seq))
+
+    torch.manual_seed(0)
+    model, rows, seq = Both().eval(), torch.randn(4, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(model, (rows, seq)))
+        fast = runtime._cpu_fast_path(torch, frozen)
+        got, expected = fast(rows, seq), model(rows, seq)
+    fed = sorted(n.inputsAt(0).node().kind() for n in frozen.graph.findAllNodes("aten::gelu"))
+    assert fed[-1] == "aten::t" and fed[0] != "aten::t"
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from deepserve.manifest import KVUpdate, StepGraphContract, cache_names
-from deepserve.serve.generation.step_models import NARROW_ROWS, Array, Graph, StepModel, expand_copies, is_identity
+from deepserve.serve.generation.step_models import Array, Graph, StepModel, expand_copies, is_identity
 
 SLOTS = 16  # empty cache slots added at a time (KVUpdate.SLOT): one cache copy per 16 steps, not one per step
 
@@ -26,8 +26,8 @@ class Seq2SeqStepModel(StepModel):
     only when the rows' sources change. Each step's K/V is written into slot ``fill`` of the caches, which grow
     SLOTS empty slots at a time (older ``KVUpdate.CONCAT`` graphs return it as the last slot of ``present_k_i``)."""
 
-    def __init__(self, encode: Graph, decode: Graph, c: StepGraphContract, *, narrow: Graph | None = None) -> None:
-        self.encode, self.decode, self.narrow = encode, decode, narrow  # narrow: one thread, below NARROW_ROWS
+    def __init__(self, encode: Graph, decode: Graph, c: StepGraphContract) -> None:
+        self.encode, self.decode = encode, decode
         self.vocab_size, self.pad_id, self.bos_id, self.eos_id = c.vocab_size, c.pad_id, c.bos_id, c.eos_id
         self.layers, self.heads, self.head_dim = layers, heads, head_dim = c.layers, c.heads, c.head_dim
         self.suppress = np.asarray(sorted({c.pad_id, c.bos_id} - {c.eos_id}), np.int64)
@@ -116,8 +116,7 @@ class Seq2SeqStepModel(StepModel):
         feeds = {"tokens": g.asarray(tokens.reshape(-1, 1)), "positions": g.asarray(self.positions),
                  "src_pad_mask": src_pad, "past_pad_mask": g.asarray(self.past_pad),
                  **dict(zip(self.cross_names, cross)), **dict(zip(self.past_names, self.past))}
-        run = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else g
-        out = dict(zip(g.output_names, run(*[feeds[name] for name in g.input_names])))
+        out = dict(zip(g.output_names, g.rows(len(tokens))(*[feeds[name] for name in g.input_names])))
         self._write_slot([out[name] if self.slot else out[name][:, :, -1:] for name in self.new_names])
         self.positions += 1
         logits = g.numpy(out["logits"])

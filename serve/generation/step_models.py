@@ -2,8 +2,8 @@
 scheduler stages prompts (``stage``, ``prefill`` within a token budget, ``join_staged``: char-LM prefills all prompt
 tokens but the last, seq2seq runs one batched encoder call), runs ``step(tokens) -> logits [B, V]`` and
 ``reorder(index, regroup)`` (finished rows leave, beams follow back-pointers; ``regroup=False``: rows moved only
-within a request, so the seq2seq cross-attention state stays). ``Graph`` hides whether a graph runs on ONNX Runtime
-(numpy state) or TorchScript (torch state on its device). The seq2seq runner lives in ``seq2seq_step``."""
+within a request, so the seq2seq cross-attention state stays). ``Graph`` hides whether the state is numpy (on CPU,
+either runtime) or torch (TorchScript on CUDA). The seq2seq runner lives in ``seq2seq_step``."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ budget alone would let a lone long prompt stall the batch for milliseconds."""
 
 class Graph:
     """One exported graph: ``run(*inputs) -> outputs`` in the manifest's order, plus the array ops the state
-    needs (so that TorchScript state never leaves torch and ONNX Runtime state never leaves numpy)."""
+    needs (so that torch state never leaves torch and numpy state never leaves numpy)."""
 
     def __init__(self, fn: Callable[..., list[Array]], output_names: list[str], *, torch_device: str | None = None,
                  platform: str = "custom", runtime: GraphRuntime | None = None,
-                 input_names: list[str] | None = None) -> None:
-        self._fn, self.runtime = fn, runtime  # the runtime behind fn (None for a plain function)
+                 input_names: list[str] | None = None, narrow: Graph | None = None) -> None:
+        self._fn, self.runtime, self.narrow = fn, runtime, narrow  # the runtime behind fn (None for a plain function)
         self.output_names = output_names
         self.input_names = input_names or []  # The manifest's input names, in call order.
         self.torch_device, self.platform = torch_device, platform
@@ -50,11 +50,16 @@ class Graph:
 
     @classmethod
     def of(cls, rt: GraphRuntime) -> Graph:
-        return cls(rt.call, rt.output_names, torch_device=rt.device if isinstance(rt, TorchScriptRuntime) else None,
-                   platform=rt.platform, runtime=rt, input_names=rt.input_names)
+        on_torch = isinstance(rt, TorchScriptRuntime) and rt.device != "cpu"  # on CPU both runtimes take numpy
+        return cls(rt.call, rt.output_names, torch_device=rt.device if on_torch else None, platform=rt.platform,
+                   runtime=rt, input_names=rt.input_names, narrow=cls.of(one) if (one := rt.narrow()) else None)
 
     def __call__(self, *inputs: Array) -> list[Array]:
         return self._fn(*inputs)
+
+    def rows(self, rows: int) -> Graph:
+        """The graph for a step of ``rows`` rows: below NARROW_ROWS, ``narrow`` (the same graph on one CPU thread)."""
+        return self.narrow if self.narrow is not None and rows < NARROW_ROWS else self
 
     # ---- array ops on the graph's native arrays ---------------------------------------------------------
 
@@ -145,8 +150,8 @@ class CharLMStepModel(StepModel):
     has no mask nor position, so prompts staged at different times share calls."""
 
     def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
-                 last_only: bool = False, narrow: Graph | None = None) -> None:
-        self.graph, self.last_only, self.narrow = graph, last_only, narrow  # narrow: on one thread
+                 last_only: bool = False) -> None:
+        self.graph, self.last_only = graph, last_only
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
         self.vocab_size, self.eos_id, self.rows = vocab_size, None, 0
         self.state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,B,H)
@@ -207,7 +212,7 @@ class CharLMStepModel(StepModel):
         return super().unstage(positions)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        g = self.narrow if self.narrow is not None and len(tokens) < NARROW_ROWS else self.graph
+        g = self.graph.rows(len(tokens))
         out = g(g.asarray(tokens.reshape(-1, 1)), *self.state)
         self.state = out[1:]
         logits = g.numpy(out[0])
@@ -227,16 +232,12 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
     if manifest.task == "char-lm":
         lm = CharLMGraphContract.of(manifest)
         graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, **kw)
-        narrow = graph.runtime.narrow()
-        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill,
-                               narrow=Graph.of(narrow) if narrow is not None else None)
+        return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
         c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
-        decode = Graph.open(manifest.graphs["decode_step"], directory, **kw)
-        narrow = decode.runtime.narrow()  # the same graph on one CPU thread, for small steps (or None)
-        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw), decode,
-                                c if eos_id is None else dataclasses.replace(c, eos_id=eos_id),
-                                narrow=Graph.of(narrow) if narrow is not None else None)
+        return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw),
+                                Graph.open(manifest.graphs["decode_step"], directory, **kw),
+                                c if eos_id is None else dataclasses.replace(c, eos_id=eos_id))
     raise ValueError(f"task {manifest.task!r} is not a generation task")

@@ -93,13 +93,18 @@ def blocked_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """blocked (B,K) bool True = masked -> an additive mask (B,1,1,K): the dtype's most negative finite value
     where blocked, else 0. A finite score vanishes against it in float rounding, so adding it masks as
     ``masked_fill`` does, in one add per layer from a mask built once per decode step."""
-    return (blocked.to(dtype) * torch.finfo(dtype).min)[:, None, None, :]
+    # bool * 0-dim float: one op (ONNX: Cast, Mul); an unsqueeze is one op, a [:, None] a slice and an unsqueeze
+    return (blocked * torch.tensor(torch.finfo(dtype).min, dtype=dtype)).unsqueeze(1).unsqueeze(1)
 
 
-def affine(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``linear(x)`` for rows x (B,in) as one ``addmm``: the bias rides in the product (one kernel, not a matmul and
-    an add, in the TorchScript step) and it exports as the same Gemm as ``nn.Linear``."""
-    return torch.addmm(linear.bias, x, linear.weight.t())
+def affine(x: torch.Tensor, linear: nn.Linear, scale: float = 1.0, rows: int = 0) -> torch.Tensor:
+    """``linear(x)`` for rows x (B,in) as one ``addmm`` (the bias rides in the product; it exports as the same Gemm as
+    ``nn.Linear``), its first ``rows`` outputs times ``scale``, applied to the weights: freezing and ONNX constant
+    folding turn that into scaled weights, so the scale costs no op per step."""
+    weight, bias = linear.weight, linear.bias
+    if scale != 1.0:
+        weight, bias = torch.cat([weight[:rows] * scale, weight[rows:]]), torch.cat([bias[:rows] * scale, bias[rows:]])
+    return torch.addmm(bias, x, weight.t())
 
 
 class SelfAttention(nn.Module):
@@ -229,12 +234,13 @@ class DecoderBlock(nn.Module):
         sa, ca = self.self_attn, self.cross_attn
         H, D = sa.n_heads, sa.proj.out_features
         Dh = D // H
-        qkv = affine(self.ln1(x), sa.qkv)  # (B,3D)
-        q, k, v = (qkv[:, j * D : (j + 1) * D].reshape(-1, H, 1, Dh) for j in range(3))  # (B,H,1,Dh)
-        y = attend_cached(q * sa.scale, k, v, past_k, past_v, past_bias)  # (B,H,1,Dh)
+        # q comes scaled by 1/sqrt(Dh) out of the projection; one reshape, then a select per q, k, v
+        qkv = affine(self.ln1(x), sa.qkv, sa.scale, D).reshape(-1, 3, H, 1, Dh)  # (B,3,H,1,Dh)
+        q, k, v = (qkv.select(1, j) for j in range(3))  # (B,H,1,Dh)
+        y = attend_cached(q, k, v, past_k, past_v, past_bias)  # (B,H,1,Dh)
         x = x + affine(y.reshape(-1, D), sa.proj)  # (B,D)
-        cq = affine(self.ln2(x), ca.q).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh): a source's rows
-        att = (cq @ cross_k.transpose(-2, -1)) * ca.scale + src_bias  # (N,H,G,S)
+        cq = affine(self.ln2(x), ca.q, ca.scale, D).reshape(sources, -1, H, Dh).transpose(1, 2)  # (N,H,G,Dh), scaled
+        att = cq @ cross_k.transpose(-2, -1) + src_bias  # (N,H,G,S)
         y = F.softmax(att, dim=-1) @ cross_v  # (N,H,G,Dh)
         x = x + affine(y.transpose(1, 2).reshape(-1, D), ca.proj)  # (B,D)
         return x + self.ff.step(self.ln3(x)), k, v
@@ -267,7 +273,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def positional(self, positions: torch.Tensor) -> torch.Tensor:
         """positions (...) int64 -> sinusoidal encoding (..., D): [sin(p*f_0..), cos(p*f_0..)]."""
-        angles = positions.unsqueeze(-1).to(self.inv_freq.dtype) * self.inv_freq  # (..., D/2)
+        angles = positions.unsqueeze(-1) * self.inv_freq  # (..., D/2): int64 * float promotes, no cast op
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (..., D)
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -348,7 +354,7 @@ class Seq2SeqTransformer(nn.Module):
         layer i: cross_k_i, cross_v_i (N,H,S,Dh), past_k_i, past_v_i (B,H,P,Dh)
         -> logits (B,V), then per layer i: new_k_i, new_v_i (B,H,1,Dh), the K/V of this step's position (the
         caller appends them to its cache: the step never copies one)."""
-        x = self.embed_tokens(tokens[:, 0], positions)  # (B,D)
+        x = self.embed_tokens(tokens.select(1, 0), positions)  # (B,D)
         past_bias = blocked_bias(past_pad_mask, x.dtype)  # (B,1,1,P)
         src_bias = blocked_bias(src_pad_mask, x.dtype)  # (N,1,1,S)
         sources = caches[0].shape[0]  # N, read once: every layer's grouping reuses it
