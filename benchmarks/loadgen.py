@@ -3,9 +3,9 @@
 Why not httpx: on 2 cores the generator shares the CPU with the server under test, so every microsecond it
 spends per request is taken from the server. Requests are encoded once, up front, and sent over raw asyncio
 streams with keep-alive, one connection per concurrent worker (a closed loop: each worker sends its next
-request when the previous answer is in). Parsing reads only the status line, ``Content-Length`` /
-``Transfer-Encoding: chunked`` and the body; streamed bodies (server-sent events) record the arrival time of
-each event so that time to first token and time per output token can be measured.
+request when the previous answer is in), connected before its clock starts. Parsing reads only the status line,
+``Content-Length`` / ``Transfer-Encoding: chunked`` and the body; streamed bodies (server-sent events) record the
+arrival time of each event so that time to first token and time per output token can be measured.
 
 A run is bounded twice: by ``duration_s`` (no request starts after it) and by ``max_requests``; requests
 still in flight ``drain_s`` after the end are cancelled and counted as ``cancelled``. Only 127.0.0.1 /
@@ -154,6 +154,8 @@ class LoadResult:
     """Streams: (last event - first event) / (tokens - 1) of each request with at least 2 tokens."""
     refused_with_retry_after: int = 0
     """Failed answers (429, 503...) that carried a ``Retry-After`` header."""
+    connect_s: list[float] = field(default_factory=list)
+    """Closed loop: how long each connection took to open, all at once before the clock started."""
 
     @property
     def requests_per_s(self) -> float:
@@ -174,11 +176,9 @@ class LoadResult:
             "ok": self.ok,
             "errors": dict(sorted(self.errors.items())),
             "elapsed_s": round(self.elapsed_s, 3),
-            "rps": self.requests_per_s,
-            "tokens_per_s": self.tokens_per_s,
+            "rps": self.requests_per_s, "tokens_per_s": self.tokens_per_s,
             "p50_ms": ms(self.latencies_s, 50), "p90_ms": ms(self.latencies_s, 90), "p99_ms": ms(self.latencies_s, 99),
-            "ttft_p50_ms": ms(self.ttft_s, 50), "ttft_p99_ms": ms(self.ttft_s, 99),
-            "tpot_p50_ms": ms(self.tpot_s, 50),
+            "ttft_p50_ms": ms(self.ttft_s, 50), "ttft_p99_ms": ms(self.ttft_s, 99), "tpot_p50_ms": ms(self.tpot_s, 50),
         }
 
 
@@ -199,9 +199,15 @@ class Connection:
                 pass  # the peer already went away: the socket is closed either way
         self.reader = self.writer = None
 
+    async def connect(self) -> float:
+        """Open the connection now; the seconds it took."""
+        t0 = time.perf_counter()
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+        return time.perf_counter() - t0
+
     async def send(self, raw: bytes, stream: bool) -> Response:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+            await self.connect()
         assert self.reader is not None
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -281,6 +287,10 @@ async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> 
     connections = [Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
     result = LoadResult()
     try:
+        # every connection opened before the clock: a request's latency is its own, not its client's TCP handshake
+        # and the server's accept of all of them at once. One that failed is retried (and counted) by its request.
+        opened = await asyncio.gather(*(c.connect() for c in connections), return_exceptions=True)
+        result.connect_s = [s for s in opened if isinstance(s, float)]
         if spec.warmup_requests:
             await _phase(spec, encoded, connections, spec.warmup_requests, None, LoadResult(), count_tokens)
         await _phase(spec, encoded, connections, spec.max_requests, spec.duration_s, result, count_tokens)

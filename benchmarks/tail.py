@@ -3,12 +3,16 @@
 Classification at concurrency 64 for each model and protocol: a fresh deepserve server (default settings) and,
 for JSON and the raw image, a fresh mosec peer (``benchmarks.mosec_peer``: same model file, same bodies, same
 load generator). On the digits CNN also deepserve on the plain asyncio event loop (``deepserve asyncio``) and,
-over JSON, ``deepserve serve --workers 2`` (two server processes on the port). Repetition 0 is
-the first burst right after ready, with no warm-up requests; then repetitions run the servers in alternating
-order (ABBA), so each repetition's servers saw the same shared machine. Every repetition is shown with its p50,
-p99 and max, so that a stall cannot hide in a median, and with how long the server's main threads (its event
-loops) and the load generator's were runnable but waited for a core (Linux ``schedstat``): on a shared machine
-that is where a stall comes from when nothing in the server was slow.
+over JSON, ``deepserve serve --workers 2`` (two server processes on the port) and the HTTP stack under it without
+deepserve: a bare ASGI app on uvicorn (httptools, uvloop, no framework) and a bare FastAPI route, both reading the
+body and answering a fixed small JSON body (``benchmarks.echo``). Repetition 0 is the first burst right after
+ready, with no warm-up requests; then repetitions run the servers in alternating order (ABBA), so each
+repetition's servers saw the same shared machine. The generator opens its 64 connections at once before each
+repetition's clock starts (the slowest handshake is shown apart), then sends 64 requests at once. Every
+repetition is shown with its p50, p99 and max, so that a stall cannot hide in a median, and with how long the
+server's main threads (its event loops) and the load generator's were runnable but waited for a core (Linux
+``schedstat``): on a shared machine that is where a stall comes from when nothing in the server was slow. The
+server's CPU per request counts every thread of its processes (for mosec, its front end and its worker).
 
 The collector options are compared the same way on the digits CNN over JSON, one server per option, in
 rotating order: deepserve as shipped (start-up heap frozen), as before (not frozen), larger thresholds, and the
@@ -53,6 +57,8 @@ VARIANTS = {"deepserve asyncio": ("--loop", "asyncio")}
 """Servers beside deepserve as shipped (uvloop) on the digits CNN: the plain asyncio event loop."""
 WORKERS_SIDE, WORKERS = "deepserve --workers 2", 2
 """On the digits CNN over JSON also ``deepserve serve --workers 2``: two server processes on the port."""
+BARE_SIDE, ECHO_SIDE = "bare ASGI on uvicorn", "bare FastAPI route"
+"""On the digits CNN over JSON also the HTTP stack alone: what uvicorn, then FastAPI on it, serve with no model."""
 GC_OPTIONS = {"shipped": (), "nofreeze": ("--gc", "nofreeze"),
               "thresholds 10000,50,100": ("--gc", "thresholds", "--gc-thresholds", "10000,50,100"),
               "disabled": ("--gc", "disabled")}
@@ -99,7 +105,9 @@ def stats_ms(seconds: list[float]) -> dict[str, float | None]:
 
 def rep_row(result: LoadResult, **extra: Any) -> dict[str, Any]:
     errors = sum(result.errors.values())
-    return {"rps": result.requests_per_s, **stats_ms(result.latencies_s), "errors": errors, **extra}
+    connect = max(result.connect_s, default=float("nan")) * 1000.0  # the burst's handshakes, before the clock
+    return {"rps": result.requests_per_s, **stats_ms(result.latencies_s), "connect_max": connect, "errors": errors,
+            **extra}
 
 
 def gen2_collections(server: ServerProcess) -> float:
@@ -108,20 +116,37 @@ def gen2_collections(server: ServerProcess) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
-def run_queue_wait_ms(pid: int) -> float:
-    """Milliseconds the main threads of ``pid`` and of its child processes have spent runnable but waiting for a
-    core (Linux ``schedstat``): the server's loop preempted by the generator or the machine's other work. nan
-    where ``/proc`` does not tell."""
+def _schedstat_ms(pid: int, field: int, threads: bool) -> float:
+    """Linux ``schedstat`` ``field`` (0: time on a core, 1: time runnable but waiting for one) in milliseconds,
+    summed over ``pid`` and its child processes: their main threads, or with ``threads`` all of their threads.
+    nan where ``/proc`` does not tell."""
     total, pids = 0, [pid]
     while pids:
         p = pids.pop()
         try:
-            total += int(Path(f"/proc/{p}/schedstat").read_text().split()[1])
+            tasks = [t.name for t in Path(f"/proc/{p}/task").iterdir()] if threads else [str(p)]
+            for t in tasks:
+                try:
+                    total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[field])
+                except (OSError, ValueError, IndexError):
+                    continue  # a thread that ended meanwhile
             pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             if p == pid:
                 return float("nan")
     return total / 1e6
+
+
+def run_queue_wait_ms(pid: int) -> float:
+    """Milliseconds the main threads of ``pid`` and of its child processes have spent runnable but waiting for a
+    core: the server's loop preempted by the generator or the machine's other work."""
+    return _schedstat_ms(pid, 1, threads=False)
+
+
+def cpu_ms(pid: int) -> float:
+    """Milliseconds of CPU that every thread of ``pid`` and of its child processes has used (threads that ended
+    meanwhile are not counted)."""
+    return _schedstat_ms(pid, 0, threads=True)
 
 
 def _mosec_requests(requests: list[Request]) -> list[Request]:
@@ -145,6 +170,22 @@ class WorkersServer(ServerProcess):
         return self
 
 
+class BareAsgiServer(ServerProcess):
+    """``benchmarks.echo:bare_app`` under uvicorn's own command line, with the benchmark servers' uvicorn settings
+    (``benchmarks.server_main.uvicorn_config``) and httptools and uvloop named, not left to ``auto``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("bare-asgi", **kwargs)
+
+    def start(self) -> BareAsgiServer:
+        self.port = self.free_port()
+        self.run_until_ready([sys.executable, "-m", "uvicorn", "benchmarks.echo:bare_app", "--host", self.host,
+                              "--port", str(self.port), "--http", "httptools", "--loop", "uvloop", "--lifespan", "off",
+                              "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", "120",
+                              "--backlog", "2048"], self.env, "/v2/health/ready")
+        return self
+
+
 def _start_sides(sides: dict[str, Any], name: str, protocol: str, source: Path, p: Plan, reqs: list[Request]) -> None:
     """Start the servers of one model and protocol into ``sides``; the peer first: its workers may still be busy starting
     when its front end answers, which must not land in deepserve's first burst."""
@@ -157,6 +198,8 @@ def _start_sides(sides: dict[str, Any], name: str, protocol: str, source: Path, 
                               reqs)
         if protocol == "json":
             sides[WORKERS_SIDE] = (WorkersServer(WORKERS, repository=source, device=p.device).start(), reqs)
+            sides[BARE_SIDE] = (BareAsgiServer().start(), reqs)
+            sides[ECHO_SIDE] = (ServerProcess("echo").start(), reqs)
 
 
 def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
@@ -171,10 +214,12 @@ def classification(name: str, source: Path, p: Plan, rows: list[dict[str, Any]])
                 for server_name in order if rep % 2 == 0 else order[::-1]:
                     server, r = sides[server_name]
                     waited, gen_waited = run_queue_wait_ms(server.pid), run_queue_wait_ms(os.getpid())
+                    cpu = cpu_ms(server.pid)
                     res = run_cell(server.port, r, CONCURRENCY, n)
                     rows.append(rep_row(res, model=name, protocol=protocol, server=server_name, rep=rep,
                                         waited=run_queue_wait_ms(server.pid) - waited,
-                                        gen_waited=run_queue_wait_ms(os.getpid()) - gen_waited))
+                                        gen_waited=run_queue_wait_ms(os.getpid()) - gen_waited,
+                                        cpu_us=(cpu_ms(server.pid) - cpu) * 1000.0 / max(1, res.ok)))
                     print(f"[tail] {name} {protocol} {server_name} rep {rep}: {rows[-1]}", flush=True)
         finally:
             for server, _ in sides.values():
@@ -244,11 +289,13 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     if "charlm" in names:
         generation(source, p, results["generation"])
     table = Table(["model", "protocol", "server", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50",
-                   "waited for a core, ms: server / generator", "errors"],
+                   "waited for a core, ms: server / generator", "server CPU µs / request", "64 connects, max ms",
+                   "errors"],
                   title=f"Classification at concurrency {CONCURRENCY} (rep 0 = first burst after ready)")
     for r in results["classification"]:
         table.add(r["model"], r["protocol"], r["server"], r["rep"], r["rps"], r["p50"], r["p99"], r["max"],
-                  _ratio(r["p99"], r["p50"]), f"{r['waited']:.1f} / {r['gen_waited']:.1f}", r["errors"])
+                  _ratio(r["p99"], r["p50"]), f"{r['waited']:.1f} / {r['gen_waited']:.1f}", r["cpu_us"],
+                  r["connect_max"], r["errors"])
     section.blocks.append(table)
     table = Table(["collector", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50", "full collections"],
                   title=f"Collector options: digits CNN, v2 JSON, concurrency {CONCURRENCY}, {REQUESTS['digits-cnn']} "
@@ -273,6 +320,17 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     return results
 
 
+def _stack_note(rows: list[dict[str, Any]], model: str, protocol: str, peer: dict[int, dict[str, Any]]) -> str:
+    """The HTTP stack's own req/s over mosec's, paired as deepserve's are: the most deepserve could reach on it."""
+    notes = []
+    for side in (BARE_SIDE, ECHO_SIDE):
+        ratios = [_ratio(r["rps"], peer[r["rep"]]["rps"]) for r in rows if r["server"] == side
+                  and (r["model"], r["protocol"]) == (model, protocol) and r["rep"] in peer and r["rep"] > 0]
+        if ratios:
+            notes.append(f"{side} with no model: {float(np.median(ratios)):.2f}")
+    return "; " + ", ".join(notes) if notes else ""
+
+
 def _targets(report: Report, results: dict[str, list[dict[str, Any]]]) -> None:
     rows = results["classification"]
     for model, protocol in dict.fromkeys((r["model"], r["protocol"]) for r in rows):
@@ -289,7 +347,8 @@ def _targets(report: Report, results: dict[str, list[dict[str, Any]]]) -> None:
             rps = float(np.median([_ratio(a["rps"], b["rps"]) for a, b in pairs]))
             p99 = float(np.median([_ratio(a["p99"], b["p99"]) for a, b in pairs]))
             report.target(f"{model} {protocol} c={CONCURRENCY}: deepserve / mosec req/s (median of paired reps)",
-                          ">= 1.0", rps, rps >= 1.0, f"{len(pairs)} pairs, ABBA order")
+                          ">= 1.0", rps, rps >= 1.0,
+                          f"{len(pairs)} pairs, ABBA order" + _stack_note(rows, model, protocol, peer))
             report.target(f"{model} {protocol} c={CONCURRENCY}: deepserve / mosec p99 (median of paired reps)",
                           "<= 1.0", p99, p99 <= 1.0, f"{len(pairs)} pairs, ABBA order")
     shipped = [r for r in results["generation"] if r["option"] == "shipped"]

@@ -93,7 +93,7 @@ class ClassificationServable(Servable):
 
     async def start(self) -> None:
         s = self.settings
-        threads = cpu_threads(s.instances)
+        threads = s.intra_op_threads or cpu_threads(s.instances)
         for i in range(s.instances):
             # One worker thread per instance: its batches run there, one at a time, off the event loop.
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deepserve-{self.manifest.name}-{i}")
@@ -115,10 +115,14 @@ class ClassificationServable(Servable):
                                            lambda: sum(b.depth for b in self.batchers))
 
     async def warmup(self) -> None:
-        """Run every batch size the batchers can form, largest first, through every instance (as Triton's model
-        warm-up does): a runtime's first batch of a new shape plans and allocates for it, which the first burst
-        after a start or a scale-up would otherwise pay for in its tail."""
-        for rows in range(self.settings.max_batch_size, 0, -1):
+        """Run every batch size the batchers can form through every instance (as Triton's model warm-up does): a
+        runtime's first batch of a new shape plans and allocates for it, which the first burst after a start or a
+        scale-up would otherwise pay for in its tail. The largest goes first (the runtime's memory grows once, to
+        its full size), the rest in rising order: the batcher's cost per row, which falls only gradually, then
+        ends at a full batch's, so the first burst's batches run where later bursts' do (inline or on the
+        worker thread); ending on one-row batches sent a tiny model's first burst to the worker thread."""
+        largest = self.settings.max_batch_size
+        for rows in [largest, *range(1, largest)]:
             dummy = {t.name: np.zeros([rows] + [d if isinstance(d, int) else 1 for d in t.shape[1:]], dtype=t.dtype)
                      for t in self.graph.inputs}
             for batcher in self.batchers:

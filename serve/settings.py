@@ -57,6 +57,9 @@ class ModelSettings:
     (their OpenMP threads are per calling thread)."""
     instances: int = 1
     """Model instances (sessions), each with its own batcher; CPU threads are shared between them."""
+    intra_op_threads: int | None = None
+    """CPU threads one instance's batch runs on (ONNX Runtime's intra-op pool, torch's threads); None (the
+    default) shares the cores this process may use between its instances."""
     backend: str = "auto"
     """Runtime preference: auto (ONNX Runtime on CPU, TorchScript on CUDA), onnx or torchscript."""
     precision: str = "fp32"
@@ -78,8 +81,10 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "instances", "max_running_rows", "max_waiting",
-                     "max_prompt_length", "max_new_tokens", "max_beams_x_n"):
+                     "max_prompt_length", "max_new_tokens", "max_beams_x_n", "intra_op_threads"):
             value = getattr(self, name)
+            if name == "intra_op_threads" and value is None:  # the cores shared between instances
+                continue
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                   "must be an integer >= 1", value)
         for name in ("max_queue_delay_ms", "request_timeout_s", "inline_batch_ms", "max_queue_wait_ms"):

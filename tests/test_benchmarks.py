@@ -219,3 +219,40 @@ def test_a_bench_server_runs_from_the_checkout_it_is_given(tmp_path: Path) -> No
     with servers.ServerProcess("echo", root=tmp_path) as server:
         assert Path(f"/proc/{server.pid}/cwd").resolve() == tmp_path.resolve()
         assert server.get("/v2/health/ready")[0] == 200
+
+
+
+def test_loadgen_opens_every_connection_before_its_first_request() -> None:
+    """A request's latency is its own: a burst's handshakes happen before the clock and are timed apart."""
+    events: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        events.append("accepted")
+        seen: list[bytes] = []
+        await _serve(reader, writer, seen)
+
+    async def run():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            spec = LoadSpec("127.0.0.1", port, (json_request("/ok", {}),), 8, duration_s=30.0, max_requests=16)
+            return await run_load(spec)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    result = asyncio.run(run())
+    assert result.ok == 16 and events == ["accepted"] * 8
+    assert len(result.connect_s) == 8 and all(s > 0 for s in result.connect_s)
+
+
+def test_the_bare_asgi_app_reads_the_body_and_answers_the_echo_body() -> None:
+    from benchmarks.echo import ANSWER
+    from benchmarks.tail import BareAsgiServer
+
+    with BareAsgiServer() as server:
+        request = Request("POST", "/v2/models/any/infer", b"x" * 200_000, (("Content-Type", "application/json"),))
+        spec = LoadSpec("127.0.0.1", server.port, (request,), 2, duration_s=30.0, max_requests=4)
+        answers: list[bytes] = []
+        result = asyncio.run(run_load(spec, lambda r: answers.append(r.body) or 0))
+    assert result.ok == 4 and answers == [ANSWER] * 4

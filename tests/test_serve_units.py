@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -451,3 +453,79 @@ def test_a_stopped_listener_completes_no_new_handshake_but_keeps_its_queue():
             conn, _ = listener.accept()
             with conn:
                 assert conn.recv(64) == b"GET / HTTP/1.1\r\n\r\n"
+
+
+class _FixedCostRuntime:
+    """A graph runtime whose batch costs the same whatever its rows (a tiny model's per-call overhead), noting the
+    thread each batch ran on."""
+
+    platform = "fixed-cost"
+    inline_safe = True
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def run(self, inputs):
+        time.sleep(0.004)
+        self.threads.append(threading.get_ident())
+        return {"logits": np.zeros((len(inputs["images"]), 10), np.float32)}
+
+
+def _servable(tmp_path, runtime_factory, **settings):
+    from deepserve.manifest import load_manifest
+    from deepserve.serve.classifier import ClassificationServable
+    from tests.artifacts import make_classifier_artifact
+
+    directory = make_classifier_artifact(tmp_path, "tiny", quantize=False)
+    return ClassificationServable(load_manifest(directory), directory, ModelSettings(**settings), "cpu",
+                                  runtime_factory=runtime_factory)
+
+
+def test_after_warmup_the_first_burst_runs_its_full_batches_where_later_bursts_do(tmp_path):
+    """Warm-up must leave the batcher's cost per row at a full batch's, not a one-row batch's: a batch costs 4 ms
+    whatever its rows, so 32 rows cost ~0.13 ms each (inline, under 60 ms a batch) and one row 4 ms (128 ms for
+    32 rows: the worker thread). Margins are wide, so a loaded machine's delays cannot cross them."""
+    import asyncio
+
+    runtime = _FixedCostRuntime()
+    servable = _servable(tmp_path, lambda *a: runtime, inline_batch_ms=60.0)
+
+    async def first_burst() -> list[int]:
+        await servable.start()
+        try:
+            await servable.warmup()
+            runtime.threads.clear()
+            x = np.zeros((1, 1, 8, 8), np.float32)
+            await asyncio.gather(*(servable.infer({"images": x}) for _ in range(32)))
+            return runtime.threads
+        finally:
+            await servable.stop()
+
+    loop_thread = threading.get_ident()
+    threads = asyncio.run(first_burst())
+    assert threads and set(threads) == {loop_thread}
+
+
+def test_intra_op_threads_sets_the_threads_each_instance_runs_on(tmp_path):
+    import asyncio
+
+    from deepserve.serve.backends import cpu_threads
+
+    seen = []
+
+    def factory(graph, directory, settings, device, threads):
+        seen.append(threads)
+        return _FixedCostRuntime()
+
+    for settings in ({"intra_op_threads": 1}, {}):
+        servable = _servable(tmp_path / str(len(seen)), factory, **settings)
+
+        async def start_stop() -> None:
+            await servable.start()
+            await servable.stop()
+
+        asyncio.run(start_stop())
+    assert seen == [1, cpu_threads(1)]
+    assert env_overrides({"DEEPSERVE_INTRA_OP_THREADS": "2"}) == {"intra_op_threads": 2}
+    with pytest.raises(SettingsError, match="intra_op_threads must be an integer >= 1, got 0"):
+        ModelSettings(intra_op_threads=0)
