@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from contextlib import aclosing
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from deepserve.serve.generation.jobs import Event, Job
 from deepserve.serve.generation.params import GenerationParams, Limits
 from deepserve.serve.generation.scheduler import PREFILL_HOLD, Scheduler
 from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel
-from deepserve.serve.generation.step_models import Graph, StepModel
+from deepserve.serve.generation.step_models import MAX_CHUNK, CharLMStepModel, Graph, StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
@@ -587,18 +589,22 @@ class JoinLoggingModel(TableModel):
         return super().join(prompts, copies)
 
 
+def greedy_job_for(sched: Scheduler) -> Callable[[list[int], int], Job]:
+    """A maker of greedy requests (prompt ids, max_new_tokens) for a scheduler the test drives itself."""
+    def job(prompt: list[int], n: int) -> Job:
+        return Job(GenerationParams(temperature=0, max_new_tokens=n), prompt, n, strategy=None, processors=[],
+                   tokenizer=sched.tokenizer, stream=False, deadline=time.monotonic() + 60, loop=None,
+                   history_includes_prompt=True)
+    return job
+
+
 def test_requests_arriving_step_after_step_share_one_prefill_while_rows_run():
     """While requests keep arriving and rows run, staged prompts wait for the burst to end (at most
     ``PREFILL_HOLD`` steps) and join in one call, with the results they get alone. The scheduler is driven one
     iteration at a time, each after one more arrival."""
     model = JoinLoggingModel(vocab_size=4, eos_id=None, seed=3)
     sched = Scheduler(model, CharTokenizer(VOCAB), max_running_rows=16, max_waiting=16)
-
-    def job(prompt: list[int], n: int) -> Job:
-        return Job(GenerationParams(temperature=0, max_new_tokens=n), prompt, n, strategy=None, processors=[],
-                   tokenizer=sched.tokenizer, stream=False, deadline=time.monotonic() + 60, loop=None,
-                   history_includes_prompt=True)
-
+    job = greedy_job_for(sched)
     first = job([1], 40)
     sched.submit(first)
     sched.iteration()  # nothing runs yet: it joins at once
@@ -617,6 +623,29 @@ def test_requests_arriving_step_after_step_share_one_prefill_while_rows_run():
     assert model.joins[2] == PREFILL_HOLD + 1 and sum(model.joins) == 1 + 3 + PREFILL_HOLD + 2
     for j in (first, *burst, *long_burst):
         assert j.result().outputs[0].token_ids == greedy_reference(model, tuple(j.prompt_ids), j.max_new_tokens)
+
+
+def test_a_long_prompt_joins_after_one_prefill_call_per_chunk_while_requests_keep_arriving():
+    """A char-LM prompt of many chunks is not held back for a burst: with rows running and a one-token request
+    arriving at every iteration, it joins about one iteration per chunk after it arrived."""
+
+    def counting_graph(tokens: np.ndarray, h: np.ndarray) -> list[np.ndarray]:  # h counts the positions fed
+        return [np.tile(np.arange(4, dtype=np.float32), (len(tokens), 1)), h + tokens.shape[1]]
+
+    model = CharLMStepModel(Graph(counting_graph, ["logits", "h_out"]), 1, 1, 1, 4, last_only=True)
+    sched = Scheduler(model, CharTokenizer(VOCAB), max_running_rows=64, max_waiting=256)
+    job = greedy_job_for(sched)
+    sched.submit(job([1], 1000))
+    sched.iteration()
+    long = job([1] * 300, 2)
+    sched.submit(long)
+    iterations = 0
+    while long.t_first is None and iterations < 300:
+        sched.submit(job([2], 1))
+        sched.iteration()
+        iterations += 1
+    assert iterations <= math.ceil(299 / MAX_CHUNK) + 2
+    assert float(model.state[0][0, long.start, 0]) == 300  # every prompt position fed once, then its first step
 
 
 class FailingJoinModel(TableModel):

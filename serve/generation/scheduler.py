@@ -20,7 +20,7 @@ from deepserve.serve.generation import metrics as gm
 from deepserve.serve.generation.admission import Admission, Slot
 from deepserve.serve.generation.batch import RowMoves, StepPlan, place_beams
 from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
-from deepserve.serve.generation.step_models import StepModel
+from deepserve.serve.generation.step_models import MAX_CHUNK, StepModel
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
@@ -182,12 +182,14 @@ class Scheduler:
 
     def _admit(self, outbox: list) -> None:
         """Stage the waiting requests that fit, then prefill; while requests keep arriving to running, unfilled rows,
-        staged prompts wait up to ``PREFILL_HOLD`` steps: a burst shares one call (a lone prompt costs far more)."""
+        staged prompts of one chunk wait up to ``PREFILL_HOLD`` steps: a burst shares one call (a lone prompt costs
+        far more). A longer prompt holds nothing back: each held step would delay its first token by a chunk."""
         if joining := self._take_waiting(outbox) if self.waiting else []:  # a request queued meanwhile: next time
             self.model.stage([j.prompt_ids for j in joining])
             self.prefilling += joining
             self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
-            if self.running and self.reserved < self.max_running_rows:
+            if self.running and self.reserved < self.max_running_rows and \
+                    all(len(j.prompt_ids) <= MAX_CHUNK + 1 for j in self.prefilling):  # the last token is a step's
                 self.held_since = self.steps if self.held_since is None else self.held_since
                 if self.steps - self.held_since < PREFILL_HOLD:
                     return
