@@ -16,6 +16,7 @@ import pytest
 
 from deepserve.manifest import GraphSpec, KVUpdate, Manifest, StepGraphContract, TensorSpec
 from deepserve.serve.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded
+from deepserve.serve.generation.batch import StepPlan
 from deepserve.serve.generation.engine import GenerationServable
 from deepserve.serve.generation.jobs import Event, Job
 from deepserve.serve.generation.params import GenerationParams, Limits
@@ -844,6 +845,35 @@ def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_reque
     assert all(len(ids) >= 3 for r in batched for ids, _, _ in r)
     monkeypatch.setattr(processors.MinNewTokens, "needs_history", True)  # forces the per-request selection
     assert outputs(3) == batched
+
+
+def test_the_step_plan_is_rebuilt_only_when_the_batch_changes_and_eos_of_other_rows_leaves_plain_ones_alone(
+        monkeypatch):
+    """Beside a plain request (``Job.plain``), a beam request and a request with stop strings that ends on EOS: only
+    a plain row's EOS takes its request off the token log, so the step plan is built only when a request joins,
+    leaves or changes width, and every request gets its lone-run tokens."""
+    model, builds = TableModel(seed=1), []
+    build = StepPlan.of
+
+    def counted(running: list[Job], rows: int) -> StepPlan:
+        builds.append(tuple((j.id, j.rows, j.plain) for j in running))
+        return build(running, rows)
+
+    monkeypatch.setattr(StepPlan, "of", staticmethod(counted))
+
+    async def main():
+        s = await started(model)
+        try:
+            return await asyncio.gather(s.generate("ab", {"temperature": 0, "max_new_tokens": 20}),
+                                        s.generate("ba", {"num_beams": 2, "max_new_tokens": 12}),
+                                        s.generate("abc", {"temperature": 0, "max_new_tokens": 20, "stop": ["ccc"]}))
+        finally:
+            await s.stop()
+
+    plain, _, stopped = run(main())
+    assert plain.outputs[0].token_ids == greedy_reference(model, (1, 2), 20)
+    assert stopped.outputs[0].token_ids == greedy_reference(model, (1, 2, 3), 20)  # EOS after its 4 tokens
+    assert all(a != b for a, b in zip(builds, builds[1:])) and len(builds) >= 3
 
 
 class MoveCountingModel(TableModel):

@@ -76,11 +76,10 @@ class StepPlan:
         return raw_lp
 
     def select(self, logits: np.ndarray) -> np.ndarray:
-        """Every greedy row in one argmax, every sampled row in one vectorised draw (beams: ``select_beams``
-        and the scheduler's ``_beam_step``, which move rows)."""
+        """Every greedy row in one argmax, every sampled row in one vectorised draw (beam rows: ``select_beams``)."""
         if isinstance(self.greedy, slice):  # every row greedy: one argmax, no scatter
             return greedy_tokens(logits)
-        chosen = np.full(len(logits), -1, np.int64)  # beam rows keep -1: no token (EOS included) of their own
+        chosen = np.empty(len(logits), np.int64)  # beam rows: set by their request's update (EOS checks skip them)
         if len(self.greedy):
             chosen[self.greedy] = greedy_tokens(logits[self.greedy])
         if len(self.sample):
