@@ -1,9 +1,11 @@
 """Continuous batching: one loop per model instance, on its own thread. Each iteration: stage the waiting requests
 that fit, prefill staged prompts within ``prefill_budget`` tokens (a joining prompt delays running rows by a bounded
-chunk) and let those done join, run one step over every running row, choose tokens (``batch.StepPlan``), update the
-requests, drop finished rows and follow beam back-pointers with one state gather. Plain requests (``Job.plain``)
-cost nothing per row: their tokens go into one ``TokenLog`` column per step. Events reach the asyncio side through
-one ``call_soon_threadsafe`` per loop and hand-over. The thread sleeps on a ``threading.Event`` when idle."""
+chunk) and let those done join, run one step over every running row, choose tokens (``batch.StepPlan``) and update
+the requests. Rows move only where a request leaves or loses rows or a beam's parent has several children (rarely).
+While rows run, arrivals hold staged prompts of one chunk back up to ``PREFILL_HOLD`` steps, so that a burst shares
+one prefill call; the cost: a lone arrival joins one step later. Plain requests (``Job.plain``) cost nothing per row:
+their tokens go into one ``TokenLog`` column per step. Events reach the asyncio side through one
+``call_soon_threadsafe`` per loop and hand-over. The thread sleeps on a ``threading.Event`` when idle."""
 from __future__ import annotations
 
 import bisect
@@ -181,9 +183,8 @@ class Scheduler:
         self.next_deadline = min((j.deadline for j in (*self.running, *self.prefilling)), default=float("inf"))
 
     def _admit(self, outbox: list) -> None:
-        """Stage the waiting requests that fit, then prefill; while requests keep arriving to running, unfilled rows,
-        staged prompts of one chunk wait up to ``PREFILL_HOLD`` steps: a burst shares one call (a lone prompt costs
-        far more). A longer prompt holds nothing back: each held step would delay its first token by a chunk."""
+        """Stage the waiting requests that fit, then prefill unless arrivals hold the staged prompts back (never one of
+        more than a chunk: each held step would delay its first token by a chunk, not one step)."""
         if joining := self._take_waiting(outbox) if self.waiting else []:  # a request queued meanwhile: next time
             self.model.stage([j.prompt_ids for j in joining])
             self.prefilling += joining
@@ -288,8 +289,13 @@ class Scheduler:
         if j.is_beam:
             j.generated += 1
             moves.new_tokens -= rows_before - 1
-            self._beam_step(j, outbox)
-            if not j.finished:
+            if j.stream and (text := j.beam_delta()):
+                outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
+            if j.strategy.done:
+                for h in j.strategy.best(j.params.num_return_sequences):
+                    self.metrics.finished(h.finish_reason)
+                self._finish(j, outbox)
+            else:
                 j.slots, source = place_beams(j.slots, j.beam_out[0])
                 toks = j.beam_out[1][np.argsort(j.slots)]  # in row order
                 if source is None:  # every beam in its parent's row: nothing moves
@@ -342,14 +348,6 @@ class Scheduler:
                                         extra={"finish_reason": "length"})))
         j.row_seqs, j.live = j.live, []
         self._finish(j, outbox)
-
-    def _beam_step(self, j: Job, outbox: list) -> None:
-        if j.stream and (text := j.beam_delta()):
-            outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
-        if j.strategy.done:
-            for h in j.strategy.best(j.params.num_return_sequences):
-                self.metrics.finished(h.finish_reason)
-            self._finish(j, outbox)
 
     def _finish(self, j: Job, outbox: list) -> None:
         j.finished = True

@@ -1,6 +1,6 @@
 """How tokens are chosen: greedy and sampling row-wise over the whole batch (``greedy_tokens``, ``sample_tokens``),
-beam search per request (``BeamSearch.select``, vectorised over requests by ``select_many``). Greedy and sampled
-rows keep their places; a beam step returns, for each next beam, the row (within the request's block) it continues.
+beam search per request (``BeamSearch.select``, vectorised over requests by ``select_many``). Rows keep their places:
+a beam step returns each next beam's token and parent beam, whose row the scheduler finds in ``Job.slots``.
 Row-wise selection is numerically row-independent: a row's result never depends on the other rows, which is what
 makes batched and lone results identical."""
 
