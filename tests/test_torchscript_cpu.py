@@ -1,5 +1,5 @@
 """Serving exported step graphs on CPU: TorchScript's numpy in and out (the step runner's caches stay numpy for
-either backend) and its fast path's row GELU."""
+either backend), its fast path's row GELU, and which graphs get a one-thread copy for small steps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from deepserve.export import export_checkpoint
 from deepserve.manifest import load_manifest
 from deepserve.serve.generation.step_models import open_step_model
-from tests.artifacts import make_seq2seq_checkpoint
+from tests.artifacts import make_charlm_checkpoint, make_seq2seq_checkpoint
 
 PROMPTS = [[5, 6, 7, 8], [9, 10]]  # joined as two beams of the first prompt, one row of the second
 PARTED = np.array([7, 11, 9])  # the second step's tokens: the two beams part ways
@@ -54,6 +54,19 @@ def test_torchscript_step_model_on_cpu_keeps_numpy_state_and_decodes_like_onnx(s
             steps.append(tokens.tolist())
         picked[backend] = steps
     assert picked["torchscript"] == picked["onnx"]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_only_step_graphs_get_a_one_thread_copy(seq2seq: Path, tmp_path: Path, backend: str) -> None:
+    """Small steps run on a one-thread copy of the step graph (on ONNX Runtime a session of its own); the seq2seq
+    encoder never does, so it gets no copy (it was a second, idle encoder session per model)."""
+    model = open_step_model(load_manifest(seq2seq), seq2seq, backend=backend, device="cpu", threads=2)
+    assert model.decode.narrow is not None and model.decode.narrow.runtime.threads == 1
+    assert model.decode.rows(1) is model.decode.narrow and model.decode.rows(64) is model.decode
+    assert model.encode.narrow is None
+    charlm = _export(make_charlm_checkpoint(tmp_path / "lm.pt"), "lm")
+    lm = open_step_model(load_manifest(charlm), charlm, backend=backend, device="cpu", threads=2)
+    assert lm.graph.rows(1) is lm.graph.narrow is not None
 
 
 def test_torchscript_cpu_fast_path_runs_row_gelu_on_torch_kernel_with_the_same_answer() -> None:
