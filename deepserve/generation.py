@@ -71,15 +71,17 @@ def _bounds_text(kind: str, bounds: dict[str, float]) -> str:
 
 
 def _check_declared(obj: Any) -> None:
-    """Check every field that declares a kind against its bounds."""
+    """Check every field that declares a kind against its bounds (the message only for a failure: this runs
+    once per request)."""
     for f in dataclasses.fields(obj):
         kind, bounds = f.metadata.get("kind"), f.metadata.get("bounds", {})
         value = getattr(obj, f.name)
         if kind is None or (value is None and f.metadata.get("nullable")):
             continue
         ok = _is_int(value) if kind == "integer" else _is_number(value)
-        ok = ok and all({"ge": value >= b, "gt": value > b, "le": value <= b}[k] for k, b in bounds.items())
-        check(ok, f.name, _bounds_text(kind, bounds), value)
+        if not (ok and all(value >= b if k == "ge" else value > b if k == "gt" else value <= b
+                           for k, b in bounds.items())):
+            raise ParameterError(f.name, _bounds_text(kind, bounds), value)
 
 
 @dataclass(kw_only=True)

@@ -15,8 +15,9 @@ import pytest
 from deepserve.manifest import GraphSpec, KVUpdate, Manifest, StepGraphContract, TensorSpec
 from deepserve.serve.errors import BadRequest, DeadlineExceeded, InferenceFailed, Overloaded
 from deepserve.serve.generation.engine import GenerationServable
-from deepserve.serve.generation.jobs import Event
+from deepserve.serve.generation.jobs import Event, Job
 from deepserve.serve.generation.params import GenerationParams, Limits
+from deepserve.serve.generation.scheduler import PREFILL_HOLD, Scheduler
 from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel
 from deepserve.serve.generation.step_models import Graph, StepModel
 from deepserve.serve.generation.strategies import BeamSearch, log_softmax, sample_tokens
@@ -241,9 +242,9 @@ def greedy_reference(model: TableModel, prompt: tuple[int, ...], max_len: int) -
 
 @pytest.mark.parametrize("seed,k", [(0, 4), (1, 4), (2, 2), (3, 12)])
 def test_batched_beam_selection_equals_one_request_at_a_time(seed, k):
-    """``select_many`` (the scheduler's path for full-width beams) and ``select``'s shortcut for steps where no
-    top candidate ends pick exactly what ``select``'s full scan picks (forced here by a stop check that never
-    matches), ties (coarse logits tie often, also at the k-th place), -inf scores and EOS candidates included."""
+    """``select_many`` (the scheduler's path for full-width beams) picks exactly what ``select`` picks one request at
+    a time, with or without a stop check (one that never matches here), ties (coarse logits tie often, also at
+    the k-th place), -inf scores and EOS candidates included."""
     rng = np.random.default_rng(seed)
     J, V, eos = 12, 7, 3
 
@@ -574,6 +575,50 @@ def test_cancel_frees_rows_within_a_step_and_deadlines_and_queue_limits():
     run(main())
 
 
+class JoinLoggingModel(TableModel):
+    """Logs how many prompts each join takes (one prefill call each)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.joins: list[int] = []
+
+    def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
+        self.joins.append(len(prompts))
+        return super().join(prompts, copies)
+
+
+def test_requests_arriving_step_after_step_share_one_prefill_while_rows_run():
+    """While requests keep arriving and rows run, staged prompts wait for the burst to end (at most
+    ``PREFILL_HOLD`` steps) and join in one call, with the results they get alone. The scheduler is driven one
+    iteration at a time, each after one more arrival."""
+    model = JoinLoggingModel(vocab_size=4, eos_id=None, seed=3)
+    sched = Scheduler(model, CharTokenizer(VOCAB), max_running_rows=16, max_waiting=16)
+
+    def job(prompt: list[int], n: int) -> Job:
+        return Job(GenerationParams(temperature=0, max_new_tokens=n), prompt, n, strategy=None, processors=[],
+                   tokenizer=sched.tokenizer, stream=False, deadline=time.monotonic() + 60, loop=None,
+                   history_includes_prompt=True)
+
+    first = job([1], 40)
+    sched.submit(first)
+    sched.iteration()  # nothing runs yet: it joins at once
+    burst = [job([2, i % 3 + 1], 5) for i in range(3)]
+    for j in burst:
+        sched.submit(j)
+        sched.iteration()
+    sched.iteration()  # no arrival: the burst's prompts join together
+    long_burst = [job([3, i % 3 + 1], 5) for i in range(PREFILL_HOLD + 2)]
+    for j in long_burst:
+        sched.submit(j)
+        sched.iteration()
+    while sched.running or sched.prefilling:
+        sched.iteration()
+    assert model.joins[:2] == [1, 3]
+    assert model.joins[2] == PREFILL_HOLD + 1 and sum(model.joins) == 1 + 3 + PREFILL_HOLD + 2
+    for j in (first, *burst, *long_burst):
+        assert j.result().outputs[0].token_ids == greedy_reference(model, tuple(j.prompt_ids), j.max_new_tokens)
+
+
 class FailingJoinModel(TableModel):
     """``join`` raises once when ``fail_next_join`` is set (an encoder error, an out-of-memory)."""
 
@@ -601,7 +646,7 @@ def test_a_failed_join_fails_the_batch_and_the_next_request_starts_clean():
             assert (await stream.__anext__()).kind == "delta" and model.rows == 1
             model.fail_next_join = True
             joining = s.submit("ca", {"temperature": 0, "max_new_tokens": 5})
-            model.gate.release()  # the running row's step ends; the next iteration's join fails
+            model.gate.release(2)  # the running row steps on; the join (held a step: it just arrived) fails
             with pytest.raises(InferenceFailed):
                 await s.wait(joining)
             with pytest.raises(InferenceFailed):  # the running request fails with the batch
@@ -770,6 +815,49 @@ def test_beams_with_min_new_tokens_take_the_batched_selection_with_the_per_reque
     assert all(len(ids) >= 3 for r in batched for ids, _, _ in r)
     monkeypatch.setattr(processors.MinNewTokens, "needs_history", True)  # forces the per-request selection
     assert outputs(3) == batched
+
+
+class MoveCountingModel(TableModel):
+    """Counts the rows a reorder within the batch (``regroup=False``) fills from another row: cache row copies."""
+
+    copies = 0
+
+    def reorder(self, index: np.ndarray, regroup: bool = True) -> None:
+        if not regroup:
+            self.copies += int(np.count_nonzero(index != np.arange(len(index))))
+        super().reorder(index, regroup)
+
+
+def test_beams_move_rows_only_for_the_extra_children_of_a_parent():
+    """A beam continues in its parent's row: only a parent's second, third... child takes another row (a copy),
+    with the same n-best as a search run directly on the model, and beside other requests."""
+    vocab = ["<unk>", *"abcdefghijklmno"]
+    model, prompt = MoveCountingModel(vocab_size=16, eos_id=None, seed=4, scale=1.0), (1, 2)
+    direct = BeamSearch(num_beams=4, max_new_tokens=12)
+    seqs, want = [()], 0
+    while not direct.done:
+        logits = np.stack([model.logits_for(prompt + s) for s in seqs])
+        toks, parents = direct.select(log_softmax(logits))
+        if len(seqs) == len(parents) and not direct.done:  # full width before and after: a move in place
+            want += len(parents) - len(set(parents.tolist()))
+        seqs = [seqs[p] + (int(t),) for p, t in zip(parents, toks)]
+
+    async def main():
+        s = await started(model, vocab=vocab, max_new_tokens=12)
+        try:
+            lone = await s.generate("ab", {"num_beams": 4, "num_return_sequences": 4, "max_new_tokens": 12})
+            copies, model.copies = model.copies, 0
+            crowd = await asyncio.gather(s.generate("ab", {"num_beams": 4, "num_return_sequences": 4,
+                                                           "max_new_tokens": 12}),
+                                         *(s.generate("ba", {"temperature": 0, "max_new_tokens": n}) for n in (3, 9)))
+            return lone, copies, crowd[0]
+        finally:
+            await s.stop()
+
+    lone, copies, crowded = run(main())
+    assert [o.token_ids for o in lone.outputs] == [h.tokens for h in direct.best(4)]
+    assert [o.token_ids for o in crowded.outputs] == [o.token_ids for o in lone.outputs]
+    assert 0 < copies == want
 
 
 # ---------------------------------------------------------------------------------------------- transformers parity

@@ -35,14 +35,18 @@ class Slot:
 
 
 class Admission:
-    """One scheduler's wait predictor and rule. The scheduler updates the counts under its lock; the event loop
-    may read them one step stale, which the budget absorbs."""
+    """One scheduler's wait predictor and rule. The scheduler reports the queue under its lock; the event loop
+    may read the counts one step stale, which the budget absorbs."""
 
     def __init__(self, max_running_rows: int) -> None:
         self.max_running_rows = max_running_rows
         self.step_s = 0.0  # Moving average of one scheduler step (model step and selection), in seconds.
         self.typical_steps = 0.0  # Moving average of the admitted requests' ``max_new_tokens``.
         self.waiting_rows = 0  # Rows reserved by the requests in the waiting queue.
+
+    def queued(self, rows: int) -> None:
+        """``rows`` rows joined the waiting queue (negative: left it, to run or gone)."""
+        self.waiting_rows += rows
 
     def observe(self, seconds: float) -> None:
         """A step took ``seconds``."""

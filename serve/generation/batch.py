@@ -18,7 +18,6 @@ class StepPlan:
     Rebuilt only when the batch changes."""
 
     greedy: slice | np.ndarray  # Rows chosen by argmax (``slice(None)`` when that is every row).
-    any_greedy: bool
     starts: list[int]  # Each running request's first row, in order (to find the request behind a row).
     sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sampled rows; their settings:
     temperature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -26,7 +25,8 @@ class StepPlan:
     top_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     samplers: list[Job] = field(default_factory=list)
     """The sampling requests, in row order (each draws its rows' uniforms from its own generator)."""
-    beams: list[Job] = field(default_factory=list)
+    beams: list[Job] = field(default_factory=list)  # Beam requests selected one at a time.
+    beam_groups: dict[int, list[Job]] = field(default_factory=dict)  # Those selected together, by width.
     processed: list[Job] = field(default_factory=list)  # Row requests with logit processors.
     with_logprobs: list[Job] = field(default_factory=list)  # Row requests that return logprobs.
     visited: list[Job] = field(default_factory=list)  # requests looked at every step (all but ``Job.plain`` ones)
@@ -44,13 +44,18 @@ class StepPlan:
             return np.repeat(np.asarray([getattr(j.strategy, name) for j in sampled], dtype), [j.rows for j in sampled])
 
         row_jobs = [j for j in running if not j.is_beam]
+        together = [j for j in running if j.is_beam and j.strategy.rows == j.params.num_beams and not j.needs_history
+                    and not j.stops and j.params.logprobs is None]  # full width (a width change rebuilds the plan)
         mins = [(r, j.col0 + p.min_new_tokens, p.eos_id) for j in row_jobs if j.plain for p in j.processors
                 for r in range(j.start, j.start + j.rows)]
         return cls(greedy=slice(None) if len(greedy) == rows else np.asarray(greedy, np.int64),
-            any_greedy=bool(greedy), starts=[j.start for j in running],
+            starts=[j.start for j in running],
             sample=np.asarray([r for j in sampled for r in range(j.start, j.start + j.rows)], np.int64),
             temperature=per_row("temperature", np.float32), top_k=per_row("top_k", np.int64),
-            top_p=per_row("top_p", np.float64), samplers=sampled, beams=[j for j in running if j.is_beam],
+            top_p=per_row("top_p", np.float64), samplers=sampled,
+            beams=[j for j in running if j.is_beam and j not in together],
+            beam_groups={k: [j for j in together if j.params.num_beams == k]
+                         for k in dict.fromkeys(j.params.num_beams for j in together)},
             processed=[j for j in row_jobs if j.processors and not j.plain],
             early=(*(np.asarray(a, np.int64) for a in list(zip(*mins))[:2]), mins[0][2]) if mins else (),
             with_logprobs=[j for j in row_jobs if j.params.logprobs is not None],
@@ -67,10 +72,7 @@ class StepPlan:
             logits[self.early[0][self.early[1] > col], self.early[2]] = -np.inf
         raw_lp = {j.id: log_softmax(logits[j.start: j.start + j.rows]) for j in self.with_logprobs}
         for j in self.processed:
-            block = logits[j.start: j.start + j.rows]
-            hist = j.histories() if j.needs_history else []
-            for proc in j.processors:
-                proc(block, hist, j.generated)
+            j.apply_processors(logits[j.start: j.start + j.rows])
         return raw_lp
 
     def select(self, logits: np.ndarray) -> np.ndarray:
@@ -78,8 +80,8 @@ class StepPlan:
         and the scheduler's ``_beam_step``, which move rows)."""
         if isinstance(self.greedy, slice):  # every row greedy: one argmax, no scatter
             return greedy_tokens(logits)
-        chosen = np.empty(len(logits), np.int64)
-        if self.any_greedy:
+        chosen = np.full(len(logits), -1, np.int64)  # beam rows keep -1: no token (EOS included) of their own
+        if len(self.greedy):
             chosen[self.greedy] = greedy_tokens(logits[self.greedy])
         if len(self.sample):
             u = np.concatenate([j.strategy.rng.random(j.rows) for j in self.samplers])  # a uniform per row
@@ -87,21 +89,34 @@ class StepPlan:
         return chosen
 
     def select_beams(self, logits: np.ndarray) -> None:
-        """Beams at full width without stops, logprobs or history-reading processors: one ``select_many`` per
-        width (others: ``_beam_step``); history-free processors (``min_new_tokens``) edit their scores first."""
-        groups: dict[int, list[Job]] = {}
-        for j in self.beams:
-            k = j.params.num_beams
-            if j.strategy.rows == k and not j.needs_history and not j.stops and j.params.logprobs is None:
-                groups.setdefault(k, []).append(j)
-        for k, jobs in groups.items():
-            rows = np.concatenate([np.arange(j.start, j.start + k) for j in jobs])
+        """Each beam request's next beams (``Job.beam_out``): one ``select_many`` per width for ``beam_groups``, the
+        others one at a time; processors rank the candidates, logprobs report the model's own distribution."""
+        for k, jobs in self.beam_groups.items():
+            rows = jobs[0].beam_rows() if len(jobs) == 1 else np.concatenate([j.beam_rows() for j in jobs])
             scores = log_softmax(logits[rows]).reshape(len(jobs), k, -1)
-            for i, j in enumerate(jobs):
-                for p in j.processors:  # j.generated counts the tokens before this step, as in _beam_step
-                    p(scores[i], [], j.generated)
+            for j, block in zip(jobs, scores):
+                j.apply_processors(block)
             for j, (toks, parents) in zip(jobs, BeamSearch.select_many([j.strategy for j in jobs], scores)):
                 j.beam_out = (parents, toks)
+        for j in self.beams:
+            model_lp = log_softmax(logits[j.beam_rows()])
+            scores = j.apply_processors(model_lp.copy() if j.params.logprobs is not None else model_lp)
+            toks, parents = j.strategy.select(scores, model_lp)
+            j.beam_out = (parents, toks)
+
+
+def place_beams(slots: np.ndarray, parents: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows (within the block) of the next beams, children of ``parents`` of the beams in rows ``slots``, and per row
+    the row it continues (None: none moves). Only a parent's extra children move (a row copy each); the beams'
+    order, which breaks score ties, does not depend on where they live."""
+    src = slots[parents].tolist()
+    if len(src) != len(slots):  # a new width: rows in beam order
+        return np.arange(len(src)), np.asarray(src, np.int64)
+    spare = sorted(set(range(len(src))) - set(src))  # rows whose beam has no child
+    rows = np.asarray([s if src.index(s) == b else spare.pop(0) for b, s in enumerate(src)], np.int64)
+    source = np.empty_like(rows)
+    source[rows] = src
+    return rows, source if len(set(src)) < len(src) else None
 
 
 class RowMoves:
@@ -117,12 +132,6 @@ class RowMoves:
         self.regroup = False
         """Whether a request left or changed width (requests are renumbered, the model regroups its sources)."""
         self.new_tokens = rows
-        self._chosen: list[int] | None = None
-
-    def chosen_list(self, chosen: np.ndarray) -> list[int]:
-        if self._chosen is None:
-            self._chosen = chosen.tolist()
-        return self._chosen
 
     def move(self, start: int, end: int, kept: tuple[np.ndarray, np.ndarray] | None, chosen: np.ndarray) -> None:
         """Rows [start, end) changed: close the run before them, then keep ``kept`` (rows, tokens) if any."""

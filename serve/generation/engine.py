@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from deepserve.generation import GenerationParams as BaseParams
 from deepserve.manifest import Manifest
 from deepserve.serve import backends
-from deepserve.serve.errors import DeadlineExceeded, NotReady, ShuttingDown
+from deepserve.serve.errors import DeadlineExceeded, NotReady
 from deepserve.serve.generation.jobs import Event, EventKind, Job, Result, StopMatcher
 from deepserve.serve.generation.params import GenerationParams, InvalidParameter, Limits, build_processors, check
 from deepserve.serve.generation.scheduler import Scheduler
@@ -162,23 +161,17 @@ class GenerationServable(Servable):
                 self.cancel(job)
 
     async def wait(self, job: Job) -> Result:
-        """The job's result (errors raise). A job that does not stream gets one event, its result or its error:
-        one ``get`` under the deadline timer, without the async generator of ``event_batches``."""
-        if job.stream:
-            async with aclosing(self.event_batches(job)) as batches:  # closing it cancels the job at once
-                async for batch in batches:
-                    if batch[-1].result is not None:
-                        return batch[-1].result
-            raise ShuttingDown()  # pragma: no cover - events always end with done or an error
+        """The job's result (errors raise; a stream's deltas are passed over): ``get`` under the deadline timer,
+        without the async generator of ``event_batches``."""
         timer = _deadline_timer(job)
+        result = None
         try:
-            event = await job.events.get()
+            while result is None:
+                result = _result(await job.events.get())
         finally:  # also when the caller is cancelled (client gone): the job's rows are freed next step
             timer.cancel()
             if not job.finished:
                 self.cancel(job)
-        result = _result(event)
-        assert result is not None
         return result
 
     async def generate(self, text: str, params: GenerationParams | dict | None = None, *,

@@ -139,6 +139,7 @@ class Job:
         """Row strategies: the sequence behind each of the request's rows, in row order."""
         self.row_seqs: list[SeqState] = []  # Row strategies: ``live`` as it was at the start of the current step.
         self.beam_out: tuple = ()  # Beam search: (parents, tokens) of the current step.
+        self.slots = np.zeros(1, np.int64)  # Beam search: each beam's row within the request's block, in beam order.
         self.generated, self.streamed_beam_text = 0, ""
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
@@ -148,15 +149,26 @@ class Job:
     def rows(self) -> int:
         return self.strategy.rows if self.is_beam else len(self.live)
 
+    def beam_rows(self) -> np.ndarray:
+        """Beam search: the batch row of each beam, in beam order."""
+        return self.start + self.slots
+
     # ---- one step ------------------------------------------------------------------------------------------
 
-    def advance(self, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, char_level: bool) -> list[Event]:
+    def apply_processors(self, scores: np.ndarray) -> np.ndarray:
+        """The request's logit processors on its rows' ``scores`` (in place, returned), before this step's token."""
+        hist = self.histories() if self.needs_history else []
+        for p in self.processors:
+            p(scores, hist, self.generated)
+        return scores
+
+    def advance(self, chosen: np.ndarray, raw_lp: np.ndarray | None, eos: int | None, char_level: bool) -> list[Event]:
         """A greedy / sampled request's step: row r of its block (from ``start``) took ``chosen[start + r]``.
         Sets ``row_seqs`` (the rows as they were) and ``live`` (those still going); returns the stream's events."""
         events: list[Event] = []
         self.row_seqs = list(self.live)
         for r, seq in enumerate(self.row_seqs):
-            tok = chosen[self.start + r]
+            tok = int(chosen[self.start + r])
             if raw_lp is not None:
                 if tok != eos:
                     seq.logprobs.append(float(raw_lp[r, tok]))

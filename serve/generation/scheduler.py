@@ -18,14 +18,14 @@ import numpy as np
 from deepserve.serve.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 from deepserve.serve.generation import metrics as gm
 from deepserve.serve.generation.admission import Admission, Slot
-from deepserve.serve.generation.batch import RowMoves, StepPlan
+from deepserve.serve.generation.batch import RowMoves, StepPlan, place_beams
 from deepserve.serve.generation.jobs import Event, EventKind, Job, TokenLog, deliver
 from deepserve.serve.generation.step_models import StepModel
-from deepserve.serve.generation.strategies import BeamSearch, log_softmax
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
 PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~0.8 ms
+PREFILL_HOLD = 4  # steps staged prompts may wait for the rest of a burst of requests
 
 
 class Scheduler:
@@ -41,6 +41,7 @@ class Scheduler:
         self.running: list[Job] = []
         self.prefilling: list[Job] = []  # admitted, rows reserved, prompts staged in the model until they join
         self.prefill_budget = prefill_budget
+        self.held_since: int | None = None  # the step since which arrivals hold staged prompts back
         self.reserved = 0
         self.tokens = np.zeros(0, np.int64)  # next input token of each row
         self.lock = threading.Lock()
@@ -89,7 +90,7 @@ class Scheduler:
             if self.closing:
                 raise ShuttingDown()
             self.waiting.append(job)
-            self.admission.waiting_rows += job.reserve
+            self.admission.queued(job.reserve)
             self.metrics.waiting.set(len(self.waiting))
             if not self.wake.is_set():  # set while the loop runs (it clears it under this lock when idle)
                 self.wake.set()
@@ -129,12 +130,13 @@ class Scheduler:
                 self.wake.wait()
                 continue
             try:
-                self._iteration()
+                self.iteration()
             except Exception as e:  # a failing graph fails the requests in the batch, not the server
                 log.exception("generation step failed")
                 self._fail_all(InferenceFailed(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _iteration(self) -> None:
+    def iteration(self) -> None:
+        """One pass of the loop (the thread's; a test may drive a scheduler it did not start): admit, step, update."""
         now = time.perf_counter()
         if self.running and self._last_step is not None:  # a step's wall time: selection, joins, the GIL included
             self.admission.observe(now - self._last_step)
@@ -179,31 +181,37 @@ class Scheduler:
         self.next_deadline = min((j.deadline for j in (*self.running, *self.prefilling)), default=float("inf"))
 
     def _admit(self, outbox: list) -> None:
-        joining: list[Job] = []
-        now = time.monotonic()
-        with self.lock:
-            while self.waiting:
-                job = self.waiting[0]
-                if job.cancelled or job.deadline < now:
-                    self.waiting.popleft()
-                    self.admission.waiting_rows -= job.reserve
-                    if not job.cancelled:
-                        outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
-                            "the request's deadline passed while it waited for a decoding slot"))))
-                    continue
-                if self.reserved + job.reserve > self.max_running_rows:
-                    break
-                self.waiting.popleft()
-                self.admission.waiting_rows -= job.reserve
-                self.reserved += job.reserve
-                joining.append(job)
-            self.metrics.waiting.set(len(self.waiting))
-        if joining:
+        """Stage the waiting requests that fit, then prefill; while requests keep arriving to running, unfilled rows,
+        staged prompts wait up to ``PREFILL_HOLD`` steps: a burst shares one call (a lone prompt costs far more)."""
+        if joining := self._take_waiting(outbox) if self.waiting else []:  # a request queued meanwhile: next time
             self.model.stage([j.prompt_ids for j in joining])
             self.prefilling += joining
             self.next_deadline = min(self.next_deadline, min(j.deadline for j in joining))
+            if self.running and self.reserved < self.max_running_rows:
+                self.held_since = self.steps if self.held_since is None else self.held_since
+                if self.steps - self.held_since < PREFILL_HOLD:
+                    return
+        self.held_since = None
         if self.prefilling:
             self._join_prefilled()
+
+    def _take_waiting(self, outbox: list) -> list[Job]:
+        """Off the queue: expired and cancelled requests, then those whose rows fit, in order."""
+        joining: list[Job] = []
+        now = time.monotonic()
+        with self.lock:
+            while self.waiting and ((gone := self.waiting[0].cancelled or self.waiting[0].deadline < now)
+                                    or self.reserved + self.waiting[0].reserve <= self.max_running_rows):
+                job = self.waiting.popleft()
+                self.admission.queued(-job.reserve)
+                if not gone:
+                    self.reserved += job.reserve
+                    joining.append(job)
+                elif not job.cancelled:
+                    outbox.append((job, Event(EventKind.ERROR, error=DeadlineExceeded(
+                        "the request's deadline passed while it waited for a decoding slot"))))
+            self.metrics.waiting.set(len(self.waiting))
+        return joining
 
     def _join_prefilled(self) -> None:
         """Spend this iteration's prefill budget; the requests whose prompts are done join the batch."""
@@ -244,11 +252,10 @@ class Scheduler:
             pieces = self.pieces[chosen[plan.stream_rows]].tolist()
             outbox.extend((j, Event(EventKind.DELTA, index=i, text=t)) for (j, i), t in zip(plan.streamed, pieces)
                           if t and j not in skip)
-        widths = {j.id: j.rows for j in plan.beams}  # before ``select_beams`` moves them
         plan.select_beams(logits)
         moves = RowMoves(len(chosen))
         for j in visit:
-            self._update(j, widths, chosen, logits, raw_lp.get(j.id), outbox, moves)
+            self._update(j, chosen, raw_lp.get(j.id), outbox, moves)
         self.metrics.tokens.inc(moves.new_tokens)
         self._apply(moves, chosen)
         if moves.regroup or visit is not plan.visited:
@@ -258,40 +265,46 @@ class Scheduler:
     def _to_visit(self, plan: StepPlan, chosen: np.ndarray) -> list[Job]:
         """The requests this step must look at: every one not plain, and plain ones whose row picked EOS (from
         then on they take the general path) or that reach max_new_tokens now."""
-        eos = self.model.eos_id
-        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
-        ending = [j for j in self.due.pop(self.log.col - 1, ()) if not j.finished]
-        if not hits and not ending:
+        eos, due = self.model.eos_id, self.due.pop(self.log.col - 1, ())
+        if len(plan.visited) == len(self.running):  # no plain request
             return plan.visited
-        eos_jobs = {self.running[bisect.bisect_right(plan.starts, r) - 1] for r in hits}
-        for j in (j for j in eos_jobs if j.plain):  # the general path from now: tokens up to this step's leave the log
+        hits = np.flatnonzero(chosen == eos).tolist() if eos is not None else []
+        eos_jobs = {j for r in hits if (j := self.running[bisect.bisect_right(plan.starts, r) - 1]).plain}
+        ending = [j for j in due if not j.finished and j.plain and j not in eos_jobs]
+        if not eos_jobs and not ending:
+            return plan.visited
+        for j in eos_jobs:  # the general path from now: tokens up to this step's leave the log
             j.take_log(self.log, self.log.col - 1)
             j.plain = False
-        ending = [j for j in ending if j.plain]
         return sorted({*plan.visited, *eos_jobs, *ending}, key=lambda j: j.start)
 
-    def _update(self, j: Job, widths: dict[int, int], chosen: np.ndarray, logits: np.ndarray,
-                raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
+    def _update(self, j: Job, chosen: np.ndarray, raw_lp: np.ndarray | None, outbox: list, moves: RowMoves) -> None:
         """Advance request ``j`` by this step's tokens (events into ``outbox``) and record where its rows go."""
-        start = j.start
-        rows_before = widths[j.id] if j.is_beam else len(j.live)
+        start, rows_before = j.start, len(j.slots) if j.is_beam else len(j.live)
         end = start + rows_before
         kept: tuple[np.ndarray, np.ndarray] | None = None  # the request's next rows and tokens, if it moved
         if j.is_beam:
             j.generated += 1
             moves.new_tokens -= rows_before - 1
-            self._beam_step(j, logits[start:end], outbox)
-            parents, toks = j.beam_out
-            j.beam_out = ()
-            changed = True
+            self._beam_step(j, outbox)
             if not j.finished:
-                kept = (parents + start, toks)
+                j.slots, source = place_beams(j.slots, j.beam_out[0])
+                toks = j.beam_out[1][np.argsort(j.slots)]  # in row order
+                if source is None:  # every beam in its parent's row: nothing moves
+                    chosen[start:end] = toks
+                else:
+                    kept = (source + start, toks)
+            changed = j.finished or kept is not None
         else:
             if j.plain:
                 self._end_plain(j, outbox)
             else:
                 j.generated += 1
-                self._row_step(j, moves.chosen_list(chosen), raw_lp, self.model.eos_id, outbox)
+                outbox.extend((j, event) for event in j.advance(chosen, raw_lp, self.model.eos_id, self.char_level))
+                for reason in (q.finish_reason for q in j.row_seqs if q.finish_reason):
+                    self.metrics.finished(reason)
+                if not j.live:
+                    self._finish(j, outbox)
             changed = j.finished or len(j.live) != rows_before
             if changed and not j.finished:
                 keep_rows = np.asarray([start + r for r, q in enumerate(j.row_seqs) if q.finish_reason is None],
@@ -328,32 +341,11 @@ class Scheduler:
         j.row_seqs, j.live = j.live, []
         self._finish(j, outbox)
 
-    def _row_step(self, j: Job, chosen: list[int], raw_lp: np.ndarray | None, eos: int | None, outbox: list) -> None:
-        outbox.extend((j, event) for event in j.advance(chosen, raw_lp, eos, self.char_level))
-        for seq in j.row_seqs:
-            if seq.finish_reason:
-                self.metrics.finished(seq.finish_reason)
-        if not j.live:
-            self._finish(j, outbox)
-
-    def _beam_step(self, j: Job, logits: np.ndarray, outbox: list) -> None:
-        beam = j.strategy
-        assert isinstance(beam, BeamSearch)
-        if not j.beam_out:  # not already selected by the vectorised path
-            scores = model_lp = log_softmax(logits)
-            if j.processors:  # they rank the candidates; logprobs report the model's own distribution
-                scores = model_lp.copy() if j.params.logprobs is not None else model_lp
-                hist = j.histories() if j.needs_history else []
-                for p in j.processors:
-                    p(scores, hist, j.generated - 1)
-            toks, parents = beam.select(scores, model_lp)
-            j.beam_out = (parents, toks)
-        if j.stream:
-            text = j.beam_delta()
-            if text:
-                outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
-        if beam.done:
-            for h in beam.best(j.params.num_return_sequences):
+    def _beam_step(self, j: Job, outbox: list) -> None:
+        if j.stream and (text := j.beam_delta()):
+            outbox.append((j, Event(EventKind.DELTA, index=-1, text=text)))
+        if j.strategy.done:
+            for h in j.strategy.best(j.params.num_return_sequences):
                 self.metrics.finished(h.finish_reason)
             self._finish(j, outbox)
 
@@ -385,7 +377,7 @@ class Scheduler:
         self.metrics.running.set(self.model.rows)
 
     def _fail_all(self, error: Exception) -> None:
-        with self.rows_changed:  # as in ``_iteration``: finished and handed over under one hold
+        with self.rows_changed:  # as in ``iteration``: finished and handed over under one hold
             outbox = [(j, Event(EventKind.ERROR, error=error)) for j in (*self.running, *self.prefilling)]
             for j, _ in outbox:
                 j.finished = True

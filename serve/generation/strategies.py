@@ -85,7 +85,7 @@ def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
     either way a tie at the m-th place keeps the lower index, where a partition alone keeps any of them."""
     if m > 16:  # wide beams
         return np.argsort(-cand, kind="stable")[:m]
-    work = np.where(np.isnan(cand), -np.inf, cand)  # a copy: the picks overwrite it
+    work = np.fmax(cand, -np.inf)  # a copy with NaN as -inf: the picks overwrite it
     top = np.empty(m, np.int64)
     for i in range(m):
         f = work.argmax()
@@ -180,17 +180,7 @@ class BeamSearch:
         log-probs before them (what logprobs report, as for greedy and sampling; default ``scores``). Returns
         the next beams' tokens and parents; sets ``done`` (then ``rows`` is 0) when the search is over."""
         lps = scores if model_lp is None else model_lp
-        k, V = scores.shape
         cand = (self.scores[:, None] + scores).ravel()  # (k*V,)
-        if self.ends_with_stop is None and self.logprobs is None:
-            # the common step: when none of the best num_beams candidates ends, they are the next beams (what
-            # the scan below would pick), and the other num_beams candidates need not be found
-            top = top_candidates(cand, min(self.num_beams, cand.size))
-            vals = cand[top]
-            parents, tokens = np.divmod(top, V)
-            if np.isfinite(vals).all() and (self.eos_id is None or not (tokens == self.eos_id).any()):
-                self._after_step(parents, tokens, vals.astype(np.float64), float(vals[0]))
-                return tokens, parents
         top = top_candidates(cand, min(2 * self.num_beams, cand.size))  # by score, ties by (beam, token) order
         length = self.generated + 1  # generated tokens including this one
         parents, tokens, sums = self._scan(cand, top, lps, length)
