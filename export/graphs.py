@@ -81,7 +81,7 @@ class RNNStep(nn.Module):
         super().__init__()
         self.model, self.method = model, method
 
-    def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, state_out = getattr(self.model, self.method)(tokens, state)
         return (logits, *state_out)
 

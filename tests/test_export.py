@@ -15,6 +15,7 @@ import torch
 
 from deepserve.manifest import load_manifest, sha256_file
 from deepserve.train.checkpoint import load_checkpoint, restore_model
+from deepserve.train.models.seq2seq import Seq2SeqArgs, Seq2SeqTransformer, affine
 from tests.artifacts import (
     CHARLM_VOCAB,
     concat_era_copy,
@@ -410,6 +411,54 @@ def test_seq2seq_step_folds_the_attention_scale_into_its_weights(work: Path) -> 
         for i in n.inputs())]
 
 
+
+class _Affine(torch.nn.Module):
+    def __init__(self, rows: int | None) -> None:
+        super().__init__()
+        self.fc, self.rows = torch.nn.Linear(8, 6), rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return affine(x, self.fc, 0.5, self.rows)
+
+
+@pytest.mark.parametrize("rows", [None, 2])
+def test_affine_scales_its_first_rows_outputs_or_all_of_them_eager_and_traced(rows: int | None) -> None:
+    torch.manual_seed(0)
+    module, x = _Affine(rows).eval(), torch.randn(3, 8)
+    with torch.no_grad():
+        expected = module.fc(x)
+        expected[:, : 6 if rows is None else rows] *= 0.5
+        traced = torch.jit.freeze(torch.jit.trace(module, x))
+        torch.testing.assert_close(module(x), expected)
+        torch.testing.assert_close(traced(x), expected)
+
+
+def test_seq2seq_eager_step_reads_the_q_projection_weights_only_in_its_product() -> None:
+    """Eager steps (training's greedy validation, export parity) scale Q after the product, rather than
+    building scaled copies of the Q projections' weights in every layer on every step."""
+    model = Seq2SeqTransformer(Seq2SeqArgs(vocab_size=16, d_model=16, n_heads=2)).eval()
+    params = [p for block in model.decoder for lin in (block.self_attn.qkv, block.cross_attn.q)
+              for p in (lin.weight, lin.bias)]
+
+    class Readers(torch.overrides.TorchFunctionMode):  # the torch functions given one of those parameters
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            flat = [a for x in (*args, *(kwargs or {}).values()) for a in (x if isinstance(x, (list, tuple)) else [x])]
+            if any(a is p for a in flat for p in params):
+                self.seen.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    src, readers = torch.tensor([[5, 6, 7, 3]]), Readers()
+    with torch.no_grad():
+        _, cross_k, cross_v = model.encode(src, src.eq(0))
+        with readers:
+            model.decode_step(torch.tensor([[1]]), torch.tensor([0]), cross_k, cross_v, src.eq(0),
+                              *model.empty_cache(1))
+    assert readers.seen == {"t", "addmm"}  # the weight transposed into the product, the bias added in it
+
 def test_fp16_variant(work: Path) -> None:
     ckpt = make_classifier_checkpoint(work / "fp16.pt", seed=3)
     directory = _export(ckpt, work / "repo", "fp16", formats=("onnx",), quantize=False, fp16=True)
@@ -439,54 +488,3 @@ def test_verify_accepts_an_untouched_artifact(work: Path) -> None:
     assert report["passed"] and report["files_checked"] == len(load_manifest(directory).files)
     assert {c["format"] for c in report["checks"]} == {"torchscript", "onnx"}
 
-
-def test_torchscript_step_model_on_cpu_keeps_numpy_state_and_decodes_like_onnx(work: Path) -> None:
-    """On CPU the TorchScript step graphs take and return numpy, as ONNX Runtime's do, so the step runner keeps its
-    caches in numpy (written in place) for either backend; both decode the same greedy and beam tokens."""
-    from deepserve.serve.generation.step_models import open_step_model
-
-    directory = _export(make_seq2seq_checkpoint(work / "s2s-numpy.pt", layers=2), work / "repo", "s2s-numpy",
-                        quantize=False)
-    manifest = load_manifest(directory)
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    picked = {}
-    for backend in ("onnx", "torchscript"):
-        model = open_step_model(manifest, directory, backend=backend, device="cpu", threads=1)
-        assert model.platform == ("pytorch_libtorch" if backend == "torchscript" else "onnxruntime_onnx")
-        tokens = model.join(prompts, [2, 1])  # two beams of the first prompt, one row of the second
-        steps = []
-        for _ in range(5):
-            logits = model.step(tokens)
-            assert isinstance(logits, np.ndarray) and all(isinstance(x, np.ndarray) for x in model.past)
-            tokens = logits.argmax(-1)
-            steps.append(tokens.tolist())
-            model.reorder(np.array([1, 0, 2]), regroup=False)  # the beams swap: cache rows move in place
-        picked[backend] = steps
-    assert picked["torchscript"] == picked["onnx"]
-
-
-def test_torchscript_cpu_fast_path_runs_row_gelu_on_torch_kernel_with_the_same_answer(work: Path) -> None:
-    """The GELU of an addmm (the seq2seq step's rows) gets a transposed view (aten sends only contiguous input to
-    oneDNN, costly per call at decode-step sizes); others (an encoder's (B,S,F)) keep theirs. Answers equal to
-    float rounding."""
-    from deepserve.serve import runtime
-    from deepserve.train.models.seq2seq import affine
-
-    class Both(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(64, 32)
-
-        def forward(self, rows: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.nn.functional.gelu(affine(rows, self.fc)), torch.nn.functional.gelu(self.fc(seq))
-
-    torch.manual_seed(0)
-    model, rows, seq = Both().eval(), torch.randn(4, 64), torch.randn(2, 3, 64)
-    with torch.no_grad():
-        frozen = torch.jit.freeze(torch.jit.trace(model, (rows, seq)))
-        fast = runtime._cpu_fast_path(torch, frozen)
-        got, expected = fast(rows, seq), model(rows, seq)
-    fed = sorted(n.inputsAt(0).node().kind() for n in frozen.graph.findAllNodes("aten::gelu"))
-    assert fed[-1] == "aten::t" and fed[0] != "aten::t"
-    for a, b in zip(got, expected):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ import numpy as np
 from deepserve.manifest import CharLMGraphContract, GraphSpec, Manifest, StepGraphContract
 from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runtime
 
-Array = Any  # np.ndarray, or torch.Tensor for TorchScript graphs
+Array = Any  # np.ndarray; a torch.Tensor only for TorchScript on CUDA (on CPU both runtimes take numpy)
 NARROW_ROWS = 64  # steps below it run on one thread (as fast as two here), leaving a core to Python
 MAX_CHUNK = 32
 """Positions per budgeted prefill call: one row's position costs a fifth of 32 rows' (15 vs 75 us), so a token
@@ -42,17 +42,17 @@ class Graph:
 
     @classmethod
     def open(cls, spec: GraphSpec, directory: Path, *, backend: str, device: str, precision: str = "fp32",
-             threads: int | None = None) -> Graph:
-        # on CPU, ONNX Runtime's workers sleep between runs (backends.py): spinning ones take the cores the
-        # scheduler thread needs for its selection work between two steps
-        return cls.of(open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
-                                   precision=precision, threads=threads))
+             threads: int | None = None, steps: bool = False) -> Graph:
+        """``steps``: a step graph, also opened on one thread for ``rows`` (an encoder's copy: an idle ORT session)."""
+        rt = open_runtime(spec, directory, backend=backend, device=device,  # type: ignore[arg-type]
+                          precision=precision, threads=threads)
+        return cls.of(rt, rt.narrow() if steps else None)
 
     @classmethod
-    def of(cls, rt: GraphRuntime) -> Graph:
+    def of(cls, rt: GraphRuntime, narrow: GraphRuntime | None = None) -> Graph:
         on_torch = isinstance(rt, TorchScriptRuntime) and rt.device != "cpu"  # on CPU both runtimes take numpy
         return cls(rt.call, rt.output_names, torch_device=rt.device if on_torch else None, platform=rt.platform,
-                   runtime=rt, input_names=rt.input_names, narrow=cls.of(one) if (one := rt.narrow()) else None)
+                   runtime=rt, input_names=rt.input_names, narrow=cls.of(narrow) if narrow else None)
 
     def __call__(self, *inputs: Array) -> list[Array]:
         return self._fn(*inputs)
@@ -231,13 +231,13 @@ def open_step_model(manifest: Manifest, directory: Path, *, backend: str, device
     kw = dict(backend=backend, device=device, precision=precision, threads=threads)
     if manifest.task == "char-lm":
         lm = CharLMGraphContract.of(manifest)
-        graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, **kw)
+        graph = Graph.open(manifest.graphs["prefill" if lm.prefill else "step"], directory, steps=True, **kw)
         return CharLMStepModel(graph, lm.layers, lm.hidden, len(lm.state), lm.vocab_size, last_only=lm.prefill)
     if manifest.task == "seq2seq":
         from deepserve.serve.generation.seq2seq_step import Seq2SeqStepModel  # it builds on this module
 
         c = StepGraphContract.of(manifest)  # refuses other cache layouts (asking for a re-export) and missing names
         return Seq2SeqStepModel(Graph.open(manifest.graphs["encode"], directory, **kw),
-                                Graph.open(manifest.graphs["decode_step"], directory, **kw),
+                                Graph.open(manifest.graphs["decode_step"], directory, steps=True, **kw),
                                 c if eos_id is None else dataclasses.replace(c, eos_id=eos_id))
     raise ValueError(f"task {manifest.task!r} is not a generation task")

@@ -97,14 +97,22 @@ def blocked_bias(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (blocked * torch.tensor(torch.finfo(dtype).min, dtype=dtype)).unsqueeze(1).unsqueeze(1)
 
 
-def affine(x: torch.Tensor, linear: nn.Linear, scale: float = 1.0, rows: int = 0) -> torch.Tensor:
+def affine(x: torch.Tensor, linear: nn.Linear, scale: float = 1.0, rows: int | None = None) -> torch.Tensor:
     """``linear(x)`` for rows x (B,in) as one ``addmm`` (the bias rides in the product; it exports as the same Gemm as
-    ``nn.Linear``), its first ``rows`` outputs times ``scale``, applied to the weights: freezing and ONNX constant
-    folding turn that into scaled weights, so the scale costs no op per step."""
+    ``nn.Linear``), its first ``rows`` outputs (all when None) times ``scale``. Traced, the scale goes into the
+    weights: freezing and ONNX constant folding turn that into scaled weights, so the graph spends no op on it.
+    Eager (training's greedy validation, export's parity runs), scaled weights would be rebuilt in every layer on
+    every step, so the scale multiplies the output instead (the same values up to float rounding)."""
     weight, bias = linear.weight, linear.bias
-    if scale != 1.0:
-        weight, bias = torch.cat([weight[:rows] * scale, weight[rows:]]), torch.cat([bias[:rows] * scale, bias[rows:]])
-    return torch.addmm(bias, x, weight.t())
+    if scale == 1.0:
+        return torch.addmm(bias, x, weight.t())
+    n = linear.out_features if rows is None else rows
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        weight, bias = torch.cat([weight[:n] * scale, weight[n:]]), torch.cat([bias[:n] * scale, bias[n:]])
+        return torch.addmm(bias, x, weight.t())
+    y = torch.addmm(bias, x, weight.t())
+    y[:, :n] *= scale
+    return y
 
 
 class SelfAttention(nn.Module):
