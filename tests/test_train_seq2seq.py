@@ -10,7 +10,7 @@ import torch
 from deepserve.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from deepserve.train.config import ConfigError, build_config, to_dict
 from deepserve.train.models import args_dict, build_model
-from deepserve.train.models.seq2seq import Seq2SeqArgs, Seq2SeqTransformer, greedy_decode
+from deepserve.train.models.seq2seq import Seq2SeqArgs, Seq2SeqTransformer, affine, greedy_decode
 from deepserve.train.seq2seq import Seq2SeqRunConfig, Seq2SeqTask
 from deepserve.train.tokenizer import Tokenizer
 
@@ -237,3 +237,51 @@ def test_preset_is_the_default_config() -> None:
 def test_model_args_validation() -> None:
     with pytest.raises(ConfigError, match="n_heads"):
         Seq2SeqArgs(d_model=30, n_heads=4)
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self, rows: int | None) -> None:
+        super().__init__()
+        self.fc, self.rows = torch.nn.Linear(8, 6), rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return affine(x, self.fc, 0.5, self.rows)
+
+
+@pytest.mark.parametrize("rows", [None, 2])
+def test_affine_scales_its_first_rows_outputs_or_all_of_them_eager_and_traced(rows: int | None) -> None:
+    torch.manual_seed(0)
+    module, x = _Affine(rows).eval(), torch.randn(3, 8)
+    with torch.no_grad():
+        expected = module.fc(x)
+        expected[:, : 6 if rows is None else rows] *= 0.5
+        traced = torch.jit.freeze(torch.jit.trace(module, x))
+        torch.testing.assert_close(module(x), expected)
+        torch.testing.assert_close(traced(x), expected)
+
+
+def test_seq2seq_eager_step_reads_the_q_projection_weights_only_in_its_product() -> None:
+    """Eager steps (training's greedy validation, export parity) scale Q after the product, rather than
+    building scaled copies of the Q projections' weights in every layer on every step."""
+    model = Seq2SeqTransformer(Seq2SeqArgs(vocab_size=16, d_model=16, n_heads=2)).eval()
+    params = [p for block in model.decoder for lin in (block.self_attn.qkv, block.cross_attn.q)
+              for p in (lin.weight, lin.bias)]
+
+    class Readers(torch.overrides.TorchFunctionMode):  # the torch functions given one of those parameters
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            flat = [a for x in (*args, *(kwargs or {}).values()) for a in (x if isinstance(x, (list, tuple)) else [x])]
+            if any(a is p for a in flat for p in params):
+                self.seen.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    src, readers = torch.tensor([[5, 6, 7, 3]]), Readers()
+    with torch.no_grad():
+        _, cross_k, cross_v = model.encode(src, src.eq(0))
+        with readers:
+            model.decode_step(torch.tensor([[1]]), torch.tensor([0]), cross_k, cross_v, src.eq(0),
+                              *model.empty_cache(1))
+    assert readers.seen == {"t", "addmm"}  # the weight transposed into the product, the bias added in it
