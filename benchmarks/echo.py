@@ -50,12 +50,16 @@ _BARE_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str
 
 async def bare_app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
                    send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
-    """Any HTTP request: its body read to the end, then the fixed answer; no routing, no framework."""
+    """Any HTTP request: its body read to the end, then the fixed answer with the body's length read in
+    ``x-body-bytes`` (what shows that the body was read here, not only drained by uvicorn); no routing, no
+    framework."""
     if scope["type"] != "http":
         return  # uvicorn runs it with --lifespan off; nothing else is spoken here
-    more = True
+    read, more = 0, True
     while more:
         message = await receive()
+        read += len(message.get("body", b""))
         more = message.get("more_body", False)
-    await send({"type": "http.response.start", "status": 200, "headers": _BARE_HEADERS})
+    headers = [*_BARE_HEADERS, (b"x-body-bytes", str(read).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": ANSWER})

@@ -155,7 +155,8 @@ class LoadResult:
     refused_with_retry_after: int = 0
     """Failed answers (429, 503...) that carried a ``Retry-After`` header."""
     connect_s: list[float] = field(default_factory=list)
-    """Closed loop: how long each connection took to open, all at once before the clock started."""
+    """Closed loop: how long each connect took to return (the client's handshake, all at once on its loop) before
+    the clock started; the server may not have accepted the connection yet."""
 
     @property
     def requests_per_s(self) -> float:
@@ -287,8 +288,9 @@ async def run_load(spec: LoadSpec, count_tokens: TokenCounter | None = None) -> 
     connections = [Connection(spec.host, spec.port) for _ in range(spec.concurrency)]
     result = LoadResult()
     try:
-        # every connection opened before the clock: a request's latency is its own, not its client's TCP handshake
-        # and the server's accept of all of them at once. One that failed is retried (and counted) by its request.
+        # every connect returns before the clock: the client's TCP handshakes are off it. The server's accept and
+        # protocol set-up of the connections are not (a connect returns once the kernel completed the handshake,
+        # maybe still in the accept queue). One that failed is retried (and counted) by its request.
         opened = await asyncio.gather(*(c.connect() for c in connections), return_exceptions=True)
         result.connect_s = [s for s in opened if isinstance(s, float)]
         if spec.warmup_requests:

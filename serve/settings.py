@@ -58,8 +58,9 @@ class ModelSettings:
     instances: int = 1
     """Model instances (sessions), each with its own batcher; CPU threads are shared between them."""
     intra_op_threads: int | None = None
-    """CPU threads one instance's batch runs on (ONNX Runtime's intra-op pool, torch's threads); None (the
-    default) shares the cores this process may use between its instances."""
+    """Classification models: CPU threads one instance's batch runs on (ONNX Runtime's intra-op pool, torch's
+    threads); None (the default) shares the cores this process may use between its instances. Generation models'
+    step graphs choose their own threads."""
     backend: str = "auto"
     """Runtime preference: auto (ONNX Runtime on CPU, TorchScript on CUDA), onnx or torchscript."""
     precision: str = "fp32"
@@ -130,7 +131,9 @@ def _convert(name: str, raw: Any) -> Any:
     text = raw.strip()
     try:
         if kind == "int | None":
-            return None if text.lower() in ("", "none", "null", "latest") else int(text)
+            if text.lower() in ("", "none", "null") or (name == "default_version" and text.lower() == "latest"):
+                return None  # "latest" names a version, not a count of threads
+            return int(text)
         if kind == "int":
             return int(text)
         if kind == "float":

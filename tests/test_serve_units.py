@@ -457,18 +457,35 @@ def test_a_stopped_listener_completes_no_new_handshake_but_keeps_its_queue():
 
 class _FixedCostRuntime:
     """A graph runtime whose batch costs the same whatever its rows (a tiny model's per-call overhead), noting the
-    thread each batch ran on."""
+    thread each batch ran on. The cost is charged to ``clock`` (the ``time.perf_counter`` the batcher times batches
+    with), not slept, so the batcher's estimate is the same on any machine."""
 
     platform = "fixed-cost"
     inline_safe = True
+    BATCH_S = 0.004
 
-    def __init__(self) -> None:
+    def __init__(self, clock: _ManualClock | None = None) -> None:
         self.threads: list[int] = []
+        self.clock = clock
 
     def run(self, inputs):
-        time.sleep(0.004)
+        if self.clock is not None:
+            self.clock.advance(self.BATCH_S)
         self.threads.append(threading.get_ident())
         return {"logits": np.zeros((len(inputs["images"]), 10), np.float32)}
+
+
+class _ManualClock:
+    """A ``time.perf_counter`` that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def _servable(tmp_path, runtime_factory, **settings):
@@ -481,14 +498,17 @@ def _servable(tmp_path, runtime_factory, **settings):
                                   runtime_factory=runtime_factory)
 
 
-def test_after_warmup_the_first_burst_runs_its_full_batches_where_later_bursts_do(tmp_path):
+def test_after_warmup_the_first_burst_runs_its_full_batches_where_later_bursts_do(tmp_path, monkeypatch):
     """Warm-up must leave the batcher's cost per row at a full batch's, not a one-row batch's: a batch costs 4 ms
     whatever its rows, so 32 rows cost ~0.13 ms each (inline, under 60 ms a batch) and one row 4 ms (128 ms for
-    32 rows: the worker thread). Margins are wide, so a loaded machine's delays cannot cross them."""
+    32 rows: the worker thread). The queue-wait bound is off so that a one-row estimate shows where the batch
+    runs rather than refusing the burst."""
     import asyncio
 
-    runtime = _FixedCostRuntime()
-    servable = _servable(tmp_path, lambda *a: runtime, inline_batch_ms=60.0)
+    clock = _ManualClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    runtime = _FixedCostRuntime(clock)
+    servable = _servable(tmp_path, lambda *a: runtime, inline_batch_ms=60.0, max_queue_wait_ms=0)
 
     async def first_burst() -> list[int]:
         await servable.start()
@@ -517,7 +537,8 @@ def test_intra_op_threads_sets_the_threads_each_instance_runs_on(tmp_path):
         seen.append(threads)
         return _FixedCostRuntime()
 
-    for settings in ({"intra_op_threads": 1}, {}):
+    chosen = cpu_threads(1) + 1  # not what the default gives on any machine
+    for settings in ({"intra_op_threads": chosen}, {}):
         servable = _servable(tmp_path / str(len(seen)), factory, **settings)
 
         async def start_stop() -> None:
@@ -525,7 +546,10 @@ def test_intra_op_threads_sets_the_threads_each_instance_runs_on(tmp_path):
             await servable.stop()
 
         asyncio.run(start_stop())
-    assert seen == [1, cpu_threads(1)]
+    assert seen == [chosen, cpu_threads(1)]
     assert env_overrides({"DEEPSERVE_INTRA_OP_THREADS": "2"}) == {"intra_op_threads": 2}
+    with pytest.raises(SettingsError, match="DEEPSERVE_INTRA_OP_THREADS: intra_op_threads must be a number"):
+        env_overrides({"DEEPSERVE_INTRA_OP_THREADS": "latest"})
+    assert env_overrides({"DEEPSERVE_DEFAULT_VERSION": "latest"}) == {"default_version": None}
     with pytest.raises(SettingsError, match="intra_op_threads must be an integer >= 1, got 0"):
         ModelSettings(intra_op_threads=0)
