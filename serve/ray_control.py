@@ -12,7 +12,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ray import serve
 from ray.exceptions import RayError
@@ -50,16 +50,21 @@ class Deployed:
 class RemoteServable(Servable):
     """A model version served by a deployment's replicas; ready when they report it ready."""
 
-    def __init__(self, manifest: Manifest, directory: Path, settings: Any, handle: DeploymentHandle | None) -> None:
+    def __init__(self, manifest: Manifest, directory: Path, settings: Any, handle: DeploymentHandle | None,
+                 start_timeout_s: float) -> None:
         self.manifest, self.directory, self.settings = manifest, Path(directory), settings
-        self.handle = handle
+        self.handle, self.start_timeout_s = handle, start_timeout_s
         self.ready, self.reason = False, "not started"
         self._metadata: dict[str, Any] = {}
 
     async def start(self) -> None:
         if self.handle is None:
             raise RuntimeError("no Ray deployment for this model")
-        status = (await self.handle.describe.remote()).get(self.manifest.version)
+        try:  # a replica Ray cannot place would keep this waiting forever
+            described = await asyncio.wait_for(self.handle.describe.remote(), self.start_timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"no replica answered within {self.start_timeout_s:g} s") from None
+        status = described.get(self.manifest.version)
         if status is None or not status["ready"]:
             raise RuntimeError(status["reason"] if status else "the replica does not serve this version")
         self._metadata = status["metadata"]
@@ -91,19 +96,36 @@ class RayModelRepository(ModelRepository):
         self.deployed: dict[str, Deployed] = {}
         """Model -> the application this ingress last deployed for it and saw start, or found running at start
         (what a failed redeploy goes back to)."""
+        self.deleting: dict[str, asyncio.Future[None]] = {}
+        """Model -> its application's delete sent on a thread of its own, until Ray has done it."""
 
     def _remote(self, manifest: Manifest, directory: Path, settings: Any, device: str) -> Servable:
-        return RemoteServable(manifest, directory, settings, self.handles.get(Path(directory).parent.name))
+        name = Path(directory).parent.name
+        deployed = self.deployed.get(name)  # (without it there is no handle either: start says so at once)
+        return RemoteServable(manifest, directory, settings, self.handles.get(name),
+                              deployed.start_timeout_s if deployed else 0.0)
 
     async def start(self) -> None:
         """Load the models the control mode names and, after an ingress restart, every model whose application
         Ray still runs: it is adopted as it runs (``_deploy``), so the index says what Ray serves and an unload
-        deletes it."""
+        deletes it. An application of a model not loaded here that Ray has not started is deleted (nobody
+        asked for it any more)."""
         if self.model_control is ModelControl.EXPLICIT and "*" not in self.load_models:
             applications = (await asyncio.to_thread(serve.status)).applications
-            running = [name for name in self.models if _running(applications.get(model_app(name)))]
-            self.load_models = (*self.load_models, *(n for n in running if n not in self.load_models))
+            for name in self.models:
+                app = applications.get(model_app(name))
+                if name in self.load_models or not _exists(app):
+                    continue
+                if _serving(app):
+                    self.load_models = (*self.load_models, name)
+                else:
+                    self._delete_soon(name)
         await super().start()
+
+    async def stop(self) -> None:
+        """Stop serving, then wait for the deletes sent on threads of their own: Ray has them all when this ends."""
+        await super().stop()
+        await asyncio.gather(*(asyncio.shield(d) for d in list(self.deleting.values())))
 
     async def load_model(self, name: str, *, config: Mapping[str, Any] | None = None,
                          versions: Iterable[int] | None = None) -> None:
@@ -133,27 +155,36 @@ class RayModelRepository(ModelRepository):
         """Delete the application: Ray drains each replica (the requests in flight finish, up to
         ``graceful_shutdown_timeout_s``) before it stops."""
         self.deployed.pop(model.name, None)
-        if self.handles.pop(model.name, None) is not None:
+        self.handles.pop(model.name, None)
+        if model.name in self.deleting:
+            return  # a thread of its own deletes it already (the answer need not wait for that)
+        # an adopted application whose settings no longer load has no handle here, but Ray runs it
+        if _exists((await asyncio.to_thread(serve.status)).applications.get(model_app(model.name))):
             await asyncio.to_thread(serve.delete, model_app(model.name))
 
     async def _deploy(self, model: ModelEntry) -> None:
         """Deploy the model's application with its config file's ray section and its load's config, unless the
-        ingress is starting and Ray runs it already (the ingress restarted: it is kept, and recorded as this
-        ingress deploys it, which a failed redeploy goes back to); then take its handle."""
+        ingress is starting and Ray serves it already (the ingress restarted: it is kept, and recorded as this
+        ingress deploys it, which a failed redeploy goes back to); then take its handle. A delete of it still
+        under way ends first, so it cannot delete this deploy."""
         options = model_options(model.directory)
         app_name = model_app(model.name)
-        running = _running((await asyncio.to_thread(serve.status)).applications.get(app_name))
+        await self._deleted(model.name)
+        app = (await asyncio.to_thread(serve.status)).applications.get(app_name)
+        # at start only a serving application is adopted: one Ray is still placing or failed goes through _run
+        # (bounded by start_timeout_s), which deletes it if it fails; a redeploy replaces whatever Ray has
+        adopt, replacing = not self.ready and _serving(app), self.ready and _exists(app)
         config = model.config_override
         this = Deployed(ModelReplica.options(
             name=model.name, graceful_shutdown_timeout_s=self.options.graceful_timeout_s,
             **options.deployment_options()).bind(str(self.path.resolve()), model.name, self.options,
                                                  dict(config) if config is not None else None),
             options.start_timeout_s)
-        if not (running and not self.ready):
+        if not adopt:
             try:
-                await self._run(model.name, this, replacing=running)
+                await self._run(model.name, this, replacing=replacing)
             except DEPLOY_ERRORS as e:
-                previous = self.deployed.get(model.name) if running else None
+                previous = self.deployed.get(model.name) if replacing else None
                 if previous is not None:
                     await self._roll_back(model.name, previous, e)
                 raise
@@ -174,13 +205,14 @@ class RayModelRepository(ModelRepository):
         """Deploy and wait up to its ``start_timeout_s`` for its replicas. On failure Ray's reason is raised and a
         first deploy leaves no application behind."""
         app_name, timeout_s = model_app(name), deploy.start_timeout_s
-        deploying = asyncio.ensure_future(asyncio.to_thread(serve.run, deploy.app, name=app_name, route_prefix=None))
-        deploying.add_done_callback(_consume)  # a wait given up on still ends, later
+        # serve.run waits, unbounded, for RUNNING or DEPLOY_FAILED; after a delete it waits forever, so it runs on
+        # a thread of its own, never one of the loop's default executor that every to_thread call needs
+        deploying = _on_own_thread(f"deploy {app_name}", serve.run, deploy.app, name=app_name, route_prefix=None)
         try:
             await asyncio.wait_for(asyncio.shield(deploying), timeout_s)
         except BaseException as e:
             said = "" if isinstance(e, asyncio.CancelledError) else await _status_message(app_name)
-            if not replacing:  # the index will show it unloaded: so must Ray (serve.run's wait ends with it)
+            if not replacing:  # the index will show it unloaded: so must Ray (serve.run's thread may wait on)
                 if isinstance(e, (TimeoutError, asyncio.CancelledError)):  # Ray would give such a replica, which
                     self._delete_soon(name)  # never served, its graceful_shutdown_timeout_s to drain: answer now
                 else:
@@ -197,16 +229,59 @@ class RayModelRepository(ModelRepository):
     def _delete_soon(self, name: str) -> None:
         """Have Ray delete the model's application, without waiting for its replicas to stop: they serve nothing.
         (Serve's public ``delete`` waits for that, so it runs on a thread of its own, not one the loop's
-        ``to_thread`` calls need meanwhile.)"""
+        ``to_thread`` calls need meanwhile.) The next deploy of the model and ``stop`` wait for it."""
         self.handles.pop(name, None)
-        threading.Thread(target=_delete, args=(model_app(name),), name=f"delete {model_app(name)}",
-                         daemon=True).start()
+        pending = _on_own_thread(f"delete {model_app(name)}", _delete, model_app(name))
+        self.deleting[name] = pending
+        pending.add_done_callback(lambda done: self._forget_delete(name, done))
+
+    def _forget_delete(self, name: str, done: asyncio.Future[Any]) -> None:
+        if self.deleting.get(name) is done:
+            self.deleting.pop(name)
+
+    async def _deleted(self, name: str) -> None:
+        """Wait for the model's delete sent by ``_delete_soon``, if one is under way."""
+        pending = self.deleting.get(name)
+        if pending is not None:
+            await asyncio.shield(pending)
 
 
-def _running(app: Any) -> bool:
-    """Whether Ray runs an application (its ``serve.status()`` entry, or None): one Ray is deleting (a deploy given
+def _exists(app: Any) -> bool:
+    """Whether Ray has an application (its ``serve.status()`` entry, or None): one Ray is deleting (a deploy given
     up on) serves nothing, and a load replaces nothing there."""
     return app is not None and app.status != ApplicationStatus.DELETING
+
+
+def _serving(app: Any) -> bool:
+    """Whether an application is RUNNING: its replicas have started. UNHEALTHY is not adopted either: a replica
+    failed its health checks, and Ray may have none that answers (``describe`` would wait); a load redeploys it,
+    bounded by its start_timeout_s."""
+    return app is not None and app.status == ApplicationStatus.RUNNING
+
+
+def _on_own_thread(thread_name: str, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """``call``'s outcome, from a daemon thread of its own: a call that may block without end holds no thread of
+    the loop's default executor. A wait given up on leaves no unretrieved exception behind."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[Any] = loop.create_future()
+    outcome.add_done_callback(_consume)
+
+    def report(settle: Callable[[Any], None], value: Any) -> None:
+        if not outcome.done():
+            settle(value)
+
+    def run() -> None:
+        try:
+            settle, value = outcome.set_result, call(*args, **kwargs)
+        except BaseException as e:  # handed to the awaiting task, which decides
+            settle, value = outcome.set_exception, e
+        try:
+            loop.call_soon_threadsafe(report, settle, value)
+        except RuntimeError:  # the loop has closed: nobody waits for this outcome any more
+            log.debug("%s ended after its event loop closed", thread_name)
+
+    threading.Thread(target=run, name=thread_name, daemon=True).start()
+    return outcome
 
 
 def _delete(app_name: str) -> None:

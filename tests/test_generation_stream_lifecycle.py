@@ -105,3 +105,26 @@ def test_a_send_that_raises_after_a_hang_up_abandons_the_stream_quietly(repo, ca
     # the server has stopped: the stream's request has ended and logged whatever it logs
     failures = [r for r in caplog.records if r.name.startswith("deepserve") and r.levelno >= logging.ERROR]
     assert not failures, [r.getMessage() for r in failures]
+
+
+def test_an_oserror_while_encoding_is_a_server_failure_not_a_client_gone(repo, caplog, monkeypatch):
+    """Only a send's ``OSError`` means the client left: one raised while rendering an event is the server's own
+    failure, so the stream is cut short (not ended as if complete) and the failure is logged."""
+    from deepserve.serve.generation import routes
+
+    def broken_sse(data: object) -> bytes:
+        raise OSError("the encoder failed")
+
+    with caplog.at_level(logging.ERROR):
+        with live_app(repo, max_new_tokens=4000) as live:
+            monkeypatch.setattr(routes, "sse", broken_sse)
+            with httpx.Client(base_url=live.url, timeout=60) as c:
+                with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=LONG) as r:
+                    assert r.status_code == 200
+                    try:
+                        list(r.iter_lines())
+                        cut = False
+                    except httpx.RemoteProtocolError:  # the body ended without its last chunk
+                        cut = True
+    logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], OSError)]
+    assert cut and logged, [r.getMessage() for r in caplog.records]

@@ -504,6 +504,123 @@ def test_a_redeploy_whose_rollback_fails_too_unloads_the_model_naming_the_first_
     wait_for(lambda: "deepserve.lost-cnn" not in serve.status().applications, 60, "lost-cnn's application deleted")
 
 
+def deploy_without_waiting(repository: Path, name: str) -> None:
+    """Deploy ``name``'s application as an ingress that died at once after would have left it: Ray is still
+    placing it (this cluster has no GPU for an UNPLACEABLE one, so it stays DEPLOYING with no replica)."""
+    from ray import serve
+
+    from deepserve.serve.ray_app import model_options
+    from deepserve.serve.ray_replica import ModelReplica, ServingOptions, model_app
+
+    app = ModelReplica.options(name=name, **model_options(repository / name).deployment_options()).bind(
+        str(repository.resolve()), name, ServingOptions(device="cpu"), None)
+    serve.run_many([serve.RunTarget(target=app, name=model_app(name), route_prefix=None)],
+                   wait_for_applications_running=False)
+    assert serve.status().applications[model_app(name)].status == "DEPLOYING"
+
+
+def test_a_restarted_ingress_adopts_no_application_ray_has_not_started(cluster: dict[str, Any], repository: Path,
+                                                                      tmp_path: Path) -> None:
+    """Ray is still placing two models' applications when the ingress restarts: it becomes ready anyway. The one
+    it loads is deployed anew, failing after its start_timeout_s; the other is deleted (nobody loads it)."""
+    from ray import serve
+
+    from deepserve.serve.ray_control import RayModelRepository
+    from deepserve.serve.ray_replica import ServingOptions
+
+    for name in ("stuck-cnn", "left-cnn"):
+        copy_model(repository, tmp_path, name).write_text(json.dumps(UNPLACEABLE))
+        deploy_without_waiting(tmp_path, name)
+
+    async def restart() -> list[dict[str, Any]]:
+        repo = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit",
+                                  load_models=["stuck-cnn"])
+        try:
+            await asyncio.wait_for(repo.start(), 60)  # adopting a DEPLOYING application waited forever
+            return repo.triton_index()
+        finally:
+            await asyncio.wait_for(repo.stop(), 60)
+
+    rows = {r["name"]: r for r in asyncio.run(restart())}
+    assert rows["stuck-cnn"]["state"] == "UNAVAILABLE" and "did not start within 2 s" in rows["stuck-cnn"]["reason"]
+    assert rows["left-cnn"]["state"] == "UNAVAILABLE"
+    applications = serve.status().applications
+    assert "deepserve.stuck-cnn" not in applications and "deepserve.left-cnn" not in applications
+
+
+def test_deploys_given_up_on_hold_no_executor_thread_and_a_retry_after_their_deletes_serves(
+        cluster: dict[str, Any], repository: Path, tmp_path: Path) -> None:
+    """Two loads whose replicas cannot be placed time out; on a loop whose default executor has one thread, the
+    ingress still answers (serve.run's endless wait held that thread). Then the model is made placeable and
+    loaded at once: it serves, and still does once the timed-out deploys' deletes have been sent."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from deepserve.serve.errors import LoadFailed
+    from deepserve.serve.ray_control import RayModelRepository
+    from deepserve.serve.ray_replica import ServingOptions
+
+    config = copy_model(repository, tmp_path, "late-cnn")
+    config.write_text(json.dumps({"ray": {**UNPLACEABLE["ray"], "start_timeout_s": 1}}))
+
+    async def time_out_then_retry() -> bool:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
+        repo = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit")
+        await asyncio.wait_for(repo.start(), 60)
+        try:
+            for _ in range(2):
+                with pytest.raises(LoadFailed, match="did not start within 1 s"):
+                    await asyncio.wait_for(repo.load_model("late-cnn"), 60)  # bounded: without the fix it hangs
+            config.write_text(json.dumps({"ray": {"num_cpus": 0.25}}))
+            await asyncio.wait_for(repo.load_model("late-cnn"), 120)
+            for thread in threading.enumerate():  # every delete of the given-up deploys has been sent by now
+                if thread.name == "delete deepserve.late-cnn":
+                    thread.join(60)
+            app = serve.status().applications.get("deepserve.late-cnn")
+            return repo.is_ready("late-cnn") and app is not None and app.status == "RUNNING"
+        finally:
+            await asyncio.wait_for(repo.unload_model("late-cnn"), 60)
+            await asyncio.wait_for(repo.stop(), 60)
+
+    loop = asyncio.new_event_loop()
+    try:
+        ready = loop.run_until_complete(asyncio.wait_for(time_out_then_retry(), 300))
+    finally:
+        loop.close()  # (not asyncio.run: it would wait for a thread serve.run holds)
+    assert ready
+
+
+def test_unload_deletes_an_adopted_application_whose_settings_no_longer_load(
+        cluster: dict[str, Any], repository: Path, tmp_path: Path) -> None:
+    """A restarted ingress cannot load a model whose config file is invalid by now, so it has no handle for it,
+    but Ray runs its application: an unload deletes it."""
+    from ray import serve
+
+    from deepserve.serve.ray_control import RayModelRepository
+    from deepserve.serve.ray_replica import ServingOptions
+
+    config = copy_model(repository, tmp_path, "odd-cnn")
+
+    async def restart_with_a_bad_config() -> bool:
+        first = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit",
+                                   load_models=["odd-cnn"])
+        await first.start()
+        await first.stop()
+        config.write_text(json.dumps({"max_batch_size": 0, "ray": {"num_cpus": 0.25}}))
+        second = RayModelRepository(tmp_path, ServingOptions(device="cpu"), model_control="explicit")
+        await second.start()
+        try:
+            return second.is_ready("odd-cnn")
+        finally:
+            await second.unload_model("odd-cnn")
+            await second.stop()
+
+    assert not asyncio.run(restart_with_a_bad_config())
+    assert "deepserve.odd-cnn" not in serve.status().applications
+
+
 def families(text: str) -> dict[str, list[Any]]:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, ServeError
 from deepserve.serve.generation.engine import GenerationServable
@@ -31,11 +31,7 @@ from deepserve.serve.http_util import (
 async def read_json(request: Request) -> dict[str, Any]:
     """The JSON object body. Invalid UTF-8 is replaced (it then tokenizes as unknown) rather than refused."""
     require_json(request)
-    raw = await read_body(request)  # the server's body limit and Content-Encoding apply here too
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raw = raw.decode("utf-8", errors="replace").encode()
+    raw = (await read_body(request)).decode("utf-8", errors="replace").encode()  # the server's body limit applies
     body = parse_json(raw or b"null", json_depth_limit(request))  # the server's one depth-limited parser
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
@@ -121,11 +117,14 @@ class EventStream(StreamingResponse):
         self.servable, self.jobs = servable, jobs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_unless_gone(message: Message) -> None:
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4: a send after the client left may raise this; it is that client gone (only
+                abandon(self.servable, self.jobs)  # here: an encoder's OSError is the server's failure)
         try:
             async with abandoned_if_gone(receive, self.servable, self.jobs):
-                await self.stream_response(send)
-        except OSError:  # ASGI 2.4: a send after the client left may raise this; it is that client gone
-            abandon(self.servable, self.jobs)
+                await self.stream_response(send_unless_gone)
         finally:
             await self.body_iterator.aclose()  # a task cancelled mid-send ends its jobs now, not when collected
 
