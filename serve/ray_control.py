@@ -107,7 +107,7 @@ class RayModelRepository(ModelRepository):
 
     async def start(self) -> None:
         """Load the models the control mode names and, after an ingress restart, every model whose application
-        Ray still runs: it is adopted as it runs (``_deploy``), so the index says what Ray serves and an unload
+        Ray runs (status RUNNING): it is adopted as it runs (``_deploy``), so the index says what Ray serves and an unload
         deletes it. An application of a model not loaded here that Ray has not started is deleted (nobody
         asked for it any more)."""
         if self.model_control is ModelControl.EXPLICIT and "*" not in self.load_models:
