@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ray import serve
-from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
@@ -31,7 +30,7 @@ from deepserve.serve.settings import SettingsError
 
 log = logging.getLogger("deepserve.serve")
 
-DEPLOY_ERRORS = (SettingsError, RayServeException, RuntimeError, ValueError, TimeoutError)
+DEPLOY_ERRORS = (SettingsError, RayServeException, RuntimeError, ValueError, TimeoutError, asyncio.TimeoutError)
 """What a deploy raises for a bad ``ray`` section or an application Ray could not start (its message says why)."""
 
 
@@ -62,7 +61,7 @@ class RemoteServable(Servable):
             raise RuntimeError("no Ray deployment for this model")
         try:  # a replica Ray cannot place would keep this waiting forever
             described = await asyncio.wait_for(self.handle.describe.remote(), self.start_timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
             raise RuntimeError(f"no replica answered within {self.start_timeout_s:g} s") from None
         status = described.get(self.manifest.version)
         if status is None or not status["ready"]:
@@ -107,8 +106,8 @@ class RayModelRepository(ModelRepository):
 
     async def start(self) -> None:
         """Load the models the control mode names and, after an ingress restart, every model whose application
-        Ray runs (status RUNNING): it is adopted as it runs (``_deploy``), so the index says what Ray serves and an unload
-        deletes it. An application of a model not loaded here that Ray has not started is deleted (nobody
+        Ray runs (status RUNNING): it is adopted as it runs (``_deploy``), so the index says what Ray serves and an
+        unload deletes it. An application of a model not loaded here that Ray has not started is deleted (nobody
         asked for it any more)."""
         if self.model_control is ModelControl.EXPLICIT and "*" not in self.load_models:
             applications = (await asyncio.to_thread(serve.status)).applications
@@ -213,12 +212,13 @@ class RayModelRepository(ModelRepository):
         except BaseException as e:
             said = "" if isinstance(e, asyncio.CancelledError) else await _status_message(app_name)
             if not replacing:  # the index will show it unloaded: so must Ray (serve.run's thread may wait on)
-                if isinstance(e, (TimeoutError, asyncio.CancelledError)):  # Ray would give such a replica, which
-                    self._delete_soon(name)  # never served, its graceful_shutdown_timeout_s to drain: answer now
+                if isinstance(e, (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)):  # Ray would give
+                    self._delete_soon(name)  # such a replica, which never served, its graceful_shutdown_timeout_s
+                    # to drain: answer now
                 else:
                     self.handles.pop(name, None)
                     await asyncio.to_thread(serve.delete, app_name)
-            if isinstance(e, TimeoutError):
+            if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
                 raise TimeoutError(f"its replicas did not start within {timeout_s:g} s (not placed, or still "
                                    f"loading): {deploy_failure(said) if said else 'Ray gives no reason yet'}") from None
             if isinstance(e, DEPLOY_ERRORS):
@@ -273,7 +273,7 @@ def _on_own_thread(thread_name: str, call: Callable[..., Any], /, *args: Any, **
     def run() -> None:
         try:
             settle, value = outcome.set_result, call(*args, **kwargs)
-        except BaseException as e:  # handed to the awaiting task, which decides
+        except Exception as e:  # handed to the awaiting task, which decides
             settle, value = outcome.set_exception, e
         try:
             loop.call_soon_threadsafe(report, settle, value)
@@ -287,7 +287,7 @@ def _on_own_thread(thread_name: str, call: Callable[..., Any], /, *args: Any, **
 def _delete(app_name: str) -> None:
     try:
         serve.delete(app_name)
-    except (RayServeException, RayError, TimeoutError) as e:  # on its own thread: nobody else would hear of it
+    except Exception as e:  # the top of its own thread: nobody else would hear of it
         log.warning("deleting Ray Serve application %s: %s", app_name, e)
 
 
