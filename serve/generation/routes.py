@@ -31,7 +31,9 @@ from deepserve.serve.http_util import (
 async def read_json(request: Request) -> dict[str, Any]:
     """The JSON object body. Invalid UTF-8 is replaced (it then tokenizes as unknown) rather than refused."""
     require_json(request)
-    raw = (await read_body(request)).decode("utf-8", errors="replace").encode()  # the server's body limit applies
+    raw = await read_body(request)  # the server's body limit and Content-Encoding apply here too
+    if not raw.isascii():  # one C scan for the usual body; only others are decoded (invalid UTF-8 replaced)
+        raw = raw.decode("utf-8", errors="replace").encode()
     body = parse_json(raw or b"null", json_depth_limit(request))  # the server's one depth-limited parser
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
