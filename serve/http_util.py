@@ -123,7 +123,10 @@ async def read_body(request: Request) -> bytes:
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if isinstance(request, BodyRequest):
         request.raw_body = body
-    encoding = headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding")
+    if encoding is None:
+        return body
+    encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):

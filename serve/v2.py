@@ -81,6 +81,9 @@ def _flatten(data: Any) -> list:
     return [x for d in data for x in _flatten(d)]
 
 
+_NO_BINARY = memoryview(b"")
+
+
 def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it (binary extension), by Inference-Header-Content-Length."""
     if header_length is None:
@@ -97,7 +100,7 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memory
 def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFAULT_MAX_JSON_DEPTH
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse an infer request into its JSON header and ``{input name: array}``."""
-    body, binary = _split_binary(body, header_length)
+    body, binary = (body, _NO_BINARY) if header_length is None else _split_binary(body, header_length)
     request = parse_json(body, max_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
@@ -122,8 +125,7 @@ def _decode_input(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
     name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
     if datatype not in DTYPES:
         raise BadRequest(f"input {name!r}: datatype must be one of {sorted(DTYPES)}, got {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if type(shape) is not list or not all([type(d) is int and d >= 0 for d in shape]):  # bool is not int here
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     count = math.prod(shape)
     params = spec.get("parameters") or {}
