@@ -20,7 +20,6 @@ import numpy as np
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, ServeError, UnsupportedMediaType
@@ -73,9 +72,9 @@ class Reply:
         """More headers, by lower-case name."""
 
 
-async def send_reply(send: Send, reply: Reply, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    """``reply`` on ``send``, with the headers a Starlette ``Response`` would have (and ``extra``)."""
-    headers = [(b"content-length", b"%d" % len(reply.body)), (b"content-type", reply.content_type), *extra]
+async def send_reply(send: Send, reply: Reply) -> None:
+    """``reply`` on ``send``, with the headers a Starlette ``Response`` would have."""
+    headers = [(b"content-length", b"%d" % len(reply.body)), (b"content-type", reply.content_type)]
     if reply.headers:
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -304,10 +303,8 @@ class HotPath:
                 return route
         return None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send,
-                       extra: tuple[tuple[bytes, bytes], ...] = ()) -> bool:
-        """Answer the request if a hot route matches it (``extra``: headers a raw route's answer carries too);
-        ``False`` (nothing sent) otherwise."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer the request if a hot route matches it; ``False`` (nothing sent) otherwise."""
         route = self.match(scope)
         if route is None:
             return False
@@ -322,7 +319,7 @@ class HotPath:
                     self._count(exc)
                     reply = error_reply(exc)
                 status = reply.status
-                await send_reply(send, reply, extra)
+                await send_reply(send, reply)
             else:
                 status = await self._framework(route, params, scope, receive, send)
         except ClientDisconnect:
