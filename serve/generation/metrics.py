@@ -31,8 +31,7 @@ class ModelMetrics:
     """The labelled children for one model version (label lookups take a lock: done once)."""
 
     def __init__(self, model: str, version: str) -> None:
-        self.labels = (model, version)
-        self.tokens = TOKENS.labels(model, version)
+        self.labels, self.tokens = (model, version), TOKENS.labels(model, version)
         self.ttft, self.tpot = TTFT.labels(model, version), TPOT.labels(model, version)
         self.running, self.waiting = RUNNING.labels(model, version), WAITING.labels(model, version)
         self.step_seconds, self.step_interval = STEP.labels(model, version), INTERVAL.labels(model, version)
