@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep checkpoints and exported artifacts here and reuse them")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of the servers")
     parser.add_argument("--name", default=None, help="results file stem instead of <date>-<machine>")
+    parser.add_argument("--models", action="append", default=None, metavar="MODEL",
+                        help="only the cells of this model (repeatable), e.g. --only tail --models charlm")
     return parser
 
 
@@ -59,9 +61,11 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def run_one(scenario: str, report, repository: Path, checkpoints: Path, p, *, profile: bool) -> None:
-    """Run one scenario into ``report``; each module is imported only when its scenario is chosen."""
-    needs = NEEDS[scenario]
+def run_one(scenario: str, report, repository: Path, checkpoints: Path, p, *, profile: bool,
+            models: list[str] | None = None) -> None:
+    """Run one scenario into ``report`` (the cells of ``models`` only, if given); each module is imported only when
+    its scenario is chosen."""
+    needs = [n for n in NEEDS[scenario] if not models or n in models]
     if scenario == "classification":
         from benchmarks.classification import run_scenario
 
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import models
 
-    names = sorted({n for s in chosen for n in NEEDS[s]}, key=list(models.MODELS).index)
+    names = sorted({n for s in chosen for n in NEEDS[s] if not args.models or n in args.models},
+                   key=list(models.MODELS).index)
     notes = models.prepare(repository, checkpoints, names, log=lambda m: print(m, flush=True))
     section = report.section("Models")
     section.blocks.append("\n".join(f"- `{n}`: {models.MODELS[n].describe}" + (f" — {notes[n]}" if n in notes else "")
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"[bench] scenario {scenario} ...", flush=True)
         try:
-            run_one(scenario, report, repository, checkpoints, p, profile=not args.no_profile)
+            run_one(scenario, report, repository, checkpoints, p, profile=not args.no_profile, models=args.models)
         except (ImportError, RuntimeError, OSError, ValueError, KeyError) as e:  # keep the other scenarios' numbers
             failures.append(scenario)
             report.section(f"Scenario {scenario} — failed").blocks.append(f"`{type(e).__name__}: {e}`")

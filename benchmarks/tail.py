@@ -21,7 +21,9 @@ rotating order: deepserve as shipped (start-up heap frozen), as before (not froz
 collector disabled (the reference, which a long-running server cannot ship). ``gen2`` counts the full
 collections during the repetition (``python_gc_collections_total``). Generation: the char-LM streaming greedy
 tokens at concurrency 32 from deepserve as shipped, not frozen, and on the asyncio loop; the inter-token latency
-is the gap between consecutive token events of a stream.
+is the gap between consecutive token events of a stream, as the load generator reads them, and beside it the
+server's own: the time between two of its steps (``deepserve_generation_step_interval_seconds``, quantiles
+interpolated in buckets 25% apart), the tail the server controls apart from the shared machine's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.classification import payloads
 from benchmarks.common import Plan
@@ -246,6 +249,33 @@ def gc_options(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
             server.stop()
 
 
+INTERVAL_METRIC = "deepserve_generation_step_interval_seconds"
+"""The server's own inter-token time: from one step with running rows to the next (prefill and joins included)."""
+
+
+def step_interval_counts(server: ServerProcess) -> dict[float, float]:
+    """The server's step-interval histogram, cumulative count per upper bound (empty where the server has none)."""
+    status, text = server.get("/metrics")
+    families = text_string_to_metric_families(text) if status == 200 else ()
+    return {float(b.labels["le"]): b.value for f in families if f.name == INTERVAL_METRIC for b in f.samples
+            if b.name == INTERVAL_METRIC + "_bucket"}
+
+
+def histogram_ms(before: dict[float, float], after: dict[float, float]) -> dict[str, float | None]:
+    """p50 and p99 of what was observed between two reads, in ms, interpolated within a bucket as Prometheus's
+    ``histogram_quantile`` does."""
+    bounds = sorted(after)
+    cum = [after[b] - before.get(b, 0.0) for b in bounds]
+    out: dict[str, float | None] = {"p50": None, "p99": None}
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        if cum and cum[-1] > 0:
+            i = next(k for k, c in enumerate(cum) if c >= q * cum[-1])
+            lo, below = (bounds[i - 1], cum[i - 1]) if i else (0.0, 0.0)
+            hi = bounds[i] if bounds[i] != float("inf") else lo
+            out[name] = 1000.0 * (lo + (hi - lo) * (q * cum[-1] - below) / max(cum[i] - below, 1e-9))
+    return out
+
+
 def generation(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
     n = p.gen_tokens
     reqs = requests_for("charlm", prompts("charlm"), "greedy-stream", n)
@@ -263,14 +293,17 @@ def generation(source: Path, p: Plan, rows: list[dict[str, Any]]) -> None:
                     return len(times)
 
                 lags: list[float] = []
+                before = step_interval_counts(servers[option])
                 res = run_cell(servers[option].port, reqs, GEN_CONCURRENCY, 4 * GEN_CONCURRENCY, stream=True,
                                on_response=count, lags=lags)
+                server_side = histogram_ms(before, step_interval_counts(servers[option]))
                 # a generator on the same 2 cores often reads several events at once (gap 0): "reads" keeps the
                 # gaps between separate reads, the pauses a stall would show up in
                 itl, reads = stats_ms(gaps), stats_ms([g for g in gaps if g >= READ_GAP_S])
                 rows.append({"option": option, "rep": rep, "tokens_per_s": res.tokens_per_s,
                              **{f"itl_{k}": v for k, v in itl.items()}, **{f"read_{k}": v for k, v in reads.items()},
-                             **{f"lag_{k}": v for k, v in stats_ms(lags).items()}, "errors": sum(res.errors.values())})
+                             **{f"lag_{k}": v for k, v in stats_ms(lags).items()}, "errors": sum(res.errors.values()),
+                             **{f"step_{k}": v for k, v in server_side.items()}})
                 print(f"[tail] generation {option} rep {rep}: {rows[-1]}", flush=True)
     finally:
         for server in servers.values():
@@ -287,7 +320,8 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     results: dict[str, list[dict[str, Any]]] = {"classification": [], "gc": [], "generation": []}
     for name in (n for n in names if n in REQUESTS):
         classification(name, source, p, results["classification"])
-    gc_options(source, p, results["gc"])
+    if "digits-cnn" in names:  # ``--models charlm``: the generation cell alone
+        gc_options(source, p, results["gc"])
     if "charlm" in names:
         generation(source, p, results["generation"])
     table = Table(["model", "protocol", "server", "rep", "req/s", "p50 ms", "p99 ms", "max ms", "p99 / p50",
@@ -308,14 +342,16 @@ def run_scenario(report: Report, source: Path, p: Plan, names: list[str]) -> dic
     if results["generation"]:
         table = Table(["server", "rep", "tokens/s", "ITL p50 ms", "ITL p99 ms", "ITL max ms",
                        "between reads p50 / p99 / max ms", "p99 / p50 (reads)", "generator loop lag p99 / max ms",
-                       "errors"],
+                       "server step interval p50 / p99 ms", "p99 / p50 (server)", "errors"],
                       title=f"{MODELS['charlm'].describe}: streamed greedy tokens at concurrency {GEN_CONCURRENCY}, "
                             f"{4 * GEN_CONCURRENCY} requests per rep")
         for r in results["generation"]:
             reads = " / ".join("—" if r[f"read_{k}"] is None else f"{r[f'read_{k}']:.2f}" for k in ("p50", "p99", "max"))
             lag = "—" if r.get("lag_p99") is None else f"{r['lag_p99']:.2f} / {r['lag_max']:.2f}"
+            steps = "—" if r.get("step_p50") is None else f"{r['step_p50']:.2f} / {r['step_p99']:.2f}"
             table.add(r["option"], r["rep"], r["tokens_per_s"], r["itl_p50"], r["itl_p99"], r["itl_max"], reads,
-                      _ratio(r["read_p99"], r["read_p50"]), lag, r["errors"])
+                      _ratio(r["read_p99"], r["read_p50"]), lag, steps, _ratio(r.get("step_p99"), r.get("step_p50")),
+                      r["errors"])
         section.blocks.append(table)
     report.data["tail"] = results
     _targets(report, results)

@@ -32,6 +32,8 @@ log = logging.getLogger("deepserve.serve")
 
 DEPLOY_ERRORS = (SettingsError, RayServeException, RuntimeError, ValueError, TimeoutError, asyncio.TimeoutError)
 """What a deploy raises for a bad ``ray`` section or an application Ray could not start (its message says why)."""
+START_POLL_S = 0.2
+"""How often a deploy's wait reads Ray's status of the application."""
 
 
 class RollbackFailed(RuntimeError):
@@ -204,14 +206,17 @@ class RayModelRepository(ModelRepository):
         """Deploy and wait up to its ``start_timeout_s`` for its replicas. On failure Ray's reason is raised and a
         first deploy leaves no application behind."""
         app_name, timeout_s = model_app(name), deploy.start_timeout_s
-        # serve.run waits, unbounded, for RUNNING or DEPLOY_FAILED; after a delete it waits forever, so it runs on
-        # a thread of its own, never one of the loop's default executor that every to_thread call needs
-        deploying = _on_own_thread(f"deploy {app_name}", serve.run, deploy.app, name=app_name, route_prefix=None)
+        # serve.run's own wait is unbounded (after a delete, endless): a thread left in it keeps the process's Ray
+        # connection after ray.shutdown, and that ends the process once the cluster is gone; so Ray only takes the
+        # deploy, and the wait for its replicas is this task's, bounded and cancelled with it
+        target = serve.RunTarget(target=deploy.app, name=app_name, route_prefix=None)
         try:
-            await asyncio.wait_for(asyncio.shield(deploying), timeout_s)
+            await asyncio.to_thread(serve.run_many, [target], wait_for_ingress_deployment_creation=False,
+                                    wait_for_applications_running=False)
+            await asyncio.wait_for(_started(app_name), timeout_s)
         except BaseException as e:
             said = "" if isinstance(e, asyncio.CancelledError) else await _status_message(app_name)
-            if not replacing:  # the index will show it unloaded: so must Ray (serve.run's thread may wait on)
+            if not replacing:  # the index will show it unloaded: so must Ray
                 if isinstance(e, (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)):  # Ray would give
                     self._delete_soon(name)  # such a replica, which never served, its graceful_shutdown_timeout_s
                     # to drain: answer now
@@ -257,6 +262,20 @@ def _serving(app: Any) -> bool:
     failed its health checks, and Ray may have none that answers (``describe`` would wait); a load redeploys it,
     bounded by its start_timeout_s."""
     return app is not None and app.status == ApplicationStatus.RUNNING
+
+
+async def _started(app_name: str) -> None:
+    """Return once Ray runs the application (RUNNING); raise ``RuntimeError`` if its deploy failed or it is gone.
+    Serve has no event for this: its own ``serve.run`` reads the same status in a loop (every second)."""
+    while True:
+        app = (await asyncio.to_thread(serve.status)).applications.get(app_name)
+        if app is None or app.status == ApplicationStatus.DELETING:
+            raise RuntimeError(f"application {app_name} was deleted while it deployed")
+        if app.status == ApplicationStatus.RUNNING:
+            return
+        if app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"Deploying application {app_name} failed: {app.message}")
+        await asyncio.sleep(START_POLL_S)
 
 
 def _on_own_thread(thread_name: str, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:

@@ -626,9 +626,11 @@ def test_requests_arriving_step_after_step_share_one_prefill_while_rows_run():
         assert j.result().outputs[0].token_ids == greedy_reference(model, tuple(j.prompt_ids), j.max_new_tokens)
 
 
-def test_a_long_prompt_joins_after_one_prefill_call_per_chunk_while_requests_keep_arriving():
-    """A char-LM prompt of many chunks is not held back for a burst: with rows running and a one-token request
-    arriving at every iteration, it joins about one iteration per chunk after it arrived."""
+@pytest.mark.parametrize("arriving", [[2], [2, 3]], ids=["nothing-to-prefill", "one-token-to-prefill"])
+def test_a_long_prompt_joins_after_one_prefill_call_per_chunk_while_requests_keep_arriving(arriving):
+    """A char-LM prompt of many chunks is not held back for a burst, nor held to the pace of short prompts staged
+    beside it (fed in calls of their own, not all by the shortest remainder): with rows running and a short
+    request arriving at every iteration, it joins about one iteration per chunk after it arrived."""
 
     def counting_graph(tokens: np.ndarray, h: np.ndarray) -> list[np.ndarray]:  # h counts the positions fed
         return [np.tile(np.arange(4, dtype=np.float32), (len(tokens), 1)), h + tokens.shape[1]]
@@ -638,15 +640,19 @@ def test_a_long_prompt_joins_after_one_prefill_call_per_chunk_while_requests_kee
     job = greedy_job_for(sched)
     sched.submit(job([1], 1000))
     sched.iteration()
-    long = job([1] * 300, 2)
+    long, shorts = job([1] * 500, 2), []
     sched.submit(long)
     iterations = 0
-    while long.t_first is None and iterations < 300:
-        sched.submit(job([2], 1))
+    while long.t_first is None and iterations < 500:
+        shorts.append(job(arriving, 1))
+        sched.submit(shorts[-1])
         sched.iteration()
         iterations += 1
-    assert iterations <= math.ceil(299 / MAX_CHUNK) + 2
-    assert float(model.state[0][0, long.start, 0]) == 300  # every prompt position fed once, then its first step
+    assert iterations <= math.ceil(499 / MAX_CHUNK) + 2
+    assert float(model.state[0][0, long.start, 0]) == 500  # every prompt position fed once, then its first step
+    while sched.running[1:] or sched.prefilling:  # the short ones finish too
+        sched.iteration()
+    assert all(j.result().outputs[0].token_ids for j in shorts)
 
 
 class FailingJoinModel(TableModel):

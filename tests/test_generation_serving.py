@@ -221,9 +221,9 @@ def test_a_long_prompt_joining_costs_running_rows_at_most_the_budget_per_step(re
             return step(tokens)
 
         def logged_prefill(b):
-            before = sum(model.fed)
+            before = sum(p.left for p in model.staged)
             ready = prefill(b)
-            calls.append(("prefill", sum(model.fed) - before))
+            calls.append(("prefill", before - sum(p.left for p in model.staged)))
             return ready
 
         model.step, model.prefill = logged_step, logged_prefill

@@ -1,7 +1,7 @@
 """Generation metrics in prometheus-client's default registry, created once at import.
 
 Per model and version: tokens generated, time to first token, time per output token, running rows, waiting
-requests, finish reasons, and the time of one decoding step.
+requests, finish reasons, the time of one decoding step and between two (each running row's inter-token time).
 """
 
 from __future__ import annotations
@@ -23,23 +23,21 @@ FINISH = Counter("deepserve_generation_finished_sequences", "Sequences finished,
                  LABELS + ["reason"])
 STEP = Histogram("deepserve_generation_step_seconds", "One continuous-batching step (model + selection)", LABELS,
                  buckets=_TOKEN_BUCKETS)
+INTERVAL = Histogram("deepserve_generation_step_interval_seconds", "From one step with running rows to the next "
+                     "(joins and prefill included)", LABELS, buckets=[1e-4 * 1.25 ** i for i in range(32)])  # to 0.1 s
 
 
 class ModelMetrics:
     """The labelled children for one model version (label lookups take a lock: done once)."""
 
     def __init__(self, model: str, version: str) -> None:
-        self.labels = (model, version)
-        self.tokens = TOKENS.labels(model, version)
-        self.ttft = TTFT.labels(model, version)
-        self.tpot = TPOT.labels(model, version)
-        self.running = RUNNING.labels(model, version)
-        self.waiting = WAITING.labels(model, version)
-        self.step_seconds = STEP.labels(model, version)
+        self.labels, self.tokens = (model, version), TOKENS.labels(model, version)
+        self.ttft, self.tpot = TTFT.labels(model, version), TPOT.labels(model, version)
+        self.running, self.waiting = RUNNING.labels(model, version), WAITING.labels(model, version)
+        self.step_seconds, self.step_interval = STEP.labels(model, version), INTERVAL.labels(model, version)
         self._finish: dict[str, Counter] = {}
 
     def finished(self, reason: str) -> None:
-        child = self._finish.get(reason)
-        if child is None:
+        if (child := self._finish.get(reason)) is None:
             child = self._finish[reason] = FINISH.labels(*self.labels, reason)
         child.inc()

@@ -26,7 +26,7 @@ from deepserve.serve.generation.step_models import MAX_CHUNK, StepModel
 from deepserve.serve.generation.tokenizers import CharTokenizer
 
 log = logging.getLogger("deepserve.serve.generation")
-PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~0.8 ms
+PREFILL_TOKENS = 256  # per iteration at most (as vLLM's max_num_batched_tokens); char-LM 32 rows x 8: ~1.5 ms
 PREFILL_HOLD = 4  # steps staged prompts may wait for the rest of a burst of requests
 
 
@@ -60,7 +60,7 @@ class Scheduler:
         self.next_deadline = float("inf")  # the earliest deadline of the running requests
         self.steps = 0
         self.admission = Admission(max_running_rows)
-        self._last_step: float | None = None  # when the previous iteration with running rows began
+        self._last_step: float | None = None  # when the previous step began (None: no rows ran since)
 
     # ---- asyncio side --------------------------------------------------------------------------------------
 
@@ -123,8 +123,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.lock:
-                idle = not self.running and not self.prefilling and not self.waiting
-                if idle:
+                if idle := not self.running and not self.prefilling and not self.waiting:
                     if self.closing:
                         return
                     self.wake.clear()
@@ -139,10 +138,6 @@ class Scheduler:
 
     def iteration(self) -> None:
         """One pass of the loop (the thread's; a test may drive a scheduler it did not start): admit, step, update."""
-        now = time.perf_counter()
-        if self.running and self._last_step is not None:  # a step's wall time: selection, joins, the GIL included
-            self.admission.observe(now - self._last_step)
-        self._last_step = now if self.running else None
         outbox: list[tuple[Job, Event]] = []
         # a request is marked finished and its events handed over under one hold of ``rows_changed``, so that
         # a waiter never sees it finished before its events are on their way; the model runs outside it
@@ -150,12 +145,18 @@ class Scheduler:
             self._expire(outbox)
             self._admit(outbox)
             self._hand_over(outbox)
-        if self.running:
-            t0 = time.perf_counter()
-            logits = self.model.step(self.tokens)  # (B,V)
-            with self.rows_changed:
-                self._step(t0, logits, outbox)
-                self._hand_over(outbox)
+        if not self.running:
+            self._last_step = None
+            return
+        t0 = time.perf_counter()
+        if self._last_step is not None:  # step to step: selection, joins, prefill, the GIL included
+            self.admission.observe(t0 - self._last_step)
+            self.metrics.step_interval.observe(t0 - self._last_step)
+        self._last_step = t0
+        logits = self.model.step(self.tokens)  # (B,V)
+        with self.rows_changed:
+            self._step(t0, logits, outbox)
+            self._hand_over(outbox)
 
     def _hand_over(self, outbox: list) -> None:
         """Deliver ``outbox`` (the caller holds ``rows_changed``) and wake the waiters."""
@@ -353,8 +354,7 @@ class Scheduler:
         j.finished = True
         result = j.result()
         if j.t_first is not None and result.completion_tokens > 1:
-            per = (time.perf_counter() - j.t_first) / max(1, j.generated - 1)
-            self.metrics.tpot.observe(per)
+            self.metrics.tpot.observe((time.perf_counter() - j.t_first) / max(1, j.generated - 1))
         outbox.append((j, Event(EventKind.DONE, result=result)))
 
     def _compact(self, keep_jobs: list[Job]) -> None:

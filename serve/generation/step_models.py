@@ -20,8 +20,9 @@ from deepserve.serve.runtime import GraphRuntime, TorchScriptRuntime, open_runti
 Array = Any  # np.ndarray; a torch.Tensor only for TorchScript on CUDA (on CPU both runtimes take numpy)
 NARROW_ROWS = 64  # steps below it run on one thread (as fast as two here), leaving a core to Python
 MAX_CHUNK = 32
-"""Positions per budgeted prefill call: one row's position costs a fifth of 32 rows' (15 vs 75 us), so a token
-budget alone would let a lone long prompt stall the batch for milliseconds."""
+"""Positions per budgeted prefill call: a lone row's position costs ~15 us, a row's in a wide call ~5.5 us, so a
+token budget alone would let a lone long prompt stall the batch for milliseconds."""
+CALL_TOKENS = 8  # what the prefill budget charges a call beyond its tokens: its fixed cost (~40 us) in tokens
 
 
 class Graph:
@@ -110,10 +111,10 @@ class StepModel(ABC):
     def platform(self) -> str:
         return "custom"
 
-    staged: tuple[list[int], ...] = ()  # prompts staged, not joined or dropped yet, in order
+    staged: list[Staged] = []  # prompts staged, not joined or dropped yet, in order (each model sets its own)
 
     def stage(self, prompts: list[list[int]]) -> None:
-        self.staged = (*self.staged, *prompts)
+        self.staged = [*self.staged, *(Staged(p) for p in prompts)]
 
     def prefill(self, budget: int) -> list[int]:
         """Spend about ``budget`` prompt tokens on the staged prompts; return the positions of those ready to
@@ -122,15 +123,22 @@ class StepModel(ABC):
 
     def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
         """``join`` the staged prompts at ``ready`` (``copies[i]`` rows each); a failed join leaves them staged."""
-        first = self.join([self.staged[i] for i in ready], copies)
+        first = self.join([self.staged[i].prompt for i in ready], copies)
         self.unstage(ready)
         return first
 
-    def unstage(self, positions: list[int]) -> list[list[int]]:
-        """Take the staged prompts at ``positions`` off the stage (returned in that order)."""
-        taken, gone = [self.staged[i] for i in positions], set(positions)
-        self.staged = tuple(p for i, p in enumerate(self.staged) if i not in gone)
-        return taken
+    def unstage(self, positions: list[int]) -> None:
+        """Take the staged prompts at ``positions`` off the stage."""
+        gone = set(positions)
+        self.staged = [p for i, p in enumerate(self.staged) if i not in gone]
+
+
+@dataclasses.dataclass
+class Staged:
+    """A staged prompt, how many of its tokens are left to feed, and the model's state after the others."""
+    prompt: list[int]
+    left: int = 0  # char-LM: at first all but the last (the first step takes it); state: each (L,1,H)
+    state: list[Array] = dataclasses.field(default_factory=list)
 
 
 def is_identity(index: np.ndarray, rows: int) -> bool:
@@ -146,8 +154,8 @@ def expand_copies(copies: list[int]) -> np.ndarray:
 class CharLMStepModel(StepModel):
     """Char-LSTM / GRU graph: tokens (B,T), h (and c) (L,B,H) -> logits, h_out (, c_out). The ``prefill`` graph
     (logits (B,V) of the last position) serves prompts and steps alike; older artifacts have ``step`` (logits
-    (B,T,V)). Staged prompts are prefilled in chunks, all rows of a call by the same number of positions: an RNN
-    has no mask nor position, so prompts staged at different times share calls."""
+    (B,T,V)). Staged prompts are prefilled in chunks, all rows of a call by the same number of positions (an RNN
+    has no mask nor position): prompts with as many tokens left share a call, whenever they were staged."""
 
     def __init__(self, graph: Graph, num_layers: int, hidden_size: int, n_state: int, vocab_size: int,
                  last_only: bool = False) -> None:
@@ -155,8 +163,6 @@ class CharLMStepModel(StepModel):
         self.num_layers, self.hidden_size, self.n_state = num_layers, hidden_size, n_state
         self.vocab_size, self.eos_id, self.rows = vocab_size, None, 0
         self.state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,B,H)
-        self.staged_state: list[Array] = [self._zeros(0) for _ in range(n_state)]  # each (L,S,H), one per staged
-        self.fed: list[int] = []  # prompt tokens each staged prompt has consumed
 
     @property
     def platform(self) -> str:
@@ -166,50 +172,47 @@ class CharLMStepModel(StepModel):
         return self.graph.asarray(np.zeros((self.num_layers, batch, self.hidden_size), np.float32))
 
     def stage(self, prompts: list[list[int]]) -> None:
-        super().stage(prompts)
-        self.fed += [0] * len(prompts)
-        self.staged_state = [self.graph.cat([s, self._zeros(len(prompts))], 1) for s in self.staged_state]
+        zero = [self._zeros(1) for _ in range(self.n_state)]  # shared: a call returns new arrays, never writes these
+        self.staged = [*self.staged, *(Staged(p, len(p) - 1, zero) for p in prompts)]
 
     def prefill(self, budget: int) -> list[int]:
-        """One call of at most ``budget`` tokens (rows x positions) and ``MAX_CHUNK`` positions."""
-        if todo := [i for i, p in enumerate(self.staged) if self.fed[i] < len(p) - 1][:budget]:
-            self._advance(todo, min(MAX_CHUNK, budget // len(todo)))
-        return [i for i, p in enumerate(self.staged) if self.fed[i] >= len(p) - 1]
+        """``budget`` tokens (rows x positions, ``CALL_TOKENS`` a call), one call of ``MAX_CHUNK`` positions at most per
+        group of prompts with as many tokens left, oldest first: a long prompt keeps its pace beside short ones."""
+        self._feed(self.staged, budget)
+        return [i for i, s in enumerate(self.staged) if s.left <= 0]
 
-    def _advance(self, todo: list[int], positions: int) -> None:
-        """Feed the staged prompts ``todo`` (each with tokens left) their next ``positions`` tokens or fewer."""
-        g = self.graph
-        n = min([positions, *(len(self.staged[i]) - 1 - self.fed[i] for i in todo)])
-        tokens = np.asarray([self.staged[i][self.fed[i]: self.fed[i] + n] for i in todo], np.int64)  # (R,n)
-        idx = np.asarray(todo, np.int64)
-        out = g(g.asarray(tokens), *(g.take(s, idx, 1) for s in self.staged_state))
-        for s, new in zip(self.staged_state, out[1:]):
-            s[:, idx if g.torch_device is None else g.asarray(idx)] = new
-        for i in todo:
-            self.fed[i] += n
+    def _feed(self, staged: list[Staged], budget: int) -> None:
+        groups: dict[int, list[Staged]] = {}
+        for s in (s for s in staged if s.left > 0):
+            groups.setdefault(min(MAX_CHUNK, s.left), []).append(s)
+        for left, group in groups.items():
+            if budget > 0:  # as many rows as the budget pays for (one at least, then fewer positions)
+                rows, n = group[: max(1, budget // left)], min(left, budget)
+                self._advance(rows, n)
+                budget -= n * len(rows) + CALL_TOKENS
+
+    def _advance(self, rows: list[Staged], n: int) -> None:
+        """Feed the staged prompts ``rows`` (each with ``n`` tokens left or more) their next ``n`` tokens."""
+        g = self.graph.rows(len(rows))
+        tokens = np.asarray([s.prompt[-1 - s.left:][:n] for s in rows], np.int64)  # (R,n)
+        out = g(g.asarray(tokens), *(g.cat([s.state[k] for s in rows], 1) for k in range(self.n_state)))
+        for r, s in enumerate(rows):
+            s.left, s.state = s.left - n, [new[:, r: r + 1] for new in out[1:]]
 
     def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
         """``prompts`` staged, prefilled without a budget (one call per distinct length) and joined."""
         mine = list(range(len(self.staged), len(self.staged) + len(prompts)))
         self.stage(prompts)
-        while todo := [i for i in mine if self.fed[i] < len(self.staged[i]) - 1]:
-            self._advance(todo, max(len(p) for p in prompts))
+        while any(self.staged[i].left > 0 for i in mine):
+            self._feed([self.staged[i] for i in mine], 1 << 30)
         return self.join_staged(mine, copies)
 
     def join_staged(self, ready: list[int], copies: list[int]) -> np.ndarray:
-        g = self.graph
-        rep = np.asarray(ready, np.int64)[expand_copies(copies)]
-        self.state = [g.cat([old, g.take(s, rep, 1)], 1) for old, s in zip(self.state, self.staged_state)]
-        self.rows += len(rep)
-        prompts = self.unstage(ready)
-        return np.asarray([prompts[i][-1] for i in expand_copies(copies)], np.int64)
-
-    def unstage(self, positions: list[int]) -> list[list[int]]:
-        gone = set(positions)
-        keep = [i for i in range(len(self.staged)) if i not in gone]
-        self.staged_state = [self.graph.take(s, np.asarray(keep, np.int64), 1) for s in self.staged_state]
-        self.fed = [self.fed[i] for i in keep]
-        return super().unstage(positions)
+        rows = [self.staged[ready[i]] for i in expand_copies(copies)]
+        self.state = [self.graph.cat([old, *(s.state[k] for s in rows)], 1) for k, old in enumerate(self.state)]
+        self.rows += len(rows)
+        self.unstage(ready)
+        return np.asarray([s.prompt[-1] for s in rows], np.int64)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         g = self.graph.rows(len(tokens))
