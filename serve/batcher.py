@@ -14,9 +14,7 @@ batch costs less than the thread hand-off and the GIL round trip. An async funct
 
 A request is never split across batches unless it alone holds more than ``max_batch_size`` rows; then it is
 queued as consecutive chunks and the results concatenated. Expired requests are dropped before they run
-(504); a failing batch fails exactly the requests in it, and the batcher keeps going. One timer per batcher, armed
-for the earliest deadline it holds, fails requests whose deadline passes while they wait or run: deadlines
-mostly arrive in order (one default timeout), so a request arms no timer of its own.
+(504); a failing batch fails exactly the requests in it, and the batcher keeps going.
 
 Admission bounds the queueing *delay*, not only the count: a request's wait is predicted as the rows ahead of
 it (queued and running) times the recent cost per row. One predicted to wait longer than ``max_queue_wait_ms``,
@@ -30,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -115,9 +112,6 @@ class Batcher:
         self.in_flight = 0
         """Rows of the batch running now (0 when idle)."""
         self._arrived_while_running = 0  # requests queued during the running batch: a sign of load
-        self._running: list[_Item] = []  # the batch in flight
-        self._timer: asyncio.TimerHandle | None = None  # fires at _timer_at, the earliest deadline held then
-        self._timer_at = math.inf
 
     @property
     def depth(self) -> int:
@@ -135,9 +129,6 @@ class Batcher:
         if self._task is not None:
             await self._task
             self._task = None
-        if self._timer is not None:  # it holds this batcher (and its graphs) until it fires
-            self._timer.cancel()
-            self._timer, self._timer_at = None, math.inf
 
     async def submit(self, inputs: Tensors, *, deadline: float | None = None) -> Tensors:
         """Queue one request and wait for its rows. ``deadline`` is a ``time.monotonic()`` instant."""
@@ -145,7 +136,7 @@ class Batcher:
             raise ShuttingDown()
         rows = len(next(iter(inputs.values())))
         if rows <= self.max_batch_size:
-            chunks: tuple[Tensors, ...] | list[Tensors] = (inputs,)
+            chunks = [inputs]
         else:  # too big for one batch: consecutive chunks, queued together
             chunks = [{k: v[i : i + self.max_batch_size] for k, v in inputs.items()}
                       for i in range(0, rows, self.max_batch_size)]
@@ -153,29 +144,28 @@ class Batcher:
         self.check_admission(rows, len(chunks), deadline, now)
         loop = asyncio.get_running_loop()
         request_id = current_request_id.get()
-        if len(chunks) == 1:  # the usual request: no per-chunk lists
-            items: tuple[_Item, ...] | list[_Item] = (_Item(inputs, rows, deadline, now, loop.create_future(),
-                                                            request_id),)
-        else:
-            items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future(), request_id)
-                     for c in chunks]
+        items = [_Item(c, len(next(iter(c.values()))), deadline, now, loop.create_future(), request_id)
+                 for c in chunks]
         self._queue.extend(items)
         self._queued_rows += rows
         if self.in_flight:
             self._arrived_while_running += 1
         self._wakeup.set()
-        if deadline is not None and deadline < self._timer_at:
-            self._arm(loop, deadline, now)
-        waiter = items[0].future if len(items) == 1 else asyncio.gather(*(item.future for item in items))
+        futures = [item.future for item in items]
+        waiter = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+        # One timer fails the futures at the deadline (cheaper than asyncio.wait_for's wrapper per request).
+        timer = None if deadline is None else loop.call_later(deadline - now, self._expire, futures)
         try:
             result = await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             for item in items:  # a timeout, a disconnect or a failed chunk: what is still queued need not run
                 item.future.cancel()  # no-op once done
                 if item.queued:
                     self._queue.remove(item)  # frees its queue slot now (rare path, O(queue))
                     self._dequeued(item)
-        if len(items) == 1:
+        if len(futures) == 1:
             return result
         return {k: np.concatenate([r[k] for r in result]) for k in result[0]}
 
@@ -225,24 +215,10 @@ class Batcher:
         """Whether a batch of ``rows`` is cheap enough to run on the event loop (see the module docstring)."""
         return self._seconds_per_row is not None and self._seconds_per_row * rows < self.inline_below
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float, now: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = loop.call_later(max(0.0, deadline - now), self._expire), deadline
-
-    def _expire(self) -> None:
-        """Fail every held request whose deadline has passed; arm the timer for the earliest one left."""
-        self._timer, self._timer_at = None, math.inf
-        now, earliest = time.monotonic(), math.inf
-        for item in (*self._queue, *self._running):
-            if item.deadline is None or item.future.done():
-                continue
-            if item.deadline <= now:
-                item.future.set_exception(DeadlineExceeded(f"request deadline exceeded while waiting for {self.name}"))
-            else:
-                earliest = min(earliest, item.deadline)
-        if earliest < math.inf:
-            self._arm(asyncio.get_running_loop(), earliest, now)
+    def _expire(self, futures: list[asyncio.Future]) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_exception(DeadlineExceeded(f"request deadline exceeded while waiting for {self.name}"))
 
     async def _next_batch(self) -> list[_Item]:
         """Wait for requests and gather one batch; ``[]`` means closing with nothing left."""
@@ -302,7 +278,6 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         total = sum(item.rows for item in batch)
         self.in_flight = total
-        self._running = batch
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs  # no copy for a lone request
@@ -332,7 +307,6 @@ class Batcher:
             return
         finally:
             self.in_flight = 0
-            self._running = []
         per_row = elapsed / total
         # up at once (a costly batch sends the next ones to the worker thread), down gradually
         estimate = self._seconds_per_row
