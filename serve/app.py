@@ -240,7 +240,7 @@ def install_routes(app: FastAPI, metrics: Metrics) -> list[DirectRoute]:
     pages.install_docs(app)
     pages.install_playground(app)
     return [r for r in (*v2.router.routes, *predictions.router.routes, *optional_hot)
-            if isinstance(r, DirectRoute) and "POST" in (r.methods or ())]
+            if isinstance(r, DirectRoute) and {"POST", "PUT"} & (r.methods or set())]  # the request routes
 
 
 def front_gate(app: DeepServeApp, access: AccessPolicy, cors_allow_origins: list[str] | None,

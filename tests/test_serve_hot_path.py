@@ -50,9 +50,10 @@ def exchange(port: int, head: bytes, pieces: list[bytes]) -> tuple[int, dict[str
     return int(status_line.split()[1]), headers, body
 
 
-def request_head(length: int | None, extra: str = "") -> bytes:
+def request_head(length: int | None, extra: str = "", method: str = "POST", path: str = INFER,
+                 content_type: str = "application/json") -> bytes:
     size = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
-    return (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\n"
             f"{size}{extra}\r\n").encode()
 
 
@@ -79,15 +80,19 @@ def test_a_body_in_pieces_or_chunked_is_answered_as_one_sent_at_once(server):
     assert logits(answer) == whole.json()["outputs"][0]["data"]
 
 
-def test_a_client_leaving_mid_body_is_counted_and_the_server_serves_on(server):
+@pytest.mark.parametrize("method, path, endpoint, content_type", [
+    ("POST", INFER, "infer", "application/json"), ("PUT", "/predictions/tiny-cnn", "predictions", "image/png")])
+def test_a_client_leaving_mid_body_is_counted_and_the_server_serves_on(server, method, path, endpoint, content_type):
     base = server["base"]
-    before = scrape(base, 'deepserve_requests_total{endpoint="infer",model="tiny-cnn",status="499"}')
+    counted = f'deepserve_requests_total{{endpoint="{endpoint}",model="tiny-cnn",status="499"}}'
+    before = scrape(base, counted)
     body = infer_body(2)
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
-        sock.sendall(request_head(len(body)) + body[: len(body) // 2])
+        sock.sendall(request_head(len(body), method=method, path=path, content_type=content_type)
+                     + body[: len(body) // 2])
         time.sleep(0.2)  # the server has read the first half and waits for the rest: leave now
     deadline = time.monotonic() + 30
-    while scrape(base, 'deepserve_requests_total{endpoint="infer",model="tiny-cnn",status="499"}') <= before:
+    while scrape(base, counted) <= before:
         assert time.monotonic() < deadline, "the request of a client that left was never counted"
         time.sleep(0.05)
     assert httpx.post(base + INFER, content=infer_body(3), headers={"Content-Type": "application/json"}
