@@ -183,7 +183,7 @@ class ClassificationServable(Servable):
             if tail is not None:
                 shape_ok = len(shape) > 0 and shape[0] >= 1 and shape[1:] == tail
             else:
-                shape_ok = array.ndim == len(spec.shape) and shape[0] >= 1 and all(
+                shape_ok = 0 < array.ndim == len(spec.shape) and shape[0] >= 1 and all(
                     not isinstance(d, int) or d == a for d, a in zip(spec.shape, shape))
             if not shape_ok:
                 raise BadRequest(f"input {spec.name!r}: shape {list(array.shape)} does not match the expected "
@@ -236,7 +236,7 @@ class ClassificationServable(Servable):
             inputs = dict(inputs)
             inputs[self.image_input] = await self.decode_images(list(encoded))
         self._check_inputs(inputs)
-        return await self._batcher().submit(inputs, deadline=self._deadline(deadline))  # no frame of its own
+        return await self._submit(inputs, deadline)
 
     async def classify(self, images: list[bytes], top_k: int = 5, deadline: float | None = None
                        ) -> list[list[dict[str, Any]]]:

@@ -553,3 +553,21 @@ def test_intra_op_threads_sets_the_threads_each_instance_runs_on(tmp_path):
     assert env_overrides({"DEEPSERVE_DEFAULT_VERSION": "latest"}) == {"default_version": None}
     with pytest.raises(SettingsError, match="intra_op_threads must be an integer >= 1, got 0"):
         ModelSettings(intra_op_threads=0)
+
+
+def test_a_model_declaring_a_scalar_input_refuses_a_scalar_with_a_400(tmp_path):
+    """A manifest may declare an input of shape [] (no batch dimension): a 0-d tensor sent to it is a bad request
+    naming the shape, not an IndexError (a 500)."""
+    import asyncio
+
+    from deepserve.manifest import load_manifest
+    from deepserve.serve.classifier import ClassificationServable
+    from tests.artifacts import make_classifier_artifact
+
+    directory = make_classifier_artifact(tmp_path, "scalar", quantize=False)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["graphs"]["model"]["inputs"][0]["shape"] = []
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    servable = ClassificationServable(load_manifest(directory), directory, ModelSettings(), "cpu")
+    with pytest.raises(BadRequest, match=r"shape \[\] does not match"):
+        asyncio.run(servable.infer({"images": np.array(1.0, np.float32)}))
