@@ -1002,3 +1002,17 @@ def test_logprobs_are_the_models_distribution_for_every_strategy():
         want = [float(log_softmax(model.logits_for(prompt + tuple(out.token_ids[:i]))[None])[0, t])
                 for i, t in enumerate(out.token_ids)]
         np.testing.assert_allclose(out.logprobs, want, rtol=1e-5)
+
+
+def test_a_short_prompt_staged_behind_long_ones_is_ready_after_one_prefill_call():
+    """Prefill feeds the prompts that finish in a call first: a 2-token prompt staged after 32 prompts of 1,000
+    tokens is ready after the first budgeted call, not once the long ones have had their chunks."""
+
+    def counting_graph(tokens: np.ndarray, h: np.ndarray) -> list[np.ndarray]:  # h counts the positions fed
+        return [np.tile(np.arange(4, dtype=np.float32), (len(tokens), 1)), h + tokens.shape[1]]
+
+    model = CharLMStepModel(Graph(counting_graph, ["logits", "h_out"]), 1, 1, 1, 4, last_only=True)
+    model.stage([[1] * 1000] * 32 + [[2, 3]])
+    assert 32 in model.prefill(256)
+    assert float(model.staged[32].state[0][0, 0, 0]) == 1  # its one token before the last, fed once
+    assert sum(s.left < 999 for s in model.staged[:32]) >= 1  # the rest of the budget went to the long ones

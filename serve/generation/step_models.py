@@ -111,7 +111,7 @@ class StepModel(ABC):
     def platform(self) -> str:
         return "custom"
 
-    staged: list[Staged] = []  # prompts staged, not joined or dropped yet, in order (each model sets its own)
+    staged: list[Staged] = []  # prompts staged, not joined or dropped yet, in order (rebound, never changed in place)
 
     def stage(self, prompts: list[list[int]]) -> None:
         self.staged = [*self.staged, *(Staged(p) for p in prompts)]
@@ -177,7 +177,8 @@ class CharLMStepModel(StepModel):
 
     def prefill(self, budget: int) -> list[int]:
         """``budget`` tokens (rows x positions, ``CALL_TOKENS`` a call), one call of ``MAX_CHUNK`` positions at most per
-        group of prompts with as many tokens left, oldest first: a long prompt keeps its pace beside short ones."""
+        group of prompts with as many tokens left, fewest first (oldest first within a group): a prompt done this call
+        does not wait behind long ones, and a long prompt keeps its pace beside short ones."""
         self._feed(self.staged, budget)
         return [i for i, s in enumerate(self.staged) if s.left <= 0]
 
@@ -185,7 +186,7 @@ class CharLMStepModel(StepModel):
         groups: dict[int, list[Staged]] = {}
         for s in (s for s in staged if s.left > 0):
             groups.setdefault(min(MAX_CHUNK, s.left), []).append(s)
-        for left, group in groups.items():
+        for left, group in sorted(groups.items()):
             if budget > 0:  # as many rows as the budget pays for (one at least, then fewer positions)
                 rows, n = group[: max(1, budget // left)], min(left, budget)
                 self._advance(rows, n)
@@ -200,7 +201,7 @@ class CharLMStepModel(StepModel):
             s.left, s.state = s.left - n, [new[:, r: r + 1] for new in out[1:]]
 
     def join(self, prompts: list[list[int]], copies: list[int]) -> np.ndarray:
-        """``prompts`` staged, prefilled without a budget (one call per distinct length) and joined."""
+        """``prompts`` staged, prefilled without a budget (calls of ``MAX_CHUNK`` positions at most) and joined."""
         mine = list(range(len(self.staged), len(self.staged) + len(prompts)))
         self.stage(prompts)
         while any(self.staged[i].left > 0 for i in mine):
