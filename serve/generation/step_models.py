@@ -185,9 +185,10 @@ class CharLMStepModel(StepModel):
         groups: dict[int, list[Staged]] = {}
         for s in (s for s in staged if s.left > 0):
             groups.setdefault(min(MAX_CHUNK, s.left), []).append(s)
-        for n, group in groups.items():
-            if budget > 0:
-                self._advance(rows := group[: max(1, budget // n)], n := min(n, budget))
+        for left, group in groups.items():
+            if budget > 0:  # as many rows as the budget pays for (one at least, then fewer positions)
+                rows, n = group[: max(1, budget // left)], min(left, budget)
+                self._advance(rows, n)
                 budget -= n * len(rows) + CALL_TOKENS
 
     def _advance(self, rows: list[Staged], n: int) -> None:
