@@ -50,7 +50,7 @@ def _field(loc: tuple) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
-    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+    async def serve_error(request: Request, exc: ServeError) -> Response:
         if exc.reject_reason is not None:
             request.app.state.repository.metrics.reject(exc.reject_reason)
         return error_response(exc)

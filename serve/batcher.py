@@ -61,7 +61,7 @@ Tensors = dict[str, np.ndarray]
 BatchFn = Callable[[Tensors], Union[Tensors, Awaitable[Tensors]]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Item:
     inputs: Tensors
     rows: int

@@ -75,7 +75,9 @@ class ClassificationServable(Servable):
         self.metrics = metrics
         self.graph = manifest.graphs["model"]
         self.input_spec = {t.name: t for t in self.graph.inputs}
-        self._input_checks = [(t, np.dtype(t.dtype)) for t in self.graph.inputs]  # built once, not per request
+        # built once, not per request: each input's spec, dtype and, when every dimension but the batch's is
+        # fixed, the shape after the batch dimension (one tuple comparison per request)
+        self._input_checks = [(t, np.dtype(t.dtype), _fixed_tail(t.shape)) for t in self.graph.inputs]
         self.image_input = self.graph.inputs[0].name
         self.labels = list(manifest.labels)
         self.preprocessor = ImagePreprocessor.from_manifest(manifest.preprocessing, max_pixels=max_pixels)
@@ -169,16 +171,20 @@ class ClassificationServable(Servable):
         return ", ".join(f"{t.name} ({spec_text(t)})" for t in self.graph.inputs)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
-        if len(inputs) != len(self.input_spec) or not all(name in self.input_spec for name in inputs):
+        if inputs.keys() != self.input_spec.keys():
             self._name_problem(inputs)
         rows = -1
-        for spec, dtype in self._input_checks:
+        for spec, dtype, tail in self._input_checks:
             array = inputs[spec.name]
             if array.dtype != dtype:
                 raise BadRequest(f"input {spec.name!r}: datatype {_v2_name(array.dtype)} does not match the expected "
                                  f"{spec_text(spec)}")
-            shape_ok = array.ndim == len(spec.shape) and array.shape[0] >= 1 and all(
-                not isinstance(d, int) or d == a for d, a in zip(spec.shape, array.shape))
+            shape = array.shape
+            if tail is not None:
+                shape_ok = len(shape) > 0 and shape[0] >= 1 and shape[1:] == tail
+            else:
+                shape_ok = array.ndim == len(spec.shape) and shape[0] >= 1 and all(
+                    not isinstance(d, int) or d == a for d, a in zip(spec.shape, shape))
             if not shape_ok:
                 raise BadRequest(f"input {spec.name!r}: shape {list(array.shape)} does not match the expected "
                                  f"{spec_text(spec)}")
@@ -230,7 +236,7 @@ class ClassificationServable(Servable):
             inputs = dict(inputs)
             inputs[self.image_input] = await self.decode_images(list(encoded))
         self._check_inputs(inputs)
-        return await self._submit(inputs, deadline)
+        return await self._batcher().submit(inputs, deadline=self._deadline(deadline))  # no frame of its own
 
     async def classify(self, images: list[bytes], top_k: int = 5, deadline: float | None = None
                        ) -> list[list[dict[str, Any]]]:
@@ -238,6 +244,13 @@ class ClassificationServable(Servable):
         pixels = await self.decode_images(images)
         logits = (await self._submit({self.image_input: pixels}, deadline))[self.graph.outputs[0].name]
         return top_k_labels(logits, self.labels, top_k)
+
+
+def _fixed_tail(shape: tuple[int | str, ...]) -> tuple[int, ...] | None:
+    """The dimensions after a variable batch dimension when all of them are fixed; None otherwise."""
+    if not shape or isinstance(shape[0], int) or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return tuple(shape[1:])  # type: ignore[arg-type]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -14,12 +14,12 @@ import zlib
 from typing import Any, Callable, Coroutine
 
 import orjson
+from fastapi.datastructures import Default, DefaultPlaceholder
 from fastapi.routing import APIRoute
 import numpy as np
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, ServeError, UnsupportedMediaType
@@ -56,6 +56,29 @@ def headers_of(request: Request) -> dict[str, str]:
 
 def body_limit(request: Request) -> int:
     return getattr(request.app.state, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+
+
+class Reply:
+    """A raw route's answer (see ``DirectRoute``): one body, sent as two ASGI messages by ``send_reply``."""
+
+    __slots__ = ("body", "content_type", "status", "headers")
+
+    def __init__(self, body: bytes, content_type: bytes = b"application/json", status: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.status = status
+        self.headers = headers
+        """More headers, by lower-case name."""
+
+
+async def send_reply(send: Send, reply: Reply) -> None:
+    """``reply`` on ``send``, with the headers a Starlette ``Response`` would have."""
+    headers = [(b"content-length", b"%d" % len(reply.body)), (b"content-type", reply.content_type)]
+    if reply.headers:
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
 
 
 class BodyRequest(Request):
@@ -99,7 +122,10 @@ async def read_body(request: Request) -> bytes:
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if isinstance(request, BodyRequest):
         request.raw_body = body
-    encoding = headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding")
+    if encoding is None:
+        return body
+    encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -196,7 +222,8 @@ def media_type(request: Request) -> str:
 class DirectRoute(APIRoute):
     """An ``APIRoute`` whose handler calls ``endpoint(request, **path parameters)`` and sends the ``Response``
     it returns: no per-request dependency solving, parameter validation or response serialisation, which
-    cost FastAPI more than decoding, batching and answering a small model's request.
+    cost FastAPI more than decoding, batching and answering a small model's request. An endpoint annotated to
+    return a ``Reply`` is *raw*: its answer is sent as two ASGI messages, with no ``Response`` object.
 
     The endpoint's signature still documents its path parameters in OpenAPI, so it may take only ``request``
     and ``str`` path parameters (checked here, at import); anything else — query parameters, headers, the
@@ -204,18 +231,26 @@ class DirectRoute(APIRoute):
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        params = list(inspect.signature(endpoint).parameters.values())
+        signature = inspect.signature(endpoint)
+        params = list(signature.parameters.values())
         if not params or params[0].name != "request":
             raise TypeError(f"{endpoint.__name__}: a DirectRoute endpoint takes request first")
         for p in params[1:]:
             if "{" + p.name + "}" not in path or p.annotation not in (str, "str"):
                 raise TypeError(f"{endpoint.__name__}: parameter {p.name!r} is not a str path parameter of {path}")
+        self.raw = signature.return_annotation in (Reply, "Reply")
+        """The endpoint returns a ``Reply``, sent as two ASGI messages (no ``Response`` object)."""
+        if self.raw and isinstance(kwargs.get("response_model", Default(None)), DefaultPlaceholder):
+            kwargs["response_model"] = None  # documented by ``responses``, not inferred from Reply
         super().__init__(path, endpoint, **kwargs)
         handler = self.get_route_handler()
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             # No per-request exit stacks (no dependencies) and no route-level exception wrapper: errors reach
             # the app's ExceptionMiddleware, whose handlers answer them the same way.
+            if self.raw:
+                await send_reply(send, await endpoint(BodyRequest(scope, receive, send), **scope["path_params"]))
+                return
             response = await handler(BodyRequest(scope, receive, send))
             await response(scope, receive, send)
 
@@ -230,14 +265,19 @@ class DirectRoute(APIRoute):
         return handler
 
 
+CLIENT_GONE = 499
+"""The status counted for a request whose client left before its answer (nginx's): nothing is sent."""
+
+
 class HotPath:
     """Front door for the per-request hot routes (v2 infer, predictions, Triton generate): a ``DirectRoute``
     that matches is answered here, ahead of the whole middleware stack (Starlette's error and exception
     middleware, FastAPI's telemetry and body-limit wrappers, its per-request exit stack, the router's linear
     scan of every route, and the metrics middleware's send wrapper) — together more CPU than decoding,
-    batching and answering a small model's request. It counts and times the request itself. ``ServeError``s
-    and HTTP exceptions get the same ``{"error": ...}`` answer as the app's handlers; anything else
-    propagates (a 500, logged by the server) after being counted."""
+    batching and answering a small model's request. A raw route is answered with two ASGI messages sent here.
+    It counts and times the request itself. ``ServeError``s and HTTP exceptions get the same ``{"error": ...}``
+    answer as the app's handlers; a client gone before its answer is counted as 499; anything else propagates
+    (a 500, logged by the server) after being counted."""
 
     def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None],
                  reject: Callable[[str], None] | None = None) -> None:
@@ -246,46 +286,81 @@ class HotPath:
         """``observe(model, endpoint, status, seconds)``, the request metrics."""
         self.reject = reject
         """``reject(reason)``: counts a request refused by a limit."""
+        # Path parameters are plain {name}s (DirectRoute checks it): the regex's groups are the parameters
+        self._table = [(route.path_regex.match, frozenset(route.methods or ()), route) for route in routes]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Answer the request if a hot route matches it; ``False`` (nothing sent) otherwise."""
-        if scope["method"] != "POST":
-            return False
+    def match(self, scope: Scope) -> DirectRoute | None:
+        """The hot route answering this request, with the scope's ``path_params``, ``route`` and ``endpoint``
+        set as Starlette's router sets them; None when no hot route takes its path and method."""
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # routes match the path below the mount point, as Starlette's do
             path = path[len(root):]
-        for route in self.routes:
-            if route.path_regex.match(path) is None:  # the cheap test first: a full match builds a scope
-                continue
-            match, child_scope = route.matches(scope)
-            if match is Match.FULL:
-                break
-        else:
+        method = scope["method"]
+        for match, methods, route in self._table:
+            found = match(path)
+            if found is not None and method in methods:
+                scope["path_params"], scope["route"], scope["endpoint"] = found.groupdict(), route, route.endpoint
+                return route
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer the request if a hot route matches it; ``False`` (nothing sent) otherwise."""
+        route = self.match(scope)
+        if route is None:
             return False
-        scope.update(child_scope)
+        params = scope["path_params"]
         start = time.perf_counter()
         status = 500
         try:
-            try:
-                response = await route.endpoint(BodyRequest(scope, receive, send), **scope["path_params"])
-            except ServeError as exc:
-                if exc.reject_reason is not None and self.reject is not None:
-                    self.reject(exc.reject_reason)
-                response = error_response(exc)
-            except StarletteHTTPException as exc:
-                response = JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-            status = response.status_code
-            await response(scope, receive, send)
+            if route.raw:
+                try:
+                    reply = await route.endpoint(BodyRequest(scope, receive, send), **params)
+                except ServeError as exc:
+                    self._count(exc)
+                    reply = error_reply(exc)
+                status = reply.status
+                await send_reply(send, reply)
+            else:
+                status = await self._framework(route, params, scope, receive, send)
+        except ClientDisconnect:
+            status = CLIENT_GONE
+        except StarletteHTTPException as exc:
+            status = exc.status_code
+            await JSONResponse({"error": str(exc.detail)}, status_code=status, headers=exc.headers)(
+                scope, receive, send)
         finally:
-            self.observe(str(scope["path_params"].get("model", "")), route.name, status, time.perf_counter() - start)
+            self.observe(params.get("model", ""), route.name, status, time.perf_counter() - start)
         return True
 
+    def _count(self, exc: ServeError) -> None:
+        if exc.reject_reason is not None and self.reject is not None:
+            self.reject(exc.reject_reason)
 
-def error_response(exc: ServeError) -> JSONResponse:
-    """The v2 error shape ``{"error": message}`` (and ``code`` for the errors that have one) with the
-    exception's status and headers. A server-side failure's details go to the log (under the request id), not
-    into the answer."""
+    async def _framework(self, route: DirectRoute, params: dict[str, str], scope: Scope, receive: Receive,
+                         send: Send) -> int:
+        """A route whose endpoint takes a Starlette ``Request`` and returns a ``Response`` (generation's)."""
+        try:
+            response = await route.endpoint(BodyRequest(scope, receive, send), **params)
+        except ServeError as exc:
+            self._count(exc)
+            response = error_response(exc)
+        await response(scope, receive, send)
+        return response.status_code
+
+
+def error_body(exc: ServeError) -> bytes:
+    """The v2 error shape ``{"error": message}`` (and ``code`` for the errors that have one). A server-side
+    failure's details go to the log (under the request id), not into the answer."""
     if exc.status >= 500:
         log.warning("answered %d: %s", exc.status, getattr(exc, "detail", exc.message))
-    body = {"error": exc.message} if exc.code is None else {"error": exc.message, "code": exc.code}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return dump_json({"error": exc.message} if exc.code is None else {"error": exc.message, "code": exc.code})
+
+
+def error_reply(exc: ServeError) -> Reply:
+    """``error_body`` with the exception's status and headers, for a raw route."""
+    return Reply(error_body(exc), status=exc.status, headers={k.lower(): v for k, v in exc.headers.items()})
+
+
+def error_response(exc: ServeError) -> Response:
+    """``error_body`` with the exception's status and headers, as a Starlette ``Response``."""
+    return Response(error_body(exc), status_code=exc.status, media_type="application/json", headers=exc.headers)

@@ -63,7 +63,7 @@ class Metrics:
                                registry=r)
         self.rejected = Counter("deepserve_rejected_requests", "Requests refused by auth or a limit, by reason",
                                 ["reason"], registry=r)
-        self._request_children: dict[tuple[str, str, str], tuple] = {}
+        self._request_children: dict[tuple[str, str, int], tuple] = {}
         self._models: frozenset[str] | None = None  # None: no repository told us its names (every label kept)
         self._depths: dict[tuple[str, str], Callable[[], float]] = {}  # with workers: read after each batch
 
@@ -132,13 +132,14 @@ class Metrics:
     def observe_request(self, model: str, endpoint: str, status: int, elapsed: float) -> None:
         if model and self._models is not None and model not in self._models:
             model = UNKNOWN_MODEL
-        key = (model, endpoint, str(status))
+        key = (model, endpoint, status)
         children = self._request_children.get(key)
-        if children is None:  # label lookups take a lock: do each once
-            children = (self.requests.labels(*key), self.latency.labels(model, endpoint))
+        if children is None:  # label lookups take a lock: do each once, and keep the bound methods
+            children = (self.requests.labels(model, endpoint, str(status)).inc,
+                        self.latency.labels(model, endpoint).observe)
             self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
+        children[0]()
+        children[1](elapsed)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this registry, then of the default one (metric names differ); with

@@ -11,12 +11,11 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from deepserve.serve.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from deepserve.serve.http_util import (
-    DirectRoute, body_limit, deadline_from, dump_json, headers_of, media_type, read_body,
+    DirectRoute, Reply, body_limit, deadline_from, dump_json, headers_of, media_type, read_body,
 )
 from deepserve.serve.schemas import TIMEOUT_HEADER_PARAMETER, PredictionsResponse, answers
 from deepserve.serve.servable import task_phrase
@@ -82,7 +81,7 @@ async def _images(request: Request) -> list[bytes]:
                                f"multipart/form-data, not {kind}")
 
 
-async def _predict(request: Request, model: str, version: str | None) -> Response:
+async def _predict(request: Request, model: str, version: str | None) -> Reply:
     top_k = top_k_param(request)
     servable = request.app.state.repository.get(model, version)
     if not hasattr(servable, "classify"):
@@ -96,17 +95,16 @@ async def _predict(request: Request, model: str, version: str | None) -> Respons
     if len(result) == 1:
         result = result[0]
     # Server-Timing: decode, queue, batch and model time, for clients that show it (the playground)
-    return Response(dump_json(result), media_type="application/json",
-                    headers={"Server-Timing": f"classify;dur={took_ms:.3f}"})
+    return Reply(dump_json(result), headers={"server-timing": f"classify;dur={took_ms:.3f}"})
 
 
 @router.post("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
 @router.put("/predictions/{model}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
-async def predictions(request: Request, model: str) -> Response:
+async def predictions(request: Request, model: str) -> Reply:
     return await _predict(request, model, None)
 
 
 @router.post("/predictions/{model}/{version}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
 @router.put("/predictions/{model}/{version}", name="predictions", openapi_extra=_DOC, responses=_RESPONSES)
-async def predictions_version(request: Request, model: str, version: str) -> Response:
+async def predictions_version(request: Request, model: str, version: str) -> Reply:
     return await _predict(request, model, version)

@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, Response
 import deepserve
 from deepserve.serve.errors import BadRequest, NotReady
 from deepserve.serve.http_util import (
-    DEFAULT_MAX_JSON_DEPTH, DirectRoute, deadline_from, dump_json, headers_of, json_depth_limit, parse_json,
-    read_body, require_json,
+    DEFAULT_MAX_JSON_DEPTH, DirectRoute, Reply, deadline_from, dump_json, headers_of,
+    json_depth_limit, parse_json, read_body, require_json,
 )
 from deepserve.serve.schemas import (
     INFER_HEADER_PARAMETER, INFER_REQUEST_BODY, TIMEOUT_HEADER_PARAMETER, InferResponse, Live, ModelConfig,
@@ -81,6 +81,9 @@ def _flatten(data: Any) -> list:
     return [x for d in data for x in _flatten(d)]
 
 
+_NO_BINARY = memoryview(b"")
+
+
 def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it (binary extension), by Inference-Header-Content-Length."""
     if header_length is None:
@@ -97,7 +100,7 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memory
 def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFAULT_MAX_JSON_DEPTH
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse an infer request into its JSON header and ``{input name: array}``."""
-    body, binary = _split_binary(body, header_length)
+    body, binary = (body, _NO_BINARY) if header_length is None else _split_binary(body, header_length)
     request = parse_json(body, max_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
@@ -122,8 +125,7 @@ def _decode_input(spec: dict[str, Any], binary: memoryview, offset: int) -> tupl
     name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
     if datatype not in DTYPES:
         raise BadRequest(f"input {name!r}: datatype must be one of {sorted(DTYPES)}, got {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if type(shape) is not list or not all([type(d) is int and d >= 0 for d in shape]):  # bool is not int here
         raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
     count = math.prod(shape)
     params = spec.get("parameters") or {}
@@ -172,11 +174,33 @@ def _classification(logits: np.ndarray, k: int, labels: list[str]) -> np.ndarray
     return out
 
 
+def _json_output(name: str, array: np.ndarray) -> dict[str, Any]:
+    """One output with its values as JSON ``data``."""
+    if array.dtype == object:
+        data: Any = [b.decode("utf-8", "replace") for b in array.ravel()]
+    else:
+        data = array.ravel()
+        if data.dtype not in _ORJSON_NUMPY:
+            data = data.tolist()
+    return {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape), "data": data}
+
+
+def _response_head(request: dict[str, Any], model: str, version: str, outputs: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if "id" in request:
+        response["id"] = request["id"]
+    return response
+
+
 def encode_response(request: dict[str, Any], outputs: dict[str, np.ndarray], model: str, version: str,
-                    labels: list[str]) -> Response:
+                    labels: list[str]) -> Reply:
     params = request.get("parameters") or {}
     default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     wanted = request.get("outputs")
+    if wanted is None and not default_binary:  # the usual request: every output, as JSON
+        entries = [_json_output(name, array) for name, array in outputs.items()]
+        return Reply(dump_json(_response_head(request, model, version, entries)))
     if wanted is None:
         wanted = [{"name": n} for n in outputs]
     if not isinstance(wanted, list):
@@ -201,20 +225,14 @@ def encode_response(request: dict[str, Any], outputs: dict[str, np.ndarray], mod
                 blob = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
-        elif array.dtype == object:
-            entry["data"] = [b.decode("utf-8", "replace") for b in array.ravel()]
         else:
-            flat = np.ravel(array)
-            entry["data"] = flat if flat.dtype in _ORJSON_NUMPY else flat.tolist()
+            entry = _json_output(out["name"], array)
         header_outputs.append(entry)
-    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": header_outputs}
-    if "id" in request:
-        response["id"] = request["id"]
-    header = dump_json(response)
+    header = dump_json(_response_head(request, model, version, header_outputs))
     if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(b"".join([header, *blobs]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(header))})
+        return Reply(header)
+    return Reply(b"".join([header, *blobs]), b"application/octet-stream",
+                 headers={HEADER_LENGTH: str(len(header))})
 
 
 router = APIRouter(tags=["v2 (KServe / Triton)"], route_class=DirectRoute)
@@ -321,7 +339,7 @@ async def model_version_ready(request: Request, model: str, version: str) -> Res
     return _ready(request, model, version)
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
+async def _infer(request: Request, model: str, version: str | None) -> Reply:
     servable = request.app.state.repository.get(model, version)
     if not hasattr(servable, "infer"):
         raise BadRequest(f"model {model!r} is {task_phrase(servable.manifest.task)} and does not take tensor "
@@ -340,11 +358,11 @@ async def _infer(request: Request, model: str, version: str | None) -> Response:
 
 
 @router.post("/v2/models/{model}/infer", name="infer", openapi_extra=_INFER_DOC, responses=_INFER_RESPONSES)
-async def infer(request: Request, model: str) -> Response:
+async def infer(request: Request, model: str) -> Reply:
     return await _infer(request, model, None)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", name="infer", openapi_extra=_INFER_DOC,
              responses=_INFER_RESPONSES)
-async def infer_version(request: Request, model: str, version: str) -> Response:
+async def infer_version(request: Request, model: str, version: str) -> Reply:
     return await _infer(request, model, version)
