@@ -417,6 +417,23 @@ def test_triton_generate_and_stream(server):
         assert raw.status_code == 200 and raw.json()["usage"]["prompt_tokens"] == 6
 
 
+def test_a_stream_sends_its_headers_and_each_event_as_json_dumps_of_it(server):
+    """The SSE headers, and every event byte for byte ``data: json.dumps(event, ensure_ascii=False)``: a plain
+    token's event (written from a template) and one with a beam score (rendered from its dict) alike."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        texts = []
+        for params in ({"temperature": 1.0, "seed": 3, "max_new_tokens": 300}, {"num_beams": 2, "max_new_tokens": 8}):
+            body = {"text_input": "it's", "parameters": params}
+            with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=body) as s:
+                assert s.headers["content-type"] == "text/event-stream; charset=utf-8"
+                assert (s.headers["cache-control"], s.headers["x-accel-buffering"]) == ("no-cache", "no")
+                lines = [line for line in s.iter_lines() if line]
+            events = [json.loads(line.removeprefix("data: ")) for line in lines]
+            assert lines == [f"data: {json.dumps(e, ensure_ascii=False)}" for e in events]
+            texts.append("".join(e["text_output"] for e in events))
+        assert "\n" in texts[0] and "score" in events[-1]  # an escaped character, and the beam's final event
+
+
 def test_a_wave_of_streams_sent_together_is_answered_in_full(server):
     """Twelve streams at once, on their own connections, each get every token: the text of the request alone."""
     body = {"text_input": "hello", "parameters": {"temperature": 0, "max_new_tokens": 12, "min_new_tokens": 12}}

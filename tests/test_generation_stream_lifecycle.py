@@ -112,12 +112,13 @@ def test_an_oserror_while_encoding_is_a_server_failure_not_a_client_gone(repo, c
     failure, so the stream is cut short (not ended as if complete) and the failure is logged."""
     from deepserve.serve.generation import routes
 
-    def broken_sse(data: object) -> bytes:
+    def broken(data: object) -> bytes:
         raise OSError("the encoder failed")
 
     with caplog.at_level(logging.ERROR):
         with live_app(repo, max_new_tokens=4000) as live:
-            monkeypatch.setattr(routes, "sse", broken_sse)
+            monkeypatch.setattr(routes, "sse", broken)  # an event with a dict to render
+            monkeypatch.setattr(routes, "dump_str", broken)  # a plain token's text
             with httpx.Client(base_url=live.url, timeout=60) as c:
                 with c.stream("POST", "/v2/models/tiny-charlm/generate_stream", json=LONG) as r:
                     assert r.status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -248,14 +249,7 @@ class Job:
         seqs = beam.live_sequences() + [h.tokens for h in beam.hyps]
         if not seqs:
             return ""
-        first = seqs[0]
-        n = min(len(s) for s in seqs)
-        for s in seqs[1:]:
-            i = 0
-            while i < n and s[i] == first[i]:
-                i += 1
-            n = i
-        text = stable_text(self.tokenizer, first[:n])
+        text = stable_text(self.tokenizer, os.path.commonprefix(seqs))  # any sequences, not only paths
         if self.stops:
             text = text[: len(text) - holdback(text, self.stops)]
             pos = find_stop(text, self.stops, 0) if self.generated >= self.params.min_new_tokens else -1

@@ -9,6 +9,7 @@ the tokens since their choice's previous chunk (beam search: all in the final ch
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any, Callable, Coroutine
@@ -109,10 +110,7 @@ def _logprobs_json(lp: TokenLogprobs, tok: Any, offset: int = 0) -> tuple[dict[s
     """OpenAI's logprobs object for these tokens, their text offsets starting at ``offset``; and the offset
     after them (streaming continues from there in the choice's next chunk)."""
     tokens = [tok.token_text(t) for t in lp.token_ids]
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
+    *offsets, at = itertools.accumulate(map(len, tokens), initial=offset)
     tops = [{tok.token_text(t): v for t, v in row} for row in lp.top_logprobs] or None
     return {"tokens": tokens, "token_logprobs": lp.logprobs, "top_logprobs": tops, "text_offset": offsets}, at
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import aclosing, asynccontextmanager
+from json import dumps
+from json.encoder import encode_basestring as dump_str  # json.dumps(s, ensure_ascii=False) of a str
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from deepserve.serve.errors import BadRequest, ServeError
@@ -107,16 +109,20 @@ def pieces(job: Job, event: Event) -> Iterator[Piece]:
                 yield o.index, rest, o.finish_reason, lp, o.score
 
 
-class EventStream(StreamingResponse):
+SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+               (b"content-type", b"text/event-stream; charset=utf-8"))  # as a StreamingResponse made them per stream
+
+
+class EventStream(Response):
     """The server-sent events of ``jobs`` (one after the other), each piece rendered by ``encode(job number, piece)``;
     Triton and OpenAI differ only in that, ``error`` and ``end``. Leaving early cancels every job, as does a client
-    gone, seen by one plain task (Starlette's opens an anyio task group per stream) or by a send's ``OSError``."""
+    gone, seen by one plain task or by a send's ``OSError``. It sends its ASGI messages itself (a ``StreamingResponse``
+    cost a header build per stream and an async generator hop per event, on the loop delivering every stream)."""
 
     def __init__(self, servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
                  error: Callable[[ServeError], bytes], end: bytes = b"") -> None:
-        super().__init__(self.events(servable, jobs, encode, error, end), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.servable, self.jobs = servable, jobs
+        self.servable, self.jobs, self.encode, self.error, self.end = servable, jobs, encode, error, end
+        self.status_code, self.background, self.raw_headers = 200, None, list(SSE_HEADERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_unless_gone(message: Message) -> None:
@@ -126,27 +132,24 @@ class EventStream(StreamingResponse):
                 abandon(self.servable, self.jobs)  # here: an encoder's OSError is the server's failure)
         try:
             async with abandoned_if_gone(receive, self.servable, self.jobs):
-                await self.stream_response(send_unless_gone)
-        finally:
-            await self.body_iterator.aclose()  # a task cancelled mid-send ends its jobs now, not when collected
+                await send_unless_gone({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                await send_unless_gone({"type": "http.response.body", "body": await self.events(send_unless_gone),
+                                        "more_body": False})
+        finally:  # also a task cancelled mid-send: its jobs end now
+            for job in self.jobs:
+                self.servable.cancel(job)
 
-    @staticmethod
-    async def events(servable: GenerationServable, jobs: list[Job], encode: Callable[[int, Piece], bytes],
-                     error: Callable[[ServeError], bytes], end: bytes) -> AsyncIterator[bytes]:
+    async def events(self, send: Send) -> bytes:  # each ready batch's pieces in one message; then the stream's end
         try:
-            for i, job in enumerate(jobs):
-                async with aclosing(servable.event_batches(job)) as batches:
+            for i, job in enumerate(self.jobs):
+                async with aclosing(self.servable.event_batches(job)) as batches:
                     async for batch in batches:
-                        out = [encode(i, piece) for event in batch for piece in pieces(job, event)]
+                        out = [self.encode(i, piece) for event in batch for piece in pieces(job, event)]
                         if out:
-                            yield b"".join(out)
-            if end:
-                yield end
+                            await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         except ServeError as e:
-            yield error(e)
-        finally:
-            for job in jobs:
-                servable.cancel(job)
+            return self.error(e)
+        return self.end
 
 
 # ---- Triton's generate extension ---------------------------------------------------------------------------
@@ -227,9 +230,12 @@ async def _generate_stream(request: Request, model: str, version: str | None) ->
     text, params = _triton_request(body)
     job = servable.submit(text, params, stream=True, deadline=deadline_from(request))  # errors: plain HTTP ones
     head, tok = _head(servable), servable.tokenizer
+    start = f"data: {json.dumps(head, ensure_ascii=False)[:-1]}, \"index\": "  # sse()'s bytes, its head made once
 
     def encode(_: int, piece: Piece) -> bytes:
         index, text, finish, lp, score = piece
+        if lp is None and score is None:  # every token of a plain stream: no dict, one string escaped
+            return f'{start}{index}, "text_output": {dump_str(text)}, "finish_reason": {dumps(finish)}}}\n\n'.encode()
         data = {**head, "index": index, "text_output": text, "finish_reason": finish}
         if score is not None:  # beam search, in each sequence's final event
             data["score"] = score
