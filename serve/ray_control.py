@@ -208,18 +208,19 @@ class RayModelRepository(ModelRepository):
         app_name, timeout_s = model_app(name), deploy.start_timeout_s
         # serve.run's own wait is unbounded (after a delete, endless): a thread left in it keeps the process's Ray
         # connection after ray.shutdown, and that ends the process once the cluster is gone; so Ray only takes the
-        # deploy, and the wait for its replicas is this task's, bounded and cancelled with it
+        # deploy (a call that ends), and the wait for its replicas is this task's, bounded and cancelled with it
         target = serve.RunTarget(target=deploy.app, name=app_name, route_prefix=None)
+        deploying = asyncio.ensure_future(asyncio.to_thread(
+            serve.run_many, [target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False))
+        deploying.add_done_callback(_consume)  # a wait given up on leaves no unretrieved exception behind
         try:
-            await asyncio.to_thread(serve.run_many, [target], wait_for_ingress_deployment_creation=False,
-                                    wait_for_applications_running=False)
-            await asyncio.wait_for(_started(app_name), timeout_s)
+            await asyncio.wait_for(_started(app_name, deploying), timeout_s)
         except BaseException as e:
             said = "" if isinstance(e, asyncio.CancelledError) else await _status_message(app_name)
             if not replacing:  # the index will show it unloaded: so must Ray
                 if isinstance(e, (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)):  # Ray would give
-                    self._delete_soon(name)  # such a replica, which never served, its graceful_shutdown_timeout_s
-                    # to drain: answer now
+                    self._delete_soon(name, after=deploying)  # such a replica, which never served, its
+                    # graceful_shutdown_timeout_s to drain: answer now
                 else:
                     self.handles.pop(name, None)
                     await asyncio.to_thread(serve.delete, app_name)
@@ -231,12 +232,19 @@ class RayModelRepository(ModelRepository):
                 raise RuntimeError(f"its replicas failed to start: {why}") from None
             raise
 
-    def _delete_soon(self, name: str) -> None:
+    def _delete_soon(self, name: str, *, after: asyncio.Future[Any] | None = None) -> None:
         """Have Ray delete the model's application, without waiting for its replicas to stop: they serve nothing.
         (Serve's public ``delete`` waits for that, so it runs on a thread of its own, not one the loop's
-        ``to_thread`` calls need meanwhile.) The next deploy of the model and ``stop`` wait for it."""
+        ``to_thread`` calls need meanwhile.) It is sent once ``after`` (a deploy call still under way) has ended,
+        so that the deploy cannot land after it. The next deploy of the model and ``stop`` wait for it."""
         self.handles.pop(name, None)
-        pending = _on_own_thread(f"delete {model_app(name)}", _delete, model_app(name))
+
+        async def delete() -> None:
+            if after is not None:
+                await asyncio.wait([after])  # its outcome is the deploy's, answered there
+            await _on_own_thread(f"delete {model_app(name)}", _delete, model_app(name))
+
+        pending = asyncio.ensure_future(delete())
         self.deleting[name] = pending
         pending.add_done_callback(lambda done: self._forget_delete(name, done))
 
@@ -264,9 +272,11 @@ def _serving(app: Any) -> bool:
     return app is not None and app.status == ApplicationStatus.RUNNING
 
 
-async def _started(app_name: str) -> None:
-    """Return once Ray runs the application (RUNNING); raise ``RuntimeError`` if its deploy failed or it is gone.
-    Serve has no event for this: its own ``serve.run`` reads the same status in a loop (every second)."""
+async def _started(app_name: str, deploying: asyncio.Future[Any]) -> None:
+    """Once the ``deploying`` call has ended, return when Ray runs the application (RUNNING); raise ``RuntimeError``
+    if its deploy failed or it is gone. Serve has no event for this: its own ``serve.run`` reads the same status
+    in a loop (every second)."""
+    await asyncio.shield(deploying)  # a timeout leaves the call running: the delete after it waits for it
     while True:
         app = (await asyncio.to_thread(serve.status)).applications.get(app_name)
         if app is None or app.status == ApplicationStatus.DELETING:
