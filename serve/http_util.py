@@ -72,13 +72,18 @@ class Reply:
         """More headers, by lower-case name."""
 
 
-async def send_reply(send: Send, reply: Reply) -> None:
-    """``reply`` on ``send``, with the headers a Starlette ``Response`` would have."""
-    headers = [(b"content-length", b"%d" % len(reply.body)), (b"content-type", reply.content_type)]
-    if reply.headers:
-        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+async def send_answer(answer: Reply | Response, scope: Scope, receive: Receive, send: Send) -> int:
+    """Send a route's answer and return its status: a ``Reply`` as two ASGI messages, with the headers a
+    Starlette ``Response`` would have; a ``Response`` (a stream's) as it sends itself."""
+    if not isinstance(answer, Reply):
+        await answer(scope, receive, send)
+        return answer.status_code
+    headers = [(b"content-length", b"%d" % len(answer.body)), (b"content-type", answer.content_type)]
+    if answer.headers:
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+    return answer.status
 
 
 class BodyRequest(Request):
@@ -220,10 +225,10 @@ def media_type(request: Request) -> str:
 
 
 class DirectRoute(APIRoute):
-    """An ``APIRoute`` whose handler calls ``endpoint(request, **path parameters)`` and sends the ``Response``
-    it returns: no per-request dependency solving, parameter validation or response serialisation, which
-    cost FastAPI more than decoding, batching and answering a small model's request. An endpoint annotated to
-    return a ``Reply`` is *raw*: its answer is sent as two ASGI messages, with no ``Response`` object.
+    """An ``APIRoute`` whose handler calls ``endpoint(request, **path parameters)`` and sends the ``Reply`` (two
+    ASGI messages, no ``Response`` object) or ``Response`` it returns (``send_answer``): no per-request dependency
+    solving, parameter validation or response serialisation, which cost FastAPI more than decoding, batching and
+    answering a small model's request. An endpoint annotated to return ``Reply`` gets no inferred response model.
 
     The endpoint's signature still documents its path parameters in OpenAPI, so it may take only ``request``
     and ``str`` path parameters (checked here, at import); anything else — query parameters, headers, the
@@ -238,9 +243,8 @@ class DirectRoute(APIRoute):
         for p in params[1:]:
             if "{" + p.name + "}" not in path or p.annotation not in (str, "str"):
                 raise TypeError(f"{endpoint.__name__}: parameter {p.name!r} is not a str path parameter of {path}")
-        self.raw = signature.return_annotation in (Reply, "Reply")
-        """The endpoint returns a ``Reply``, sent as two ASGI messages (no ``Response`` object)."""
-        if self.raw and isinstance(kwargs.get("response_model", Default(None)), DefaultPlaceholder):
+        raw = signature.return_annotation in (Reply, "Reply")
+        if raw and isinstance(kwargs.get("response_model", Default(None)), DefaultPlaceholder):
             kwargs["response_model"] = None  # documented by ``responses``, not inferred from Reply
         super().__init__(path, endpoint, **kwargs)
         handler = self.get_route_handler()
@@ -248,18 +252,14 @@ class DirectRoute(APIRoute):
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             # No per-request exit stacks (no dependencies) and no route-level exception wrapper: errors reach
             # the app's ExceptionMiddleware, whose handlers answer them the same way.
-            if self.raw:
-                await send_reply(send, await endpoint(BodyRequest(scope, receive, send), **scope["path_params"]))
-                return
-            response = await handler(BodyRequest(scope, receive, send))
-            await response(scope, receive, send)
+            await send_answer(await handler(BodyRequest(scope, receive, send)), scope, receive, send)
 
         self.app = app
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Reply | Response]]:
         endpoint = self.endpoint
 
-        async def handler(request: Request) -> Response:
+        async def handler(request: Request) -> Reply | Response:
             return await endpoint(request, **request.path_params)
 
         return handler
@@ -274,10 +274,9 @@ class HotPath:
     that matches is answered here, ahead of the whole middleware stack (Starlette's error and exception
     middleware, FastAPI's telemetry and body-limit wrappers, its per-request exit stack, the router's linear
     scan of every route, and the metrics middleware's send wrapper) — together more CPU than decoding,
-    batching and answering a small model's request. A raw route is answered with two ASGI messages sent here.
-    It counts and times the request itself. ``ServeError``s and HTTP exceptions get the same ``{"error": ...}``
-    answer as the app's handlers; a client gone before its answer is counted as 499; anything else propagates
-    (a 500, logged by the server) after being counted."""
+    batching and answering a small model's request. It counts and times the request itself. ``ServeError``s
+    and HTTP exceptions get the same ``{"error": ...}`` answer as the app's handlers; a client gone before its
+    answer is counted as 499; anything else propagates (a 500, logged by the server) after being counted."""
 
     def __init__(self, routes: list[DirectRoute], observe: Callable[[str, str, int, float], None],
                  reject: Callable[[str], None] | None = None) -> None:
@@ -312,16 +311,13 @@ class HotPath:
         start = time.perf_counter()
         status = 500
         try:
-            if route.raw:
-                try:
-                    reply = await route.endpoint(BodyRequest(scope, receive, send), **params)
-                except ServeError as exc:
-                    self._count(exc)
-                    reply = error_reply(exc)
-                status = reply.status
-                await send_reply(send, reply)
-            else:
-                status = await self._framework(route, params, scope, receive, send)
+            try:
+                answer = await route.endpoint(BodyRequest(scope, receive, send), **params)
+            except ServeError as exc:
+                if exc.reject_reason is not None and self.reject is not None:
+                    self.reject(exc.reject_reason)
+                answer = error_reply(exc)
+            status = await send_answer(answer, scope, receive, send)
         except ClientDisconnect:
             status = CLIENT_GONE
         except StarletteHTTPException as exc:
@@ -331,21 +327,6 @@ class HotPath:
         finally:
             self.observe(params.get("model", ""), route.name, status, time.perf_counter() - start)
         return True
-
-    def _count(self, exc: ServeError) -> None:
-        if exc.reject_reason is not None and self.reject is not None:
-            self.reject(exc.reject_reason)
-
-    async def _framework(self, route: DirectRoute, params: dict[str, str], scope: Scope, receive: Receive,
-                         send: Send) -> int:
-        """A route whose endpoint takes a Starlette ``Request`` and returns a ``Response`` (generation's)."""
-        try:
-            response = await route.endpoint(BodyRequest(scope, receive, send), **params)
-        except ServeError as exc:
-            self._count(exc)
-            response = error_response(exc)
-        await response(scope, receive, send)
-        return response.status_code
 
 
 def error_body(exc: ServeError) -> bytes:

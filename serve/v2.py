@@ -87,7 +87,7 @@ _NO_BINARY = memoryview(b"")
 def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it (binary extension), by Inference-Header-Content-Length."""
     if header_length is None:
-        return body, memoryview(b"")
+        return body, _NO_BINARY
     try:
         n = int(header_length)
     except ValueError:
@@ -100,7 +100,7 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memory
 def decode_request(body: bytes, header_length: str | None, max_depth: int = DEFAULT_MAX_JSON_DEPTH
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse an infer request into its JSON header and ``{input name: array}``."""
-    body, binary = (body, _NO_BINARY) if header_length is None else _split_binary(body, header_length)
+    body, binary = _split_binary(body, header_length)
     request = parse_json(body, max_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise BadRequest('infer request must be a JSON object with a non-empty "inputs" list')
